@@ -1,0 +1,151 @@
+"""The one place that imports NNI (3.0). Everything NNI-specific, including its quirks, lives here.
+
+Quirks handled (measured on torch 2.14/2.15, see ../shared/NOTES-nni.md):
+- ModelSpeedup's own tracer crashes: we pass ``graph_module=torch.fx.symbolic_trace(model)``.
+- Residual-coupled convs must be pruned together: ``auto_set_denpendency_group_ids`` (NNI's spelling).
+- NNI prints coloured logs, resets its logger to INFO in speedup and has a bare print: silenced.
+- QAT leaves scales ``None`` when training ends before ``quant_start_step``: checked, not assumed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import nn
+
+from pipelines.errors import CompressionError
+
+__all__ = ["PRUNER_CLASSES", "prune_and_speedup", "qat_quantize", "quiet"]
+
+_QUIET_LOGGER = logging.getLogger("hycomp.nni")
+_QUIET_LOGGER.setLevel(logging.ERROR)
+_QUIET_LOGGER.propagate = False
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """Silence NNI's logging, prints and import-time warnings for the duration of the block."""
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        logging.getLogger("nni").setLevel(logging.ERROR)
+        try:
+            from nni.runtime.log import silence_stdout
+
+            silence_stdout()
+        except ImportError:  # pragma: no cover - layout of other NNI versions
+            pass
+        yield
+        logging.getLogger("nni").setLevel(logging.ERROR)
+
+
+def _pruner_classes() -> dict[str, type]:
+    with quiet():
+        from nni.compression.pruning import FPGMPruner, L1NormPruner, L2NormPruner
+    return {"l1": L1NormPruner, "l2": L2NormPruner, "fpgm": FPGMPruner}
+
+
+PRUNER_CLASSES: tuple[str, ...] = ("l1", "l2", "fpgm")
+
+
+def prune_and_speedup(model: nn.Module, pruner: str, sparsity: float, example_input: torch.Tensor) -> nn.Module:
+    """Mask every Conv2d at ``sparsity`` with the named NNI pruner (dependency groups on), then let
+    ModelSpeedup physically remove the masked channels. Returns the same module object, shrunk.
+    """
+    with quiet():
+        from nni.compression.speedup import ModelSpeedup
+        from nni.compression.utils import auto_set_denpendency_group_ids
+
+        config_list = [{"op_types": ["Conv2d"], "sparse_ratio": float(sparsity)}]
+        try:
+            config_list = auto_set_denpendency_group_ids(model, config_list, example_input)
+            pruner_object = _pruner_classes()[pruner](model, config_list)
+            _, masks = pruner_object.compress()
+            pruner_object.unwrap_model()
+        except Exception as error:
+            raise CompressionError(f"NNI {pruner} pruner failed: {type(error).__name__}: {error}") from error
+        if not masks:
+            raise CompressionError(
+                "NNI pruner selected no layer: the config matched nothing (op_types ['Conv2d']). "
+                "The model has no Conv2d to prune."
+            )
+        try:
+            graph = torch.fx.symbolic_trace(model)
+            ModelSpeedup(model, example_input, masks, graph_module=graph, logger=_QUIET_LOGGER).speedup_model()
+        except Exception as error:
+            raise CompressionError(f"NNI ModelSpeedup failed: {type(error).__name__}: {error}") from error
+    return model
+
+
+def qat_quantize(
+    model: nn.Module,
+    bits: int,
+    targets: dict[str, int],
+    train_function: Callable[[nn.Module, torch.optim.Optimizer, Callable], None],
+    step: Callable,
+    lr: float,
+    example_input: torch.Tensor,
+) -> dict[str, dict[str, torch.Tensor]]:
+    """Quantization-aware training of the weights of the named layers with NNI's QATQuantizer.
+
+    ``targets`` maps a layer name to its bit-width; ``train_function(model, optimizer, step)`` runs the
+    training loop with the optimizer and step NNI hands in. Returns, per layer, the learned ``scale``,
+    ``zero_point``, ``qmin`` and ``qmax`` of its weight. The model is unwrapped (plain modules) on return.
+    """
+    with quiet():
+        import nni
+        from nni.compression import TorchEvaluator
+        from nni.compression.quantization import QATQuantizer
+
+        by_bits: dict[int, list[str]] = {}
+        for name, layer_bits in targets.items():
+            by_bits.setdefault(layer_bits, []).append(name)
+        config_list = [
+            {
+                "op_names": names,
+                "target_names": ["weight"],
+                "quant_dtype": f"int{layer_bits}",
+                "quant_scheme": "symmetric",
+                "granularity": "out_channel",
+            }
+            for layer_bits, names in sorted(by_bits.items())
+        ]
+
+        def training_func(model, optimizers, training_step, lr_schedulers=None, max_steps=None, max_epochs=None):
+            optimizer = optimizers[0] if isinstance(optimizers, list | tuple) else optimizers
+            train_function(model, optimizer, training_step)
+
+        optimizer = nni.trace(torch.optim.SGD)(model.parameters(), lr=lr, momentum=0.9, nesterov=True)
+        evaluator = TorchEvaluator(training_func, optimizer, step, dummy_input=example_input)
+        try:
+            quantizer = QATQuantizer(model, config_list, evaluator, quant_start_step=0)
+            _, calibration = quantizer.compress(None, 1)
+        except CompressionError:
+            raise
+        except Exception as error:
+            raise CompressionError(f"NNI QAT quantizer failed: {type(error).__name__}: {error}") from error
+        result: dict[str, dict[str, torch.Tensor]] = {}
+        missing = []
+        for name in targets:
+            entry = calibration.get(name, {}).get("weight")
+            if entry is None or entry.get("scale") is None:
+                missing.append(name)
+                continue
+            qmax = 2 ** (int(entry["quant_bits"]) - 1) - 1
+            result[name] = {
+                "scale": entry["scale"].detach().clone(),
+                "zero_point": entry["zero_point"].detach().clone(),
+                "qmin": -qmax,
+                "qmax": qmax,
+            }
+        quantizer.unwrap_model()
+        if missing:
+            raise CompressionError(
+                f"NNI QAT left no scale for {len(missing)} layer(s) (e.g. {missing[0]!r}): quantization "
+                "did not take effect. Train for at least one step."
+            )
+    return result

@@ -1,0 +1,103 @@
+"""The hybrid compression pipeline of one configuration, end to end (torch only, no Optuna):
+
+    teacher --NNI prune + ModelSpeedup--> pruned --KD fine-tune--> expert
+            --copy K times + gate--> MoE --gate warm start, joint KD training (sparse top-k)-->
+            --NNI QAT of experts (bits) and gate (8 bit), baked--> compressed MoE
+
+Quantization comes last (after the MoE is assembled and trained) so that the weights that are deployed
+are exactly the quantized ones: any training after QAT would move them off the grid.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from pipelines.compress.prune import PruneConfig, prune
+from pipelines.compress.quantize import QuantizeConfig, quantize
+from pipelines.data import Dataset
+from pipelines.moe import MixtureOfExperts, MoEConfig, build_moe, warm_start_gate
+from pipelines.train import TrainConfig, train
+
+__all__ = ["HybridConfig", "StageBudget", "HybridResult", "compress_hybrid"]
+
+
+@dataclass(frozen=True)
+class HybridConfig:
+    prune: PruneConfig
+    quantize: QuantizeConfig
+    moe: MoEConfig
+
+
+@dataclass(frozen=True)
+class StageBudget:
+    """Epochs per stage (fractions allowed) and the shared training settings."""
+
+    finetune_epochs: float = 2.0
+    gate_epochs: float = 1.0
+    moe_epochs: float = 2.0
+    qat_epochs: float = 0.5
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=0.02, kd_alpha=0.7))
+
+
+@dataclass
+class HybridResult:
+    moe: MixtureOfExperts
+    expert_params: int
+    params_before: int
+    achieved_sparsity: float
+    bits_by_layer: dict[str, int]
+    seconds: dict[str, float]
+    class_assignment: list[int]
+
+
+def compress_hybrid(
+    teacher: nn.Module, data: Dataset, cfg: HybridConfig, budget: StageBudget, seed: int = 0
+) -> HybridResult:
+    """Run every stage on ``teacher`` (left untouched) and return the compressed MoE with a record."""
+    seconds: dict[str, float] = {}
+    example = data.val.images[:2]
+    teacher.eval()
+    torch.manual_seed(seed)
+
+    pruned = prune(teacher, cfg.prune, example)
+    seconds["prune"] = pruned.seconds
+    expert = pruned.model
+
+    base = budget.train.replace(seed=seed)
+    if budget.finetune_epochs > 0:
+        started = time.perf_counter()
+        train(expert, data.train, base.replace(epochs=budget.finetune_epochs), teacher)
+        seconds["finetune"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    moe = build_moe(expert, data.channels, cfg.moe, seed=seed)
+    assignment = warm_start_gate(
+        moe, data.train.subset(base.subset, seed=seed), data.num_classes, epochs=max(budget.gate_epochs, 0.05), seed=seed
+    )
+    if budget.moe_epochs > 0:
+        train(moe, data.train, base.replace(epochs=budget.moe_epochs), teacher)
+    seconds["moe"] = time.perf_counter() - started
+
+    quantized = quantize(
+        moe,
+        cfg.quantize,
+        data.train,
+        base.replace(epochs=budget.qat_epochs, lr=base.lr * 0.25, schedule="cosine"),
+        teacher,
+        example,
+    )
+    seconds["quantize"] = quantized.seconds
+    moe.eval()
+    return HybridResult(
+        moe=moe,
+        expert_params=pruned.params_after,
+        params_before=pruned.params_before,
+        achieved_sparsity=pruned.achieved_sparsity,
+        bits_by_layer=quantized.bits_by_layer,
+        seconds=seconds,
+        class_assignment=assignment,
+    )

@@ -1,0 +1,173 @@
+"""Measurements on the physically compressed model: MACs, parameters, packed size and latency.
+
+Conventions (written into every report):
+- MACs: multiply-accumulates of Conv2d and Linear layers for ONE input, counted on the modules as they
+  are (after ModelSpeedup, so pruned channels are really gone). FLOPs = 2 x MACs. BatchNorm, ReLU,
+  pooling and residual adds are not counted (they are folded or negligible).
+- Packed size: conv/linear weights at their bit-width, plus one fp32 scale and one fp32 bias per output
+  channel (BatchNorm folds into them). Sub-byte weights are counted packed (e.g. two 4-bit weights per
+  byte), even though the int8 engine executes them as int8.
+- Latency: :func:`measure_latency` is the one harness: warm-up, repeated timed calls, median and
+  spread, with the backend, threads and batch recorded beside the number.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+__all__ = ["count_macs", "count_params", "packed_size_bytes", "LatencyStats", "measure_latency", "torch_runner"]
+
+
+def count_macs(model: nn.Module, example_input: torch.Tensor) -> int:
+    """MACs of Conv2d/Linear layers per input, measured by running ``model`` on ``example_input``.
+
+    Only layers that actually execute are counted, so for a Mixture-of-Experts the result is gate +
+    the experts the routing chose, averaged over the batch.
+    """
+    total = 0
+
+    def conv_hook(module: nn.Conv2d, inputs, output) -> None:
+        nonlocal total
+        kernel = module.kernel_size[0] * module.kernel_size[1]
+        total += output.numel() * (module.in_channels // module.groups) * kernel
+
+    def linear_hook(module: nn.Linear, inputs, output) -> None:
+        nonlocal total
+        total += output.numel() * module.in_features
+
+    handles = []
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            handles.append(module.register_forward_hook(conv_hook))
+        elif isinstance(module, nn.Linear):
+            handles.append(module.register_forward_hook(linear_hook))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(example_input)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    return int(round(total / example_input.shape[0]))
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(parameter.numel() for parameter in model.parameters())
+
+
+def packed_size_bytes(model: nn.Module, weight_bits: int | Callable[[str], int] = 32) -> int:
+    """Deployed size in bytes (see the module docstring for the convention).
+
+    ``weight_bits`` is one bit-width for every layer or a function of the layer's qualified name.
+    """
+    bits_of = weight_bits if callable(weight_bits) else (lambda _name: weight_bits)
+    total_bits = 0
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d | nn.Linear):
+            bits = bits_of(name)
+            out_channels = module.weight.shape[0]
+            total_bits += module.weight.numel() * bits
+            total_bits += out_channels * 32  # bias (own or folded from BatchNorm)
+            if bits < 32:
+                total_bits += out_channels * 32  # per-channel scale
+    return int(math.ceil(total_bits / 8))
+
+
+@dataclass
+class LatencyStats:
+    median_ms: float
+    p10_ms: float
+    p90_ms: float
+    repeats: int
+    warmup: int
+    threads: int
+    batch: int
+    backend: str
+    versions: dict
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def label(self) -> str:
+        return f"{self.backend}, {self.threads} thread(s), batch {self.batch}"
+
+
+def _versions() -> dict:
+    versions = {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor() or platform.machine()}
+    try:
+        import onnxruntime
+
+        versions["onnxruntime"] = onnxruntime.__version__
+    except ImportError:  # pragma: no cover - onnxruntime is a dependency
+        pass
+    return versions
+
+
+def measure_latency(
+    run: Callable[[], object],
+    *,
+    backend: str,
+    threads: int,
+    batch: int,
+    warmup: int = 10,
+    repeats: int = 50,
+    min_seconds: float = 0.0,
+) -> LatencyStats:
+    """Time ``run()``: ``warmup`` untimed calls, then at least ``repeats`` timed calls (and at least
+    ``min_seconds`` of timing); returns the median and the 10th/90th percentiles in milliseconds.
+
+    The caller fixes the thread count of its backend (``torch_runner`` does for torch; ONNX Runtime
+    sessions take it in their options) and passes it here so it is recorded.
+    """
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"repeats must be >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
+    for _ in range(warmup):
+        run()
+    samples = []
+    started = time.perf_counter()
+    while len(samples) < repeats or time.perf_counter() - started < min_seconds:
+        tick = time.perf_counter()
+        run()
+        samples.append((time.perf_counter() - tick) * 1000.0)
+    samples.sort()
+
+    def quantile(q: float) -> float:
+        return samples[min(len(samples) - 1, int(q * len(samples)))]
+
+    return LatencyStats(
+        median_ms=statistics.median(samples),
+        p10_ms=quantile(0.1),
+        p90_ms=quantile(0.9),
+        repeats=len(samples),
+        warmup=warmup,
+        threads=threads,
+        batch=batch,
+        backend=backend,
+        versions=_versions(),
+    )
+
+
+def torch_runner(model: nn.Module, example_input: torch.Tensor, threads: int) -> Callable[[], object]:
+    """A no-grad eager call of ``model`` with torch's intra-op threads fixed to ``threads``."""
+    model.eval()
+
+    def run() -> object:
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            with torch.inference_mode():
+                return model(example_input)
+        finally:
+            torch.set_num_threads(previous)
+
+    return run

@@ -1,0 +1,205 @@
+"""Mixture of Experts over compressed models: a small conv gate routes each input to its top-k experts.
+
+Training dispatches sparsely (each sample runs only through its chosen experts, so a step costs about
+one expert + gate) and adds a Switch-style load-balancing term so no expert starves. With top-1 routing
+the combine weight is ``p / p.detach()`` (value 1, gradient 1/p): the gate learns from the task loss
+without the output being scaled down.
+
+Experts start as copies of one compressed model; the gate is warm-started to route by class groups
+(classes split into balanced groups), which gives each expert a sub-task to specialize on.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipelines.data import Split
+from pipelines.errors import ConfigError
+
+__all__ = ["MoEConfig", "Gate", "MixtureOfExperts", "build_moe", "class_groups", "warm_start_gate", "routing_table"]
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    num_experts: int = 2
+    top_k: int = 1
+    gate_size: int = 8  # channels of the gate's first conv (second conv has twice as many)
+    balance_weight: float = 0.01
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.num_experts <= 16:
+            raise ConfigError(f"moe.num_experts: {self.num_experts} is out of range; use 1..16.")
+        if not 1 <= self.top_k <= self.num_experts:
+            raise ConfigError(
+                f"moe.top_k: {self.top_k} must be between 1 and num_experts ({self.num_experts}); lower top_k "
+                "or raise num_experts."
+            )
+        if not 1 <= self.gate_size <= 256:
+            raise ConfigError(f"moe.gate_size: {self.gate_size} is out of range; use 1..256 channels.")
+        if self.balance_weight < 0:
+            raise ConfigError(f"moe.balance_weight: {self.balance_weight} must be >= 0.")
+
+
+class Gate(nn.Module):
+    """Two strided 3x3 convs + global pooling + linear: a few hundred thousand MACs at 28x28."""
+
+    def __init__(self, in_channels: int, num_experts: int, size: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, size, 3, 2, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(size)
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(size, 2 * size, 3, 2, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(2 * size)
+        self.relu2 = nn.ReLU()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(2 * size, num_experts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu1(self.bn1(self.conv1(x)))
+        out = self.relu2(self.bn2(self.conv2(out)))
+        return self.fc(torch.flatten(self.pool(out), 1))
+
+
+class MixtureOfExperts(nn.Module):
+    def __init__(self, gate: nn.Module, experts: list[nn.Module], top_k: int, balance_weight: float = 0.01) -> None:
+        super().__init__()
+        self.gate = gate
+        self.experts = nn.ModuleList(experts)
+        self.top_k = top_k
+        self.balance_weight = balance_weight
+        self._auxiliary = torch.zeros(())
+        self.last_routing: torch.Tensor | None = None
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.experts)
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(gate probabilities (B, E), chosen experts (B, k), combine weights (B, k))."""
+        probabilities = F.softmax(self.gate(x), dim=1)
+        top_values, top_index = probabilities.topk(self.top_k, dim=1)
+        weights = top_values / top_values.sum(dim=1, keepdim=True).detach()
+        return probabilities, top_index, weights
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probabilities, top_index, weights = self.route(x)
+        self.last_routing = top_index.detach()
+        output = None
+        for expert_id, expert in enumerate(self.experts):
+            rows, slots = (top_index == expert_id).nonzero(as_tuple=True)
+            if rows.numel() == 0:
+                continue
+            if rows.numel() == 1 and self.training:
+                # BatchNorm cannot normalize a batch of one in training; run it in eval mode for that call.
+                expert.eval()
+                expert_out = expert(x[rows])
+                expert.train()
+            else:
+                expert_out = expert(x[rows])
+            contribution = expert_out * weights[rows, slots].unsqueeze(1)
+            if output is None:
+                output = x.new_zeros(x.shape[0], expert_out.shape[1])
+            output = output.index_add(0, rows, contribution)
+        if self.training and self.balance_weight > 0:
+            fraction = F.one_hot(top_index[:, 0], self.num_experts).float().mean(dim=0)
+            self._auxiliary = self.balance_weight * self.num_experts * (fraction * probabilities.mean(dim=0)).sum()
+        else:
+            self._auxiliary = torch.zeros(())
+        return output
+
+    def auxiliary_loss(self) -> torch.Tensor:
+        """The load-balancing term of the last forward pass (picked up by ``train``)."""
+        return self._auxiliary
+
+
+def build_moe(expert: nn.Module, in_channels: int, cfg: MoEConfig, seed: int = 0) -> MixtureOfExperts:
+    """K deep copies of ``expert`` behind a new gate of ``cfg.gate_size`` channels."""
+    torch.manual_seed(seed)
+    gate = Gate(in_channels, cfg.num_experts, cfg.gate_size)
+    experts = [copy.deepcopy(expert) for _ in range(cfg.num_experts)]
+    return MixtureOfExperts(gate, experts, cfg.top_k, cfg.balance_weight)
+
+
+def class_groups(labels: torch.Tensor, num_classes: int, num_experts: int) -> list[int]:
+    """Assign each class to an expert so that experts get about equal numbers of training samples
+    (largest classes first, each to the currently lightest expert). Returns expert id per class."""
+    counts = torch.bincount(labels, minlength=num_classes).tolist()
+    load = [0] * num_experts
+    assignment = [0] * num_classes
+    for cls in sorted(range(num_classes), key=lambda c: -counts[c]):
+        target = min(range(num_experts), key=lambda e: load[e])
+        assignment[cls] = target
+        load[target] += counts[cls]
+    return assignment
+
+
+def warm_start_gate(moe: MixtureOfExperts, data: Split, num_classes: int, epochs: float = 1.0, seed: int = 0) -> list[int]:
+    """Train the gate alone to send each class group to its expert (a starting point for joint training)."""
+    assignment = class_groups(data.labels, num_classes, moe.num_experts)
+    if moe.num_experts == 1:
+        return assignment
+    target_of = torch.tensor(assignment)
+    optimizer = torch.optim.Adam(moe.gate.parameters(), lr=3e-3)
+    generator_seed = seed
+    steps = max(1, int(epochs * (len(data) // 128 + 1)))
+    moe.gate.train()
+    done = 0
+    while done < steps:
+        for images, labels in data.batches(128, shuffle=True, augment=True, seed=generator_seed):
+            loss = F.cross_entropy(moe.gate(images), target_of[labels])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            done += 1
+            if done >= steps:
+                break
+        generator_seed += 1
+    moe.gate.eval()
+    return assignment
+
+
+@torch.no_grad()
+def routing_table(moe: MixtureOfExperts, data: Split, num_classes: int) -> torch.Tensor:
+    """(num_classes, num_experts) counts of where each class's samples were routed (first choice)."""
+    moe.eval()
+    table = torch.zeros(num_classes, moe.num_experts, dtype=torch.long)
+    for images, labels in data.batches(512):
+        _, top_index, _ = moe.route(images)
+        table.index_put_((labels, top_index[:, 0]), torch.ones_like(labels), accumulate=True)
+    return table
+
+
+def moe_description(arch: str, width: float, in_channels: int, num_classes: int, moe: MixtureOfExperts, gate_size: int) -> dict:
+    """What :func:`rebuild_moe` needs besides the layer shapes and weights."""
+    return {
+        "kind": "moe",
+        "arch": arch,
+        "width": width,
+        "in_channels": in_channels,
+        "num_classes": num_classes,
+        "num_experts": moe.num_experts,
+        "top_k": moe.top_k,
+        "gate_size": gate_size,
+        "balance_weight": moe.balance_weight,
+    }
+
+
+def rebuild_moe(description: dict, layers: dict, state: dict) -> MixtureOfExperts:
+    """Rebuild a (pruned) MoE from a checkpoint written with ``serialize.save_checkpoint``."""
+    from pipelines.models import build_model
+    from pipelines.serialize import resize_layers
+
+    experts = [
+        build_model(description["arch"], description["in_channels"], description["num_classes"], description["width"])
+        for _ in range(description["num_experts"])
+    ]
+    gate = Gate(description["in_channels"], description["num_experts"], description["gate_size"])
+    moe = MixtureOfExperts(gate, experts, description["top_k"], description.get("balance_weight", 0.01))
+    resize_layers(moe, layers)
+    moe.load_state_dict(state)
+    return moe.eval()

@@ -1,0 +1,130 @@
+"""Save and load models without pickling code.
+
+A pruned model's architecture differs from its builder's (ModelSpeedup shrinks layers), so a checkpoint
+is three files: the builder's name and arguments plus the shape of every Conv2d / Linear / BatchNorm2d
+(``*.json``), the state_dict (``*.pt``, loaded with ``torch.load(weights_only=True)``), and the
+state_dict's SHA-256 recorded in the json. A file that does not match its recorded hash is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pipelines.errors import UntrustedFileError
+
+__all__ = ["describe_layers", "resize_layers", "save_checkpoint", "load_checkpoint", "sha256_file"]
+
+_FORMAT_VERSION = 1
+
+
+def describe_layers(model: nn.Module) -> dict[str, dict]:
+    """Constructor arguments of every Conv2d, Linear and BatchNorm2d, by qualified name."""
+    layers: dict[str, dict] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d):
+            layers[name] = {
+                "type": "Conv2d",
+                "in_channels": module.in_channels,
+                "out_channels": module.out_channels,
+                "kernel_size": list(module.kernel_size),
+                "stride": list(module.stride),
+                "padding": list(module.padding) if not isinstance(module.padding, str) else module.padding,
+                "groups": module.groups,
+                "bias": module.bias is not None,
+            }
+        elif isinstance(module, nn.Linear):
+            layers[name] = {
+                "type": "Linear",
+                "in_features": module.in_features,
+                "out_features": module.out_features,
+                "bias": module.bias is not None,
+            }
+        elif isinstance(module, nn.BatchNorm2d):
+            layers[name] = {"type": "BatchNorm2d", "num_features": module.num_features}
+    return layers
+
+
+def _make_layer(spec: dict) -> nn.Module:
+    kind = spec["type"]
+    if kind == "Conv2d":
+        return nn.Conv2d(
+            spec["in_channels"],
+            spec["out_channels"],
+            tuple(spec["kernel_size"]),
+            tuple(spec["stride"]),
+            tuple(spec["padding"]) if isinstance(spec["padding"], list) else spec["padding"],
+            groups=spec["groups"],
+            bias=spec["bias"],
+        )
+    if kind == "Linear":
+        return nn.Linear(spec["in_features"], spec["out_features"], bias=spec["bias"])
+    if kind == "BatchNorm2d":
+        return nn.BatchNorm2d(spec["num_features"])
+    raise UntrustedFileError(f"layer type {kind!r} in an architecture description is not supported.")
+
+
+def resize_layers(model: nn.Module, layers: dict[str, dict]) -> nn.Module:
+    """Replace layers of a freshly built ``model`` with the shapes recorded by :func:`describe_layers`."""
+    for name, spec in layers.items():
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        if not hasattr(parent, child):
+            raise UntrustedFileError(f"architecture description names layer {name!r}, which the model lacks.")
+        setattr(parent, child, _make_layer(spec))
+    return model
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save_checkpoint(model: nn.Module, path: str | Path, description: dict) -> None:
+    """Write ``path.pt`` (state_dict) and ``path.json`` (``description`` + layer shapes + hash)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    weights = path.with_suffix(".pt")
+    torch.save(model.state_dict(), weights)
+    meta = {
+        "format_version": _FORMAT_VERSION,
+        "description": description,
+        "layers": describe_layers(model),
+        "sha256": sha256_file(weights),
+    }
+    path.with_suffix(".json").write_text(json.dumps(meta, indent=2))
+
+
+def load_checkpoint(path: str | Path) -> tuple[dict, dict, dict[str, torch.Tensor]]:
+    """Read a checkpoint written by :func:`save_checkpoint`: (description, layers, state_dict).
+
+    The state_dict is loaded with ``weights_only=True`` after its SHA-256 matched the recorded one.
+    """
+    path = Path(path)
+    weights, meta_path = path.with_suffix(".pt"), path.with_suffix(".json")
+    for file in (weights, meta_path):
+        if not file.exists():
+            raise UntrustedFileError(f"checkpoint file missing: {file}. Re-create it (re-run the command that wrote it).")
+    try:
+        meta = json.loads(meta_path.read_text())
+        recorded = meta["sha256"]
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise UntrustedFileError(f"{meta_path} is not a hycomp checkpoint description ({error}).") from error
+    actual = sha256_file(weights)
+    if actual != recorded:
+        raise UntrustedFileError(
+            f"{weights} was modified: sha256 {actual[:12]}… does not match the recorded {recorded[:12]}…. "
+            "Refusing to load it; delete the file and re-create it."
+        )
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises UnpicklingError for anything but plain tensors
+        raise UntrustedFileError(f"{weights} is not a plain tensor file ({error}).") from error
+    return meta["description"], meta["layers"], state

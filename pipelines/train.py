@@ -1,0 +1,182 @@
+"""Training, knowledge distillation and evaluation.
+
+One loop serves every stage: the baseline (no teacher), fine-tuning after pruning (distillation from
+the fp32 teacher), MoE training (plus the MoE's load-balancing loss) and NNI's QAT (NNI passes its own
+optimizer and patched training step in).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipelines.data import Split
+from pipelines.errors import CompressionError, ConfigError
+
+__all__ = ["TrainConfig", "TrainReport", "train", "evaluate", "predict_logits", "distillation_loss"]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to train one stage. ``kd_alpha`` weighs distillation against the hard labels (0 = no KD)."""
+
+    epochs: float = 1.0
+    lr: float = 0.05
+    batch_size: int = 128
+    weight_decay: float = 5e-4
+    momentum: float = 0.9
+    label_smoothing: float = 0.1
+    augment: bool = True
+    schedule: str = "onecycle"  # onecycle | cosine | constant
+    kd_alpha: float = 0.0
+    kd_temperature: float = 4.0
+    subset: float = 1.0  # fraction of the training split (multi-fidelity trials use < 1)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        checks = {
+            "epochs": self.epochs > 0,
+            "lr": self.lr > 0,
+            "batch_size": self.batch_size >= 1,
+            "weight_decay": self.weight_decay >= 0,
+            "label_smoothing": 0 <= self.label_smoothing < 1,
+            "kd_alpha": 0 <= self.kd_alpha <= 1,
+            "kd_temperature": self.kd_temperature > 0,
+            "subset": 0 < self.subset <= 1,
+        }
+        for field_name, ok in checks.items():
+            if not ok:
+                raise ConfigError(
+                    f"train.{field_name}: value {getattr(self, field_name)!r} is out of range "
+                    "(epochs, lr, batch_size, kd_temperature > 0; 0 <= kd_alpha <= 1; 0 < subset <= 1; "
+                    "0 <= label_smoothing < 1)."
+                )
+        if self.schedule not in ("onecycle", "cosine", "constant"):
+            raise ConfigError(f"train.schedule: unknown value {self.schedule!r}. Valid values: constant, cosine, onecycle.")
+
+    def replace(self, **changes) -> TrainConfig:
+        return TrainConfig(**{**asdict(self), **changes})
+
+
+@dataclass
+class TrainReport:
+    steps: int
+    seconds: float
+    final_loss: float
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Hinton's KD term: KL(teacher || student) at ``temperature``, scaled by T^2."""
+    return (
+        F.kl_div(
+            F.log_softmax(student_logits / temperature, dim=1),
+            F.softmax(teacher_logits / temperature, dim=1),
+            reduction="batchmean",
+        )
+        * temperature**2
+    )
+
+
+def _loss(batch, model: nn.Module, teacher: nn.Module | None, cfg: TrainConfig) -> torch.Tensor:
+    images, labels = batch
+    logits = model(images)
+    loss = F.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing)
+    if teacher is not None and cfg.kd_alpha > 0:
+        with torch.no_grad():
+            teacher_logits = teacher(images)
+        loss = (1 - cfg.kd_alpha) * loss + cfg.kd_alpha * distillation_loss(logits, teacher_logits, cfg.kd_temperature)
+    auxiliary = getattr(model, "auxiliary_loss", None)
+    if callable(auxiliary):
+        loss = loss + auxiliary()
+    return loss
+
+
+def make_step(teacher: nn.Module | None, cfg: TrainConfig) -> Callable:
+    """The training step ``step(batch, model) -> loss`` (NNI's evaluators take this form)."""
+    if teacher is not None:
+        teacher.eval()
+
+    def step(batch, model: nn.Module) -> torch.Tensor:
+        return _loss(batch, model, teacher, cfg)
+
+    return step
+
+
+def _scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int):
+    if cfg.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=[group["lr"] for group in optimizer.param_groups], total_steps=total_steps, pct_start=0.25
+        )
+    if cfg.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
+    return None
+
+
+def train(
+    model: nn.Module,
+    data: Split,
+    cfg: TrainConfig,
+    teacher: nn.Module | None = None,
+    *,
+    optimizer: torch.optim.Optimizer | None = None,
+    step: Callable | None = None,
+    on_step: Callable[[int, int], None] | None = None,
+) -> TrainReport:
+    """Train ``model`` in place on ``data`` for ``cfg.epochs`` (fractions allowed).
+
+    Raises :class:`CompressionError` when the loss becomes NaN/inf (the trial fails with that reason).
+    """
+    torch.manual_seed(cfg.seed)
+    split = data.subset(cfg.subset, seed=cfg.seed)
+    steps_per_epoch = math.ceil(len(split) / cfg.batch_size)
+    total_steps = max(1, int(round(cfg.epochs * steps_per_epoch)))
+    if optimizer is None:
+        optimizer = torch.optim.SGD(
+            model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True
+        )
+    scheduler = _scheduler(optimizer, cfg, total_steps)
+    step = step or make_step(teacher, cfg)
+    model.train()
+    started = time.perf_counter()
+    done, epoch, loss_value = 0, 0, float("nan")
+    while done < total_steps:
+        for batch in split.batches(cfg.batch_size, shuffle=True, augment=cfg.augment, seed=cfg.seed + epoch):
+            if len(batch[1]) < 2:  # BatchNorm cannot train on a single sample
+                continue
+            loss = step(batch, model)
+            if not torch.isfinite(loss):
+                raise CompressionError(f"training diverged: loss became {loss.item()} at step {done}. Lower the learning rate.")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            loss_value = float(loss.detach())
+            done += 1
+            if on_step is not None:
+                on_step(done, total_steps)
+            if done >= total_steps:
+                break
+        epoch += 1
+    model.eval()
+    return TrainReport(steps=done, seconds=time.perf_counter() - started, final_loss=loss_value)
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, data: Split, batch_size: int = 512) -> torch.Tensor:
+    model.eval()
+    return torch.cat([model(images) for images, _ in data.batches(batch_size)]) if len(data) else torch.empty(0)
+
+
+def evaluate(model: nn.Module, data: Split, batch_size: int = 512) -> float:
+    """Top-1 accuracy of ``model`` on ``data``."""
+    if len(data) == 0:
+        raise ConfigError("evaluate: the split is empty.")
+    predictions = predict_logits(model, data, batch_size).argmax(dim=1)
+    return float((predictions == data.labels).float().mean())

@@ -1,0 +1,98 @@
+"""The fp32 teacher: trained once, cached under results/baselines/, keyed by dataset, architecture and
+training settings. Its record holds val and test accuracy, MACs, params, size and latency."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pipelines.data import Dataset
+from pipelines.measure import count_macs, count_params, measure_latency, packed_size_bytes, torch_runner
+from pipelines.models import build_model
+from pipelines.serialize import load_checkpoint, resize_layers, save_checkpoint
+from pipelines.train import TrainConfig, evaluate, train
+from search.space import SearchConfig, stable_hash
+from search.workspace import baseline_dir
+
+__all__ = ["baseline_key", "get_baseline", "load_teacher"]
+
+log = logging.getLogger("hycomp")
+
+
+def _train_config(cfg: SearchConfig) -> TrainConfig:
+    settings = cfg.baseline
+    return TrainConfig(
+        epochs=settings.epochs,
+        lr=settings.lr,
+        batch_size=settings.batch_size,
+        weight_decay=settings.weight_decay,
+        label_smoothing=settings.label_smoothing,
+        schedule=settings.schedule,
+        seed=settings.seed,
+    )
+
+
+def baseline_key(cfg: SearchConfig) -> str:
+    identity = {
+        "dataset": cfg.data.dataset,
+        "size": cfg.data.size,
+        "arch": cfg.model.arch,
+        "width": cfg.model.width,
+        "train": asdict(_train_config(cfg)),
+    }
+    return f"{cfg.data.dataset}-{cfg.model.arch}-{stable_hash(identity)}"
+
+
+def load_teacher(folder: Path) -> nn.Module:
+    description, layers, state = load_checkpoint(folder / "teacher")
+    model = build_model(description["arch"], description["in_channels"], description["num_classes"], description["width"])
+    resize_layers(model, layers)
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def get_baseline(cfg: SearchConfig, data: Dataset, root: Path | None = None, threads: int = 1) -> tuple[nn.Module, dict]:
+    """Load the cached teacher for ``cfg`` or train and cache it. Returns (teacher, record)."""
+    folder = baseline_dir(baseline_key(cfg), root)
+    record_path = folder / "baseline.json"
+    if record_path.exists():
+        log.info("baseline: using cached teacher %s", folder)
+        return load_teacher(folder), json.loads(record_path.read_text())
+    train_cfg = _train_config(cfg)
+    log.info("baseline: training %s on %s for %s epochs (cached afterwards in %s)", cfg.model.arch, data.name, train_cfg.epochs, folder)
+    torch.manual_seed(train_cfg.seed)
+    model = build_model(cfg.model.arch, data.channels, data.num_classes, cfg.model.width)
+    report = train(model, data.train, train_cfg)
+    example = data.val.images[:1]
+    latency = measure_latency(
+        torch_runner(model, example, threads), backend="torch-fp32-eager", threads=threads, batch=1, repeats=cfg.measure.latency_repeats
+    )
+    record = {
+        "key": folder.name,
+        "arch": cfg.model.arch,
+        "width": cfg.model.width,
+        "dataset": data.name,
+        "train": asdict(train_cfg),
+        "train_seconds": report.seconds,
+        "val_accuracy": evaluate(model, data.val),
+        "test_accuracy": evaluate(model, data.test),  # reported only; never used to choose anything
+        "macs": count_macs(model, data.val.images[:8]),
+        "params": count_params(model),
+        "size_bytes_fp32": packed_size_bytes(model, 32),
+        "size_bytes_int8": packed_size_bytes(model, 8),
+        "latency": latency.as_dict(),
+        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    save_checkpoint(
+        model,
+        folder / "teacher",
+        {"arch": cfg.model.arch, "width": cfg.model.width, "in_channels": data.channels, "num_classes": data.num_classes},
+    )
+    record_path.write_text(json.dumps(record, indent=2))
+    return model.eval(), record

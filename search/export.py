@@ -1,0 +1,225 @@
+"""Export: materialize one point of the front into results/<study>/export/trial_<n>/.
+
+Written there:
+  config.yaml            the resolved search config plus the trial's parameters
+  model.pt / model.json  the compressed MoE (state_dict, weights_only) + what rebuilds it, with its sha256
+  bundle/                the deployable ONNX Runtime bundle (gate + experts, int8 unless 32-bit) + manifest
+  report.md / .json      TEST accuracy, MACs, size, latency beside the baseline's, measured in this run
+
+Export reloads what it wrote and checks that it reproduces the trial's validation accuracy.
+With ``retrain=True`` the configuration is compressed again at the full export budget (multi-fidelity:
+trials are cheap, the exported point is not); its validation accuracy is then reported beside the trial's.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import optuna
+import yaml
+
+from pipelines.data import Dataset, load_dataset
+from pipelines.deploy import OrtModel, agreement, export_onnx, load_bundle, measure_moe_latency, quantize_onnx_int8
+from pipelines.errors import ConfigError, HycompError
+from pipelines.measure import measure_latency, torch_runner
+from pipelines.moe import rebuild_moe
+from pipelines.serialize import load_checkpoint
+from pipelines.train import evaluate
+from search.baseline import get_baseline
+from search.objective import TrialContext, evaluate_config
+from search.space import SearchConfig
+
+__all__ = ["export_trial", "bundle_accuracy"]
+
+log = logging.getLogger("hycomp")
+
+REPRODUCE_TOLERANCE = 1e-6
+
+
+def bundle_accuracy(bundle, images: np.ndarray, labels: np.ndarray, batch: int = 256) -> float:
+    logits = np.concatenate([bundle(images[index : index + batch]) for index in range(0, len(images), batch)])
+    return float((logits.argmax(axis=1) == labels).mean())
+
+
+def _baseline_engine_latency(teacher, data: Dataset, folder: Path, threads: int, repeats: int) -> dict:
+    """Baseline latency on ONNX Runtime fp32 and int8, measured now (same run as the export)."""
+    onnx_folder = folder / "baseline_onnx"
+    onnx_folder.mkdir(parents=True, exist_ok=True)
+    fp32 = export_onnx(teacher, data.val.images[:1], onnx_folder / "teacher.onnx")
+    int8 = quantize_onnx_int8(fp32, onnx_folder / "teacher.int8.onnx", data.train.images[:256])
+    image = data.val.images[:1].numpy()
+    results = {}
+    for name, path in (("onnxruntime-fp32", fp32), ("onnxruntime-int8", int8)):
+        model = OrtModel(path, threads=threads)
+        results[name] = measure_latency(lambda m=model: m(image), backend=name, threads=threads, batch=1, repeats=repeats).as_dict()
+    results["torch-fp32-eager"] = measure_latency(
+        torch_runner(teacher, data.val.images[:1], threads), backend="torch-fp32-eager", threads=threads, batch=1, repeats=repeats
+    ).as_dict()
+    shutil.rmtree(onnx_folder)
+    return results
+
+
+def export_trial(
+    cfg: SearchConfig,
+    study: optuna.Study,
+    study_folder: Path,
+    trial_number: int,
+    *,
+    reason: str = "",
+    retrain: bool = False,
+    force: bool = False,
+    out: Path | None = None,
+) -> dict:
+    """Export ``trial_number``; returns the report dict (also written as report.json / report.md)."""
+    trial = next((t for t in study.get_trials(deepcopy=False) if t.number == trial_number), None)
+    if trial is None or trial.state != optuna.trial.TrialState.COMPLETE:
+        raise ConfigError(f"--trial: {trial_number} is not a completed trial of study {study.study_name!r}.")
+    target = out or study_folder / "export" / f"trial_{trial_number}{'_retrained' if retrain else ''}"
+    if target.exists() and not force:
+        raise ConfigError(f"export folder {target} already exists. Pass --force to overwrite it, or --out DIR.")
+    source = study_folder / "trials" / f"trial_{trial_number}"
+    if not retrain and not (source / "model.json").exists():
+        raise ConfigError(
+            f"trial {trial_number} has no saved model at {source} (the folder was deleted or the trial ran "
+            "elsewhere). Pass --retrain to compress its configuration again."
+        )
+    started = time.perf_counter()
+    data = load_dataset(cfg.data.dataset, cfg.data.root, size=cfg.data.size, download=cfg.data.download, verify_md5=cfg.data.verify_md5)
+    teacher, baseline = get_baseline(cfg, data, study_folder.parent, threads=cfg.measure.latency_threads)
+    staging = target.with_name(target.name + ".partial")
+    if staging.exists():
+        shutil.rmtree(staging)
+    threads = cfg.measure.latency_threads
+    params = {key: value for key, value in trial.params.items()}
+    try:
+        if retrain:
+            record = evaluate_config(
+                TrialContext(cfg, data, teacher, study_folder), params, cfg.export, staging, seed=cfg.seed,
+                threads=threads, repeats=cfg.measure.latency_repeats,
+            )
+        else:
+            staging.mkdir(parents=True)
+            for name in ("model.pt", "model.json"):
+                shutil.copy2(source / name, staging / name)
+            shutil.copytree(source / "bundle", staging / "bundle")
+            record = dict(trial.user_attrs)
+        description, layers, state = load_checkpoint(staging / "model")
+        moe = rebuild_moe(description, layers, state)
+        torch_val = evaluate(moe, data.val)
+        bundle = load_bundle(staging / "bundle", threads=threads)
+        deployed_val = bundle_accuracy(bundle, data.val.images.numpy(), data.val.labels.numpy())
+        expected = record["val_accuracy"]
+        if not retrain and abs(deployed_val - expected) > REPRODUCE_TOLERANCE:
+            raise HycompError(
+                f"export of trial {trial_number} does not reproduce its validation accuracy: {deployed_val:.6f} "
+                f"now vs {expected:.6f} recorded. The saved files may have changed; re-run the trial."
+            )
+        # The test split is read here, once, for the exported model only.
+        test_images, test_labels = data.test.images.numpy(), data.test.labels.numpy()
+        report = {
+            "study": study.study_name,
+            "trial": trial_number,
+            "picked_because": reason or f"trial {trial_number}",
+            "retrained_at_full_budget": retrain,
+            "params": params,
+            "dataset": data.name,
+            "exported": {
+                "test_accuracy": bundle_accuracy(bundle, test_images, test_labels),
+                "test_accuracy_torch": evaluate(moe, data.test),
+                "val_accuracy": deployed_val,
+                "val_accuracy_torch": torch_val,
+                "trial_val_accuracy": trial.values[0],
+                "mmacs": record["mmacs"],
+                "size_kb": record["size_kb"],
+                "params": record["params"],
+                "achieved_sparsity": record["achieved_sparsity"],
+                "precision": record.get("precision"),
+                "bits": params.get("bits"),
+                "latency": measure_moe_latency(bundle, test_images[:1], threads=threads, batch=1, repeats=max(50, cfg.measure.latency_repeats)),
+                "latency_batch64": measure_moe_latency(bundle, test_images[:64], threads=threads, batch=64, repeats=10, warmup=2),
+                "agreement_with_torch": agreement(moe, bundle, data.val.images[:1024]),
+                "routing_per_class": record.get("routing_per_class"),
+            },
+            "baseline": {
+                "arch": baseline["arch"],
+                "test_accuracy": baseline["test_accuracy"],
+                "val_accuracy": baseline["val_accuracy"],
+                "mmacs": baseline["macs"] / 1e6,
+                "size_kb_fp32": baseline["size_bytes_fp32"] / 1024,
+                "params": baseline["params"],
+                "latency": _baseline_engine_latency(teacher, data, staging, threads, max(50, cfg.measure.latency_repeats)),
+            },
+            "conventions": {
+                "macs": "multiply-accumulates of Conv2d/Linear per input actually executed (gate + chosen experts); FLOPs = 2 x MACs",
+                "size": "weights packed at their bit-width + fp32 per-channel scale and bias",
+                "latency": "median of repeated runs after warm-up; backend, threads and batch recorded beside each",
+                "low_bit": "weights below 8 bits are quantized to their levels and counted packed, but executed by the int8 engine",
+            },
+            "class_names": data.class_names,
+            "seconds": time.perf_counter() - started,
+        }
+        config = cfg.to_dict()
+        config["exported_trial"] = {"number": trial_number, "params": params}
+        (staging / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        (staging / "report.json").write_text(json.dumps(report, indent=2))
+        (staging / "report.md").write_text(render_report(report))
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    report["folder"] = str(target)
+    return report
+
+
+def _latency_cell(stats: dict) -> str:
+    return f"{stats['median_ms']:.3f} ms (p10 {stats['p10_ms']:.3f}, p90 {stats['p90_ms']:.3f})"
+
+
+def render_report(report: dict) -> str:
+    exported, baseline = report["exported"], report["baseline"]
+    latency = exported["latency"]["latency"]
+    base_latency = baseline["latency"]
+    lines = [
+        f"# hycomp export: study `{report['study']}`, trial {report['trial']}",
+        "",
+        f"Picked because: {report['picked_because']}. Retrained at full budget: {report['retrained_at_full_budget']}.",
+        "",
+        f"Parameters: `{report['params']}`",
+        "",
+        "| model | test acc | val acc | MMACs / input | size KB | latency (batch 1) | backend |",
+        "|---|---|---|---|---|---|---|",
+        f"| baseline {baseline['arch']} fp32 | {baseline['test_accuracy']:.4f} | {baseline['val_accuracy']:.4f} | "
+        f"{baseline['mmacs']:.3f} | {baseline['size_kb_fp32']:.1f} | {_latency_cell(base_latency['torch-fp32-eager'])} | torch fp32 eager |",
+        f"| baseline {baseline['arch']} | | | {baseline['mmacs']:.3f} | | {_latency_cell(base_latency['onnxruntime-fp32'])} | onnxruntime fp32 |",
+        f"| baseline {baseline['arch']} | | | {baseline['mmacs']:.3f} | | {_latency_cell(base_latency['onnxruntime-int8'])} | onnxruntime int8 |",
+        f"| **exported MoE** ({exported['precision']}, {exported['bits']}-bit weights) | **{exported['test_accuracy']:.4f}** | "
+        f"{exported['val_accuracy']:.4f} | {exported['mmacs']:.3f} | {exported['size_kb']:.1f} | {_latency_cell(latency)} | {latency['backend']} |",
+        "",
+        f"Threads: {latency['threads']}. Versions: {latency['versions']}.",
+        "",
+        f"- Latency ratio to the torch fp32 baseline: {latency['median_ms'] / base_latency['torch-fp32-eager']['median_ms']:.3f}x; "
+        f"gate + routing share of MoE latency: {exported['latency']['routing_share']:.1%}.",
+        f"- Batch 64: {_latency_cell(exported['latency_batch64']['latency'])} per batch.",
+        f"- Torch model of the export: test {exported['test_accuracy_torch']:.4f}, val {exported['val_accuracy_torch']:.4f}; "
+        f"engine vs torch top-1 agreement {exported['agreement_with_torch']['top1_agreement']:.4f}, "
+        f"max |logit diff| {exported['agreement_with_torch']['max_abs_diff']:.4g}.",
+        f"- MACs: {report['conventions']['macs']}. Size: {report['conventions']['size']}. {report['conventions']['low_bit']}.",
+        "",
+        "Routing (validation, first choice): rows are classes, columns experts.",
+        "",
+    ]
+    table = exported.get("routing_per_class") or []
+    if table:
+        lines.append("| class | " + " | ".join(f"expert {index}" for index in range(len(table[0]))) + " |")
+        lines.append("|---" * (len(table[0]) + 1) + "|")
+        for name, row in zip(report["class_names"], table, strict=False):
+            lines.append(f"| {name[:40]} | " + " | ".join(str(value) for value in row) + " |")
+    lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,221 @@
+"""One trial: sample a configuration, compress, deploy to ONNX Runtime, measure, return the objectives.
+
+Objectives (a true multi-objective study, not a weighted sum):
+  val_accuracy (maximize)  top-1 on the validation split, of the deployed engine (int8 ONNX Runtime)
+  mmacs        (minimize)  millions of MACs per input actually executed: gate + top_k experts
+  latency_ms   (minimize)  median batch-1 latency of the deployed engine (harness: pipelines.measure)
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import optuna
+import torch
+from torch import nn
+
+from pipelines.compress.prune import PruneConfig
+from pipelines.compress.quantize import QuantizeConfig
+from pipelines.data import Dataset
+from pipelines.deploy import agreement, deploy_moe, load_bundle, measure_moe_latency
+from pipelines.errors import CompressionError
+from pipelines.hybrid import HybridConfig, StageBudget, compress_hybrid
+from pipelines.measure import count_macs, count_params, packed_size_bytes
+from pipelines.moe import Gate, MoEConfig, moe_description, routing_table
+from pipelines.serialize import save_checkpoint
+from pipelines.train import TrainConfig, evaluate
+from search.space import Budget, SearchConfig, suggest
+
+__all__ = ["OBJECTIVES", "DIRECTIONS", "TrialContext", "stage_budget", "hybrid_config", "evaluate_config", "Objective"]
+
+OBJECTIVES = ("val_accuracy", "mmacs", "latency_ms")
+DIRECTIONS = ("maximize", "minimize", "minimize")
+
+log = logging.getLogger("hycomp")
+
+
+@dataclass
+class TrialContext:
+    cfg: SearchConfig
+    data: Dataset
+    teacher: nn.Module
+    study_folder: Path
+
+
+def stage_budget(budget: Budget, seed: int) -> StageBudget:
+    return StageBudget(
+        finetune_epochs=budget.finetune_epochs,
+        gate_epochs=budget.gate_epochs,
+        moe_epochs=budget.moe_epochs,
+        qat_epochs=budget.qat_epochs,
+        train=TrainConfig(
+            lr=budget.lr,
+            batch_size=budget.batch_size,
+            kd_alpha=budget.kd_alpha,
+            kd_temperature=budget.kd_temperature,
+            label_smoothing=budget.label_smoothing,
+            subset=budget.subset,
+            seed=seed,
+        ),
+    )
+
+
+def hybrid_config(params: dict) -> HybridConfig:
+    return HybridConfig(
+        prune=PruneConfig(sparsity=float(params["sparsity"]), pruner=params["pruner"]),
+        quantize=QuantizeConfig(bits=int(params["bits"])),
+        moe=MoEConfig(
+            num_experts=int(params["num_experts"]),
+            top_k=min(int(params["top_k"]), int(params["num_experts"])),
+            gate_size=int(params["gate_size"]),
+        ),
+    )
+
+
+def estimate_cost(ctx: TrialContext, params: dict) -> dict:
+    """MACs and packed size of a configuration before any training (prune + speedup only, ~1 s)."""
+    from pipelines.compress.prune import prune
+
+    cfg = hybrid_config(params)
+    example = ctx.data.val.images[:2]
+    expert = prune(ctx.teacher, cfg.prune, example).model
+    gate = Gate(ctx.data.channels, cfg.moe.num_experts, cfg.moe.gate_size)
+    expert_macs, gate_macs = count_macs(expert, example), count_macs(gate, example)
+    bits = cfg.quantize.bits
+    size = cfg.moe.num_experts * packed_size_bytes(expert, bits) + packed_size_bytes(gate, min(bits, 8) if bits < 32 else 32)
+    return {"mmacs": (gate_macs + cfg.moe.top_k * expert_macs) / 1e6, "size_kb": size / 1024}
+
+
+def evaluate_config(
+    ctx: TrialContext, params: dict, budget: Budget, folder: Path, seed: int, threads: int, repeats: int
+) -> dict:
+    """Compress with ``params``, write the checkpoint and ONNX bundle to ``folder``, measure everything.
+
+    Returns a flat record (JSON-able) that becomes the trial's user attributes.
+    """
+    data = ctx.data
+    hybrid = hybrid_config(params)
+    result = compress_hybrid(ctx.teacher, data, hybrid, stage_budget(budget, seed), seed=seed)
+    moe = result.moe
+    seconds = dict(result.seconds)
+
+    started = time.perf_counter()
+    torch_val = evaluate(moe, data.val)
+    if not math.isfinite(torch_val):
+        raise CompressionError("validation accuracy is not finite")
+    description = moe_description(
+        ctx.cfg.model.arch, ctx.cfg.model.width, data.channels, data.num_classes, moe, hybrid.moe.gate_size
+    )
+    if folder.exists():
+        shutil.rmtree(folder)
+    save_checkpoint(moe, folder / "model", {**description, "bits_by_layer": result.bits_by_layer})
+    int8 = hybrid.quantize.bits < 32
+    calibration = data.train.subset(min(1.0, 512 / max(1, len(data.train))), seed=seed).images
+    manifest = deploy_moe(
+        moe,
+        folder / "bundle",
+        calibration,
+        int8=int8,
+        extra_manifest={
+            "dataset": data.name,
+            "class_names": data.class_names,
+            "mean": data.mean,
+            "std": data.std,
+            "params": {key: value for key, value in params.items()},
+        },
+    )
+    bundle = load_bundle(folder / "bundle", threads=threads)
+    seconds["deploy"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    val_images = data.val.images.numpy()
+    logits = np.concatenate([bundle(val_images[index : index + 256]) for index in range(0, len(val_images), 256)])
+    deployed_val = float((logits.argmax(axis=1) == data.val.labels.numpy()).mean())
+    agree = agreement(moe, bundle, data.val.images[:512])
+    timing = measure_moe_latency(bundle, val_images[:1], threads=threads, batch=1, repeats=repeats, warmup=5)
+    macs = count_macs(moe, data.val.images)  # routed: gate + the experts each val image actually used
+    size = packed_size_bytes(moe, lambda name: result.bits_by_layer.get(name, 32))
+    seconds["measure"] = time.perf_counter() - started
+    table = routing_table(moe, data.val, data.num_classes)
+    return {
+        "val_accuracy": deployed_val,
+        "val_accuracy_torch": torch_val,
+        "mmacs": macs / 1e6,
+        "latency_ms": timing["latency"]["median_ms"],
+        "latency": timing["latency"],
+        "routing_share": timing["routing_share"],
+        "size_kb": size / 1024,
+        "params": count_params(moe),
+        "expert_params": result.expert_params,
+        "achieved_sparsity": result.achieved_sparsity,
+        "bits": hybrid.quantize.bits,
+        "precision": manifest.get("precision"),
+        "top1_agreement_with_torch": agree["top1_agreement"],
+        "routing_per_class": table.tolist(),
+        "class_assignment": result.class_assignment,
+        "seconds": seconds,
+        "effective_top_k": hybrid.moe.top_k,
+    }
+
+
+class Objective:
+    """The callable handed to ``study.optimize``."""
+
+    def __init__(self, ctx: TrialContext) -> None:
+        self.ctx = ctx
+
+    def __call__(self, trial: optuna.Trial) -> tuple[float, float, float]:
+        cfg = self.ctx.cfg
+        params = suggest(trial, cfg.space)
+        started = time.perf_counter()
+        try:
+            self._check_budget(trial, params)
+            record = evaluate_config(
+                self.ctx,
+                params,
+                cfg.trial,
+                self.ctx.study_folder / "trials" / f"trial_{trial.number}",
+                seed=cfg.seed,
+                threads=cfg.measure.latency_threads,
+                repeats=cfg.measure.latency_repeats,
+            )
+        except optuna.TrialPruned:
+            raise
+        except (CompressionError, RuntimeError, ValueError) as error:
+            reason = f"{type(error).__name__}: {error}"
+            trial.set_user_attr("fail_reason", reason[:2000])
+            log.warning("trial %d failed: %s", trial.number, reason)
+            raise CompressionError(reason) from error
+        record["seconds"]["total"] = time.perf_counter() - started
+        for key, value in record.items():
+            trial.set_user_attr(key, value)
+        self._set_constraints(trial, record)
+        return record["val_accuracy"], record["mmacs"], record["latency_ms"]
+
+    def _check_budget(self, trial: optuna.Trial, params: dict) -> None:
+        limits = self.ctx.cfg.constraints
+        if limits.max_mmacs is None and limits.max_size_kb is None:
+            return
+        cost = estimate_cost(self.ctx, params)
+        for key, limit in (("mmacs", limits.max_mmacs), ("size_kb", limits.max_size_kb)):
+            if limit is not None and cost[key] > limit:
+                reason = f"rejected before training: {key} {cost[key]:.3f} > limit {limit}"
+                trial.set_user_attr("fail_reason", reason)
+                raise optuna.TrialPruned(reason)
+
+    def _set_constraints(self, trial: optuna.Trial, record: dict) -> None:
+        limits = self.ctx.cfg.constraints
+        if limits.max_latency_ms is not None:
+            trial.set_constraint("latency_ms", record["latency_ms"] - limits.max_latency_ms)
+        if limits.max_size_kb is not None:
+            trial.set_constraint("size_kb", record["size_kb"] - limits.max_size_kb)
+        if limits.min_accuracy is not None:
+            trial.set_constraint("val_accuracy", limits.min_accuracy - record["val_accuracy"])
+        if limits.max_mmacs is not None:
+            trial.set_constraint("mmacs", record["mmacs"] - limits.max_mmacs)

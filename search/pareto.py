@@ -1,0 +1,180 @@
+"""The Pareto front, computed once from Optuna's ``study.best_trials`` into a table; selection policies.
+
+The front is Optuna's (constraints included: with constraints, only feasible trials are on it). This
+module only turns it into a pandas table with units and picks a point from it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import optuna
+import pandas as pd
+from optuna.trial import TrialState
+
+from pipelines.errors import ConfigError
+
+__all__ = ["trials_table", "front_table", "failures_table", "Pick", "pick_trial", "PICKS"]
+
+PICKS = ("max-accuracy", "knee", "min-latency", "min-macs")
+
+_COLUMNS = {
+    "val_accuracy": "val acc",
+    "mmacs": "MMACs",
+    "latency_ms": "latency ms",
+    "size_kb": "size KB",
+    "params": "params",
+    "achieved_sparsity": "sparsity",
+}
+
+
+def _feasible(trial: optuna.trial.FrozenTrial) -> bool:
+    return all(value <= 0 for value in trial.constraints.values())
+
+
+def trials_table(study: optuna.Study) -> pd.DataFrame:
+    """Every completed trial, one row each, with its objectives, settings and front membership."""
+    front = {trial.number for trial in study.best_trials}
+    rows = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        attrs = trial.user_attrs
+        rows.append(
+            {
+                "trial": trial.number,
+                "val_accuracy": trial.values[0],
+                "mmacs": trial.values[1],
+                "latency_ms": trial.values[2],
+                "size_kb": attrs.get("size_kb"),
+                "params": attrs.get("params"),
+                "achieved_sparsity": attrs.get("achieved_sparsity"),
+                "pruner": trial.params.get("pruner"),
+                "sparsity": trial.params.get("sparsity"),
+                "bits": trial.params.get("bits"),
+                "num_experts": trial.params.get("num_experts"),
+                "top_k": attrs.get("effective_top_k", trial.params.get("top_k")),
+                "gate_size": trial.params.get("gate_size"),
+                "feasible": _feasible(trial),
+                "on_front": trial.number in front,
+                "reference": attrs.get("reference", ""),
+                "latency_backend": (attrs.get("latency") or {}).get("backend", ""),
+                "latency_threads": (attrs.get("latency") or {}).get("threads"),
+                "seconds": (attrs.get("seconds") or {}).get("total"),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def front_table(study: optuna.Study) -> pd.DataFrame:
+    """The non-dominated (and feasible) trials, best accuracy first."""
+    table = trials_table(study)
+    if table.empty:
+        return table
+    return table[table["on_front"]].sort_values(["val_accuracy", "mmacs"], ascending=[False, True]).reset_index(drop=True)
+
+
+def failures_table(study: optuna.Study) -> pd.DataFrame:
+    rows = [
+        {"trial": trial.number, "state": trial.state.name, "reason": trial.user_attrs.get("fail_reason", "")}
+        for trial in study.get_trials(deepcopy=False, states=(TrialState.FAIL, TrialState.PRUNED))
+    ]
+    return pd.DataFrame(rows, columns=["trial", "state", "reason"])
+
+
+@dataclass(frozen=True)
+class Pick:
+    trial: int
+    reason: str
+
+
+def pick_trial(
+    study: optuna.Study,
+    *,
+    trial: int | None = None,
+    policy: str | None = None,
+    max_latency_ms: float | None = None,
+    max_size_kb: float | None = None,
+    max_mmacs: float | None = None,
+) -> Pick:
+    """Choose the point to export.
+
+    - ``trial``: that trial (must be complete);
+    - budgets (``max_latency_ms`` / ``max_size_kb`` / ``max_mmacs``): the most accurate front trial within them;
+    - ``policy``: ``max-accuracy``, ``knee`` (front point closest to the ideal point after scaling each
+      objective to [0, 1] over the front), ``min-latency`` or ``min-macs``.
+    """
+    completed = {t.number: t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))}
+    if not completed:
+        raise ConfigError(f"study {study.study_name!r} has no completed trials. Run `hycomp search` (or let it finish) first.")
+    if trial is not None:
+        if trial not in completed:
+            all_numbers = sorted(t.number for t in study.trials)
+            state = next((t.state.name for t in study.trials if t.number == trial), None)
+            detail = f"it is {state}" if state else f"trial numbers run from {all_numbers[0]} to {all_numbers[-1]}"
+            raise ConfigError(
+                f"--trial: {trial} is not a completed trial ({detail}). Completed trials: "
+                f"{', '.join(map(str, sorted(completed)))}."
+            )
+        return Pick(trial, f"trial {trial} chosen by --trial")
+    front = front_table(study)
+    if front.empty:
+        raise ConfigError("the Pareto front is empty: no completed trial satisfies the constraints. Relax them and re-run.")
+    budgets = {"latency_ms": max_latency_ms, "size_kb": max_size_kb, "mmacs": max_mmacs}
+    if any(value is not None for value in budgets.values()):
+        within = front
+        for column, limit in budgets.items():
+            if limit is not None:
+                within = within[within[column] <= limit]
+        if within.empty:
+            said = ", ".join(f"{key} <= {value}" for key, value in budgets.items() if value is not None)
+            raise ConfigError(
+                f"no front trial meets {said}. The smallest on the front: latency {front['latency_ms'].min():.3f} ms, "
+                f"size {front['size_kb'].min():.1f} KB, {front['mmacs'].min():.2f} MMACs. Loosen the budget."
+            )
+        best = within.sort_values(["val_accuracy", "latency_ms"], ascending=[False, True]).iloc[0]
+        said = ", ".join(f"{key} <= {value}" for key, value in budgets.items() if value is not None)
+        return Pick(int(best["trial"]), f"most accurate front trial within {said}")
+    policy = policy or "max-accuracy"
+    if policy not in PICKS:
+        raise ConfigError(f"--pick: unknown value {policy!r}. Valid values: {', '.join(PICKS)}.")
+    if policy == "max-accuracy":
+        best = front.sort_values(["val_accuracy", "latency_ms"], ascending=[False, True]).iloc[0]
+        return Pick(int(best["trial"]), "highest validation accuracy on the front")
+    if policy == "min-latency":
+        best = front.sort_values(["latency_ms", "val_accuracy"], ascending=[True, False]).iloc[0]
+        return Pick(int(best["trial"]), "lowest latency on the front")
+    if policy == "min-macs":
+        best = front.sort_values(["mmacs", "val_accuracy"], ascending=[True, False]).iloc[0]
+        return Pick(int(best["trial"]), "fewest MACs on the front")
+    scaled = pd.DataFrame(index=front.index)
+    for column, maximize in (("val_accuracy", True), ("mmacs", False), ("latency_ms", False)):
+        values = front[column].astype(float)
+        span = values.max() - values.min()
+        badness = (values.max() - values) if maximize else (values - values.min())
+        scaled[column] = badness / span if span > 0 else 0.0
+    distance = (scaled**2).sum(axis=1) ** 0.5
+    best = front.loc[distance.idxmin()]
+    return Pick(int(best["trial"]), "knee: front point closest to the ideal point (objectives scaled to [0, 1])")
+
+
+def format_table(table: pd.DataFrame, baseline: dict | None = None) -> str:
+    """A readable terminal table with units; the baseline as a reference row when given."""
+    columns = ["trial", "val_accuracy", "mmacs", "latency_ms", "size_kb", "sparsity", "pruner", "bits", "num_experts", "top_k", "gate_size", "feasible"]
+    shown = table[[column for column in columns if column in table.columns]].copy()
+    if baseline is not None:
+        reference = {
+            "trial": "teacher",
+            "val_accuracy": baseline.get("val_accuracy"),
+            "mmacs": baseline.get("macs", 0) / 1e6,
+            "latency_ms": (baseline.get("latency") or {}).get("median_ms"),
+            "size_kb": baseline.get("size_bytes_fp32", 0) / 1024,
+            "sparsity": 0.0,
+            "pruner": "-",
+            "bits": 32,
+            "num_experts": 1,
+            "top_k": 1,
+            "gate_size": "-",
+            "feasible": "",
+        }
+        shown = pd.concat([shown, pd.DataFrame([reference])], ignore_index=True)
+    shown = shown.rename(columns={**_COLUMNS, "num_experts": "experts"})
+    return shown.to_string(index=False, float_format=lambda value: f"{value:.4g}")

@@ -1,0 +1,370 @@
+"""Search spaces are data: a YAML file validated by one schema into frozen dataclasses.
+
+Unknown keys, wrong types and out-of-range values raise :class:`ConfigError` naming the field (as a
+dotted path), the value and the fix. ``suggest`` turns the validated space into Optuna suggestions,
+keeping numbers numeric (``suggest_float(low, high, step)``) so samplers see their order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipelines.compress.prune import PRUNERS
+from pipelines.compress.quantize import BITS
+from pipelines.data import dataset_names
+from pipelines.errors import ConfigError, unknown_name
+from pipelines.models import model_names
+
+__all__ = [
+    "SAMPLERS",
+    "SearchConfig",
+    "load_space",
+    "parse_space",
+    "dump_space",
+    "suggest",
+    "baseline_params",
+]
+
+SAMPLERS: tuple[str, ...] = ("tpe", "nsga2", "gp", "random")
+
+
+@dataclass(frozen=True)
+class IntRange:
+    low: int
+    high: int
+    step: int = 1
+
+
+@dataclass(frozen=True)
+class FloatRange:
+    low: float
+    high: float
+    step: float | None = None
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    name: str = "tpe"
+    seed: int | None = 0
+    options: dict = field(default_factory=dict)  # passed to the Optuna sampler as keyword arguments
+
+
+@dataclass(frozen=True)
+class StudySettings:
+    name: str = "hycomp"
+    trials: int = 8
+    sampler: SamplerSettings = field(default_factory=SamplerSettings)
+    storage: str | None = None  # default: sqlite:///results/<name>/study.db
+    enqueue_baseline: bool = True
+    timeout_minutes: float | None = None
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    dataset: str = "bloodmnist"
+    root: str | None = None
+    size: int = 28
+    download: bool = False
+    verify_md5: bool = True
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    arch: str = "resnet20"
+    width: float = 1.0
+
+
+@dataclass(frozen=True)
+class BaselineSettings:
+    """Training of the fp32 teacher (cached, keyed by dataset, arch and these settings)."""
+
+    epochs: float = 15
+    lr: float = 0.1
+    batch_size: int = 128
+    weight_decay: float = 5e-4
+    label_smoothing: float = 0.1
+    schedule: str = "onecycle"
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Training budget of one trial's stages (multi-fidelity: trials cheap, export at full budget)."""
+
+    subset: float = 0.5
+    finetune_epochs: float = 2.0
+    moe_epochs: float = 2.0
+    qat_epochs: float = 0.5
+    gate_epochs: float = 1.0
+    lr: float = 0.02
+    batch_size: int = 128
+    kd_alpha: float = 0.7
+    kd_temperature: float = 4.0
+    label_smoothing: float = 0.1
+
+
+@dataclass(frozen=True)
+class Space:
+    sparsity: FloatRange = field(default_factory=lambda: FloatRange(0.3, 0.8, 0.05))
+    pruner: tuple[str, ...] = ("l1", "l2", "fpgm")
+    bits: tuple[int, ...] = (4, 6, 8)
+    num_experts: IntRange = field(default_factory=lambda: IntRange(1, 4))
+    top_k: IntRange = field(default_factory=lambda: IntRange(1, 2))
+    gate_size: tuple[int, ...] = (4, 8, 16)
+
+
+@dataclass(frozen=True)
+class MeasureSettings:
+    latency_threads: int = 1
+    latency_repeats: int = 30
+    int8_engine: bool = True  # trials are timed on ONNX Runtime int8 (fp32 for 32-bit trials)
+
+
+@dataclass(frozen=True)
+class Constraints:
+    max_latency_ms: float | None = None
+    max_size_kb: float | None = None
+    min_accuracy: float | None = None
+    max_mmacs: float | None = None
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    study: StudySettings = field(default_factory=StudySettings)
+    data: DataSettings = field(default_factory=DataSettings)
+    model: ModelSettings = field(default_factory=ModelSettings)
+    baseline: BaselineSettings = field(default_factory=BaselineSettings)
+    trial: Budget = field(default_factory=Budget)
+    export: Budget = field(default_factory=lambda: Budget(subset=1.0, finetune_epochs=6, moe_epochs=6, qat_epochs=2))
+    space: Space = field(default_factory=Space)
+    measure: MeasureSettings = field(default_factory=MeasureSettings)
+    constraints: Constraints = field(default_factory=Constraints)
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        return _plain(asdict(self))
+
+    def replace(self, **sections: Any) -> SearchConfig:
+        """A copy with sections updated from plain mappings, re-validated (``replace(study={"trials": 3})``)."""
+        merged = self.to_dict()
+        for section, values in sections.items():
+            if isinstance(merged.get(section), dict) and isinstance(values, dict):
+                merged[section] = {**merged[section], **values}
+            else:
+                merged[section] = values
+        return parse_space(merged)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(item) for item in value]
+    return value
+
+
+# --------------------------------------------------------------------------------------------- schema
+
+
+def _type_name(annotation: Any) -> str:
+    return getattr(annotation, "__name__", str(annotation)).replace("NoneType", "null")
+
+
+def _convert(value: Any, annotation: Any, path: str) -> Any:
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in args:
+            if option is type(None):
+                continue
+            try:
+                return _convert(value, option, path)
+            except ConfigError as error:
+                errors.append(str(error))
+        raise ConfigError(errors[0] if errors else f"{path}: null is not allowed here.")
+    if dataclasses.is_dataclass(annotation):
+        return _build(annotation, value, path)
+    if origin is tuple:
+        if isinstance(value, str | int | float):
+            value = [value]
+        if not isinstance(value, list | tuple) or not value:
+            raise ConfigError(f"{path}: expected a non-empty list, got {value!r}. Write e.g. `{path.split('.')[-1]}: [a, b]`.")
+        return tuple(_convert(item, args[0], f"{path}[{index}]") for index, item in enumerate(value))
+    if annotation is dict or origin is dict:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {value!r}.")
+        return dict(value)
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true or false, got {value!r}.")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected an integer, got {value!r}.")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{path}: expected a number, got {value!r}.")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {value!r}.")
+        return value
+    raise ConfigError(f"{path}: unsupported type {_type_name(annotation)}")  # pragma: no cover
+
+
+def _build(cls: type, mapping: Any, path: str) -> Any:
+    if mapping is None:
+        mapping = {}
+    if not isinstance(mapping, dict):
+        raise ConfigError(f"{path or 'space file'}: expected a mapping of keys, got {mapping!r}.")
+    hints = typing.get_type_hints(cls)
+    names = [item.name for item in dataclasses.fields(cls)]
+    for key in mapping:
+        if key not in names:
+            where = f"{path}.{key}" if path else str(key)
+            raise ConfigError(f"{where}: unknown key. Valid keys{' of ' + path if path else ''}: {', '.join(names)}.")
+    values = {key: _convert(value, hints[key], f"{path}.{key}" if path else key) for key, value in mapping.items()}
+    return cls(**values)
+
+
+def _check_range(path: str, value: Any, low: float, high: float) -> None:
+    if not low <= value <= high:
+        raise ConfigError(f"{path}: {value} is out of range; use a value in [{low}, {high}].")
+
+
+def _validate(cfg: SearchConfig) -> None:
+    space = cfg.space
+    if cfg.study.trials < 1:
+        raise ConfigError(f"study.trials: {cfg.study.trials} must be a positive number of trials (e.g. 8).")
+    if not cfg.study.name or any(char in cfg.study.name for char in "/\\:*?\"<>| "):
+        raise ConfigError(f"study.name: {cfg.study.name!r} must be a non-empty name without spaces or path characters.")
+    if cfg.study.sampler.name not in SAMPLERS:
+        raise unknown_name("study.sampler.name", cfg.study.sampler.name, SAMPLERS)
+    if cfg.data.dataset not in dataset_names():
+        raise unknown_name("data.dataset", cfg.data.dataset, dataset_names())
+    if cfg.data.size not in (28, 32, 64, 128, 224):
+        raise ConfigError(f"data.size: {cfg.data.size} is not a MedMNIST size; use 28, 64, 128 or 224 (32 for CIFAR-10).")
+    if cfg.model.arch not in model_names():
+        raise unknown_name("model.arch", cfg.model.arch, model_names())
+    _check_range("model.width", cfg.model.width, 0.0625, 8.0)
+    for prefix, budget in (("trial", cfg.trial), ("export", cfg.export)):
+        _check_range(f"{prefix}.subset", budget.subset, 0.01, 1.0)
+        _check_range(f"{prefix}.kd_alpha", budget.kd_alpha, 0.0, 1.0)
+        for name in ("finetune_epochs", "moe_epochs", "qat_epochs", "gate_epochs"):
+            _check_range(f"{prefix}.{name}", getattr(budget, name), 0.0, 1000.0)
+        if budget.qat_epochs <= 0:
+            raise ConfigError(f"{prefix}.qat_epochs: {budget.qat_epochs} must be > 0 (QAT needs steps to learn scales).")
+        _check_range(f"{prefix}.lr", budget.lr, 1e-6, 10.0)
+    _check_range("baseline.epochs", cfg.baseline.epochs, 0.01, 1000.0)
+    sparsity = space.sparsity
+    _check_range("space.sparsity.low", sparsity.low, 0.0, 0.95)
+    _check_range("space.sparsity.high", sparsity.high, 0.0, 0.95)
+    if sparsity.low > sparsity.high:
+        raise ConfigError(f"space.sparsity: low {sparsity.low} > high {sparsity.high}; swap them.")
+    if sparsity.step is not None and sparsity.step <= 0:
+        raise ConfigError(f"space.sparsity.step: {sparsity.step} must be > 0 or null.")
+    for pruner in space.pruner:
+        if pruner not in PRUNERS:
+            raise unknown_name("space.pruner", pruner, PRUNERS)
+    for bits in space.bits:
+        if bits not in BITS:
+            raise ConfigError(f"space.bits: {bits} is not supported; use values from {', '.join(map(str, BITS))}.")
+    for name, lowest, highest in (("num_experts", 1, 16), ("top_k", 1, 16)):
+        rng = getattr(space, name)
+        _check_range(f"space.{name}.low", rng.low, lowest, highest)
+        _check_range(f"space.{name}.high", rng.high, lowest, highest)
+        if rng.low > rng.high:
+            raise ConfigError(f"space.{name}: low {rng.low} > high {rng.high}; swap them.")
+    if space.top_k.low > space.num_experts.high:
+        raise ConfigError(
+            f"space.top_k.low: {space.top_k.low} exceeds space.num_experts.high ({space.num_experts.high}); "
+            "top_k must not exceed the number of experts. Lower top_k.low or raise num_experts.high."
+        )
+    for gate_size in space.gate_size:
+        _check_range("space.gate_size", gate_size, 1, 256)
+    _check_range("measure.latency_threads", cfg.measure.latency_threads, 1, 256)
+    _check_range("measure.latency_repeats", cfg.measure.latency_repeats, 1, 100000)
+    for name in ("max_latency_ms", "max_size_kb", "max_mmacs"):
+        value = getattr(cfg.constraints, name)
+        if value is not None and value <= 0:
+            raise ConfigError(f"constraints.{name}: {value} must be > 0 (or null for no limit).")
+    if cfg.constraints.min_accuracy is not None:
+        _check_range("constraints.min_accuracy", cfg.constraints.min_accuracy, 0.0, 1.0)
+
+
+def parse_space(mapping: Any) -> SearchConfig:
+    """Validate a mapping (parsed YAML) into a :class:`SearchConfig`."""
+    cfg = _build(SearchConfig, mapping, "")
+    _validate(cfg)
+    return cfg
+
+
+def load_space(path: str | Path) -> SearchConfig:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"--space: file {path} does not exist. Pass a YAML file such as search_spaces/bloodmnist.yaml.")
+    try:
+        mapping = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}: malformed YAML{where}: {getattr(error, 'problem', error)}. Fix the syntax.") from None
+    try:
+        return parse_space(mapping)
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from None
+
+
+def dump_space(cfg: SearchConfig) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def stable_hash(mapping: dict) -> str:
+    return hashlib.sha256(json.dumps(mapping, sort_keys=True).encode()).hexdigest()[:12]
+
+
+# --------------------------------------------------------------------------------------------- optuna
+
+
+def suggest(trial: Any, space: Space) -> dict:
+    """Sample one configuration. ``top_k`` is drawn from its own fixed range and then clipped to the
+    sampled number of experts (a fixed range keeps the samplers' model of the space consistent); the
+    value actually used is recorded as ``effective_top_k``."""
+    sparsity = space.sparsity
+    params = {
+        "sparsity": trial.suggest_float("sparsity", sparsity.low, sparsity.high, step=sparsity.step),
+        "pruner": trial.suggest_categorical("pruner", list(space.pruner)),
+        "bits": trial.suggest_categorical("bits", list(space.bits)),
+        "num_experts": trial.suggest_int("num_experts", space.num_experts.low, space.num_experts.high, step=space.num_experts.step),
+        "top_k": trial.suggest_int("top_k", space.top_k.low, space.top_k.high, step=space.top_k.step),
+        "gate_size": trial.suggest_categorical("gate_size", list(space.gate_size)),
+    }
+    params["effective_top_k"] = min(params["top_k"], params["num_experts"])
+    return params
+
+
+def baseline_params(space: Space) -> dict:
+    """The uncompressed reference point enqueued first: no pruning, fp32 weights, one expert."""
+    return {
+        "sparsity": 0.0,
+        "pruner": space.pruner[0],
+        "bits": 32,
+        "num_experts": 1,
+        "top_k": 1,
+        "gate_size": min(space.gate_size),
+    }

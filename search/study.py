@@ -1,0 +1,200 @@
+"""Studies: storage, samplers, resume and the search loop. All of it is Optuna's; this module only wires it.
+
+- Storage: SQLite at results/<study>/study.db by default; any Optuna RDB URL (postgresql://…, mysql://…)
+  with ``--storage``; a path ending in ``.log`` / ``.journal`` selects Optuna's JournalStorage file backend
+  (safe for several processes on one machine). RDB storages run Optuna's heartbeat, so a trial whose
+  process was killed (SIGKILL) is marked failed and its configuration retried by
+  ``RetryHeartbeatStaleTrialCallback``.
+- Resume: re-running the same command loads the study and runs only the trials still missing.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import optuna
+from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages.journal import JournalFileBackend
+from optuna.trial import TrialState
+
+from pipelines.errors import CompressionError, ConfigError, unknown_name
+from search.space import SAMPLERS, SearchConfig, baseline_params, dump_space, load_space
+from search.workspace import study_dir
+
+__all__ = ["default_storage", "make_storage", "make_sampler", "open_study", "load_study", "completed_trials", "run_search"]
+
+log = logging.getLogger("hycomp")
+
+HEARTBEAT_SECONDS = 20
+GRACE_SECONDS = 60
+
+
+def default_storage(folder: Path) -> str:
+    return f"sqlite:///{(folder / 'study.db').as_posix()}"
+
+
+def make_storage(url: str) -> optuna.storages.BaseStorage:
+    """An Optuna storage for ``url``; raises ConfigError with the fix when it cannot be opened."""
+    try:
+        if url.endswith((".log", ".journal")) and "://" not in url:
+            Path(url).parent.mkdir(parents=True, exist_ok=True)
+            return JournalStorage(JournalFileBackend(url))
+        if url.startswith("sqlite:///"):
+            Path(url[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+        return RDBStorage(
+            url,
+            heartbeat_interval=HEARTBEAT_SECONDS,
+            grace_period=GRACE_SECONDS,
+            failed_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
+            engine_kwargs={"pool_pre_ping": True},
+        )
+    except Exception as error:  # sqlalchemy / driver errors have many types
+        raise ConfigError(
+            f"--storage: cannot open {url!r} ({type(error).__name__}: {str(error).splitlines()[0][:200]}). "
+            "Check the URL, that the server is running and reachable, and that its driver is installed "
+            "(e.g. psycopg2 for postgresql://)."
+        ) from None
+
+
+def make_sampler(cfg: SearchConfig) -> optuna.samplers.BaseSampler:
+    settings = cfg.study.sampler
+    classes = {
+        "tpe": optuna.samplers.TPESampler,
+        "nsga2": optuna.samplers.NSGAIISampler,
+        "gp": optuna.samplers.GPSampler,
+        "random": optuna.samplers.RandomSampler,
+    }
+    if settings.name not in classes:
+        raise unknown_name("study.sampler.name", settings.name, SAMPLERS)
+    try:
+        return classes[settings.name](seed=settings.seed, **settings.options)
+    except TypeError as error:
+        raise ConfigError(f"study.sampler.options: {settings.options} rejected by {classes[settings.name].__name__}: {error}") from None
+
+
+def open_study(cfg: SearchConfig, folder: Path, storage_url: str | None = None) -> optuna.Study:
+    """Create the study or load it when it exists (same name, same storage)."""
+    from search.objective import DIRECTIONS, OBJECTIVES
+
+    url = storage_url or cfg.study.storage or default_storage(folder)
+    study = optuna.create_study(
+        study_name=cfg.study.name,
+        storage=make_storage(url),
+        sampler=make_sampler(cfg),
+        directions=list(DIRECTIONS),
+        load_if_exists=True,
+    )
+    if study.metric_names is None:
+        study.set_metric_names(list(OBJECTIVES))
+    return study
+
+
+def load_study(folder: Path, storage_url: str | None = None) -> tuple[SearchConfig, optuna.Study]:
+    """Open the study of an existing results folder (its config.yaml says which storage)."""
+    cfg = load_space(folder / "config.yaml")
+    url = storage_url or cfg.study.storage or default_storage(folder)
+    try:
+        study = optuna.load_study(study_name=cfg.study.name, storage=make_storage(url), sampler=make_sampler(cfg))
+    except KeyError:
+        raise ConfigError(f"study {cfg.study.name!r} not found in storage {url}. Run `hycomp search` first.") from None
+    return cfg, study
+
+
+def completed_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+
+
+def _write_config(cfg: SearchConfig, folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "config.yaml"
+    text = dump_space(cfg)
+    if path.exists() and path.read_text() != text:
+        previous = load_space(path)
+        if previous.space != cfg.space or previous.model != cfg.model or previous.data.dataset != cfg.data.dataset:
+            raise ConfigError(
+                f"study.name: a study named {cfg.study.name!r} already exists in {folder} with a different "
+                "search space, model or dataset. Pick another study.name, or delete that folder to start over."
+            )
+    path.write_text(text)
+
+
+def run_search(
+    cfg: SearchConfig,
+    *,
+    storage_url: str | None = None,
+    results: Path | None = None,
+    show_progress: bool = True,
+) -> optuna.Study:
+    """Run (or resume) the study until ``cfg.study.trials`` trials are complete."""
+    from search.baseline import get_baseline
+    from search.objective import Objective, TrialContext
+    from pipelines.data import load_dataset
+
+    folder = study_dir(cfg.study.name, results)
+    data = load_dataset(
+        cfg.data.dataset, cfg.data.root, size=cfg.data.size, download=cfg.data.download, verify_md5=cfg.data.verify_md5
+    )
+    _write_config(cfg, folder)
+    study = open_study(cfg, folder, storage_url)
+    teacher, record = get_baseline(cfg, data, results, threads=cfg.measure.latency_threads)
+    study.set_user_attr("baseline", record)
+    log.info(
+        "baseline %s: val %.4f, test %.4f, %.2f MMACs, %d params",
+        record["arch"], record["val_accuracy"], record["test_accuracy"], record["macs"] / 1e6, record["params"],
+    )
+    if cfg.study.enqueue_baseline and not study.trials:
+        study.enqueue_trial(baseline_params(cfg.space), user_attrs={"reference": "baseline (no pruning, fp32, 1 expert)"})
+    objective = Objective(TrialContext(cfg, data, teacher, folder))
+    remaining = cfg.study.trials - len(completed_trials(study))
+    if remaining <= 0:
+        log.info("study %s already has %d completed trials; nothing to do", cfg.study.name, len(completed_trials(study)))
+        return study
+    deadline = None if cfg.study.timeout_minutes is None else time.time() + 60 * cfg.study.timeout_minutes
+    progress = _Progress(cfg.study.trials, len(completed_trials(study)), enabled=show_progress)
+    try:
+        while len(completed_trials(study)) < cfg.study.trials:
+            if deadline is not None and time.time() > deadline:
+                log.info("timeout reached after %s minutes", cfg.study.timeout_minutes)
+                break
+            study.optimize(objective, n_trials=1, catch=(CompressionError,), callbacks=[progress])
+            if _too_many_failures(study):
+                raise CompressionError(
+                    "the last 5 trials all failed; stopping. `hycomp front` lists their reasons."
+                )
+    finally:
+        progress.close()
+    return study
+
+
+def _too_many_failures(study: optuna.Study, window: int = 5) -> bool:
+    finished = [trial for trial in study.trials if trial.state in (TrialState.COMPLETE, TrialState.FAIL)]
+    return len(finished) >= window and all(trial.state == TrialState.FAIL for trial in finished[-window:])
+
+
+class _Progress:
+    """A tqdm bar over completed trials with ETA, plus a one-line summary per trial."""
+
+    def __init__(self, total: int, done: int, enabled: bool) -> None:
+        from tqdm.auto import tqdm
+
+        self._bar = tqdm(total=total, initial=done, unit="trial", desc="search", disable=not enabled, dynamic_ncols=True)
+        self._tqdm = tqdm
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if trial.state == TrialState.COMPLETE:
+            self._bar.update(1)
+            accuracy, mmacs, latency = trial.values
+            seconds = trial.user_attrs.get("seconds", {})
+            stages = ", ".join(f"{key} {value:.0f}s" for key, value in seconds.items())
+            self._tqdm.write(
+                f"trial {trial.number}: val {accuracy:.4f}  {mmacs:.2f} MMACs  {latency:.3f} ms  "
+                f"[{trial.params}]  ({stages})"
+            )
+        else:
+            reason = trial.user_attrs.get("fail_reason", trial.state.name)
+            self._tqdm.write(f"trial {trial.number}: {trial.state.name} - {reason}")
+
+    def close(self) -> None:
+        self._bar.close()

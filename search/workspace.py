@@ -1,0 +1,44 @@
+"""Where outputs go. Only the ``search`` layer writes under ``results/``.
+
+    results/
+      baselines/<dataset>-<arch>-<hash>/   cached fp32 teachers (teacher.pt/.json, baseline.json)
+      <study>/config.yaml                  the resolved search space of the study
+      <study>/study.db                     Optuna storage (SQLite) unless --storage says otherwise
+      <study>/trials/trial_<n>/            each trial's compressed MoE (checkpoint) and ONNX bundle
+      <study>/front.csv, front.png         written by `hycomp front`
+      <study>/export/trial_<n>/            written by `hycomp export`
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pipelines.errors import ConfigError
+
+__all__ = ["results_root", "study_dir", "baseline_dir", "resolve_study_dir"]
+
+
+def results_root() -> Path:
+    """``$HYCOMP_RESULTS`` or ``./results``."""
+    return Path(os.environ.get("HYCOMP_RESULTS", "results"))
+
+
+def study_dir(name: str, root: Path | None = None) -> Path:
+    return (root or results_root()) / name
+
+
+def baseline_dir(key: str, root: Path | None = None) -> Path:
+    return (root or results_root()) / "baselines" / key
+
+
+def resolve_study_dir(path: str | os.PathLike) -> Path:
+    """The folder of an existing study (``results/<study>``, or a study name under results/)."""
+    candidate = Path(path)
+    for folder in (candidate, results_root() / candidate):
+        if (folder / "config.yaml").exists():
+            return folder
+    raise ConfigError(
+        f"study folder: {str(path)!r} holds no config.yaml. Pass the folder that `hycomp search` created, "
+        f"e.g. {results_root() / '<study name>'}."
+    )
