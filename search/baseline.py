@@ -68,7 +68,14 @@ def get_baseline(cfg: SearchConfig, data: Dataset, root: Path | None = None, thr
     log.info("baseline: training %s on %s for %s epochs (cached afterwards in %s)", cfg.model.arch, data.name, train_cfg.epochs, folder)
     torch.manual_seed(train_cfg.seed)
     model = build_model(cfg.model.arch, data.channels, data.num_classes, cfg.model.width)
-    report = train(model, data.train, train_cfg)
+    last_logged = [time.perf_counter()]
+
+    def on_step(done: int, total: int) -> None:
+        if time.perf_counter() - last_logged[0] > 30 or done == total:
+            last_logged[0] = time.perf_counter()
+            log.info("baseline: step %d/%d (%.0f%%)", done, total, 100 * done / total)
+
+    report = train(model, data.train, train_cfg, on_step=on_step)
     example = data.val.images[:1]
     latency = measure_latency(
         torch_runner(model, example, threads), backend="torch-fp32-eager", threads=threads, batch=1, repeats=cfg.measure.latency_repeats

@@ -217,7 +217,7 @@ class PredictCommand:
                 break
             print(f"{name}\t{label}")
         if result.get("accuracy") is not None:
-            print(f"accuracy {result['accuracy']:.4f} on {len(result['labels'])} labelled images")
+            print(f"accuracy {result['accuracy']:.6f} on {len(result['labels'])} labelled images")
         return 0
 
 
@@ -241,7 +241,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     import optuna
 
+    import warnings
+
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # Heartbeats and metric names are stable in practice; the reference trial is out of range on purpose.
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    warnings.filterwarnings("ignore", message="Fixed parameter .* is out of range")
     from pipelines.errors import HycompError
 
     try:

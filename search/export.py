@@ -95,7 +95,7 @@ def export_trial(
     if staging.exists():
         shutil.rmtree(staging)
     threads = cfg.measure.latency_threads
-    params = {key: value for key, value in trial.params.items()}
+    params = dict(trial.user_attrs.get("config") or trial.params)
     try:
         if retrain:
             record = evaluate_config(

@@ -173,6 +173,7 @@ class Objective:
     def __call__(self, trial: optuna.Trial) -> tuple[float, float, float]:
         cfg = self.ctx.cfg
         params = suggest(trial, cfg.space)
+        trial.set_user_attr("config", params)
         started = time.perf_counter()
         try:
             self._check_budget(trial, params)

@@ -38,6 +38,7 @@ def trials_table(study: optuna.Study) -> pd.DataFrame:
     rows = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         attrs = trial.user_attrs
+        config = attrs.get("config") or trial.params
         rows.append(
             {
                 "trial": trial.number,
@@ -47,12 +48,12 @@ def trials_table(study: optuna.Study) -> pd.DataFrame:
                 "size_kb": attrs.get("size_kb"),
                 "params": attrs.get("params"),
                 "achieved_sparsity": attrs.get("achieved_sparsity"),
-                "pruner": trial.params.get("pruner"),
-                "sparsity": trial.params.get("sparsity"),
-                "bits": trial.params.get("bits"),
-                "num_experts": trial.params.get("num_experts"),
-                "top_k": attrs.get("effective_top_k", trial.params.get("top_k")),
-                "gate_size": trial.params.get("gate_size"),
+                "pruner": config.get("pruner"),
+                "sparsity": config.get("sparsity"),
+                "bits": config.get("bits"),
+                "num_experts": config.get("num_experts"),
+                "top_k": config.get("effective_top_k", config.get("top_k")),
+                "gate_size": config.get("gate_size"),
                 "feasible": _feasible(trial),
                 "on_front": trial.number in front,
                 "reference": attrs.get("reference", ""),

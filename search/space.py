@@ -344,27 +344,41 @@ def stable_hash(mapping: dict) -> str:
 def suggest(trial: Any, space: Space) -> dict:
     """Sample one configuration. ``top_k`` is drawn from its own fixed range and then clipped to the
     sampled number of experts (a fixed range keeps the samplers' model of the space consistent); the
-    value actually used is recorded as ``effective_top_k``."""
+    value actually used is recorded as ``effective_top_k``.
+
+    The enqueued reference trial (user attribute ``reference``) may hold values outside the space
+    (sparsity 0, fp32): Optuna accepts fixed numeric values out of range, but not categorical values
+    outside their choices, so a reference bit-width outside ``space.bits`` is used without suggesting it.
+    """
     sparsity = space.sparsity
     params = {
         "sparsity": trial.suggest_float("sparsity", sparsity.low, sparsity.high, step=sparsity.step),
         "pruner": trial.suggest_categorical("pruner", list(space.pruner)),
-        "bits": trial.suggest_categorical("bits", list(space.bits)),
-        "num_experts": trial.suggest_int("num_experts", space.num_experts.low, space.num_experts.high, step=space.num_experts.step),
-        "top_k": trial.suggest_int("top_k", space.top_k.low, space.top_k.high, step=space.top_k.step),
-        "gate_size": trial.suggest_categorical("gate_size", list(space.gate_size)),
     }
+    if trial.user_attrs.get("reference") and REFERENCE_BITS not in space.bits:
+        params["bits"] = REFERENCE_BITS
+    else:
+        params["bits"] = trial.suggest_categorical("bits", list(space.bits))
+    params["num_experts"] = trial.suggest_int("num_experts", space.num_experts.low, space.num_experts.high, step=space.num_experts.step)
+    params["top_k"] = trial.suggest_int("top_k", space.top_k.low, space.top_k.high, step=space.top_k.step)
+    params["gate_size"] = trial.suggest_categorical("gate_size", list(space.gate_size))
     params["effective_top_k"] = min(params["top_k"], params["num_experts"])
     return params
 
 
+REFERENCE_BITS = 32
+
+
 def baseline_params(space: Space) -> dict:
     """The uncompressed reference point enqueued first: no pruning, fp32 weights, one expert."""
-    return {
+    params = {
         "sparsity": 0.0,
         "pruner": space.pruner[0],
-        "bits": 32,
+        "bits": REFERENCE_BITS,
         "num_experts": 1,
         "top_k": 1,
         "gate_size": min(space.gate_size),
     }
+    if REFERENCE_BITS not in space.bits:
+        del params["bits"]  # not a valid categorical choice: suggest() fills it in for the reference
+    return params

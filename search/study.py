@@ -74,14 +74,13 @@ def make_sampler(cfg: SearchConfig) -> optuna.samplers.BaseSampler:
         raise ConfigError(f"study.sampler.options: {settings.options} rejected by {classes[settings.name].__name__}: {error}") from None
 
 
-def open_study(cfg: SearchConfig, folder: Path, storage_url: str | None = None) -> optuna.Study:
+def open_study(cfg: SearchConfig, storage: optuna.storages.BaseStorage) -> optuna.Study:
     """Create the study or load it when it exists (same name, same storage)."""
     from search.objective import DIRECTIONS, OBJECTIVES
 
-    url = storage_url or cfg.study.storage or default_storage(folder)
     study = optuna.create_study(
         study_name=cfg.study.name,
-        storage=make_storage(url),
+        storage=storage,
         sampler=make_sampler(cfg),
         directions=list(DIRECTIONS),
         load_if_exists=True,
@@ -136,8 +135,9 @@ def run_search(
     data = load_dataset(
         cfg.data.dataset, cfg.data.root, size=cfg.data.size, download=cfg.data.download, verify_md5=cfg.data.verify_md5
     )
+    storage = make_storage(storage_url or cfg.study.storage or default_storage(folder))
     _write_config(cfg, folder)
-    study = open_study(cfg, folder, storage_url)
+    study = open_study(cfg, storage)
     teacher, record = get_baseline(cfg, data, results, threads=cfg.measure.latency_threads)
     study.set_user_attr("baseline", record)
     log.info(
@@ -190,7 +190,7 @@ class _Progress:
             stages = ", ".join(f"{key} {value:.0f}s" for key, value in seconds.items())
             self._tqdm.write(
                 f"trial {trial.number}: val {accuracy:.4f}  {mmacs:.2f} MMACs  {latency:.3f} ms  "
-                f"[{trial.params}]  ({stages})"
+                f"[{_describe(trial.user_attrs.get('config', trial.params))}]  ({stages})"
             )
         else:
             reason = trial.user_attrs.get("fail_reason", trial.state.name)
@@ -198,3 +198,10 @@ class _Progress:
 
     def close(self) -> None:
         self._bar.close()
+
+
+def _describe(config: dict) -> str:
+    return (
+        f"{config.get('pruner')} {config.get('sparsity', 0):.2f}, {config.get('bits')}-bit, "
+        f"{config.get('num_experts')} expert(s) top-{config.get('effective_top_k', config.get('top_k'))}, gate {config.get('gate_size')}"
+    )

@@ -90,12 +90,31 @@ def quantize(
             targets[name] = max(cfg.bits, cfg.first_last_bits)
 
     def train_function(module: nn.Module, optimizer: torch.optim.Optimizer, step) -> None:
+        _prime(module, example_input)
         train(module, data, train_cfg, teacher, optimizer=optimizer, step=step)
 
     calibration = qat_quantize(model, cfg.bits, targets, train_function, make_step(teacher, train_cfg), train_cfg.lr, example_input)
     _bake(model, calibration)
     model.eval()
     return QuantizeResult(model, targets, time.perf_counter() - started)
+
+
+def _prime(model: nn.Module, example_input: torch.Tensor) -> None:
+    """Run every expert once so NNI tracks the weight range of each wrapped layer.
+
+    NNI learns a layer's scale only in a training-mode forward through it; with top-k routing an expert
+    may receive no sample in a short QAT run and would keep no scale at all. BatchNorm stays in eval mode
+    here so its running statistics are not touched.
+    """
+    model.train()
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.eval()
+    with torch.no_grad():
+        for expert in getattr(model, "experts", []):
+            expert(example_input)
+        model(example_input)
+    model.train()
 
 
 def _edge_layers(model: nn.Module, layers: list[str]) -> set[str]:

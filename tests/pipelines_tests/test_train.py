@@ -1,0 +1,156 @@
+"""pipelines.train: the loop learns, is deterministic, distils, fails loudly on divergence."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pipelines.data import Dataset, Split
+from pipelines.errors import CompressionError, ConfigError
+from pipelines.models import build_model
+from pipelines.train import TrainConfig, distillation_loss, evaluate, predict_logits, train
+
+FAST = TrainConfig(epochs=3, lr=0.05, batch_size=32)
+
+
+def _small_model(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return build_model("resnet8", 3, 8, 0.5)
+
+
+def _mean_loss(model: torch.nn.Module, split: Split) -> float:
+    return float(F.cross_entropy(predict_logits(model, split), split.labels))
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_data: Dataset) -> torch.nn.Module:
+    model = _small_model()
+    train(model, tiny_data.train, FAST)
+    return model
+
+
+def test_training_learns_the_synthetic_task(tiny_data: Dataset, trained: torch.nn.Module) -> None:
+    untrained = _small_model()
+    chance = 1.0 / tiny_data.num_classes
+    assert _mean_loss(trained, tiny_data.train) < 0.5 * _mean_loss(untrained, tiny_data.train)
+    assert evaluate(trained, tiny_data.val) > 4 * chance
+
+
+def test_report_counts_steps_and_leaves_eval_mode(tiny_data: Dataset) -> None:
+    model = _small_model()
+    progress: list[tuple[int, int]] = []
+    report = train(
+        model,
+        tiny_data.train,
+        FAST.replace(epochs=1.5),
+        on_step=lambda done, total: progress.append((done, total)),
+    )
+    assert report.steps == 15  # round(1.5 * ceil(320 / 32))
+    assert progress == [(step, 15) for step in range(1, 16)]
+    assert report.seconds > 0 and torch.isfinite(torch.tensor(report.final_loss))
+    assert not model.training
+
+
+def test_subset_trains_on_a_fraction(tiny_data: Dataset) -> None:
+    report = train(_small_model(), tiny_data.train, FAST.replace(epochs=1, subset=0.5))
+    assert report.steps == 5  # 160 images, batch 32
+
+
+def test_same_seed_gives_identical_weights(tiny_data: Dataset) -> None:
+    cfg = FAST.replace(epochs=0.5, seed=3)
+    first, second, other = _small_model(), _small_model(), _small_model()
+    train(first, tiny_data.train, cfg)
+    train(second, tiny_data.train, cfg)
+    train(other, tiny_data.train, cfg.replace(seed=4))
+    first_state, second_state, other_state = first.state_dict(), second.state_dict(), other.state_dict()
+    assert all(torch.equal(first_state[key], second_state[key]) for key in first_state)
+    assert not all(torch.equal(first_state[key], other_state[key]) for key in first_state)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "constant"])
+def test_other_schedules_train(tiny_data: Dataset, schedule: str) -> None:
+    model = _small_model()
+    before = copy.deepcopy(model.state_dict())
+    report = train(model, tiny_data.train, FAST.replace(epochs=0.5, schedule=schedule))
+    assert report.steps == 5
+    assert not torch.equal(before["fc.weight"], model.state_dict()["fc.weight"])
+
+
+def test_distillation_from_a_teacher(tiny_data: Dataset, trained: torch.nn.Module) -> None:
+    teacher = copy.deepcopy(trained)
+    teacher_before = copy.deepcopy(teacher.state_dict())
+    student = _small_model(seed=1)
+    report = train(student, tiny_data.train, FAST.replace(kd_alpha=0.7, kd_temperature=2.0), teacher=teacher)
+    assert torch.isfinite(torch.tensor(report.final_loss))
+    assert evaluate(student, tiny_data.val) > 0.5
+    # The teacher is only read: same weights, same BatchNorm statistics, left in eval mode.
+    assert all(torch.equal(teacher_before[key], teacher.state_dict()[key]) for key in teacher_before)
+    assert not teacher.training
+
+
+def test_distillation_changes_the_loss(tiny_data: Dataset, trained: torch.nn.Module) -> None:
+    """With kd_alpha=1 the hard labels are ignored: a student distilled from a teacher ends elsewhere
+    than one trained on labels alone (same seed, same batches)."""
+    cfg = FAST.replace(epochs=0.5)
+    plain, distilled = _small_model(seed=2), _small_model(seed=2)
+    train(plain, tiny_data.train, cfg)
+    train(distilled, tiny_data.train, cfg.replace(kd_alpha=1.0), teacher=trained)
+    assert not torch.equal(plain.fc.weight, distilled.fc.weight)
+
+
+def test_distillation_loss_properties() -> None:
+    logits = torch.randn(6, 8)
+    assert distillation_loss(logits, logits.clone(), 4.0).abs() < 1e-6
+    assert distillation_loss(logits, torch.randn(6, 8), 4.0) > 0
+    # Scaled by T^2 so the gradient size does not vanish at high temperature.
+    student, teacher = torch.randn(6, 8), torch.randn(6, 8)
+    ratio = distillation_loss(student * 2, teacher * 2, 2.0) / distillation_loss(student, teacher, 1.0)
+    assert torch.isclose(ratio, torch.tensor(4.0), rtol=1e-4)
+
+
+def test_divergence_raises_compression_error(tiny_data: Dataset) -> None:
+    model = _small_model()
+    cfg = FAST.replace(lr=1e30, schedule="constant", augment=False, epochs=2)
+    with pytest.raises(CompressionError, match="diverged"):
+        train(model, tiny_data.train, cfg)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("epochs", 0),
+        ("lr", -0.1),
+        ("batch_size", 0),
+        ("weight_decay", -1.0),
+        ("label_smoothing", 1.0),
+        ("kd_alpha", 1.5),
+        ("kd_temperature", 0.0),
+        ("subset", 0.0),
+        ("subset", 1.2),
+        ("schedule", "linear"),
+    ],
+)
+def test_bad_train_config_names_the_field(field: str, value: object) -> None:
+    with pytest.raises(ConfigError, match=f"train.{field}"):
+        TrainConfig(**{field: value})
+
+
+def test_replace_validates_and_keeps_other_fields() -> None:
+    cfg = TrainConfig(lr=0.1, seed=5)
+    changed = cfg.replace(epochs=2.0)
+    assert (changed.lr, changed.seed, changed.epochs) == (0.1, 5, 2.0)
+    with pytest.raises(ConfigError, match="train.lr"):
+        cfg.replace(lr=0)
+
+
+def test_evaluate_is_accuracy_and_refuses_empty_splits(tiny_data: Dataset, trained: torch.nn.Module) -> None:
+    logits = predict_logits(trained, tiny_data.val)
+    assert logits.shape == (96, 8)
+    expected = float((logits.argmax(dim=1) == tiny_data.val.labels).float().mean())
+    assert evaluate(trained, tiny_data.val, batch_size=7) == pytest.approx(expected)
+    empty = Split(tiny_data.val.images[:0], tiny_data.val.labels[:0])
+    with pytest.raises(ConfigError, match="empty"):
+        evaluate(trained, empty)

@@ -1,0 +1,167 @@
+"""The whole product on synthetic MedMNIST-format data: search -> front -> export -> predict, and the
+CLI's handling of bad input (exit code 2, one clear message, nothing written)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pytest
+import yaml
+
+from search.cli import main
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def write_space(folder: Path, data_root: Path, **sections) -> Path:
+    mapping = yaml.safe_load((REPO / "search_spaces" / "tiny.yaml").read_text())
+    mapping["data"]["root"] = str(data_root)
+    for section, values in sections.items():
+        mapping.setdefault(section, {}).update(values)
+    path = folder / "space.yaml"
+    path.write_text(yaml.safe_dump(mapping))
+    return path
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory: pytest.TempPathFactory, synthetic_root: Path) -> dict:
+    """One real search of 3 trials (the baseline reference + 2 sampled), shared by the tests below."""
+    work = tmp_path_factory.mktemp("study")
+    results = work / "results"
+    mp = pytest.MonkeyPatch()
+    mp.setenv("HYCOMP_RESULTS", str(results))
+    space = write_space(work, synthetic_root)
+    code = main(["search", "--space", str(space), "--no-progress"])
+    yield {"code": code, "results": results, "space": space, "folder": results / "tiny", "mp": mp}
+    mp.undo()
+
+
+@pytest.mark.slow
+def test_search_runs_and_records_everything(searched: dict) -> None:
+    assert searched["code"] == 0
+    folder = searched["folder"]
+    assert (folder / "config.yaml").exists() and (folder / "study.db").exists()
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{folder / 'study.db'}")
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(complete) == 3
+    assert study.metric_names == ["val_accuracy", "mmacs", "latency_ms"]
+    reference = study.trials[0]
+    config = reference.user_attrs["config"]
+    assert config["sparsity"] == 0.0 and config["bits"] == 32 and reference.user_attrs["reference"]
+    for trial in complete:
+        attrs = trial.user_attrs
+        assert 0.0 <= trial.values[0] <= 1.0 and trial.values[1] > 0 and trial.values[2] > 0
+        for key in ("params", "size_kb", "achieved_sparsity", "seconds", "latency", "routing_share"):
+            assert key in attrs
+        assert attrs["latency"]["batch"] == 1 and attrs["latency"]["threads"] == 1
+        assert "onnxruntime" in attrs["latency"]["backend"]
+    sampled = [t for t in complete if t.number > 0]
+    assert all(t.user_attrs["achieved_sparsity"] > 0.1 for t in sampled)
+    # compressed trials really compute less than the uncompressed reference
+    assert min(t.values[1] for t in sampled) < reference.values[1]
+
+
+@pytest.mark.slow
+def test_rerun_resumes_without_new_work(searched: dict) -> None:
+    study_db = searched["folder"] / "study.db"
+    before = study_db.stat().st_mtime_ns
+    assert main(["search", "--space", str(searched["space"]), "--no-progress"]) == 0
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{study_db}")
+    assert len(study.trials) == 3
+    assert study_db.stat().st_mtime_ns >= before
+
+
+@pytest.mark.slow
+def test_front_writes_table_csv_and_plots(searched: dict, capsys: pytest.CaptureFixture) -> None:
+    folder = searched["folder"]
+    assert main(["front", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert "Pareto front of tiny" in out and "MMACs" in out and "teacher" in out
+    for name in ("front.csv", "trials.csv", "front.png", "front_3d.html"):
+        assert (folder / name).stat().st_size > 0
+    import pandas as pd
+
+    front = pd.read_csv(folder / "front.csv")
+    assert len(front) >= 1 and front["on_front"].all()
+
+
+@pytest.mark.slow
+def test_export_reproduces_trial_and_predict_matches(searched: dict, synthetic_root: Path, capsys) -> None:
+    folder = searched["folder"]
+    assert main(["export", str(folder), "--pick", "max-accuracy"]) == 0
+    exports = list((folder / "export").iterdir())
+    assert len(exports) == 1
+    export = exports[0]
+    for name in ("config.yaml", "model.pt", "model.json", "report.md", "report.json", "bundle/manifest.json"):
+        assert (export / name).exists(), name
+    report = json.loads((export / "report.json").read_text())
+    exported = report["exported"]
+    assert exported["val_accuracy"] == pytest.approx(exported["trial_val_accuracy"], abs=1e-9)
+    assert 0 <= exported["test_accuracy"] <= 1
+    assert report["baseline"]["latency"]["torch-fp32-eager"]["median_ms"] > 0
+    # the weights load without unpickling code
+    import torch
+
+    torch.load(export / "model.pt", weights_only=True)
+    # predict runs the bundle with ONNX Runtime alone and reproduces the export's test accuracy
+    capsys.readouterr()
+    assert main(["predict", str(export / "bundle"), str(synthetic_root / "bloodmnist.npz"), "--limit", "3"]) == 0
+    out = capsys.readouterr().out
+    accuracy = float(out.strip().splitlines()[-1].split()[1])
+    assert accuracy == pytest.approx(exported["test_accuracy"], abs=1e-6)
+    # exporting into an existing folder is refused unless --force
+    trial = report["trial"]
+    assert main(["export", str(folder), "--trial", str(trial)]) == 2
+    assert "already exists" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_export_errors(searched: dict, capsys) -> None:
+    folder = searched["folder"]
+    assert main(["export", str(folder), "--trial", "99"]) == 2
+    err = capsys.readouterr().err
+    assert "--trial: 99" in err and "Traceback" not in err
+    assert main(["export", str(folder), "--pick", "best"]) == 2
+    assert "--pick" in capsys.readouterr().err
+
+
+def test_bad_space_exits_2_without_writing(tmp_path: Path, synthetic_root: Path, monkeypatch, capsys) -> None:
+    monkeypatch.setenv("HYCOMP_RESULTS", str(tmp_path / "results"))
+    space = write_space(tmp_path, synthetic_root, space={"pruner": ["l1", "magic"]})
+    assert main(["search", "--space", str(space), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "space.pruner" in err and "magic" in err and "Valid values" in err and "Traceback" not in err
+    assert not (tmp_path / "results").exists()
+
+
+def test_missing_data_exits_2(tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.setenv("HYCOMP_RESULTS", str(tmp_path / "results"))
+    space = write_space(tmp_path, tmp_path / "nowhere")
+    assert main(["search", "--space", str(space), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "bloodmnist.npz" in err and "--data-root" in err
+    assert not (tmp_path / "results").exists()
+
+
+def test_zero_trials_exits_2(tmp_path: Path, synthetic_root: Path, capsys) -> None:
+    space = write_space(tmp_path, synthetic_root)
+    assert main(["search", "--space", str(space), "--trials", "0", "--no-progress"]) == 2
+    assert "trials" in capsys.readouterr().err
+
+
+def test_unreachable_storage_exits_2(tmp_path: Path, synthetic_root: Path, monkeypatch, capsys) -> None:
+    monkeypatch.setenv("HYCOMP_RESULTS", str(tmp_path / "results"))
+    space = write_space(tmp_path, synthetic_root)
+    code = main(["search", "--space", str(space), "--storage", "postgresql://nobody@127.0.0.1:1/none", "--no-progress"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "--storage" in err and "127.0.0.1:1" in err
+
+
+def test_front_on_unknown_folder_exits_2(tmp_path: Path, capsys) -> None:
+    assert main(["front", str(tmp_path / "nothing")]) == 2
+    assert "config.yaml" in capsys.readouterr().err

@@ -1,0 +1,90 @@
+"""Front table and selection policies on a study built from known points (no training)."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+from pipelines.errors import ConfigError
+from search.pareto import front_table, pick_trial, trials_table
+
+DISTRIBUTIONS = {
+    "sparsity": FloatDistribution(0.0, 0.9),
+    "pruner": CategoricalDistribution(["l1", "l2"]),
+    "bits": CategoricalDistribution([4, 8, 32]),
+    "num_experts": IntDistribution(1, 4),
+    "top_k": IntDistribution(1, 2),
+    "gate_size": CategoricalDistribution([4, 8]),
+}
+
+# (val accuracy, MMACs, latency ms, size KB)
+POINTS = [
+    (0.97, 40.0, 3.0, 300.0),  # 0: most accurate, biggest
+    (0.96, 10.0, 1.0, 80.0),  # 1: knee
+    (0.90, 2.0, 0.3, 20.0),  # 2: smallest
+    (0.95, 12.0, 1.5, 90.0),  # 3: dominated by 1
+    (0.80, 30.0, 2.0, 100.0),  # 4: dominated
+]
+
+
+def make_study(points=POINTS, constraint=None) -> optuna.Study:
+    study = optuna.create_study(directions=["maximize", "minimize", "minimize"])
+    for index, (accuracy, mmacs, latency, size) in enumerate(points):
+        system_attrs = {}
+        if constraint is not None:
+            system_attrs["constraints:latency_ms"] = latency - constraint
+        trial = optuna.trial.create_trial(
+            params={"sparsity": 0.1 * index, "pruner": "l1", "bits": 8, "num_experts": 2, "top_k": 1, "gate_size": 4},
+            distributions=DISTRIBUTIONS,
+            values=[accuracy, mmacs, latency],
+            user_attrs={"size_kb": size, "latency": {"backend": "onnxruntime-int8", "threads": 1}},
+            system_attrs=system_attrs,
+        )
+        study.add_trial(trial)
+    return study
+
+
+def test_front_is_non_dominated() -> None:
+    front = front_table(make_study())
+    assert set(front["trial"]) == {0, 1, 2}
+    rows = front[["val_accuracy", "mmacs", "latency_ms"]].to_numpy()
+    for a in rows:
+        for b in rows:
+            dominates = b[0] >= a[0] and b[1] <= a[1] and b[2] <= a[2] and (b != a).any()
+            assert not dominates
+
+
+def test_policies() -> None:
+    study = make_study()
+    assert pick_trial(study, policy="max-accuracy").trial == 0
+    assert pick_trial(study, policy="knee").trial == 1
+    assert pick_trial(study, policy="min-latency").trial == 2
+    assert pick_trial(study, policy="min-macs").trial == 2
+    assert pick_trial(study, max_latency_ms=1.2).trial == 1
+    assert pick_trial(study, max_size_kb=50).trial == 2
+    assert pick_trial(study, trial=3).trial == 3
+    assert "--trial" in pick_trial(study, trial=4).reason
+
+
+def test_pick_errors() -> None:
+    study = make_study()
+    with pytest.raises(ConfigError, match="--trial: 42"):
+        pick_trial(study, trial=42)
+    with pytest.raises(ConfigError, match="--pick: unknown value 'kneee'"):
+        pick_trial(study, policy="kneee")
+    with pytest.raises(ConfigError, match="no front trial meets latency_ms <= 0.01"):
+        pick_trial(study, max_latency_ms=0.01)
+    empty = optuna.create_study(directions=["maximize", "minimize", "minimize"])
+    with pytest.raises(ConfigError, match="no completed trials"):
+        pick_trial(empty, policy="knee")
+
+
+def test_constraints_change_the_front() -> None:
+    unconstrained = set(front_table(make_study())["trial"])
+    constrained_study = make_study(constraint=1.2)
+    constrained = set(front_table(constrained_study)["trial"])
+    assert unconstrained != constrained
+    assert constrained == {1, 2}  # trial 0 breaks the latency budget; 3 is still dominated by 1
+    table = trials_table(constrained_study)
+    assert not bool(table.set_index("trial").loc[0, "feasible"])

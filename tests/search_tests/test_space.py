@@ -1,0 +1,96 @@
+"""The search-space schema: defaults validate, bad input fails with the field, the value and the fix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+import pytest
+
+from pipelines.errors import ConfigError
+from search.space import SearchConfig, baseline_params, dump_space, load_space, parse_space, suggest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("name", ["bloodmnist.yaml", "tiny.yaml"])
+def test_shipped_spaces_validate(name: str) -> None:
+    cfg = load_space(REPO / "search_spaces" / name)
+    assert isinstance(cfg, SearchConfig)
+    assert cfg.study.trials >= 1
+
+
+def test_dump_round_trips() -> None:
+    cfg = load_space(REPO / "search_spaces" / "bloodmnist.yaml")
+    import yaml
+
+    assert parse_space(yaml.safe_load(dump_space(cfg))) == cfg
+
+
+@pytest.mark.parametrize(
+    ("mapping", "expected"),
+    [
+        ({"data": {"dataset": "bloodmnst"}}, ["data.dataset", "bloodmnst", "bloodmnist"]),
+        ({"model": {"arch": "vgg"}}, ["model.arch", "vgg", "resnet20"]),
+        ({"space": {"pruner": ["l1", "taylorr"]}}, ["space.pruner", "taylorr", "fpgm"]),
+        ({"study": {"sampler": {"name": "cmaes2"}}}, ["study.sampler.name", "cmaes2", "nsga2"]),
+        ({"space": {"sparsity": {"low": 0.2, "high": 0.99}}}, ["space.sparsity.high", "0.99", "0.95"]),
+        ({"space": {"bits": [4, 9]}}, ["space.bits", "9", "8"]),
+        ({"space": {"num_experts": {"low": 0, "high": 2}}}, ["space.num_experts.low", "0"]),
+        ({"space": {"top_k": {"low": 3, "high": 3}, "num_experts": {"low": 1, "high": 2}}}, ["top_k", "3", "num_experts"]),
+        ({"space": {"gate_size": [0]}}, ["space.gate_size", "0"]),
+        ({"study": {"trials": 0}}, ["study.trials", "0"]),
+        ({"study": {"trials": -3}}, ["study.trials", "-3"]),
+        ({"space": {"sparsity": {"low": 0.6, "high": 0.3}}}, ["space.sparsity", "swap"]),
+        ({"trial": {"kd_alpha": 1.5}}, ["trial.kd_alpha", "1.5"]),
+        ({"constraints": {"max_latency_ms": -1}}, ["constraints.max_latency_ms", "-1"]),
+        ({"spcae": {}}, ["spcae", "unknown key", "space"]),
+        ({"space": {"bitz": [4]}}, ["space.bitz", "unknown key", "bits"]),
+        ({"study": {"trials": "many"}}, ["study.trials", "many", "integer"]),
+    ],
+)
+def test_bad_values_name_field_value_and_fix(mapping: dict, expected: list[str]) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_space(mapping)
+    message = str(caught.value)
+    for fragment in expected:
+        assert fragment in message, f"{fragment!r} not in {message!r}"
+
+
+def test_malformed_yaml_names_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("study:\n  name: x\n  trials: [1, 2\nspace: {}\n")
+    with pytest.raises(ConfigError, match=r"malformed YAML at line \d+"):
+        load_space(path)
+
+
+def test_missing_space_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_space(tmp_path / "nope.yaml")
+
+
+def test_suggest_keeps_numbers_numeric_and_clips_top_k() -> None:
+    cfg = parse_space({"space": {"num_experts": {"low": 1, "high": 2}, "top_k": {"low": 2, "high": 2}}})
+    study = optuna.create_study(directions=["maximize", "minimize", "minimize"], sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = []
+    for _ in range(10):
+        trial = study.ask()
+        params = suggest(trial, cfg.space)
+        assert isinstance(trial.distributions["sparsity"], optuna.distributions.FloatDistribution)
+        assert isinstance(trial.distributions["num_experts"], optuna.distributions.IntDistribution)
+        assert params["effective_top_k"] == min(params["top_k"], params["num_experts"])
+        seen.append(params["num_experts"])
+        study.tell(trial, [0.5, 1.0, 1.0])
+    assert set(seen) == {1, 2}
+
+
+def test_baseline_params_are_uncompressed() -> None:
+    params = baseline_params(parse_space({}).space)
+    assert params["sparsity"] == 0.0 and params["bits"] == 32 and params["num_experts"] == 1
+
+
+def test_replace_revalidates() -> None:
+    cfg = parse_space({})
+    assert cfg.replace(study={"trials": 3}).study.trials == 3
+    with pytest.raises(ConfigError, match="study.trials"):
+        cfg.replace(study={"trials": 0})
