@@ -259,7 +259,9 @@ def load_dataset(
             )
     try:
         npz = np.load(path, allow_pickle=False)
-        arrays = {split: (npz[f"{split}_images"], npz[f"{split}_labels"]) for split in ("train", "val", "test")}
+        arrays = {
+            split: (npz[f"{split}_images"], npz[f"{split}_labels"]) for split in ("train", "val", "test")
+        }
     except (KeyError, ValueError, OSError) as error:
         raise DataError(
             f"data file unreadable: {path} ({error}). Expected a MedMNIST npz with train/val/test "

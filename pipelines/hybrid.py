@@ -76,7 +76,11 @@ def compress_hybrid(
     started = time.perf_counter()
     moe = build_moe(expert, data.channels, cfg.moe, seed=seed)
     assignment = warm_start_gate(
-        moe, data.train.subset(base.subset, seed=seed), data.num_classes, epochs=max(budget.gate_epochs, 0.05), seed=seed
+        moe,
+        data.train.subset(base.subset, seed=seed),
+        data.num_classes,
+        epochs=max(budget.gate_epochs, 0.05),
+        seed=seed,
     )
     if budget.moe_epochs > 0:
         train(moe, data.train, base.replace(epochs=budget.moe_epochs), teacher)

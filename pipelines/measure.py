@@ -23,7 +23,14 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-__all__ = ["count_macs", "count_params", "packed_size_bytes", "LatencyStats", "measure_latency", "torch_runner"]
+__all__ = [
+    "count_macs",
+    "count_params",
+    "packed_size_bytes",
+    "LatencyStats",
+    "measure_latency",
+    "torch_runner",
+]
 
 
 def count_macs(model: nn.Module, example_input: torch.Tensor) -> int:
@@ -103,7 +110,11 @@ class LatencyStats:
 
 
 def _versions() -> dict:
-    versions = {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor() or platform.machine()}
+    versions = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(),
+    }
     try:
         import onnxruntime
 

@@ -21,7 +21,15 @@ from torch import nn
 from pipelines.data import Split
 from pipelines.errors import ConfigError
 
-__all__ = ["MoEConfig", "Gate", "MixtureOfExperts", "build_moe", "class_groups", "warm_start_gate", "routing_table"]
+__all__ = [
+    "MoEConfig",
+    "Gate",
+    "MixtureOfExperts",
+    "build_moe",
+    "class_groups",
+    "warm_start_gate",
+    "routing_table",
+]
 
 
 @dataclass(frozen=True)
@@ -66,7 +74,9 @@ class Gate(nn.Module):
 
 
 class MixtureOfExperts(nn.Module):
-    def __init__(self, gate: nn.Module, experts: list[nn.Module], top_k: int, balance_weight: float = 0.01) -> None:
+    def __init__(
+        self, gate: nn.Module, experts: list[nn.Module], top_k: int, balance_weight: float = 0.01
+    ) -> None:
         super().__init__()
         self.gate = gate
         self.experts = nn.ModuleList(experts)
@@ -107,7 +117,9 @@ class MixtureOfExperts(nn.Module):
             output = output.index_add(0, rows, contribution)
         if self.training and self.balance_weight > 0:
             fraction = F.one_hot(top_index[:, 0], self.num_experts).float().mean(dim=0)
-            self._auxiliary = self.balance_weight * self.num_experts * (fraction * probabilities.mean(dim=0)).sum()
+            self._auxiliary = (
+                self.balance_weight * self.num_experts * (fraction * probabilities.mean(dim=0)).sum()
+            )
         else:
             self._auxiliary = torch.zeros(())
         return output
@@ -138,7 +150,9 @@ def class_groups(labels: torch.Tensor, num_classes: int, num_experts: int) -> li
     return assignment
 
 
-def warm_start_gate(moe: MixtureOfExperts, data: Split, num_classes: int, epochs: float = 1.0, seed: int = 0) -> list[int]:
+def warm_start_gate(
+    moe: MixtureOfExperts, data: Split, num_classes: int, epochs: float = 1.0, seed: int = 0
+) -> list[int]:
     """Train the gate alone to send each class group to its expert (a starting point for joint training)."""
     assignment = class_groups(data.labels, num_classes, moe.num_experts)
     if moe.num_experts == 1:
@@ -174,7 +188,9 @@ def routing_table(moe: MixtureOfExperts, data: Split, num_classes: int) -> torch
     return table
 
 
-def moe_description(arch: str, width: float, in_channels: int, num_classes: int, moe: MixtureOfExperts, gate_size: int) -> dict:
+def moe_description(
+    arch: str, width: float, in_channels: int, num_classes: int, moe: MixtureOfExperts, gate_size: int
+) -> dict:
     """What :func:`rebuild_moe` needs besides the layer shapes and weights."""
     return {
         "kind": "moe",
@@ -195,7 +211,9 @@ def rebuild_moe(description: dict, layers: dict, state: dict) -> MixtureOfExpert
     from pipelines.serialize import resize_layers
 
     experts = [
-        build_model(description["arch"], description["in_channels"], description["num_classes"], description["width"])
+        build_model(
+            description["arch"], description["in_channels"], description["num_classes"], description["width"]
+        )
         for _ in range(description["num_experts"])
     ]
     gate = Gate(description["in_channels"], description["num_experts"], description["gate_size"])

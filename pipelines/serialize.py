@@ -111,7 +111,9 @@ def load_checkpoint(path: str | Path) -> tuple[dict, dict, dict[str, torch.Tenso
     weights, meta_path = path.with_suffix(".pt"), path.with_suffix(".json")
     for file in (weights, meta_path):
         if not file.exists():
-            raise UntrustedFileError(f"checkpoint file missing: {file}. Re-create it (re-run the command that wrote it).")
+            raise UntrustedFileError(
+                f"checkpoint file missing: {file}. Re-create it (re-run the command that wrote it)."
+            )
     try:
         meta = json.loads(meta_path.read_text())
         recorded = meta["sha256"]

@@ -58,7 +58,9 @@ class TrainConfig:
                     "0 <= label_smoothing < 1)."
                 )
         if self.schedule not in ("onecycle", "cosine", "constant"):
-            raise ConfigError(f"train.schedule: unknown value {self.schedule!r}. Valid values: constant, cosine, onecycle.")
+            raise ConfigError(
+                f"train.schedule: unknown value {self.schedule!r}. Valid values: constant, cosine, onecycle."
+            )
 
     def replace(self, **changes) -> TrainConfig:
         return TrainConfig(**{**asdict(self), **changes})
@@ -71,7 +73,9 @@ class TrainReport:
     final_loss: float
 
 
-def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+def distillation_loss(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float
+) -> torch.Tensor:
     """Hinton's KD term: KL(teacher || student) at ``temperature``, scaled by T^2."""
     return (
         F.kl_div(
@@ -90,7 +94,9 @@ def _loss(batch, model: nn.Module, teacher: nn.Module | None, cfg: TrainConfig) 
     if teacher is not None and cfg.kd_alpha > 0:
         with torch.no_grad():
             teacher_logits = teacher(images)
-        loss = (1 - cfg.kd_alpha) * loss + cfg.kd_alpha * distillation_loss(logits, teacher_logits, cfg.kd_temperature)
+        loss = (1 - cfg.kd_alpha) * loss + cfg.kd_alpha * distillation_loss(
+            logits, teacher_logits, cfg.kd_temperature
+        )
     auxiliary = getattr(model, "auxiliary_loss", None)
     if callable(auxiliary):
         loss = loss + auxiliary()
@@ -111,7 +117,10 @@ def make_step(teacher: nn.Module | None, cfg: TrainConfig) -> Callable:
 def _scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int):
     if cfg.schedule == "onecycle":
         return torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=[group["lr"] for group in optimizer.param_groups], total_steps=total_steps, pct_start=0.25
+            optimizer,
+            max_lr=[group["lr"] for group in optimizer.param_groups],
+            total_steps=total_steps,
+            pct_start=0.25,
         )
     if cfg.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
@@ -151,7 +160,9 @@ def train(
                 continue
             loss = step(batch, model)
             if not torch.isfinite(loss):
-                raise CompressionError(f"training diverged: loss became {loss.item()} at step {done}. Lower the learning rate.")
+                raise CompressionError(
+                    f"training diverged: loss became {loss.item()} at step {done}. Lower the learning rate."
+                )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -171,7 +182,9 @@ def train(
 @torch.no_grad()
 def predict_logits(model: nn.Module, data: Split, batch_size: int = 512) -> torch.Tensor:
     model.eval()
-    return torch.cat([model(images) for images, _ in data.batches(batch_size)]) if len(data) else torch.empty(0)
+    return (
+        torch.cat([model(images) for images, _ in data.batches(batch_size)]) if len(data) else torch.empty(0)
+    )
 
 
 def evaluate(model: nn.Module, data: Split, batch_size: int = 512) -> float:

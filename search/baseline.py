@@ -51,13 +51,17 @@ def baseline_key(cfg: SearchConfig) -> str:
 
 def load_teacher(folder: Path) -> nn.Module:
     description, layers, state = load_checkpoint(folder / "teacher")
-    model = build_model(description["arch"], description["in_channels"], description["num_classes"], description["width"])
+    model = build_model(
+        description["arch"], description["in_channels"], description["num_classes"], description["width"]
+    )
     resize_layers(model, layers)
     model.load_state_dict(state)
     return model.eval()
 
 
-def get_baseline(cfg: SearchConfig, data: Dataset, root: Path | None = None, threads: int = 1) -> tuple[nn.Module, dict]:
+def get_baseline(
+    cfg: SearchConfig, data: Dataset, root: Path | None = None, threads: int = 1
+) -> tuple[nn.Module, dict]:
     """Load the cached teacher for ``cfg`` or train and cache it. Returns (teacher, record)."""
     folder = baseline_dir(baseline_key(cfg), root)
     record_path = folder / "baseline.json"
@@ -65,7 +69,13 @@ def get_baseline(cfg: SearchConfig, data: Dataset, root: Path | None = None, thr
         log.info("baseline: using cached teacher %s", folder)
         return load_teacher(folder), json.loads(record_path.read_text())
     train_cfg = _train_config(cfg)
-    log.info("baseline: training %s on %s for %s epochs (cached afterwards in %s)", cfg.model.arch, data.name, train_cfg.epochs, folder)
+    log.info(
+        "baseline: training %s on %s for %s epochs (cached afterwards in %s)",
+        cfg.model.arch,
+        data.name,
+        train_cfg.epochs,
+        folder,
+    )
     torch.manual_seed(train_cfg.seed)
     model = build_model(cfg.model.arch, data.channels, data.num_classes, cfg.model.width)
     last_logged = [time.perf_counter()]
@@ -78,7 +88,11 @@ def get_baseline(cfg: SearchConfig, data: Dataset, root: Path | None = None, thr
     report = train(model, data.train, train_cfg, on_step=on_step)
     example = data.val.images[:1]
     latency = measure_latency(
-        torch_runner(model, example, threads), backend="torch-fp32-eager", threads=threads, batch=1, repeats=cfg.measure.latency_repeats
+        torch_runner(model, example, threads),
+        backend="torch-fp32-eager",
+        threads=threads,
+        batch=1,
+        repeats=cfg.measure.latency_repeats,
     )
     record = {
         "key": folder.name,
@@ -99,7 +113,12 @@ def get_baseline(cfg: SearchConfig, data: Dataset, root: Path | None = None, thr
     save_checkpoint(
         model,
         folder / "teacher",
-        {"arch": cfg.model.arch, "width": cfg.model.width, "in_channels": data.channels, "num_classes": data.num_classes},
+        {
+            "arch": cfg.model.arch,
+            "width": cfg.model.width,
+            "in_channels": data.channels,
+            "num_classes": data.num_classes,
+        },
     )
     record_path.write_text(json.dumps(record, indent=2))
     return model.eval(), record

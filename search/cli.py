@@ -45,7 +45,9 @@ def _load_cfg(args: argparse.Namespace):
     if study:
         overrides["study"] = study
     constraints = {
-        key: getattr(args, key) for key in ("max_latency_ms", "max_size_kb", "min_accuracy", "max_mmacs") if getattr(args, key, None) is not None
+        key: getattr(args, key)
+        for key in ("max_latency_ms", "max_size_kb", "min_accuracy", "max_mmacs")
+        if getattr(args, key, None) is not None
     }
     if constraints:
         overrides["constraints"] = constraints
@@ -57,17 +59,28 @@ class SearchCommand:
     help = "run or resume a compression search"
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--space", required=True, help="YAML search space (e.g. search_spaces/bloodmnist.yaml)")
-        parser.add_argument("--data-root", help="folder holding the dataset file (default: $HYCOMP_DATA_ROOT or ~/.medmnist)")
-        parser.add_argument("--storage", help="Optuna storage URL (default sqlite:///results/<study>/study.db); a path ending .log uses a journal file")
-        parser.add_argument("--trials", type=int, help="number of completed trials to reach (overrides study.trials)")
+        parser.add_argument(
+            "--space", required=True, help="YAML search space (e.g. search_spaces/bloodmnist.yaml)"
+        )
+        parser.add_argument(
+            "--data-root", help="folder holding the dataset file (default: $HYCOMP_DATA_ROOT or ~/.medmnist)"
+        )
+        parser.add_argument(
+            "--storage",
+            help="Optuna storage URL (default sqlite:///results/<study>/study.db); a path ending .log uses a journal file",
+        )
+        parser.add_argument(
+            "--trials", type=int, help="number of completed trials to reach (overrides study.trials)"
+        )
         parser.add_argument("--study-name", help="overrides study.name")
         parser.add_argument("--sampler", help="tpe | nsga2 | gp | random (overrides study.sampler.name)")
         parser.add_argument("--seed", type=int, help="overrides the global seed")
         parser.add_argument("--max-latency-ms", type=float, help="constraint: latency budget")
         parser.add_argument("--max-size-kb", type=float, help="constraint: packed size budget")
         parser.add_argument("--max-mmacs", type=float, help="constraint: compute budget")
-        parser.add_argument("--min-accuracy", type=float, help="constraint: minimum validation accuracy (0..1)")
+        parser.add_argument(
+            "--min-accuracy", type=float, help="constraint: minimum validation accuracy (0..1)"
+        )
         parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     def take_action(self, args: argparse.Namespace) -> int:
@@ -101,7 +114,9 @@ class FrontCommand:
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("study", help="study folder, e.g. results/bloodmnist-resnet20")
         parser.add_argument("--storage", help="storage URL if the study is not in the folder's study.db")
-        parser.add_argument("--all", action="store_true", help="show every completed trial, not only the front")
+        parser.add_argument(
+            "--all", action="store_true", help="show every completed trial, not only the front"
+        )
 
     def take_action(self, args: argparse.Namespace) -> int:
         from pipelines.errors import ConfigError
@@ -111,13 +126,19 @@ class FrontCommand:
         folder, cfg, study = _open(args)
         table = trials_table(study)
         if table.empty:
-            raise ConfigError(f"study {study.study_name!r} in {folder} has no completed trials yet. Run `hycomp search` first.")
+            raise ConfigError(
+                f"study {study.study_name!r} in {folder} has no completed trials yet. Run `hycomp search` first."
+            )
         front = front_table(study)
         baseline = study.user_attrs.get("baseline")
         shown = table.sort_values("val_accuracy", ascending=False) if args.all else front
-        print(f"Pareto front of {study.study_name} ({len(front)} of {len(table)} completed trials; objectives: val acc max, MMACs min, latency min)")
+        print(
+            f"Pareto front of {study.study_name} ({len(front)} of {len(table)} completed trials; objectives: val acc max, MMACs min, latency min)"
+        )
         print(format_table(shown, baseline))
-        backend = f"{table['latency_backend'].iloc[0]}, {int(table['latency_threads'].iloc[0])} thread(s), batch 1"
+        backend = (
+            f"{table['latency_backend'].iloc[0]}, {int(table['latency_threads'].iloc[0])} thread(s), batch 1"
+        )
         print(f"latency: {backend}; teacher row: torch fp32 eager. MACs per input = gate + top_k experts.")
         failures = failures_table(study)
         if not failures.empty:
@@ -127,7 +148,9 @@ class FrontCommand:
         front.to_csv(folder / "front.csv", index=False)
         png = plot_front_png(table, baseline, folder / "front.png")
         html = plot_front_html(study, folder)
-        print(f"\nwrote {folder / 'front.csv'}, {folder / 'trials.csv'}, {png}, {', '.join(str(p) for p in html)}")
+        print(
+            f"\nwrote {folder / 'front.csv'}, {folder / 'trials.csv'}, {png}, {', '.join(str(p) for p in html)}"
+        )
         return 0
 
 
@@ -139,11 +162,15 @@ class ExportCommand:
         parser.add_argument("study", help="study folder, e.g. results/bloodmnist-resnet20")
         parser.add_argument("--storage", help="storage URL if the study is not in the folder's study.db")
         parser.add_argument("--trial", type=int, help="trial number to export")
-        parser.add_argument("--pick", help="max-accuracy | knee | min-latency | min-macs (default max-accuracy)")
+        parser.add_argument(
+            "--pick", help="max-accuracy | knee | min-latency | min-macs (default max-accuracy)"
+        )
         parser.add_argument("--max-latency-ms", type=float, help="best accuracy within this latency")
         parser.add_argument("--max-size-kb", type=float, help="best accuracy within this size")
         parser.add_argument("--max-mmacs", type=float, help="best accuracy within this compute")
-        parser.add_argument("--retrain", action="store_true", help="re-compress the configuration at the full export budget")
+        parser.add_argument(
+            "--retrain", action="store_true", help="re-compress the configuration at the full export budget"
+        )
         parser.add_argument("--force", action="store_true", help="overwrite an existing export folder")
         parser.add_argument("--out", help="export folder (default results/<study>/export/trial_<n>)")
         parser.add_argument("--data-root", help="folder holding the dataset file")
@@ -158,12 +185,22 @@ class ExportCommand:
         elif cfg.data.root is None and os.environ.get("HYCOMP_DATA_ROOT"):
             cfg = cfg.replace(data={"root": os.environ["HYCOMP_DATA_ROOT"]})
         pick = pick_trial(
-            study, trial=args.trial, policy=args.pick, max_latency_ms=args.max_latency_ms,
-            max_size_kb=args.max_size_kb, max_mmacs=args.max_mmacs,
+            study,
+            trial=args.trial,
+            policy=args.pick,
+            max_latency_ms=args.max_latency_ms,
+            max_size_kb=args.max_size_kb,
+            max_mmacs=args.max_mmacs,
         )
         print(f"exporting trial {pick.trial}: {pick.reason}")
         report = export_trial(
-            cfg, study, folder, pick.trial, reason=pick.reason, retrain=args.retrain, force=args.force,
+            cfg,
+            study,
+            folder,
+            pick.trial,
+            reason=pick.reason,
+            retrain=args.retrain,
+            force=args.force,
             out=Path(args.out) if args.out else None,
         )
         exported, baseline = report["exported"], report["baseline"]
@@ -191,9 +228,31 @@ class BaselineCommand:
         from search.baseline import get_baseline
 
         cfg = _load_cfg(args)
-        data = load_dataset(cfg.data.dataset, cfg.data.root, size=cfg.data.size, download=cfg.data.download, verify_md5=cfg.data.verify_md5)
+        data = load_dataset(
+            cfg.data.dataset,
+            cfg.data.root,
+            size=cfg.data.size,
+            download=cfg.data.download,
+            verify_md5=cfg.data.verify_md5,
+        )
         _, record = get_baseline(cfg, data, threads=cfg.measure.latency_threads)
-        print(json.dumps({key: record[key] for key in ("key", "arch", "val_accuracy", "test_accuracy", "macs", "params", "train_seconds")}, indent=2))
+        print(
+            json.dumps(
+                {
+                    key: record[key]
+                    for key in (
+                        "key",
+                        "arch",
+                        "val_accuracy",
+                        "test_accuracy",
+                        "macs",
+                        "params",
+                        "train_seconds",
+                    )
+                },
+                indent=2,
+            )
+        )
         return 0
 
 
@@ -203,7 +262,11 @@ class PredictCommand:
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("bundle", help="an export's bundle/ folder (or the export folder)")
-        parser.add_argument("inputs", nargs="+", help="a MedMNIST-style .npz (uses test_images/test_labels, or images/labels) or image files")
+        parser.add_argument(
+            "inputs",
+            nargs="+",
+            help="a MedMNIST-style .npz (uses test_images/test_labels, or images/labels) or image files",
+        )
         parser.add_argument("--split", default="test", help="which split of an .npz to read (default test)")
         parser.add_argument("--threads", type=int, default=1)
         parser.add_argument("--limit", type=int, help="print at most this many predictions")
@@ -211,7 +274,9 @@ class PredictCommand:
     def take_action(self, args: argparse.Namespace) -> int:
         from search.predict import predict_files
 
-        result = predict_files(Path(args.bundle), [Path(p) for p in args.inputs], split=args.split, threads=args.threads)
+        result = predict_files(
+            Path(args.bundle), [Path(p) for p in args.inputs], split=args.split, threads=args.threads
+        )
         for index, (name, label) in enumerate(zip(result["names"], result["labels"], strict=True)):
             if args.limit is not None and index >= args.limit:
                 break
@@ -225,8 +290,12 @@ COMMANDS = [SearchCommand(), FrontCommand(), ExportCommand(), BaselineCommand(),
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hycomp", description="Hybrid compression search: prune + quantize + MoE, Optuna Pareto front.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="more logging (and tracebacks on errors)")
+    parser = argparse.ArgumentParser(
+        prog="hycomp", description="Hybrid compression search: prune + quantize + MoE, Optuna Pareto front."
+    )
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="more logging (and tracebacks on errors)"
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     for command in COMMANDS:
         sub = commands.add_parser(command.name, help=command.help)
@@ -239,9 +308,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
-    import optuna
-
     import warnings
+
+    import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     # Heartbeats and metric names are stable in practice; the reference trial is out of range on purpose.

@@ -24,7 +24,14 @@ import optuna
 import yaml
 
 from pipelines.data import Dataset, load_dataset
-from pipelines.deploy import OrtModel, agreement, export_onnx, load_bundle, measure_moe_latency, quantize_onnx_int8
+from pipelines.deploy import (
+    OrtModel,
+    agreement,
+    export_onnx,
+    load_bundle,
+    measure_moe_latency,
+    quantize_onnx_int8,
+)
 from pipelines.errors import ConfigError, HycompError
 from pipelines.measure import measure_latency, torch_runner
 from pipelines.moe import rebuild_moe
@@ -56,9 +63,15 @@ def _baseline_engine_latency(teacher, data: Dataset, folder: Path, threads: int,
     results = {}
     for name, path in (("onnxruntime-fp32", fp32), ("onnxruntime-int8", int8)):
         model = OrtModel(path, threads=threads)
-        results[name] = measure_latency(lambda m=model: m(image), backend=name, threads=threads, batch=1, repeats=repeats).as_dict()
+        results[name] = measure_latency(
+            lambda m=model: m(image), backend=name, threads=threads, batch=1, repeats=repeats
+        ).as_dict()
     results["torch-fp32-eager"] = measure_latency(
-        torch_runner(teacher, data.val.images[:1], threads), backend="torch-fp32-eager", threads=threads, batch=1, repeats=repeats
+        torch_runner(teacher, data.val.images[:1], threads),
+        backend="torch-fp32-eager",
+        threads=threads,
+        batch=1,
+        repeats=repeats,
     ).as_dict()
     shutil.rmtree(onnx_folder)
     return results
@@ -81,7 +94,9 @@ def export_trial(
         raise ConfigError(f"--trial: {trial_number} is not a completed trial of study {study.study_name!r}.")
     target = out or study_folder / "export" / f"trial_{trial_number}{'_retrained' if retrain else ''}"
     if target.exists() and not force:
-        raise ConfigError(f"export folder {target} already exists. Pass --force to overwrite it, or --out DIR.")
+        raise ConfigError(
+            f"export folder {target} already exists. Pass --force to overwrite it, or --out DIR."
+        )
     source = study_folder / "trials" / f"trial_{trial_number}"
     if not retrain and not (source / "model.json").exists():
         raise ConfigError(
@@ -89,7 +104,13 @@ def export_trial(
             "elsewhere). Pass --retrain to compress its configuration again."
         )
     started = time.perf_counter()
-    data = load_dataset(cfg.data.dataset, cfg.data.root, size=cfg.data.size, download=cfg.data.download, verify_md5=cfg.data.verify_md5)
+    data = load_dataset(
+        cfg.data.dataset,
+        cfg.data.root,
+        size=cfg.data.size,
+        download=cfg.data.download,
+        verify_md5=cfg.data.verify_md5,
+    )
     teacher, baseline = get_baseline(cfg, data, study_folder.parent, threads=cfg.measure.latency_threads)
     staging = target.with_name(target.name + ".partial")
     if staging.exists():
@@ -99,8 +120,13 @@ def export_trial(
     try:
         if retrain:
             record = evaluate_config(
-                TrialContext(cfg, data, teacher, study_folder), params, cfg.export, staging, seed=cfg.seed,
-                threads=threads, repeats=cfg.measure.latency_repeats,
+                TrialContext(cfg, data, teacher, study_folder),
+                params,
+                cfg.export,
+                staging,
+                seed=cfg.seed,
+                threads=threads,
+                repeats=cfg.measure.latency_repeats,
             )
         else:
             staging.mkdir(parents=True)
@@ -140,8 +166,16 @@ def export_trial(
                 "achieved_sparsity": record["achieved_sparsity"],
                 "precision": record.get("precision"),
                 "bits": params.get("bits"),
-                "latency": measure_moe_latency(bundle, test_images[:1], threads=threads, batch=1, repeats=max(50, cfg.measure.latency_repeats)),
-                "latency_batch64": measure_moe_latency(bundle, test_images[:64], threads=threads, batch=64, repeats=10, warmup=2),
+                "latency": measure_moe_latency(
+                    bundle,
+                    test_images[:1],
+                    threads=threads,
+                    batch=1,
+                    repeats=max(50, cfg.measure.latency_repeats),
+                ),
+                "latency_batch64": measure_moe_latency(
+                    bundle, test_images[:64], threads=threads, batch=64, repeats=10, warmup=2
+                ),
                 "agreement_with_torch": agreement(moe, bundle, data.val.images[:1024]),
                 "routing_per_class": record.get("routing_per_class"),
             },
@@ -152,7 +186,9 @@ def export_trial(
                 "mmacs": baseline["macs"] / 1e6,
                 "size_kb_fp32": baseline["size_bytes_fp32"] / 1024,
                 "params": baseline["params"],
-                "latency": _baseline_engine_latency(teacher, data, staging, threads, max(50, cfg.measure.latency_repeats)),
+                "latency": _baseline_engine_latency(
+                    teacher, data, staging, threads, max(50, cfg.measure.latency_repeats)
+                ),
             },
             "conventions": {
                 "macs": "multiply-accumulates of Conv2d/Linear per input actually executed (gate + chosen experts); FLOPs = 2 x MACs",

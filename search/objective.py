@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import optuna
-import torch
 from torch import nn
 
 from pipelines.compress.prune import PruneConfig
@@ -32,7 +31,15 @@ from pipelines.serialize import save_checkpoint
 from pipelines.train import TrainConfig, evaluate
 from search.space import Budget, SearchConfig, suggest
 
-__all__ = ["OBJECTIVES", "DIRECTIONS", "TrialContext", "stage_budget", "hybrid_config", "evaluate_config", "Objective"]
+__all__ = [
+    "OBJECTIVES",
+    "DIRECTIONS",
+    "TrialContext",
+    "stage_budget",
+    "hybrid_config",
+    "evaluate_config",
+    "Objective",
+]
 
 OBJECTIVES = ("val_accuracy", "mmacs", "latency_ms")
 DIRECTIONS = ("maximize", "minimize", "minimize")
@@ -88,7 +95,9 @@ def estimate_cost(ctx: TrialContext, params: dict) -> dict:
     gate = Gate(ctx.data.channels, cfg.moe.num_experts, cfg.moe.gate_size)
     expert_macs, gate_macs = count_macs(expert, example), count_macs(gate, example)
     bits = cfg.quantize.bits
-    size = cfg.moe.num_experts * packed_size_bytes(expert, bits) + packed_size_bytes(gate, min(bits, 8) if bits < 32 else 32)
+    size = cfg.moe.num_experts * packed_size_bytes(expert, bits) + packed_size_bytes(
+        gate, min(bits, 8) if bits < 32 else 32
+    )
     return {"mmacs": (gate_macs + cfg.moe.top_k * expert_macs) / 1e6, "size_kb": size / 1024}
 
 
@@ -135,7 +144,9 @@ def evaluate_config(
 
     started = time.perf_counter()
     val_images = data.val.images.numpy()
-    logits = np.concatenate([bundle(val_images[index : index + 256]) for index in range(0, len(val_images), 256)])
+    logits = np.concatenate(
+        [bundle(val_images[index : index + 256]) for index in range(0, len(val_images), 256)]
+    )
     deployed_val = float((logits.argmax(axis=1) == data.val.labels.numpy()).mean())
     agree = agreement(moe, bundle, data.val.images[:512])
     timing = measure_moe_latency(bundle, val_images[:1], threads=threads, batch=1, repeats=repeats, warmup=5)

@@ -70,7 +70,11 @@ def front_table(study: optuna.Study) -> pd.DataFrame:
     table = trials_table(study)
     if table.empty:
         return table
-    return table[table["on_front"]].sort_values(["val_accuracy", "mmacs"], ascending=[False, True]).reset_index(drop=True)
+    return (
+        table[table["on_front"]]
+        .sort_values(["val_accuracy", "mmacs"], ascending=[False, True])
+        .reset_index(drop=True)
+    )
 
 
 def failures_table(study: optuna.Study) -> pd.DataFrame:
@@ -105,12 +109,16 @@ def pick_trial(
     """
     completed = {t.number: t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))}
     if not completed:
-        raise ConfigError(f"study {study.study_name!r} has no completed trials. Run `hycomp search` (or let it finish) first.")
+        raise ConfigError(
+            f"study {study.study_name!r} has no completed trials. Run `hycomp search` (or let it finish) first."
+        )
     if trial is not None:
         if trial not in completed:
             all_numbers = sorted(t.number for t in study.trials)
             state = next((t.state.name for t in study.trials if t.number == trial), None)
-            detail = f"it is {state}" if state else f"trial numbers run from {all_numbers[0]} to {all_numbers[-1]}"
+            detail = (
+                f"it is {state}" if state else f"trial numbers run from {all_numbers[0]} to {all_numbers[-1]}"
+            )
             raise ConfigError(
                 f"--trial: {trial} is not a completed trial ({detail}). Completed trials: "
                 f"{', '.join(map(str, sorted(completed)))}."
@@ -118,7 +126,9 @@ def pick_trial(
         return Pick(trial, f"trial {trial} chosen by --trial")
     front = front_table(study)
     if front.empty:
-        raise ConfigError("the Pareto front is empty: no completed trial satisfies the constraints. Relax them and re-run.")
+        raise ConfigError(
+            "the Pareto front is empty: no completed trial satisfies the constraints. Relax them and re-run."
+        )
     budgets = {"latency_ms": max_latency_ms, "size_kb": max_size_kb, "mmacs": max_mmacs}
     if any(value is not None for value in budgets.values()):
         within = front
@@ -154,12 +164,27 @@ def pick_trial(
         scaled[column] = badness / span if span > 0 else 0.0
     distance = (scaled**2).sum(axis=1) ** 0.5
     best = front.loc[distance.idxmin()]
-    return Pick(int(best["trial"]), "knee: front point closest to the ideal point (objectives scaled to [0, 1])")
+    return Pick(
+        int(best["trial"]), "knee: front point closest to the ideal point (objectives scaled to [0, 1])"
+    )
 
 
 def format_table(table: pd.DataFrame, baseline: dict | None = None) -> str:
     """A readable terminal table with units; the baseline as a reference row when given."""
-    columns = ["trial", "val_accuracy", "mmacs", "latency_ms", "size_kb", "sparsity", "pruner", "bits", "num_experts", "top_k", "gate_size", "feasible"]
+    columns = [
+        "trial",
+        "val_accuracy",
+        "mmacs",
+        "latency_ms",
+        "size_kb",
+        "sparsity",
+        "pruner",
+        "bits",
+        "num_experts",
+        "top_k",
+        "gate_size",
+        "feasible",
+    ]
     shown = table[[column for column in columns if column in table.columns]].copy()
     if baseline is not None:
         reference = {

@@ -17,7 +17,9 @@ def _bundle_folder(path: Path) -> Path:
     for candidate in (path, path / "bundle"):
         if (candidate / "manifest.json").exists():
             return candidate
-    raise ConfigError(f"bundle: {path} holds no manifest.json. Pass an export's bundle/ folder (results/<study>/export/trial_<n>/bundle).")
+    raise ConfigError(
+        f"bundle: {path} holds no manifest.json. Pass an export's bundle/ folder (results/<study>/export/trial_<n>/bundle)."
+    )
 
 
 def read_images(paths: list[Path], split: str) -> tuple[list[str], np.ndarray, np.ndarray | None]:
@@ -32,7 +34,9 @@ def read_images(paths: list[Path], split: str) -> tuple[list[str], np.ndarray, n
             with np.load(path, allow_pickle=False) as npz:
                 key = f"{split}_images" if f"{split}_images" in npz else "images"
                 if key not in npz:
-                    raise DataError(f"input: {path} has neither {split}_images nor images arrays (it has {', '.join(npz.files)}).")
+                    raise DataError(
+                        f"input: {path} has neither {split}_images nor images arrays (it has {', '.join(npz.files)})."
+                    )
                 array = npz[key]
                 label_key = key.replace("images", "labels")
                 if label_key in npz:
@@ -47,7 +51,9 @@ def read_images(paths: list[Path], split: str) -> tuple[list[str], np.ndarray, n
             names.append(path.name)
     shapes = {array.shape[1:] for array in images}
     if len(shapes) != 1:
-        raise DataError(f"input: images of different shapes {sorted(shapes)}; resize them to the model's input size.")
+        raise DataError(
+            f"input: images of different shapes {sorted(shapes)}; resize them to the model's input size."
+        )
     all_labels = np.concatenate(labels) if labels and sum(map(len, labels)) == len(names) else None
     return names, np.concatenate(images), all_labels
 
@@ -74,6 +80,10 @@ def predict_files(bundle_path: Path, inputs: list[Path], split: str = "test", th
     logits = np.concatenate([bundle(images[index : index + 256]) for index in range(0, len(images), 256)])
     predicted = logits.argmax(axis=1)
     class_names = manifest.get("class_names") or [str(index) for index in range(logits.shape[1])]
-    result = {"names": names, "labels": [class_names[index] for index in predicted], "indices": predicted.tolist()}
+    result = {
+        "names": names,
+        "labels": [class_names[index] for index in predicted],
+        "indices": predicted.tolist(),
+    }
     result["accuracy"] = float((predicted == labels).mean()) if labels is not None else None
     return result

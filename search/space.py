@@ -144,7 +144,9 @@ class SearchConfig:
     model: ModelSettings = field(default_factory=ModelSettings)
     baseline: BaselineSettings = field(default_factory=BaselineSettings)
     trial: Budget = field(default_factory=Budget)
-    export: Budget = field(default_factory=lambda: Budget(subset=1.0, finetune_epochs=6, moe_epochs=6, qat_epochs=2))
+    export: Budget = field(
+        default_factory=lambda: Budget(subset=1.0, finetune_epochs=6, moe_epochs=6, qat_epochs=2)
+    )
     space: Space = field(default_factory=Space)
     measure: MeasureSettings = field(default_factory=MeasureSettings)
     constraints: Constraints = field(default_factory=Constraints)
@@ -200,7 +202,9 @@ def _convert(value: Any, annotation: Any, path: str) -> Any:
         if isinstance(value, str | int | float):
             value = [value]
         if not isinstance(value, list | tuple) or not value:
-            raise ConfigError(f"{path}: expected a non-empty list, got {value!r}. Write e.g. `{path.split('.')[-1]}: [a, b]`.")
+            raise ConfigError(
+                f"{path}: expected a non-empty list, got {value!r}. Write e.g. `{path.split('.')[-1]}: [a, b]`."
+            )
         return tuple(_convert(item, args[0], f"{path}[{index}]") for index, item in enumerate(value))
     if annotation is dict or origin is dict:
         if value is None:
@@ -237,8 +241,12 @@ def _build(cls: type, mapping: Any, path: str) -> Any:
     for key in mapping:
         if key not in names:
             where = f"{path}.{key}" if path else str(key)
-            raise ConfigError(f"{where}: unknown key. Valid keys{' of ' + path if path else ''}: {', '.join(names)}.")
-    values = {key: _convert(value, hints[key], f"{path}.{key}" if path else key) for key, value in mapping.items()}
+            raise ConfigError(
+                f"{where}: unknown key. Valid keys{' of ' + path if path else ''}: {', '.join(names)}."
+            )
+    values = {
+        key: _convert(value, hints[key], f"{path}.{key}" if path else key) for key, value in mapping.items()
+    }
     return cls(**values)
 
 
@@ -251,14 +259,18 @@ def _validate(cfg: SearchConfig) -> None:
     space = cfg.space
     if cfg.study.trials < 1:
         raise ConfigError(f"study.trials: {cfg.study.trials} must be a positive number of trials (e.g. 8).")
-    if not cfg.study.name or any(char in cfg.study.name for char in "/\\:*?\"<>| "):
-        raise ConfigError(f"study.name: {cfg.study.name!r} must be a non-empty name without spaces or path characters.")
+    if not cfg.study.name or any(char in cfg.study.name for char in '/\\:*?"<>| '):
+        raise ConfigError(
+            f"study.name: {cfg.study.name!r} must be a non-empty name without spaces or path characters."
+        )
     if cfg.study.sampler.name not in SAMPLERS:
         raise unknown_name("study.sampler.name", cfg.study.sampler.name, SAMPLERS)
     if cfg.data.dataset not in dataset_names():
         raise unknown_name("data.dataset", cfg.data.dataset, dataset_names())
     if cfg.data.size not in (28, 32, 64, 128, 224):
-        raise ConfigError(f"data.size: {cfg.data.size} is not a MedMNIST size; use 28, 64, 128 or 224 (32 for CIFAR-10).")
+        raise ConfigError(
+            f"data.size: {cfg.data.size} is not a MedMNIST size; use 28, 64, 128 or 224 (32 for CIFAR-10)."
+        )
     if cfg.model.arch not in model_names():
         raise unknown_name("model.arch", cfg.model.arch, model_names())
     _check_range("model.width", cfg.model.width, 0.0625, 8.0)
@@ -268,7 +280,9 @@ def _validate(cfg: SearchConfig) -> None:
         for name in ("finetune_epochs", "moe_epochs", "qat_epochs", "gate_epochs"):
             _check_range(f"{prefix}.{name}", getattr(budget, name), 0.0, 1000.0)
         if budget.qat_epochs <= 0:
-            raise ConfigError(f"{prefix}.qat_epochs: {budget.qat_epochs} must be > 0 (QAT needs steps to learn scales).")
+            raise ConfigError(
+                f"{prefix}.qat_epochs: {budget.qat_epochs} must be > 0 (QAT needs steps to learn scales)."
+            )
         _check_range(f"{prefix}.lr", budget.lr, 1e-6, 10.0)
     _check_range("baseline.epochs", cfg.baseline.epochs, 0.01, 1000.0)
     sparsity = space.sparsity
@@ -283,7 +297,9 @@ def _validate(cfg: SearchConfig) -> None:
             raise unknown_name("space.pruner", pruner, PRUNERS)
     for bits in space.bits:
         if bits not in BITS:
-            raise ConfigError(f"space.bits: {bits} is not supported; use values from {', '.join(map(str, BITS))}.")
+            raise ConfigError(
+                f"space.bits: {bits} is not supported; use values from {', '.join(map(str, BITS))}."
+            )
     for name, lowest, highest in (("num_experts", 1, 16), ("top_k", 1, 16)):
         rng = getattr(space, name)
         _check_range(f"space.{name}.low", rng.low, lowest, highest)
@@ -317,13 +333,17 @@ def parse_space(mapping: Any) -> SearchConfig:
 def load_space(path: str | Path) -> SearchConfig:
     path = Path(path)
     if not path.exists():
-        raise ConfigError(f"--space: file {path} does not exist. Pass a YAML file such as search_spaces/bloodmnist.yaml.")
+        raise ConfigError(
+            f"--space: file {path} does not exist. Pass a YAML file such as search_spaces/bloodmnist.yaml."
+        )
     try:
         mapping = yaml.safe_load(path.read_text())
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(f"{path}: malformed YAML{where}: {getattr(error, 'problem', error)}. Fix the syntax.") from None
+        raise ConfigError(
+            f"{path}: malformed YAML{where}: {getattr(error, 'problem', error)}. Fix the syntax."
+        ) from None
     try:
         return parse_space(mapping)
     except ConfigError as error:
@@ -359,7 +379,9 @@ def suggest(trial: Any, space: Space) -> dict:
         params["bits"] = REFERENCE_BITS
     else:
         params["bits"] = trial.suggest_categorical("bits", list(space.bits))
-    params["num_experts"] = trial.suggest_int("num_experts", space.num_experts.low, space.num_experts.high, step=space.num_experts.step)
+    params["num_experts"] = trial.suggest_int(
+        "num_experts", space.num_experts.low, space.num_experts.high, step=space.num_experts.step
+    )
     params["top_k"] = trial.suggest_int("top_k", space.top_k.low, space.top_k.high, step=space.top_k.step)
     params["gate_size"] = trial.suggest_categorical("gate_size", list(space.gate_size))
     params["effective_top_k"] = min(params["top_k"], params["num_experts"])

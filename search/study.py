@@ -23,7 +23,15 @@ from pipelines.errors import CompressionError, ConfigError, unknown_name
 from search.space import SAMPLERS, SearchConfig, baseline_params, dump_space, load_space
 from search.workspace import study_dir
 
-__all__ = ["default_storage", "make_storage", "make_sampler", "open_study", "load_study", "completed_trials", "run_search"]
+__all__ = [
+    "default_storage",
+    "make_storage",
+    "make_sampler",
+    "open_study",
+    "load_study",
+    "completed_trials",
+    "run_search",
+]
 
 log = logging.getLogger("hycomp")
 
@@ -71,7 +79,9 @@ def make_sampler(cfg: SearchConfig) -> optuna.samplers.BaseSampler:
     try:
         return classes[settings.name](seed=settings.seed, **settings.options)
     except TypeError as error:
-        raise ConfigError(f"study.sampler.options: {settings.options} rejected by {classes[settings.name].__name__}: {error}") from None
+        raise ConfigError(
+            f"study.sampler.options: {settings.options} rejected by {classes[settings.name].__name__}: {error}"
+        ) from None
 
 
 def open_study(cfg: SearchConfig, storage: optuna.storages.BaseStorage) -> optuna.Study:
@@ -95,9 +105,13 @@ def load_study(folder: Path, storage_url: str | None = None) -> tuple[SearchConf
     cfg = load_space(folder / "config.yaml")
     url = storage_url or cfg.study.storage or default_storage(folder)
     try:
-        study = optuna.load_study(study_name=cfg.study.name, storage=make_storage(url), sampler=make_sampler(cfg))
+        study = optuna.load_study(
+            study_name=cfg.study.name, storage=make_storage(url), sampler=make_sampler(cfg)
+        )
     except KeyError:
-        raise ConfigError(f"study {cfg.study.name!r} not found in storage {url}. Run `hycomp search` first.") from None
+        raise ConfigError(
+            f"study {cfg.study.name!r} not found in storage {url}. Run `hycomp search` first."
+        ) from None
     return cfg, study
 
 
@@ -111,7 +125,11 @@ def _write_config(cfg: SearchConfig, folder: Path) -> None:
     text = dump_space(cfg)
     if path.exists() and path.read_text() != text:
         previous = load_space(path)
-        if previous.space != cfg.space or previous.model != cfg.model or previous.data.dataset != cfg.data.dataset:
+        if (
+            previous.space != cfg.space
+            or previous.model != cfg.model
+            or previous.data.dataset != cfg.data.dataset
+        ):
             raise ConfigError(
                 f"study.name: a study named {cfg.study.name!r} already exists in {folder} with a different "
                 "search space, model or dataset. Pick another study.name, or delete that folder to start over."
@@ -127,13 +145,17 @@ def run_search(
     show_progress: bool = True,
 ) -> optuna.Study:
     """Run (or resume) the study until ``cfg.study.trials`` trials are complete."""
+    from pipelines.data import load_dataset
     from search.baseline import get_baseline
     from search.objective import Objective, TrialContext
-    from pipelines.data import load_dataset
 
     folder = study_dir(cfg.study.name, results)
     data = load_dataset(
-        cfg.data.dataset, cfg.data.root, size=cfg.data.size, download=cfg.data.download, verify_md5=cfg.data.verify_md5
+        cfg.data.dataset,
+        cfg.data.root,
+        size=cfg.data.size,
+        download=cfg.data.download,
+        verify_md5=cfg.data.verify_md5,
     )
     storage = make_storage(storage_url or cfg.study.storage or default_storage(folder))
     _write_config(cfg, folder)
@@ -142,14 +164,24 @@ def run_search(
     study.set_user_attr("baseline", record)
     log.info(
         "baseline %s: val %.4f, test %.4f, %.2f MMACs, %d params",
-        record["arch"], record["val_accuracy"], record["test_accuracy"], record["macs"] / 1e6, record["params"],
+        record["arch"],
+        record["val_accuracy"],
+        record["test_accuracy"],
+        record["macs"] / 1e6,
+        record["params"],
     )
     if cfg.study.enqueue_baseline and not study.trials:
-        study.enqueue_trial(baseline_params(cfg.space), user_attrs={"reference": "baseline (no pruning, fp32, 1 expert)"})
+        study.enqueue_trial(
+            baseline_params(cfg.space), user_attrs={"reference": "baseline (no pruning, fp32, 1 expert)"}
+        )
     objective = Objective(TrialContext(cfg, data, teacher, folder))
     remaining = cfg.study.trials - len(completed_trials(study))
     if remaining <= 0:
-        log.info("study %s already has %d completed trials; nothing to do", cfg.study.name, len(completed_trials(study)))
+        log.info(
+            "study %s already has %d completed trials; nothing to do",
+            cfg.study.name,
+            len(completed_trials(study)),
+        )
         return study
     deadline = None if cfg.study.timeout_minutes is None else time.time() + 60 * cfg.study.timeout_minutes
     progress = _Progress(cfg.study.trials, len(completed_trials(study)), enabled=show_progress)
@@ -179,7 +211,9 @@ class _Progress:
     def __init__(self, total: int, done: int, enabled: bool) -> None:
         from tqdm.auto import tqdm
 
-        self._bar = tqdm(total=total, initial=done, unit="trial", desc="search", disable=not enabled, dynamic_ncols=True)
+        self._bar = tqdm(
+            total=total, initial=done, unit="trial", desc="search", disable=not enabled, dynamic_ncols=True
+        )
         self._tqdm = tqdm
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:

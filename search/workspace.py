@@ -1,12 +1,12 @@
 """Where outputs go. Only the ``search`` layer writes under ``results/``.
 
-    results/
-      baselines/<dataset>-<arch>-<hash>/   cached fp32 teachers (teacher.pt/.json, baseline.json)
-      <study>/config.yaml                  the resolved search space of the study
-      <study>/study.db                     Optuna storage (SQLite) unless --storage says otherwise
-      <study>/trials/trial_<n>/            each trial's compressed MoE (checkpoint) and ONNX bundle
-      <study>/front.csv, front.png         written by `hycomp front`
-      <study>/export/trial_<n>/            written by `hycomp export`
+results/
+  baselines/<dataset>-<arch>-<hash>/   cached fp32 teachers (teacher.pt/.json, baseline.json)
+  <study>/config.yaml                  the resolved search space of the study
+  <study>/study.db                     Optuna storage (SQLite) unless --storage says otherwise
+  <study>/trials/trial_<n>/            each trial's compressed MoE (checkpoint) and ONNX bundle
+  <study>/front.csv, front.png         written by `hycomp front`
+  <study>/export/trial_<n>/            written by `hycomp export`
 """
 
 from __future__ import annotations

@@ -52,7 +52,9 @@ def _pruner_classes() -> dict[str, type]:
 PRUNER_CLASSES: tuple[str, ...] = ("l1", "l2", "fpgm")
 
 
-def prune_and_speedup(model: nn.Module, pruner: str, sparsity: float, example_input: torch.Tensor) -> nn.Module:
+def prune_and_speedup(
+    model: nn.Module, pruner: str, sparsity: float, example_input: torch.Tensor
+) -> nn.Module:
     """Mask every Conv2d at ``sparsity`` with the named NNI pruner (dependency groups on), then let
     ModelSpeedup physically remove the masked channels. Returns the same module object, shrunk.
     """
@@ -75,7 +77,9 @@ def prune_and_speedup(model: nn.Module, pruner: str, sparsity: float, example_in
             )
         try:
             graph = torch.fx.symbolic_trace(model)
-            ModelSpeedup(model, example_input, masks, graph_module=graph, logger=_QUIET_LOGGER).speedup_model()
+            ModelSpeedup(
+                model, example_input, masks, graph_module=graph, logger=_QUIET_LOGGER
+            ).speedup_model()
         except Exception as error:
             raise CompressionError(f"NNI ModelSpeedup failed: {type(error).__name__}: {error}") from error
     return model
@@ -115,7 +119,9 @@ def qat_quantize(
             for layer_bits, names in sorted(by_bits.items())
         ]
 
-        def training_func(model, optimizers, training_step, lr_schedulers=None, max_steps=None, max_epochs=None):
+        def training_func(
+            model, optimizers, training_step, lr_schedulers=None, max_steps=None, max_epochs=None
+        ):
             optimizer = optimizers[0] if isinstance(optimizers, list | tuple) else optimizers
             train_function(model, optimizer, training_step)
 

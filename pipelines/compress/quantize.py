@@ -93,7 +93,9 @@ def quantize(
         _prime(module, example_input)
         train(module, data, train_cfg, teacher, optimizer=optimizer, step=step)
 
-    calibration = qat_quantize(model, cfg.bits, targets, train_function, make_step(teacher, train_cfg), train_cfg.lr, example_input)
+    calibration = qat_quantize(
+        model, cfg.bits, targets, train_function, make_step(teacher, train_cfg), train_cfg.lr, example_input
+    )
     _bake(model, calibration)
     model.eval()
     return QuantizeResult(model, targets, time.perf_counter() - started)

@@ -4,10 +4,8 @@ CLI's handling of bad input (exit code 2, one clear message, nothing written).""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
-import numpy as np
 import optuna
 import pytest
 import yaml
@@ -109,7 +107,9 @@ def test_export_reproduces_trial_and_predict_matches(searched: dict, synthetic_r
     torch.load(export / "model.pt", weights_only=True)
     # predict runs the bundle with ONNX Runtime alone and reproduces the export's test accuracy
     capsys.readouterr()
-    assert main(["predict", str(export / "bundle"), str(synthetic_root / "bloodmnist.npz"), "--limit", "3"]) == 0
+    assert (
+        main(["predict", str(export / "bundle"), str(synthetic_root / "bloodmnist.npz"), "--limit", "3"]) == 0
+    )
     out = capsys.readouterr().out
     accuracy = float(out.strip().splitlines()[-1].split()[1])
     assert accuracy == pytest.approx(exported["test_accuracy"], abs=1e-6)
@@ -156,7 +156,16 @@ def test_zero_trials_exits_2(tmp_path: Path, synthetic_root: Path, capsys) -> No
 def test_unreachable_storage_exits_2(tmp_path: Path, synthetic_root: Path, monkeypatch, capsys) -> None:
     monkeypatch.setenv("HYCOMP_RESULTS", str(tmp_path / "results"))
     space = write_space(tmp_path, synthetic_root)
-    code = main(["search", "--space", str(space), "--storage", "postgresql://nobody@127.0.0.1:1/none", "--no-progress"])
+    code = main(
+        [
+            "search",
+            "--space",
+            str(space),
+            "--storage",
+            "postgresql://nobody@127.0.0.1:1/none",
+            "--no-progress",
+        ]
+    )
     assert code == 2
     err = capsys.readouterr().err
     assert "--storage" in err and "127.0.0.1:1" in err

@@ -35,7 +35,14 @@ def make_study(points=POINTS, constraint=None) -> optuna.Study:
         if constraint is not None:
             system_attrs["constraints:latency_ms"] = latency - constraint
         trial = optuna.trial.create_trial(
-            params={"sparsity": 0.1 * index, "pruner": "l1", "bits": 8, "num_experts": 2, "top_k": 1, "gate_size": 4},
+            params={
+                "sparsity": 0.1 * index,
+                "pruner": "l1",
+                "bits": 8,
+                "num_experts": 2,
+                "top_k": 1,
+                "gate_size": 4,
+            },
             distributions=DISTRIBUTIONS,
             values=[accuracy, mmacs, latency],
             user_attrs={"size_kb": size, "latency": {"backend": "onnxruntime-int8", "threads": 1}},

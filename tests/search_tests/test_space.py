@@ -37,7 +37,10 @@ def test_dump_round_trips() -> None:
         ({"space": {"sparsity": {"low": 0.2, "high": 0.99}}}, ["space.sparsity.high", "0.99", "0.95"]),
         ({"space": {"bits": [4, 9]}}, ["space.bits", "9", "8"]),
         ({"space": {"num_experts": {"low": 0, "high": 2}}}, ["space.num_experts.low", "0"]),
-        ({"space": {"top_k": {"low": 3, "high": 3}, "num_experts": {"low": 1, "high": 2}}}, ["top_k", "3", "num_experts"]),
+        (
+            {"space": {"top_k": {"low": 3, "high": 3}, "num_experts": {"low": 1, "high": 2}}},
+            ["top_k", "3", "num_experts"],
+        ),
         ({"space": {"gate_size": [0]}}, ["space.gate_size", "0"]),
         ({"study": {"trials": 0}}, ["study.trials", "0"]),
         ({"study": {"trials": -3}}, ["study.trials", "-3"]),
@@ -71,7 +74,9 @@ def test_missing_space_file(tmp_path: Path) -> None:
 
 def test_suggest_keeps_numbers_numeric_and_clips_top_k() -> None:
     cfg = parse_space({"space": {"num_experts": {"low": 1, "high": 2}, "top_k": {"low": 2, "high": 2}}})
-    study = optuna.create_study(directions=["maximize", "minimize", "minimize"], sampler=optuna.samplers.RandomSampler(seed=0))
+    study = optuna.create_study(
+        directions=["maximize", "minimize", "minimize"], sampler=optuna.samplers.RandomSampler(seed=0)
+    )
     seen = []
     for _ in range(10):
         trial = study.ask()
