@@ -29,10 +29,15 @@ def _load_cfg(args: argparse.Namespace):
 
     cfg = load_space(args.space)
     overrides: dict = {}
+    data: dict = {}
     if getattr(args, "data_root", None):
-        overrides["data"] = {"root": args.data_root}
+        data["root"] = args.data_root
     elif cfg.data.root is None and os.environ.get("HYCOMP_DATA_ROOT"):
-        overrides["data"] = {"root": os.environ["HYCOMP_DATA_ROOT"]}
+        data["root"] = os.environ["HYCOMP_DATA_ROOT"]
+    if getattr(args, "download", False):
+        data["download"] = True
+    if data:
+        overrides["data"] = data
     study: dict = {}
     if getattr(args, "trials", None) is not None:
         study["trials"] = args.trials
@@ -81,6 +86,9 @@ class SearchCommand:
         parser.add_argument(
             "--min-accuracy", type=float, help="constraint: minimum validation accuracy (0..1)"
         )
+        parser.add_argument(
+            "--workers", type=int, default=1, help="worker processes on this machine sharing the study"
+        )
         parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     def take_action(self, args: argparse.Namespace) -> int:
@@ -92,7 +100,9 @@ class SearchCommand:
             from pipelines.errors import ConfigError
 
             raise ConfigError(f"--trials: {args.trials} must be a positive number of trials.")
-        study = run_search(cfg, storage_url=args.storage, show_progress=not args.no_progress)
+        study = run_search(
+            cfg, storage_url=args.storage, show_progress=not args.no_progress, workers=args.workers
+        )
         folder = study_dir(cfg.study.name)
         print(f"\n{len(completed_trials(study))} completed trials in {folder}. Next: hycomp front {folder}")
         return 0
@@ -222,6 +232,7 @@ class BaselineCommand:
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--space", required=True)
         parser.add_argument("--data-root")
+        parser.add_argument("--download", action="store_true")
 
     def take_action(self, args: argparse.Namespace) -> int:
         from pipelines.data import load_dataset

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import optuna
+from optuna.trial import TrialState
 from torch import nn
 
 from pipelines.compress.prune import PruneConfig
@@ -178,11 +179,26 @@ def evaluate_config(
 class Objective:
     """The callable handed to ``study.optimize``."""
 
-    def __init__(self, ctx: TrialContext) -> None:
+    def __init__(self, ctx: TrialContext, target_trials: int | None = None) -> None:
         self.ctx = ctx
+        self.target_trials = target_trials
+
+    def _surplus(self, trial: optuna.Trial) -> bool:
+        """True when trials numbered before this one already fill the target (parallel workers raced)."""
+        if self.target_trials is None:
+            return False
+        ahead = [
+            t
+            for t in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
+            if t.number < trial.number
+        ]
+        return len(ahead) >= self.target_trials
 
     def __call__(self, trial: optuna.Trial) -> tuple[float, float, float]:
         cfg = self.ctx.cfg
+        if self._surplus(trial):
+            trial.set_user_attr("fail_reason", "not needed: the target number of trials is already reached")
+            raise optuna.TrialPruned("surplus trial")
         params = suggest(trial, cfg.space)
         trial.set_user_attr("config", params)
         started = time.perf_counter()

@@ -51,12 +51,16 @@ def make_storage(url: str) -> optuna.storages.BaseStorage:
             return JournalStorage(JournalFileBackend(url))
         if url.startswith("sqlite:///"):
             Path(url[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+        engine_kwargs: dict = {"pool_pre_ping": True}
+        if url.startswith("sqlite"):
+            # several worker processes may write at once: wait for SQLite's lock instead of failing
+            engine_kwargs["connect_args"] = {"timeout": 120}
         return RDBStorage(
             url,
             heartbeat_interval=HEARTBEAT_SECONDS,
             grace_period=GRACE_SECONDS,
             failed_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
-            engine_kwargs={"pool_pre_ping": True},
+            engine_kwargs=engine_kwargs,
         )
     except Exception as error:  # sqlalchemy / driver errors have many types
         raise ConfigError(
@@ -137,27 +141,40 @@ def _write_config(cfg: SearchConfig, folder: Path) -> None:
     path.write_text(text)
 
 
-def run_search(
-    cfg: SearchConfig,
-    *,
-    storage_url: str | None = None,
-    results: Path | None = None,
-    show_progress: bool = True,
-) -> optuna.Study:
-    """Run (or resume) the study until ``cfg.study.trials`` trials are complete."""
+def _load_data(cfg: SearchConfig):
     from pipelines.data import load_dataset
-    from search.baseline import get_baseline
-    from search.objective import Objective, TrialContext
 
-    folder = study_dir(cfg.study.name, results)
-    data = load_dataset(
+    return load_dataset(
         cfg.data.dataset,
         cfg.data.root,
         size=cfg.data.size,
         download=cfg.data.download,
         verify_md5=cfg.data.verify_md5,
     )
-    storage = make_storage(storage_url or cfg.study.storage or default_storage(folder))
+
+
+def run_search(
+    cfg: SearchConfig,
+    *,
+    storage_url: str | None = None,
+    results: Path | None = None,
+    show_progress: bool = True,
+    workers: int = 1,
+) -> optuna.Study:
+    """Run (or resume) the study until ``cfg.study.trials`` trials are complete.
+
+    ``workers > 1`` starts that many processes on the same study (the storage is the only thing they
+    share); the number of completed trials is exact: a worker that would start a trial beyond the target
+    stops instead.
+    """
+    from search.baseline import get_baseline
+
+    if workers < 1:
+        raise ConfigError(f"--workers: {workers} must be >= 1.")
+    folder = study_dir(cfg.study.name, results)
+    data = _load_data(cfg)
+    url = storage_url or cfg.study.storage or default_storage(folder)
+    storage = make_storage(url)
     _write_config(cfg, folder)
     study = open_study(cfg, storage)
     teacher, record = get_baseline(cfg, data, results, threads=cfg.measure.latency_threads)
@@ -174,30 +191,103 @@ def run_search(
         study.enqueue_trial(
             baseline_params(cfg.space), user_attrs={"reference": "baseline (no pruning, fp32, 1 expert)"}
         )
-    objective = Objective(TrialContext(cfg, data, teacher, folder))
-    remaining = cfg.study.trials - len(completed_trials(study))
-    if remaining <= 0:
-        log.info(
-            "study %s already has %d completed trials; nothing to do",
-            cfg.study.name,
-            len(completed_trials(study)),
-        )
+    done = len(completed_trials(study))
+    if done >= cfg.study.trials:
+        log.info("study %s already has %d completed trials; nothing to do", cfg.study.name, done)
         return study
-    deadline = None if cfg.study.timeout_minutes is None else time.time() + 60 * cfg.study.timeout_minutes
-    progress = _Progress(cfg.study.trials, len(completed_trials(study)), enabled=show_progress)
+    progress = _Progress(cfg.study.trials, done, enabled=show_progress)
     try:
-        while len(completed_trials(study)) < cfg.study.trials:
-            if deadline is not None and time.time() > deadline:
-                log.info("timeout reached after %s minutes", cfg.study.timeout_minutes)
-                break
-            study.optimize(objective, n_trials=1, catch=(CompressionError,), callbacks=[progress])
-            if _too_many_failures(study):
-                raise CompressionError(
-                    "the last 5 trials all failed; stopping. `hycomp front` lists their reasons."
-                )
+        if workers == 1:
+            _worker_loop(cfg, study, data, teacher, folder, progress)
+        else:
+            _run_workers(cfg, url, results, workers, study, progress)
     finally:
         progress.close()
     return study
+
+
+def _worker_loop(cfg: SearchConfig, study: optuna.Study, data, teacher, folder: Path, progress) -> None:
+    from search.objective import Objective, TrialContext
+
+    objective = Objective(TrialContext(cfg, data, teacher, folder), target_trials=cfg.study.trials)
+    deadline = None if cfg.study.timeout_minutes is None else time.time() + 60 * cfg.study.timeout_minutes
+    while len(completed_trials(study)) < cfg.study.trials:
+        if deadline is not None and time.time() > deadline:
+            log.info("timeout reached after %s minutes", cfg.study.timeout_minutes)
+            return
+        if _active_count(study) >= cfg.study.trials:
+            # Other workers hold the remaining trials; wait for them (or for Optuna to fail stale ones).
+            optuna.storages.fail_stale_trials(study)
+            time.sleep(2)
+            continue
+        study.optimize(objective, n_trials=1, catch=(CompressionError,), callbacks=[progress])
+        if _too_many_failures(study):
+            raise CompressionError(
+                "the last 5 trials all failed; stopping. `hycomp front` lists their reasons."
+            )
+
+
+def _active_count(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING)))
+
+
+def _worker_main(cfg_dict: dict, url: str, results: str | None, threads: int) -> None:
+    """Entry point of a worker process (spawned): same study, same cached teacher."""
+    import torch
+
+    from search.baseline import get_baseline
+    from search.space import parse_space
+
+    torch.set_num_threads(threads)
+    logging.basicConfig(level=logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    cfg = parse_space(cfg_dict)
+    results_path = Path(results) if results else None
+    data = _load_data(cfg)
+    study = open_study(cfg, make_storage(url))
+    teacher, _ = get_baseline(cfg, data, results_path, threads=cfg.measure.latency_threads)
+    _worker_loop(cfg, study, data, teacher, study_dir(cfg.study.name, results_path), lambda *args: None)
+
+
+def _run_workers(cfg: SearchConfig, url: str, results: Path | None, workers: int, study, progress) -> None:
+    import multiprocessing
+    import os
+
+    context = multiprocessing.get_context("spawn")
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    processes = [
+        context.Process(
+            target=_worker_main,
+            args=(cfg.to_dict(), url, str(results) if results else None, threads),
+            daemon=False,
+        )
+        for _ in range(workers)
+    ]
+    for process in processes:
+        process.start()
+    seen: set[int] = set()
+    try:
+        while any(process.is_alive() for process in processes):
+            for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL)):
+                if trial.number not in seen:
+                    seen.add(trial.number)
+                    progress(study, trial)
+            time.sleep(1)
+    except KeyboardInterrupt:
+        for process in processes:
+            process.terminate()
+        raise
+    finally:
+        for process in processes:
+            process.join()
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL)):
+        if trial.number not in seen:
+            progress(study, trial)
+    failed = [process.exitcode for process in processes if process.exitcode not in (0, None)]
+    if failed:
+        raise CompressionError(
+            f"{len(failed)} worker process(es) exited with errors {failed}; see their output above."
+        )
 
 
 def _too_many_failures(study: optuna.Study, window: int = 5) -> bool:

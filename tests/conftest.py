@@ -14,7 +14,7 @@ from pipelines.data import Dataset, load_dataset
 from tests.helpers import write_synthetic_medmnist
 
 # The CI machines have 2 cores; more threads only add contention between intra-op workers.
-torch.set_num_threads(2)
+torch.set_num_threads(int(__import__("os").environ.get("T", "2")))
 
 SEED = 0
 

@@ -89,9 +89,22 @@ def test_suggest_keeps_numbers_numeric_and_clips_top_k() -> None:
     assert set(seen) == {1, 2}
 
 
-def test_baseline_params_are_uncompressed() -> None:
-    params = baseline_params(parse_space({}).space)
-    assert params["sparsity"] == 0.0 and params["bits"] == 32 and params["num_experts"] == 1
+def test_baseline_reference_is_uncompressed() -> None:
+    space = parse_space({}).space
+    params = baseline_params(space)
+    assert params["sparsity"] == 0.0 and params["num_experts"] == 1
+    assert "bits" not in params  # 32 is not a searched choice, so it is not enqueued as a parameter
+    study = optuna.create_study(directions=["maximize", "minimize", "minimize"])
+    study.enqueue_trial(params, user_attrs={"reference": "baseline"})
+    trial = study.ask()
+    config = suggest(trial, space)
+    assert config["bits"] == 32 and config["sparsity"] == 0.0 and config["num_experts"] == 1
+    # an ordinary trial never gets 32 bits from a space without it
+    study.tell(trial, [0.9, 1.0, 1.0])
+    for _ in range(5):
+        other = study.ask()
+        assert suggest(other, space)["bits"] in space.bits
+        study.tell(other, [0.9, 1.0, 1.0])
 
 
 def test_replace_revalidates() -> None:
