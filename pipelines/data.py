@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipelines.errors import DataError, unknown_name
+from pipelines.errors import ConfigError, DataError, unknown_name
 
 __all__ = ["Split", "Dataset", "load_dataset", "dataset_names", "default_data_root", "md5sum"]
 
@@ -74,7 +74,7 @@ class Split:
     def subset(self, fraction: float, seed: int = 0) -> Split:
         """A class-stratified random subset (used for cheap multi-fidelity trials)."""
         if not 0.0 < fraction <= 1.0:
-            raise ValueError(f"subset fraction must be in (0, 1], got {fraction}")
+            raise ConfigError(f"subset: fraction {fraction} is out of range; use a value in (0, 1].")
         if fraction >= 1.0:
             return self
         generator = np.random.default_rng(seed)
@@ -183,6 +183,12 @@ def _make_dataset(
         raise DataError(
             f"{source}: train images have shape {tuple(arrays['train'][0].shape)}, expected "
             "(N, H, W) or (N, H, W, C) with square images. The file is not a MedMNIST 2-D dataset."
+        )
+    if train_images.shape[3] != channels:
+        raise DataError(
+            f"{source}: train images have {train_images.shape[3]} channel(s), but {name} has {channels} "
+            f"({'grey' if channels == 1 else 'colour'} images). "
+            "The file belongs to another dataset; replace it."
         )
     image_size = int(train_images.shape[1])
     mean, std = _channel_stats(train_images, channels)

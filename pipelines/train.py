@@ -43,7 +43,7 @@ class TrainConfig:
         checks = {
             "epochs": self.epochs > 0,
             "lr": self.lr > 0,
-            "batch_size": self.batch_size >= 1,
+            "batch_size": self.batch_size >= 2,  # BatchNorm cannot train on one sample
             "weight_decay": self.weight_decay >= 0,
             "label_smoothing": 0 <= self.label_smoothing < 1,
             "kd_alpha": 0 <= self.kd_alpha <= 1,
@@ -54,7 +54,7 @@ class TrainConfig:
             if not ok:
                 raise ConfigError(
                     f"train.{field_name}: value {getattr(self, field_name)!r} is out of range "
-                    "(epochs, lr, batch_size, kd_temperature > 0; 0 <= kd_alpha <= 1; 0 < subset <= 1; "
+                    "(epochs, lr, kd_temperature > 0; batch_size >= 2; 0 <= kd_alpha <= 1; 0 < subset <= 1; "
                     "0 <= label_smoothing < 1)."
                 )
         if self.schedule not in ("onecycle", "cosine", "constant"):
@@ -143,6 +143,8 @@ def train(
     """
     torch.manual_seed(cfg.seed)
     split = data.subset(cfg.subset, seed=cfg.seed)
+    if len(split) < 2:
+        raise ConfigError(f"train: the training split has {len(split)} sample(s); need at least 2 (BatchNorm).")
     steps_per_epoch = math.ceil(len(split) / cfg.batch_size)
     total_steps = max(1, int(round(cfg.epochs * steps_per_epoch)))
     if optimizer is None:

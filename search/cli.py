@@ -297,7 +297,37 @@ class PredictCommand:
         return 0
 
 
-COMMANDS = [SearchCommand(), FrontCommand(), ExportCommand(), BaselineCommand(), PredictCommand()]
+class ReportCommand:
+    name = "report"
+    help = "write one page (Markdown + HTML) with the front, exported points, baseline and settings"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("study", help="study folder, e.g. results/bloodmnist-resnet20")
+        parser.add_argument("--storage", help="storage URL if the study is not in the folder's study.db")
+
+    def take_action(self, args: argparse.Namespace) -> int:
+        from pipelines.errors import ConfigError
+        from search.report import write_report
+        from search.study import completed_trials
+
+        folder, cfg, study = _open(args)
+        if not completed_trials(study):
+            raise ConfigError(
+                f"study {study.study_name!r} has no completed trials yet. Run `hycomp search` first."
+            )
+        markdown, page = write_report(cfg, study, folder)
+        print(f"wrote {markdown} and {page}")
+        return 0
+
+
+COMMANDS = [
+    SearchCommand(),
+    FrontCommand(),
+    ExportCommand(),
+    BaselineCommand(),
+    PredictCommand(),
+    ReportCommand(),
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -35,8 +36,9 @@ __all__ = [
 
 log = logging.getLogger("hycomp")
 
-HEARTBEAT_SECONDS = 20
-GRACE_SECONDS = 60
+# A killed worker's trial is noticed once its heartbeat is GRACE seconds old (env overrides for tests).
+HEARTBEAT_SECONDS = int(os.environ.get("HYCOMP_HEARTBEAT_SECONDS", "20"))
+GRACE_SECONDS = int(os.environ.get("HYCOMP_GRACE_SECONDS", "60"))
 
 
 def default_storage(folder: Path) -> str:
@@ -59,7 +61,7 @@ def make_storage(url: str) -> optuna.storages.BaseStorage:
             url,
             heartbeat_interval=HEARTBEAT_SECONDS,
             grace_period=GRACE_SECONDS,
-            failed_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
+            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
             engine_kwargs=engine_kwargs,
         )
     except Exception as error:  # sqlalchemy / driver errors have many types
@@ -251,7 +253,6 @@ def _worker_main(cfg_dict: dict, url: str, results: str | None, threads: int) ->
 
 def _run_workers(cfg: SearchConfig, url: str, results: Path | None, workers: int, study, progress) -> None:
     import multiprocessing
-    import os
 
     context = multiprocessing.get_context("spawn")
     threads = max(1, (os.cpu_count() or 1) // workers)

@@ -164,12 +164,6 @@ def test_colour_images_for_a_grey_dataset_are_refused(tmp_path: Path) -> None:
         load_dataset("organamnist", tmp_path, verify_md5=False)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ValueError,
-    reason="bug in pipelines/data.py: _channel_stats reshapes before the channel count is checked, so a "
-    "grey file under a colour dataset's name raises numpy's ValueError instead of DataError",
-)
 def test_grey_images_for_a_colour_dataset_are_refused(tmp_path: Path) -> None:
     # 64 * 28 * 28 pixels is not a multiple of 3: the reshape in _channel_stats fails first.
     write_synthetic_medmnist(tmp_path, name="bloodmnist", channels=1, sizes=(64, 16, 16))

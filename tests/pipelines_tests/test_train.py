@@ -138,6 +138,11 @@ def test_bad_train_config_names_the_field(field: str, value: object) -> None:
         TrainConfig(**{field: value})
 
 
+def test_batch_size_one_is_refused() -> None:
+    with pytest.raises(ConfigError, match="train.batch_size"):
+        TrainConfig(batch_size=1)
+
+
 def test_replace_validates_and_keeps_other_fields() -> None:
     cfg = TrainConfig(lr=0.1, seed=5)
     changed = cfg.replace(epochs=2.0)

@@ -174,3 +174,14 @@ def test_unreachable_storage_exits_2(tmp_path: Path, synthetic_root: Path, monke
 def test_front_on_unknown_folder_exits_2(tmp_path: Path, capsys) -> None:
     assert main(["front", str(tmp_path / "nothing")]) == 2
     assert "config.yaml" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_report_renders(searched: dict, capsys) -> None:
+    folder = searched["folder"]
+    assert main(["report", str(folder)]) == 0
+    markdown = (folder / "report.md").read_text()
+    assert "## Pareto front" in markdown and "## Search settings" in markdown and "front.png" in markdown
+    assert "Baseline (fp32 teacher)" in markdown
+    page = (folder / "report.html").read_text()
+    assert page.startswith("<!doctype html>") and "<img" in page

@@ -1,0 +1,1 @@
+"""Benchmark scripts (not tests): each writes a report under results/benchmarks/."""

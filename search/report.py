@@ -1,0 +1,114 @@
+"""``hycomp report``: one page (Markdown and HTML) with the front, the exported point(s), the baseline
+and the search settings."""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+
+import optuna
+
+from search.pareto import failures_table, format_table, front_table, trials_table
+from search.plots import plot_front_png
+from search.space import SearchConfig, dump_space
+
+__all__ = ["write_report"]
+
+
+def _markdown_table(frame) -> str:
+    if frame.empty:
+        return "_none_\n"
+    columns = list(frame.columns)
+    lines = ["| " + " | ".join(map(str, columns)) + " |", "|" + "---|" * len(columns)]
+    for _, row in frame.iterrows():
+        cells = [f"{value:.4g}" if isinstance(value, float) else str(value) for value in row]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(cfg: SearchConfig, study: optuna.Study, folder: Path) -> tuple[Path, Path]:
+    """Write ``folder/report.md`` and ``folder/report.html``; returns their paths."""
+    table = trials_table(study)
+    front = front_table(study)
+    baseline = study.user_attrs.get("baseline")
+    plot = plot_front_png(table, baseline, folder / "front.png")
+    columns = [
+        "trial",
+        "val_accuracy",
+        "mmacs",
+        "latency_ms",
+        "size_kb",
+        "sparsity",
+        "pruner",
+        "bits",
+        "num_experts",
+        "top_k",
+        "gate_size",
+        "feasible",
+    ]
+    shown = front[[c for c in columns if c in front.columns]] if not front.empty else front
+    lines = [
+        f"# hycomp study `{study.study_name}`",
+        "",
+        f"{len(table)} completed trials, {len(front)} on the Pareto front "
+        "(objectives: validation accuracy max, MMACs per input min, batch-1 latency min).",
+        "",
+        f"![Pareto front]({plot.name})",
+        "",
+        "## Pareto front",
+        "",
+        _markdown_table(shown),
+    ]
+    if not table.empty:
+        lines.append(
+            f"Latency: {table['latency_backend'].iloc[0]}, {int(table['latency_threads'].iloc[0])} thread(s), batch 1, "
+            "median of repeated runs. MACs per input = gate + top_k experts (FLOPs = 2 x MACs)."
+        )
+        lines.append("")
+    if baseline:
+        lines += [
+            "## Baseline (fp32 teacher)",
+            "",
+            f"{baseline['arch']}: val {baseline['val_accuracy']:.4f}, test {baseline['test_accuracy']:.4f}, "
+            f"{baseline['macs'] / 1e6:.2f} MMACs, {baseline['params']} params, "
+            f"{baseline['size_bytes_fp32'] / 1024:.1f} KB fp32, latency {baseline['latency']['median_ms']:.3f} ms "
+            f"({baseline['latency']['backend']}, {baseline['latency']['threads']} thread(s), batch 1).",
+            "",
+        ]
+    exports = sorted((folder / "export").glob("*/report.json")) if (folder / "export").exists() else []
+    if exports:
+        lines += ["## Exported points", ""]
+        for path in exports:
+            report = json.loads(path.read_text())
+            exported = report["exported"]
+            latency = exported["latency"]["latency"]
+            lines.append(
+                f"- trial {report['trial']} ({report['picked_because']}): TEST accuracy {exported['test_accuracy']:.4f} "
+                f"(baseline {report['baseline']['test_accuracy']:.4f}), {exported['mmacs']:.3f} MMACs, "
+                f"{exported['size_kb']:.1f} KB, {latency['median_ms']:.3f} ms ({latency['backend']}, "
+                f"{latency['threads']} thread(s), batch 1). Details: `{path.parent.name}/report.md`."
+            )
+        lines.append("")
+    failures = failures_table(study)
+    lines += ["## Failed or rejected trials", "", _markdown_table(failures)]
+    lines += ["## Search settings", "", "```yaml", dump_space(cfg).rstrip(), "```", ""]
+    markdown = "\n".join(lines)
+    md_path = folder / "report.md"
+    md_path.write_text(markdown)
+    html_path = folder / "report.html"
+    body = [
+        f"<h1>hycomp study {html.escape(study.study_name)}</h1>",
+        f"<p>{len(table)} completed trials, {len(front)} on the Pareto front.</p>",
+        f'<img src="{plot.name}" style="max-width:100%">',
+        "<h2>Pareto front</h2>",
+        f"<pre>{html.escape(format_table(shown, baseline)) if not shown.empty else 'none'}</pre>",
+        "<h2>Failed or rejected trials</h2>",
+        failures.to_html(index=False) if not failures.empty else "<p>none</p>",
+        "<h2>Search settings</h2>",
+        f"<pre>{html.escape(dump_space(cfg))}</pre>",
+    ]
+    html_path.write_text(
+        "<!doctype html><meta charset='utf-8'><title>hycomp report</title>" + "\n".join(body)
+    )
+    return md_path, html_path

@@ -1,0 +1,204 @@
+"""Reliability: crashing trials fail alone, Ctrl-C and SIGKILL lose nothing and resume, tampered files
+are refused, the same seed gives the same start."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from optuna.trial import TrialState
+
+from pipelines.errors import CompressionError, UntrustedFileError
+from search.cli import main
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def write_space(folder: Path, data_root: Path, name: str, trials: int = 3, **sections) -> Path:
+    mapping = yaml.safe_load((REPO / "search_spaces" / "tiny.yaml").read_text())
+    mapping["data"]["root"] = str(data_root)
+    mapping["study"]["name"] = name
+    mapping["study"]["trials"] = trials
+    for section, values in sections.items():
+        mapping.setdefault(section, {}).update(values)
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(mapping))
+    return path
+
+
+def load(folder: Path, name: str) -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{folder / name / 'study.db'}")
+
+
+@pytest.mark.slow
+def test_crashing_trial_fails_alone(tmp_path: Path, synthetic_root: Path, monkeypatch, capsys) -> None:
+    import search.objective as objective
+
+    real = objective.compress_hybrid
+    calls = {"count": 0}
+
+    def flaky(teacher, data, cfg, budget, seed=0):
+        calls["count"] += 1
+        if calls["count"] == 2:  # the first sampled trial after the reference
+            raise CompressionError("NNI ModelSpeedup failed: EmptyLayerError: an expert was pruned to nothing")
+        return real(teacher, data, cfg, budget, seed=seed)
+
+    monkeypatch.setattr(objective, "compress_hybrid", flaky)
+    monkeypatch.setenv("HYCOMP_RESULTS", str(tmp_path / "results"))
+    space = write_space(tmp_path, synthetic_root, "crash", trials=2)
+    assert main(["search", "--space", str(space), "--no-progress"]) == 0
+    study = load(tmp_path / "results", "crash")
+    states = [t.state for t in study.trials]
+    assert states.count(TrialState.COMPLETE) == 2 and states.count(TrialState.FAIL) == 1
+    failed = next(t for t in study.trials if t.state == TrialState.FAIL)
+    assert "EmptyLayerError" in failed.user_attrs["fail_reason"]
+    capsys.readouterr()
+    assert main(["front", str(tmp_path / "results" / "crash")]) == 0
+    out = capsys.readouterr().out
+    assert "failed" in out and "EmptyLayerError" in out
+
+
+@pytest.mark.slow
+def test_nan_loss_is_a_failed_trial_not_a_crash(tmp_path: Path, synthetic_root: Path, monkeypatch) -> None:
+    monkeypatch.setenv("HYCOMP_RESULTS", str(tmp_path / "results"))
+    # a learning rate that diverges at once: every compressed trial fails with a NaN reason
+    space = write_space(tmp_path, synthetic_root, "nan", trials=1, trial={"lr": 9.0}, study={"enqueue_baseline": False, "timeout_minutes": 0.5})
+    main(["search", "--space", str(space), "--no-progress"])
+    study = load(tmp_path / "results", "nan")
+    failed = [t for t in study.trials if t.state == TrialState.FAIL]
+    assert failed, "a diverging trial must be recorded as failed"
+    assert any("diverged" in t.user_attrs.get("fail_reason", "") for t in failed)
+
+
+def _search_process(space: Path, results: Path, env_extra: dict | None = None) -> subprocess.Popen:
+    env = {**os.environ, "HYCOMP_RESULTS": str(results), **(env_extra or {})}
+    return subprocess.Popen(
+        [sys.executable, "-m", "search.cli", "search", "--space", str(space), "--no-progress"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _wait_for_running_trial(results: Path, name: str, after: int, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if (results / name / "study.db").exists():
+            try:
+                study = load(results, name)
+                if any(t.state == TrialState.RUNNING and t.number >= after for t in study.trials):
+                    return
+            except Exception:  # the study may not exist yet
+                pass
+        time.sleep(0.5)
+    raise AssertionError("no trial started in time")
+
+
+@pytest.mark.slow
+def test_ctrl_c_marks_running_trial_and_resumes(tmp_path: Path, synthetic_root: Path) -> None:
+    results = tmp_path / "results"
+    space = write_space(tmp_path, synthetic_root, "interrupt", trials=3)
+    process = _search_process(space, results)
+    _wait_for_running_trial(results, "interrupt", after=1)
+    time.sleep(1.0)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    assert "interrupted" in err and "Re-run the same command to resume" in err and "Traceback" not in err
+    study = load(results, "interrupt")
+    assert any(t.state == TrialState.FAIL for t in study.trials)
+    assert not any(t.state == TrialState.RUNNING for t in study.trials)
+    kept = [t.number for t in study.trials if t.state == TrialState.COMPLETE]
+    # resume: the same command finishes the study without redoing completed trials
+    process = _search_process(space, results)
+    _, err = process.communicate(timeout=600)
+    assert process.returncode == 0, err
+    study = load(results, "interrupt")
+    complete = [t.number for t in study.trials if t.state == TrialState.COMPLETE]
+    assert len(complete) == 3 and set(kept) <= set(complete)
+
+
+@pytest.mark.slow
+def test_sigkill_mid_trial_resumes_and_retries(tmp_path: Path, synthetic_root: Path) -> None:
+    results = tmp_path / "results"
+    space = write_space(tmp_path, synthetic_root, "killed", trials=3)
+    fast_heartbeat = {"HYCOMP_HEARTBEAT_SECONDS": "1", "HYCOMP_GRACE_SECONDS": "3"}
+    process = _search_process(space, results, fast_heartbeat)
+    _wait_for_running_trial(results, "killed", after=1)
+    time.sleep(1.0)
+    process.kill()
+    process.communicate(timeout=60)
+    study = load(results, "killed")
+    killed = next(t for t in study.trials if t.state == TrialState.RUNNING)
+    time.sleep(4)  # let the heartbeat go stale
+    process = _search_process(space, results, fast_heartbeat)
+    _, err = process.communicate(timeout=600)
+    assert process.returncode == 0, err
+    study = load(results, "killed")
+    by_number = {t.number: t for t in study.trials}
+    assert by_number[killed.number].state == TrialState.FAIL
+    complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    assert len(complete) == 3
+    # Optuna's retry callback re-ran the killed configuration
+    retried = [t for t in complete if t.system_attrs.get("failed_trial") == killed.number]
+    assert retried and retried[0].params == killed.params
+
+
+def test_tampered_teacher_is_refused(tmp_path: Path, tiny_data) -> None:
+    from pipelines.models import build_model
+    from pipelines.serialize import save_checkpoint
+    from search.baseline import load_teacher
+
+    model = build_model("resnet8", 3, 8, 0.5)
+    save_checkpoint(model, tmp_path / "teacher", {"arch": "resnet8", "width": 0.5, "in_channels": 3, "num_classes": 8})
+    assert load_teacher(tmp_path) is not None
+    data = (tmp_path / "teacher.pt").read_bytes()
+    (tmp_path / "teacher.pt").write_bytes(data[:-10] + bytes(10))
+    with pytest.raises(UntrustedFileError, match="was modified"):
+        load_teacher(tmp_path)
+
+
+def test_pickled_code_is_refused(tmp_path: Path) -> None:
+    """A .pt whose hash was updated to match but which carries pickled code still does not load."""
+    import pickle
+
+    from pipelines.serialize import load_checkpoint, sha256_file
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    (tmp_path / "model.pt").write_bytes(pickle.dumps({"weight": Evil()}))
+    (tmp_path / "model.json").write_text(
+        json.dumps({"format_version": 1, "description": {}, "layers": {}, "sha256": sha256_file(tmp_path / "model.pt")})
+    )
+    with pytest.raises(UntrustedFileError, match="not a plain tensor file"):
+        load_checkpoint(tmp_path / "model")
+
+
+def test_same_seed_same_first_trials(tmp_path: Path) -> None:
+    from search.space import parse_space, suggest
+    from search.study import make_sampler
+
+    cfg = parse_space({"study": {"sampler": {"name": "tpe", "seed": 7}}})
+
+    def first_params() -> list[dict]:
+        study = optuna.create_study(directions=["maximize", "minimize", "minimize"], sampler=make_sampler(cfg))
+        params = []
+        for index in range(4):
+            trial = study.ask()
+            params.append(suggest(trial, cfg.space))
+            study.tell(trial, [0.5 + 0.01 * index, 10.0 - index, 1.0])
+        return params
+
+    assert first_params() == first_params()
