@@ -20,7 +20,7 @@ from pipelines.compress.prune import PruneConfig, prune
 from pipelines.compress.quantize import QuantizeConfig, quantize
 from pipelines.data import Dataset
 from pipelines.moe import MixtureOfExperts, MoEConfig, build_moe, warm_start_gate
-from pipelines.train import TrainConfig, train
+from pipelines.train import TrainConfig, evaluate, train
 
 __all__ = ["HybridConfig", "StageBudget", "HybridResult", "compress_hybrid"]
 
@@ -52,6 +52,7 @@ class HybridResult:
     bits_by_layer: dict[str, int]
     seconds: dict[str, float]
     class_assignment: list[int]
+    stage_accuracy: dict[str, float] = field(default_factory=dict)
 
 
 def compress_hybrid(
@@ -59,6 +60,7 @@ def compress_hybrid(
 ) -> HybridResult:
     """Run every stage on ``teacher`` (left untouched) and return the compressed MoE with a record."""
     seconds: dict[str, float] = {}
+    stage_accuracy: dict[str, float] = {}  # validation accuracy after each stage: where accuracy is lost
     example = data.val.images[:2]
     teacher.eval()
     torch.manual_seed(seed)
@@ -66,12 +68,16 @@ def compress_hybrid(
     pruned = prune(teacher, cfg.prune, example)
     seconds["prune"] = pruned.seconds
     expert = pruned.model
+    stage_accuracy["pruned"] = evaluate(expert, data.val)
 
     base = budget.train.replace(seed=seed)
-    if budget.finetune_epochs > 0:
+    # Nothing was removed at sparsity 0: the expert is the teacher itself and needs no recovery.
+    unpruned = cfg.prune.sparsity == 0
+    if budget.finetune_epochs > 0 and not unpruned:
         started = time.perf_counter()
         train(expert, data.train, base.replace(epochs=budget.finetune_epochs), teacher)
         seconds["finetune"] = time.perf_counter() - started
+    stage_accuracy["finetuned"] = evaluate(expert, data.val)
 
     started = time.perf_counter()
     moe = build_moe(expert, data.channels, cfg.moe, seed=seed)
@@ -81,10 +87,14 @@ def compress_hybrid(
         data.num_classes,
         epochs=max(budget.gate_epochs, 0.05),
         seed=seed,
+        teacher=teacher,
     )
-    if budget.moe_epochs > 0:
+    # One unpruned expert behind a gate that can only pick it is the teacher: training would only
+    # distil the teacher into itself.
+    if budget.moe_epochs > 0 and not (unpruned and cfg.moe.num_experts == 1):
         train(moe, data.train, base.replace(epochs=budget.moe_epochs), teacher)
     seconds["moe"] = time.perf_counter() - started
+    stage_accuracy["moe"] = evaluate(moe, data.val)
 
     quantized = quantize(
         moe,
@@ -96,6 +106,7 @@ def compress_hybrid(
     )
     seconds["quantize"] = quantized.seconds
     moe.eval()
+    stage_accuracy["quantized"] = evaluate(moe, data.val)
     return HybridResult(
         moe=moe,
         expert_params=pruned.params_after,
@@ -104,4 +115,5 @@ def compress_hybrid(
         bits_by_layer=quantized.bits_by_layer,
         seconds=seconds,
         class_assignment=assignment,
+        stage_accuracy=stage_accuracy,
     )

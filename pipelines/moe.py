@@ -1,12 +1,18 @@
 """Mixture of Experts over compressed models: a small conv gate routes each input to its top-k experts.
 
-Training dispatches sparsely (each sample runs only through its chosen experts, so a step costs about
-one expert + gate) and adds a Switch-style load-balancing term so no expert starves. With top-1 routing
-the combine weight is ``p / p.detach()`` (value 1, gradient 1/p): the gate learns from the task loss
-without the output being scaled down.
+Training dispatches sparsely: each sample runs only through its chosen experts, so a step costs about
+one expert + gate, not K. Two routing modes (``MoEConfig.routing``):
 
-Experts start as copies of one compressed model; the gate is warm-started to route by class groups
-(classes split into balanced groups), which gives each expert a sub-task to specialize on.
+- ``class-groups`` (default): classes are split into K groups of about equal training mass, putting
+  classes the teacher confuses into the SAME group (so the gate separates easy groups and an expert
+  resolves the fine distinctions). The gate is trained with cross-entropy to predict the group; the
+  experts learn from the samples the gate actually sends them. Balanced by construction, and each
+  expert's specialty is readable in the routing table. Measured on BloodMNIST: learned routing
+  collapsed to one expert within two epochs even with a balance term, this mode cannot.
+- ``learned``: the gate learns from the task loss (top-1 combine weight ``p / p.detach()``: value 1,
+  gradient 1/p) plus a Switch-style load-balancing term.
+
+Experts start as copies of one compressed model; the gate is warm-started on the class groups.
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ __all__ = [
     "build_moe",
     "class_groups",
     "warm_start_gate",
+    "teacher_similarity",
+    "ROUTINGS",
     "routing_table",
 ]
 
@@ -37,7 +45,9 @@ class MoEConfig:
     num_experts: int = 2
     top_k: int = 1
     gate_size: int = 8  # channels of the gate's first conv (second conv has twice as many)
-    balance_weight: float = 0.01
+    balance_weight: float = 0.01  # learned routing: weight of the load-balancing term
+    routing: str = "class-groups"
+    gate_loss_weight: float = 1.0  # class-groups routing: weight of the gate's cross-entropy
 
     def __post_init__(self) -> None:
         if not 1 <= self.num_experts <= 16:
@@ -51,6 +61,11 @@ class MoEConfig:
             raise ConfigError(f"moe.gate_size: {self.gate_size} is out of range; use 1..256 channels.")
         if self.balance_weight < 0:
             raise ConfigError(f"moe.balance_weight: {self.balance_weight} must be >= 0.")
+        if self.routing not in ROUTINGS:
+            raise ConfigError(f"moe.routing: unknown value {self.routing!r}. Valid values: {', '.join(ROUTINGS)}.")
+
+
+ROUTINGS = ("class-groups", "learned")
 
 
 class Gate(nn.Module):
@@ -75,14 +90,25 @@ class Gate(nn.Module):
 
 class MixtureOfExperts(nn.Module):
     def __init__(
-        self, gate: nn.Module, experts: list[nn.Module], top_k: int, balance_weight: float = 0.01
+        self,
+        gate: nn.Module,
+        experts: list[nn.Module],
+        top_k: int,
+        balance_weight: float = 0.01,
+        routing: str = "learned",
+        class_to_expert: list[int] | None = None,
+        gate_loss_weight: float = 1.0,
     ) -> None:
         super().__init__()
         self.gate = gate
         self.experts = nn.ModuleList(experts)
         self.top_k = top_k
         self.balance_weight = balance_weight
+        self.routing = routing
+        self.class_to_expert = class_to_expert
+        self.gate_loss_weight = gate_loss_weight
         self._auxiliary = torch.zeros(())
+        self._gate_logits: torch.Tensor | None = None
         self.last_routing: torch.Tensor | None = None
 
     @property
@@ -91,9 +117,13 @@ class MixtureOfExperts(nn.Module):
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(gate probabilities (B, E), chosen experts (B, k), combine weights (B, k))."""
-        probabilities = F.softmax(self.gate(x), dim=1)
+        logits = self.gate(x)
+        self._gate_logits = logits
+        probabilities = F.softmax(logits, dim=1)
         top_values, top_index = probabilities.topk(self.top_k, dim=1)
         weights = top_values / top_values.sum(dim=1, keepdim=True).detach()
+        if self.routing == "class-groups":
+            weights = weights.detach()  # the gate learns only its routing target
         return probabilities, top_index, weights
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -115,7 +145,7 @@ class MixtureOfExperts(nn.Module):
             if output is None:
                 output = x.new_zeros(x.shape[0], expert_out.shape[1])
             output = output.index_add(0, rows, contribution)
-        if self.training and self.balance_weight > 0:
+        if self.training and self.balance_weight > 0 and self.routing == "learned":
             fraction = F.one_hot(top_index[:, 0], self.num_experts).float().mean(dim=0)
             self._auxiliary = (
                 self.balance_weight * self.num_experts * (fraction * probabilities.mean(dim=0)).sum()
@@ -124,8 +154,19 @@ class MixtureOfExperts(nn.Module):
             self._auxiliary = torch.zeros(())
         return output
 
-    def auxiliary_loss(self) -> torch.Tensor:
-        """The load-balancing term of the last forward pass (picked up by ``train``)."""
+    def auxiliary_loss(self, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """The extra loss of the last training forward pass (``train`` adds it): the load-balancing term
+        (learned routing) or the gate's cross-entropy on the class groups (class-groups routing)."""
+        if (
+            self.training
+            and self.routing == "class-groups"
+            and labels is not None
+            and self.class_to_expert is not None
+            and self._gate_logits is not None
+            and self.num_experts > 1
+        ):
+            targets = torch.as_tensor(self.class_to_expert, device=labels.device)[labels]
+            return self.gate_loss_weight * F.cross_entropy(self._gate_logits, targets)
         return self._auxiliary
 
 
@@ -134,27 +175,83 @@ def build_moe(expert: nn.Module, in_channels: int, cfg: MoEConfig, seed: int = 0
     torch.manual_seed(seed)
     gate = Gate(in_channels, cfg.num_experts, cfg.gate_size)
     experts = [copy.deepcopy(expert) for _ in range(cfg.num_experts)]
-    return MixtureOfExperts(gate, experts, cfg.top_k, cfg.balance_weight)
+    return MixtureOfExperts(
+        gate, experts, cfg.top_k, cfg.balance_weight, cfg.routing, gate_loss_weight=cfg.gate_loss_weight
+    )
 
 
-def class_groups(labels: torch.Tensor, num_classes: int, num_experts: int) -> list[int]:
-    """Assign each class to an expert so that experts get about equal numbers of training samples
-    (largest classes first, each to the currently lightest expert). Returns expert id per class."""
+def class_groups(
+    labels: torch.Tensor, num_classes: int, num_experts: int, similarity: torch.Tensor | None = None
+) -> list[int]:
+    """Assign each class to an expert; returns the expert id of each class.
+
+    Without ``similarity``: experts get about equal numbers of training samples (largest classes first,
+    each to the currently lightest expert). With a (C, C) ``similarity`` (e.g. how much probability the
+    teacher gives class j on samples of class i): agglomerative grouping that merges the most similar
+    groups first while no group exceeds 1.25x the fair share of samples, so confusable classes share an
+    expert and experts stay balanced.
+    """
     counts = torch.bincount(labels, minlength=num_classes).tolist()
-    load = [0] * num_experts
+    if similarity is None or num_experts == 1 or num_experts >= num_classes:
+        load = [0] * num_experts
+        assignment = [0] * num_classes
+        for cls in sorted(range(num_classes), key=lambda c: -counts[c]):
+            target = min(range(num_experts), key=lambda e: load[e])
+            assignment[cls] = target
+            load[target] += counts[cls]
+        return assignment
+    capacity = 1.25 * sum(counts) / num_experts
+    symmetric = (similarity + similarity.T) / 2
+    groups = [[cls] for cls in range(num_classes)]
+    while len(groups) > num_experts:
+        best, best_score = None, -1.0
+        for first in range(len(groups)):
+            for second in range(first + 1, len(groups)):
+                mass = sum(counts[c] for c in groups[first] + groups[second])
+                if mass > capacity:
+                    continue
+                score = float(symmetric[groups[first]][:, groups[second]].mean())
+                if score > best_score:
+                    best, best_score = (first, second), score
+        if best is None:  # nothing fits under the cap: merge the two lightest groups
+            order = sorted(range(len(groups)), key=lambda g: sum(counts[c] for c in groups[g]))
+            best = (min(order[:2]), max(order[:2]))
+        first, second = best
+        groups[first] = groups[first] + groups.pop(second)
+    groups.sort(key=lambda group: min(group))
     assignment = [0] * num_classes
-    for cls in sorted(range(num_classes), key=lambda c: -counts[c]):
-        target = min(range(num_experts), key=lambda e: load[e])
-        assignment[cls] = target
-        load[target] += counts[cls]
+    for expert_id, group in enumerate(groups):
+        for cls in group:
+            assignment[cls] = expert_id
     return assignment
 
 
+@torch.no_grad()
+def teacher_similarity(teacher: nn.Module, data: Split, num_classes: int) -> torch.Tensor:
+    """(C, C): mean teacher probability of class j over samples of class i (its confusions)."""
+    teacher.eval()
+    totals = torch.zeros(num_classes, num_classes)
+    for images, labels in data.batches(512):
+        totals.index_add_(0, labels, F.softmax(teacher(images), dim=1))
+    counts = torch.bincount(data.labels, minlength=num_classes).clamp(min=1).unsqueeze(1)
+    similarity = totals / counts
+    similarity.fill_diagonal_(0)
+    return similarity
+
+
 def warm_start_gate(
-    moe: MixtureOfExperts, data: Split, num_classes: int, epochs: float = 1.0, seed: int = 0
+    moe: MixtureOfExperts,
+    data: Split,
+    num_classes: int,
+    epochs: float = 1.0,
+    seed: int = 0,
+    teacher: nn.Module | None = None,
 ) -> list[int]:
-    """Train the gate alone to send each class group to its expert (a starting point for joint training)."""
-    assignment = class_groups(data.labels, num_classes, moe.num_experts)
+    """Choose the class groups (confusion-aware when a ``teacher`` is given) and train the gate alone
+    to send each group to its expert. Sets ``moe.class_to_expert``; returns it."""
+    similarity = teacher_similarity(teacher, data, num_classes) if teacher is not None else None
+    assignment = class_groups(data.labels, num_classes, moe.num_experts, similarity)
+    moe.class_to_expert = assignment
     if moe.num_experts == 1:
         return assignment
     target_of = torch.tensor(assignment)
@@ -202,6 +299,8 @@ def moe_description(
         "top_k": moe.top_k,
         "gate_size": gate_size,
         "balance_weight": moe.balance_weight,
+        "routing": moe.routing,
+        "class_to_expert": moe.class_to_expert,
     }
 
 
@@ -217,7 +316,14 @@ def rebuild_moe(description: dict, layers: dict, state: dict) -> MixtureOfExpert
         for _ in range(description["num_experts"])
     ]
     gate = Gate(description["in_channels"], description["num_experts"], description["gate_size"])
-    moe = MixtureOfExperts(gate, experts, description["top_k"], description.get("balance_weight", 0.01))
+    moe = MixtureOfExperts(
+        gate,
+        experts,
+        description["top_k"],
+        description.get("balance_weight", 0.01),
+        description.get("routing", "learned"),
+        description.get("class_to_expert"),
+    )
     resize_layers(moe, layers)
     moe.load_state_dict(state)
     return moe.eval()

@@ -99,7 +99,7 @@ def _loss(batch, model: nn.Module, teacher: nn.Module | None, cfg: TrainConfig) 
         )
     auxiliary = getattr(model, "auxiliary_loss", None)
     if callable(auxiliary):
-        loss = loss + auxiliary()
+        loss = loss + auxiliary(labels)
     return loss
 
 

@@ -82,6 +82,7 @@ def hybrid_config(params: dict) -> HybridConfig:
             num_experts=int(params["num_experts"]),
             top_k=min(int(params["top_k"]), int(params["num_experts"])),
             gate_size=int(params["gate_size"]),
+            routing=params.get("routing", "class-groups"),
         ),
     )
 
@@ -171,6 +172,7 @@ def evaluate_config(
         "top1_agreement_with_torch": agree["top1_agreement"],
         "routing_per_class": table.tolist(),
         "class_assignment": result.class_assignment,
+        "stage_val_accuracy": result.stage_accuracy,
         "seconds": seconds,
         "effective_top_k": hybrid.moe.top_k,
     }

@@ -23,6 +23,7 @@ from pipelines.compress.quantize import BITS
 from pipelines.data import dataset_names
 from pipelines.errors import ConfigError, unknown_name
 from pipelines.models import model_names
+from pipelines.moe import ROUTINGS
 
 __all__ = [
     "SAMPLERS",
@@ -100,12 +101,12 @@ class BaselineSettings:
 class Budget:
     """Training budget of one trial's stages (multi-fidelity: trials cheap, export at full budget)."""
 
-    subset: float = 0.5
-    finetune_epochs: float = 2.0
+    subset: float = 1.0
+    finetune_epochs: float = 3.0
     moe_epochs: float = 2.0
     qat_epochs: float = 0.5
     gate_epochs: float = 1.0
-    lr: float = 0.02
+    lr: float = 0.05
     batch_size: int = 128
     kd_alpha: float = 0.7
     kd_temperature: float = 4.0
@@ -120,6 +121,7 @@ class Space:
     num_experts: IntRange = field(default_factory=lambda: IntRange(1, 4))
     top_k: IntRange = field(default_factory=lambda: IntRange(1, 2))
     gate_size: tuple[int, ...] = (4, 8, 16)
+    routing: tuple[str, ...] = ("class-groups",)  # class-groups | learned (see pipelines/moe.py)
 
 
 @dataclass(frozen=True)
@@ -311,6 +313,9 @@ def _validate(cfg: SearchConfig) -> None:
             f"space.top_k.low: {space.top_k.low} exceeds space.num_experts.high ({space.num_experts.high}); "
             "top_k must not exceed the number of experts. Lower top_k.low or raise num_experts.high."
         )
+    for routing in space.routing:
+        if routing not in ROUTINGS:
+            raise unknown_name("space.routing", routing, ROUTINGS)
     for gate_size in space.gate_size:
         _check_range("space.gate_size", gate_size, 1, 256)
     _check_range("measure.latency_threads", cfg.measure.latency_threads, 1, 256)
@@ -384,6 +389,7 @@ def suggest(trial: Any, space: Space) -> dict:
     )
     params["top_k"] = trial.suggest_int("top_k", space.top_k.low, space.top_k.high, step=space.top_k.step)
     params["gate_size"] = trial.suggest_categorical("gate_size", list(space.gate_size))
+    params["routing"] = trial.suggest_categorical("routing", list(space.routing))
     params["effective_top_k"] = min(params["top_k"], params["num_experts"])
     return params
 
@@ -400,6 +406,7 @@ def baseline_params(space: Space) -> dict:
         "num_experts": 1,
         "top_k": 1,
         "gate_size": min(space.gate_size),
+        "routing": space.routing[0],
     }
     if REFERENCE_BITS not in space.bits:
         del params["bits"]  # not a valid categorical choice: suggest() fills it in for the reference

@@ -14,13 +14,16 @@ from pipelines.train import TrainConfig, evaluate, train
 
 
 def _moe(
-    num_experts: int = 3, top_k: int = 1, balance_weight: float = 0.01, seed: int = 0
+    num_experts: int = 3,
+    top_k: int = 1,
+    balance_weight: float = 0.01,
+    seed: int = 0,
+    routing: str = "learned",
 ) -> MixtureOfExperts:
     torch.manual_seed(seed)
     expert = build_model("resnet8", 3, 8, 0.5)
-    return build_moe(
-        expert, 3, MoEConfig(num_experts=num_experts, top_k=top_k, balance_weight=balance_weight), seed=seed
-    )
+    cfg = MoEConfig(num_experts=num_experts, top_k=top_k, balance_weight=balance_weight, routing=routing)
+    return build_moe(expert, 3, cfg, seed=seed)
 
 
 def _spread_gate(moe: MixtureOfExperts) -> None:
@@ -186,3 +189,34 @@ def test_moe_trains_with_the_loop(tiny_data: Dataset) -> None:
     report = train(moe, tiny_data.train, TrainConfig(epochs=1, batch_size=32))
     assert report.steps == 10 and torch.isfinite(torch.tensor(report.final_loss))
     assert 0.0 <= evaluate(moe, tiny_data.val) <= 1.0
+
+
+def test_class_group_routing_trains_gate_only_on_its_targets() -> None:
+    moe = _moe(num_experts=3, top_k=1, routing="class-groups").train()
+    moe.class_to_expert = [0, 0, 0, 1, 1, 2, 2, 2]
+    example, labels = torch.randn(8, 3, 28, 28), torch.arange(8)
+    logits = moe(example)
+    # the task loss does not reach the gate: routing weights are detached
+    F.cross_entropy(logits, labels).backward()
+    assert moe.gate.fc.weight.grad is None or moe.gate.fc.weight.grad.abs().sum() == 0
+    moe.zero_grad()
+    moe(example)
+    auxiliary = moe.auxiliary_loss(labels)
+    expected = 1.0 * F.cross_entropy(moe._gate_logits, torch.tensor(moe.class_to_expert)[labels])
+    assert torch.allclose(auxiliary, expected)
+    auxiliary.backward()
+    assert moe.gate.fc.weight.grad.abs().sum() > 0
+
+
+def test_confusion_aware_groups_keep_confused_classes_together() -> None:
+    labels = torch.arange(6).repeat(10)  # six equal classes
+    similarity = torch.zeros(6, 6)
+    for first, second in ((0, 3), (1, 4), (2, 5)):  # pairs the teacher confuses
+        similarity[first, second] = similarity[second, first] = 0.3
+    assignment = class_groups(labels, 6, 3, similarity)
+    assert assignment[0] == assignment[3] and assignment[1] == assignment[4] and assignment[2] == assignment[5]
+    assert len(set(assignment)) == 3
+    # balance still holds: no group over 1.25x its fair share even when one class is similar to all
+    similarity[0, :] = similarity[:, 0] = 0.9
+    assignment = class_groups(labels, 6, 3, similarity)
+    assert max(assignment.count(expert) for expert in range(3)) <= 2
