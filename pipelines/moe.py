@@ -62,7 +62,9 @@ class MoEConfig:
         if self.balance_weight < 0:
             raise ConfigError(f"moe.balance_weight: {self.balance_weight} must be >= 0.")
         if self.routing not in ROUTINGS:
-            raise ConfigError(f"moe.routing: unknown value {self.routing!r}. Valid values: {', '.join(ROUTINGS)}.")
+            raise ConfigError(
+                f"moe.routing: unknown value {self.routing!r}. Valid values: {', '.join(ROUTINGS)}."
+            )
 
 
 ROUTINGS = ("class-groups", "learned")

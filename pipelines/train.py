@@ -144,7 +144,9 @@ def train(
     torch.manual_seed(cfg.seed)
     split = data.subset(cfg.subset, seed=cfg.seed)
     if len(split) < 2:
-        raise ConfigError(f"train: the training split has {len(split)} sample(s); need at least 2 (BatchNorm).")
+        raise ConfigError(
+            f"train: the training split has {len(split)} sample(s); need at least 2 (BatchNorm)."
+        )
     steps_per_epoch = math.ceil(len(split) / cfg.batch_size)
     total_steps = max(1, int(round(cfg.epochs * steps_per_epoch)))
     if optimizer is None:

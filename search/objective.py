@@ -77,7 +77,7 @@ def stage_budget(budget: Budget, seed: int) -> StageBudget:
 def hybrid_config(params: dict) -> HybridConfig:
     return HybridConfig(
         prune=PruneConfig(sparsity=float(params["sparsity"]), pruner=params["pruner"]),
-        quantize=QuantizeConfig(bits=int(params["bits"])),
+        quantize=QuantizeConfig(bits=int(params["bits"]), method=params.get("quantizer", "qat")),
         moe=MoEConfig(
             num_experts=int(params["num_experts"]),
             top_k=min(int(params["top_k"]), int(params["num_experts"])),

@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from pipelines.compress.prune import PRUNERS
-from pipelines.compress.quantize import BITS
+from pipelines.compress.quantize import BITS, QUANTIZER_METHODS
 from pipelines.data import dataset_names
 from pipelines.errors import ConfigError, unknown_name
 from pipelines.models import model_names
@@ -118,6 +118,7 @@ class Space:
     sparsity: FloatRange = field(default_factory=lambda: FloatRange(0.3, 0.8, 0.05))
     pruner: tuple[str, ...] = ("l1", "l2", "fpgm")
     bits: tuple[int, ...] = (4, 6, 8)
+    quantizer: tuple[str, ...] = ("qat",)  # qat | ptq
     num_experts: IntRange = field(default_factory=lambda: IntRange(1, 4))
     top_k: IntRange = field(default_factory=lambda: IntRange(1, 2))
     gate_size: tuple[int, ...] = (4, 8, 16)
@@ -313,6 +314,9 @@ def _validate(cfg: SearchConfig) -> None:
             f"space.top_k.low: {space.top_k.low} exceeds space.num_experts.high ({space.num_experts.high}); "
             "top_k must not exceed the number of experts. Lower top_k.low or raise num_experts.high."
         )
+    for method in space.quantizer:
+        if method not in QUANTIZER_METHODS:
+            raise unknown_name("space.quantizer", method, QUANTIZER_METHODS)
     for routing in space.routing:
         if routing not in ROUTINGS:
             raise unknown_name("space.routing", routing, ROUTINGS)
@@ -384,6 +388,7 @@ def suggest(trial: Any, space: Space) -> dict:
         params["bits"] = REFERENCE_BITS
     else:
         params["bits"] = trial.suggest_categorical("bits", list(space.bits))
+    params["quantizer"] = trial.suggest_categorical("quantizer", list(space.quantizer))
     params["num_experts"] = trial.suggest_int(
         "num_experts", space.num_experts.low, space.num_experts.high, step=space.num_experts.step
     )
@@ -407,6 +412,7 @@ def baseline_params(space: Space) -> dict:
         "top_k": 1,
         "gate_size": min(space.gate_size),
         "routing": space.routing[0],
+        "quantizer": space.quantizer[0],
     }
     if REFERENCE_BITS not in space.bits:
         del params["bits"]  # not a valid categorical choice: suggest() fills it in for the reference

@@ -20,7 +20,9 @@ from torch import nn
 
 from pipelines.errors import CompressionError
 
-__all__ = ["PRUNER_CLASSES", "prune_and_speedup", "qat_quantize", "quiet"]
+__all__ = ["PRUNER_CLASSES", "QUANTIZER_METHODS", "prune_and_speedup", "quantize_weights", "quiet"]
+
+QUANTIZER_METHODS: tuple[str, ...] = ("qat", "ptq")
 
 _QUIET_LOGGER = logging.getLogger("hycomp.nni")
 _QUIET_LOGGER.setLevel(logging.ERROR)
@@ -85,7 +87,7 @@ def prune_and_speedup(
     return model
 
 
-def qat_quantize(
+def quantize_weights(
     model: nn.Module,
     bits: int,
     targets: dict[str, int],
@@ -93,8 +95,10 @@ def qat_quantize(
     step: Callable,
     lr: float,
     example_input: torch.Tensor,
+    method: str = "qat",
 ) -> dict[str, dict[str, torch.Tensor]]:
-    """Quantization-aware training of the weights of the named layers with NNI's QATQuantizer.
+    """Quantize the weights of the named layers with NNI: ``qat`` (QATQuantizer, trains through the
+    fake quantization) or ``ptq`` (PtqQuantizer: ``train_function`` must only run forward passes).
 
     ``targets`` maps a layer name to its bit-width; ``train_function(model, optimizer, step)`` runs the
     training loop with the optimizer and step NNI hands in. Returns, per layer, the learned ``scale``,
@@ -103,7 +107,7 @@ def qat_quantize(
     with quiet():
         import nni
         from nni.compression import TorchEvaluator
-        from nni.compression.quantization import QATQuantizer
+        from nni.compression.quantization import PtqQuantizer, QATQuantizer
 
         by_bits: dict[int, list[str]] = {}
         for name, layer_bits in targets.items():
@@ -126,14 +130,21 @@ def qat_quantize(
             train_function(model, optimizer, training_step)
 
         optimizer = nni.trace(torch.optim.SGD)(model.parameters(), lr=lr, momentum=0.9, nesterov=True)
-        evaluator = TorchEvaluator(training_func, optimizer, step, dummy_input=example_input)
+        evaluator = TorchEvaluator(
+            training_func, optimizer, step, dummy_input=example_input, evaluating_func=lambda _model: None
+        )
         try:
-            quantizer = QATQuantizer(model, config_list, evaluator, quant_start_step=0)
+            if method == "ptq":
+                quantizer = PtqQuantizer(model, config_list, evaluator)
+            else:
+                quantizer = QATQuantizer(model, config_list, evaluator, quant_start_step=0)
             _, calibration = quantizer.compress(None, 1)
         except CompressionError:
             raise
         except Exception as error:
-            raise CompressionError(f"NNI QAT quantizer failed: {type(error).__name__}: {error}") from error
+            raise CompressionError(
+                f"NNI {method} quantizer failed: {type(error).__name__}: {error}"
+            ) from error
         result: dict[str, dict[str, torch.Tensor]] = {}
         missing = []
         for name in targets:

@@ -13,12 +13,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from pipelines.compress._nni import qat_quantize
+from pipelines.compress._nni import QUANTIZER_METHODS, quantize_weights
 from pipelines.data import Split
-from pipelines.errors import ConfigError
+from pipelines.errors import ConfigError, unknown_name
 from pipelines.train import TrainConfig, make_step, train
 
-__all__ = ["QuantizeConfig", "QuantizeResult", "quantize", "BITS"]
+__all__ = ["QuantizeConfig", "QuantizeResult", "quantize", "BITS", "QUANTIZER_METHODS"]
 
 BITS: tuple[int, ...] = (2, 3, 4, 5, 6, 7, 8, 32)
 
@@ -30,8 +30,11 @@ class QuantizeConfig:
 
     bits: int = 8
     first_last_bits: int = 8
+    method: str = "qat"  # qat: quantization-aware training | ptq: post-training (min/max, no training)
 
     def __post_init__(self) -> None:
+        if self.method not in QUANTIZER_METHODS:
+            raise unknown_name("quantize.method", self.method, QUANTIZER_METHODS)
         for name in ("bits", "first_last_bits"):
             if getattr(self, name) not in BITS:
                 raise ConfigError(
@@ -91,10 +94,19 @@ def quantize(
 
     def train_function(module: nn.Module, optimizer: torch.optim.Optimizer, step) -> None:
         _prime(module, example_input)
+        if cfg.method == "ptq":
+            return  # weight ranges need no data: priming ran every layer once
         train(module, data, train_cfg, teacher, optimizer=optimizer, step=step)
 
-    calibration = qat_quantize(
-        model, cfg.bits, targets, train_function, make_step(teacher, train_cfg), train_cfg.lr, example_input
+    calibration = quantize_weights(
+        model,
+        cfg.bits,
+        targets,
+        train_function,
+        make_step(teacher, train_cfg),
+        train_cfg.lr,
+        example_input,
+        method=cfg.method,
     )
     _bake(model, calibration)
     model.eval()

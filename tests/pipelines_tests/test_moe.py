@@ -214,7 +214,9 @@ def test_confusion_aware_groups_keep_confused_classes_together() -> None:
     for first, second in ((0, 3), (1, 4), (2, 5)):  # pairs the teacher confuses
         similarity[first, second] = similarity[second, first] = 0.3
     assignment = class_groups(labels, 6, 3, similarity)
-    assert assignment[0] == assignment[3] and assignment[1] == assignment[4] and assignment[2] == assignment[5]
+    assert (
+        assignment[0] == assignment[3] and assignment[1] == assignment[4] and assignment[2] == assignment[5]
+    )
     assert len(set(assignment)) == 3
     # balance still holds: no group over 1.25x its fair share even when one class is similar to all
     similarity[0, :] = similarity[:, 0] = 0.9

@@ -48,7 +48,9 @@ def test_crashing_trial_fails_alone(tmp_path: Path, synthetic_root: Path, monkey
     def flaky(teacher, data, cfg, budget, seed=0):
         calls["count"] += 1
         if calls["count"] == 2:  # the first sampled trial after the reference
-            raise CompressionError("NNI ModelSpeedup failed: EmptyLayerError: an expert was pruned to nothing")
+            raise CompressionError(
+                "NNI ModelSpeedup failed: EmptyLayerError: an expert was pruned to nothing"
+            )
         return real(teacher, data, cfg, budget, seed=seed)
 
     monkeypatch.setattr(objective, "compress_hybrid", flaky)
@@ -70,7 +72,14 @@ def test_crashing_trial_fails_alone(tmp_path: Path, synthetic_root: Path, monkey
 def test_nan_loss_is_a_failed_trial_not_a_crash(tmp_path: Path, synthetic_root: Path, monkeypatch) -> None:
     monkeypatch.setenv("HYCOMP_RESULTS", str(tmp_path / "results"))
     # a learning rate that diverges at once: every compressed trial fails with a NaN reason
-    space = write_space(tmp_path, synthetic_root, "nan", trials=1, trial={"lr": 9.0}, study={"enqueue_baseline": False, "timeout_minutes": 0.5})
+    space = write_space(
+        tmp_path,
+        synthetic_root,
+        "nan",
+        trials=1,
+        trial={"lr": 9.0},
+        study={"enqueue_baseline": False, "timeout_minutes": 0.5},
+    )
     main(["search", "--space", str(space), "--no-progress"])
     study = load(tmp_path / "results", "nan")
     failed = [t for t in study.trials if t.state == TrialState.FAIL]
@@ -160,7 +169,9 @@ def test_tampered_teacher_is_refused(tmp_path: Path, tiny_data) -> None:
     from search.baseline import load_teacher
 
     model = build_model("resnet8", 3, 8, 0.5)
-    save_checkpoint(model, tmp_path / "teacher", {"arch": "resnet8", "width": 0.5, "in_channels": 3, "num_classes": 8})
+    save_checkpoint(
+        model, tmp_path / "teacher", {"arch": "resnet8", "width": 0.5, "in_channels": 3, "num_classes": 8}
+    )
     assert load_teacher(tmp_path) is not None
     data = (tmp_path / "teacher.pt").read_bytes()
     (tmp_path / "teacher.pt").write_bytes(data[:-10] + bytes(10))
@@ -180,7 +191,14 @@ def test_pickled_code_is_refused(tmp_path: Path) -> None:
 
     (tmp_path / "model.pt").write_bytes(pickle.dumps({"weight": Evil()}))
     (tmp_path / "model.json").write_text(
-        json.dumps({"format_version": 1, "description": {}, "layers": {}, "sha256": sha256_file(tmp_path / "model.pt")})
+        json.dumps(
+            {
+                "format_version": 1,
+                "description": {},
+                "layers": {},
+                "sha256": sha256_file(tmp_path / "model.pt"),
+            }
+        )
     )
     with pytest.raises(UntrustedFileError, match="not a plain tensor file"):
         load_checkpoint(tmp_path / "model")
@@ -193,7 +211,9 @@ def test_same_seed_same_first_trials(tmp_path: Path) -> None:
     cfg = parse_space({"study": {"sampler": {"name": "tpe", "seed": 7}}})
 
     def first_params() -> list[dict]:
-        study = optuna.create_study(directions=["maximize", "minimize", "minimize"], sampler=make_sampler(cfg))
+        study = optuna.create_study(
+            directions=["maximize", "minimize", "minimize"], sampler=make_sampler(cfg)
+        )
         params = []
         for index in range(4):
             trial = study.ask()

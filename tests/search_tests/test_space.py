@@ -112,3 +112,10 @@ def test_replace_revalidates() -> None:
     assert cfg.replace(study={"trials": 3}).study.trials == 3
     with pytest.raises(ConfigError, match="study.trials"):
         cfg.replace(study={"trials": 0})
+
+
+def test_unknown_quantizer_and_routing_are_named() -> None:
+    with pytest.raises(ConfigError, match=r"space.quantizer: unknown value 'lsq'. Valid values: ptq, qat"):
+        parse_space({"space": {"quantizer": ["lsq"]}})
+    with pytest.raises(ConfigError, match=r"space.routing: unknown value 'random'"):
+        parse_space({"space": {"routing": ["random"]}})

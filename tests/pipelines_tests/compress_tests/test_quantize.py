@@ -126,3 +126,27 @@ def test_unsupported_bits_are_config_errors(field: str, value: int) -> None:
 def test_supported_bits() -> None:
     assert BITS == (2, 3, 4, 5, 6, 7, 8, 32)
     assert all(QuantizeConfig(bits=bits).bits == bits for bits in BITS)
+
+
+def test_post_training_quantization_puts_weights_on_the_grid_without_training(tiny_data) -> None:
+    import copy
+
+    from pipelines.compress.quantize import QuantizeConfig, quantize
+    from pipelines.models import build_model
+    from pipelines.train import TrainConfig
+
+    model = build_model("resnet8", 3, 8, 0.5)
+    before = copy.deepcopy(model.state_dict())
+    result = quantize(
+        model,
+        QuantizeConfig(bits=4, method="ptq"),
+        tiny_data.train,
+        TrainConfig(epochs=1),
+        None,
+        tiny_data.val.images[:2],
+    )
+    conv = result.model.layers[0][0].conv1.weight.detach()
+    for row in conv.reshape(conv.shape[0], -1):
+        assert row.unique().numel() <= 15
+    # no training happened: BatchNorm statistics are untouched
+    assert torch.equal(result.model.bn1.running_mean, before["bn1.running_mean"])
