@@ -108,6 +108,11 @@ class SearchCommand:
         return 0
 
 
+def _add_study_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("study", help="study folder, e.g. results/bloodmnist-resnet20")
+    parser.add_argument("--storage", help="storage URL if the study is not in the folder's study.db")
+
+
 def _open(args: argparse.Namespace):
     from search.study import load_study
     from search.workspace import resolve_study_dir
@@ -122,8 +127,7 @@ class FrontCommand:
     help = "show the Pareto front (table, CSV, PNG, HTML)"
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("study", help="study folder, e.g. results/bloodmnist-resnet20")
-        parser.add_argument("--storage", help="storage URL if the study is not in the folder's study.db")
+        _add_study_arguments(parser)
         parser.add_argument(
             "--all", action="store_true", help="show every completed trial, not only the front"
         )
@@ -169,8 +173,7 @@ class ExportCommand:
     help = "materialize one trial: model, ONNX bundle, config and report"
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("study", help="study folder, e.g. results/bloodmnist-resnet20")
-        parser.add_argument("--storage", help="storage URL if the study is not in the folder's study.db")
+        _add_study_arguments(parser)
         parser.add_argument("--trial", type=int, help="trial number to export")
         parser.add_argument(
             "--pick", help="max-accuracy | knee | min-latency | min-macs (default max-accuracy)"
@@ -235,17 +238,11 @@ class BaselineCommand:
         parser.add_argument("--download", action="store_true")
 
     def take_action(self, args: argparse.Namespace) -> int:
-        from pipelines.data import load_dataset
         from search.baseline import get_baseline
+        from search.study import load_data
 
         cfg = _load_cfg(args)
-        data = load_dataset(
-            cfg.data.dataset,
-            cfg.data.root,
-            size=cfg.data.size,
-            download=cfg.data.download,
-            verify_md5=cfg.data.verify_md5,
-        )
+        data = load_data(cfg)
         _, record = get_baseline(cfg, data, threads=cfg.measure.latency_threads)
         print(
             json.dumps(
@@ -302,8 +299,7 @@ class ReportCommand:
     help = "write one page (Markdown + HTML) with the front, exported points, baseline and settings"
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("study", help="study folder, e.g. results/bloodmnist-resnet20")
-        parser.add_argument("--storage", help="storage URL if the study is not in the folder's study.db")
+        _add_study_arguments(parser)
 
     def take_action(self, args: argparse.Namespace) -> int:
         from pipelines.errors import ConfigError

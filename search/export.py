@@ -23,7 +23,7 @@ import numpy as np
 import optuna
 import yaml
 
-from pipelines.data import Dataset, load_dataset
+from pipelines.data import Dataset
 from pipelines.deploy import (
     OrtModel,
     agreement,
@@ -40,6 +40,7 @@ from pipelines.train import evaluate
 from search.baseline import get_baseline
 from search.objective import TrialContext, evaluate_config
 from search.space import SearchConfig
+from search.study import load_data
 
 __all__ = ["export_trial", "bundle_accuracy"]
 
@@ -104,13 +105,7 @@ def export_trial(
             "elsewhere). Pass --retrain to compress its configuration again."
         )
     started = time.perf_counter()
-    data = load_dataset(
-        cfg.data.dataset,
-        cfg.data.root,
-        size=cfg.data.size,
-        download=cfg.data.download,
-        verify_md5=cfg.data.verify_md5,
-    )
+    data = load_data(cfg)
     teacher, baseline = get_baseline(cfg, data, study_folder.parent, threads=cfg.measure.latency_threads)
     staging = target.with_name(target.name + ".partial")
     if staging.exists():

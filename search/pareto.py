@@ -169,23 +169,30 @@ def pick_trial(
     )
 
 
+DISPLAY_COLUMNS = (
+    "trial",
+    "val_accuracy",
+    "mmacs",
+    "latency_ms",
+    "size_kb",
+    "sparsity",
+    "pruner",
+    "bits",
+    "num_experts",
+    "top_k",
+    "gate_size",
+    "feasible",
+)
+
+
+def display_columns(table: pd.DataFrame) -> pd.DataFrame:
+    """The columns a person reads, in reading order (those the table has)."""
+    return table[[column for column in DISPLAY_COLUMNS if column in table.columns]].copy()
+
+
 def format_table(table: pd.DataFrame, baseline: dict | None = None) -> str:
     """A readable terminal table with units; the baseline as a reference row when given."""
-    columns = [
-        "trial",
-        "val_accuracy",
-        "mmacs",
-        "latency_ms",
-        "size_kb",
-        "sparsity",
-        "pruner",
-        "bits",
-        "num_experts",
-        "top_k",
-        "gate_size",
-        "feasible",
-    ]
-    shown = table[[column for column in columns if column in table.columns]].copy()
+    shown = display_columns(table)
     if baseline is not None:
         reference = {
             "trial": "teacher",

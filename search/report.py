@@ -9,7 +9,7 @@ from pathlib import Path
 
 import optuna
 
-from search.pareto import failures_table, format_table, front_table, trials_table
+from search.pareto import display_columns, failures_table, format_table, front_table, trials_table
 from search.plots import plot_front_png
 from search.space import SearchConfig, dump_space
 
@@ -33,21 +33,7 @@ def write_report(cfg: SearchConfig, study: optuna.Study, folder: Path) -> tuple[
     front = front_table(study)
     baseline = study.user_attrs.get("baseline")
     plot = plot_front_png(table, baseline, folder / "front.png")
-    columns = [
-        "trial",
-        "val_accuracy",
-        "mmacs",
-        "latency_ms",
-        "size_kb",
-        "sparsity",
-        "pruner",
-        "bits",
-        "num_experts",
-        "top_k",
-        "gate_size",
-        "feasible",
-    ]
-    shown = front[[c for c in columns if c in front.columns]] if not front.empty else front
+    shown = display_columns(front) if not front.empty else front
     lines = [
         f"# hycomp study `{study.study_name}`",
         "",

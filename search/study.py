@@ -143,7 +143,8 @@ def _write_config(cfg: SearchConfig, folder: Path) -> None:
     path.write_text(text)
 
 
-def _load_data(cfg: SearchConfig):
+def load_data(cfg: SearchConfig):
+    """The dataset a search config names, loaded with its data settings."""
     from pipelines.data import load_dataset
 
     return load_dataset(
@@ -174,7 +175,7 @@ def run_search(
     if workers < 1:
         raise ConfigError(f"--workers: {workers} must be >= 1.")
     folder = study_dir(cfg.study.name, results)
-    data = _load_data(cfg)
+    data = load_data(cfg)
     url = storage_url or cfg.study.storage or default_storage(folder)
     storage = make_storage(url)
     _write_config(cfg, folder)
@@ -245,7 +246,7 @@ def _worker_main(cfg_dict: dict, url: str, results: str | None, threads: int) ->
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     cfg = parse_space(cfg_dict)
     results_path = Path(results) if results else None
-    data = _load_data(cfg)
+    data = load_data(cfg)
     study = open_study(cfg, make_storage(url))
     teacher, _ = get_baseline(cfg, data, results_path, threads=cfg.measure.latency_threads)
     _worker_loop(cfg, study, data, teacher, study_dir(cfg.study.name, results_path), lambda *args: None)

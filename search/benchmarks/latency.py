@@ -26,7 +26,7 @@ from pipelines.deploy import OrtModel, export_onnx, load_bundle, measure_moe_lat
 from pipelines.measure import measure_latency, torch_runner
 from search.baseline import load_teacher
 from search.pareto import trials_table
-from search.study import load_study
+from search.study import load_data, load_study
 from search.workspace import baseline_dir, resolve_study_dir
 
 THREADS = (1, 2)
@@ -52,10 +52,8 @@ def _row(name: str, backend: str, stats: dict, reference: dict | None, share: fl
 
 
 def run(study_folder: Path, export: Path | None, out: Path) -> Path:
-    from pipelines.data import load_dataset
-
     cfg, study = load_study(study_folder)
-    data = load_dataset(cfg.data.dataset, cfg.data.root, size=cfg.data.size, verify_md5=cfg.data.verify_md5)
+    data = load_data(cfg)
     from search.baseline import baseline_key
 
     teacher = load_teacher(baseline_dir(baseline_key(cfg), study_folder.parent))
