@@ -284,6 +284,11 @@ class OrtMoE:
         """float32 (B, C, H, W) -> combined logits (B, classes)."""
         started = time.perf_counter()
         images = _as_array(images)
+        if self.num_experts == 1:  # the gate has one choice: skip it, as MixtureOfExperts.forward does
+            output = self.experts[0](images)
+            total = time.perf_counter() - started
+            self.last_timing = {"gate_and_routing": 0.0, "experts": total, "total": total}
+            return output
         chosen, weights = self.route(images)
         expert_seconds = 0.0
         output: np.ndarray | None = None

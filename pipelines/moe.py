@@ -129,6 +129,11 @@ class MixtureOfExperts(nn.Module):
         return probabilities, top_index, weights
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.num_experts == 1:
+            # A gate with one choice decides nothing: skip it (no gate MACs, no gate latency).
+            self.last_routing = torch.zeros(x.shape[0], 1, dtype=torch.long)
+            self._auxiliary = torch.zeros(())
+            return self.experts[0](x)
         probabilities, top_index, weights = self.route(x)
         self.last_routing = top_index.detach()
         output = None

@@ -222,3 +222,16 @@ def test_confusion_aware_groups_keep_confused_classes_together() -> None:
     similarity[0, :] = similarity[:, 0] = 0.9
     assignment = class_groups(labels, 6, 3, similarity)
     assert max(assignment.count(expert) for expert in range(3)) <= 2
+
+
+def test_one_expert_skips_the_gate() -> None:
+    from pipelines.measure import count_macs
+
+    moe = _moe(num_experts=1).eval()
+    example = torch.randn(4, 3, 28, 28)
+    calls = []
+    moe.gate.register_forward_hook(lambda *args: calls.append(1))
+    with torch.no_grad():
+        assert torch.equal(moe(example), moe.experts[0](example))
+    assert not calls
+    assert count_macs(moe, example) == count_macs(moe.experts[0], example)

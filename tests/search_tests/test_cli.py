@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import optuna
 import pytest
 import yaml
@@ -185,3 +186,33 @@ def test_report_renders(searched: dict, capsys) -> None:
     assert "Baseline (fp32 teacher)" in markdown
     page = (folder / "report.html").read_text()
     assert page.startswith("<!doctype html>") and "<img" in page
+
+
+def test_front_export_report_on_an_empty_study_exit_2(tmp_path: Path, capsys) -> None:
+    from search.space import dump_space, load_space
+    from search.study import default_storage, make_storage, open_study
+
+    folder = tmp_path / "empty"
+    folder.mkdir()
+    cfg = load_space(REPO / "search_spaces" / "tiny.yaml")
+    (folder / "config.yaml").write_text(dump_space(cfg))
+    open_study(cfg, make_storage(default_storage(folder)))
+    before = sorted(path.name for path in folder.iterdir())
+    for argv in (["front", str(folder)], ["export", str(folder), "--pick", "knee"], ["report", str(folder)]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "no completed trials" in err and "hycomp search" in err and "Traceback" not in err
+    assert sorted(path.name for path in folder.iterdir()) == before
+
+
+@pytest.mark.slow
+def test_predict_rejects_wrong_image_shape(searched: dict, tmp_path: Path, capsys) -> None:
+    exports = sorted((searched["folder"] / "export").glob("*/bundle"))
+    if not exports:  # the export test has not run in this session: make one
+        assert main(["export", str(searched["folder"]), "--pick", "min-latency", "--force"]) == 0
+        exports = sorted((searched["folder"] / "export").glob("*/bundle"))
+    wrong = tmp_path / "wrong.npz"
+    np.savez(wrong, images=np.zeros((4, 32, 32, 3), dtype=np.uint8))
+    assert main(["predict", str(exports[0]), str(wrong)]) == 2
+    err = capsys.readouterr().err
+    assert "(32, 32, 3)" in err and "(28, 28, 3)" in err and "Resize" in err

@@ -1,0 +1,207 @@
+"""The quality experiment on a finished study: does the exported MoE beat a plainly trained small net?
+
+    python -m search.benchmarks.experiment results/bloodmnist-resnet20 --trial N [--seeds 0 1 2] \
+        [--out results/bloodmnist/REPORT.md]
+
+Rows, each at the study's full export budget, over several seeds (mean +- std of TEST accuracy; the
+test split is read here only to report, nothing is chosen with it):
+  1. the fp32 teacher (cached baseline; one seed);
+  2. the chosen trial's configuration (the exported MoE), compressed again per seed;
+  3. the best single compressed model of the study (most accurate 1-expert trial), per seed;
+  4. the "no search" control: the same architecture family trained from scratch, plainly (no pruning,
+     no distillation), its width chosen so its MACs match the exported MoE's, with the teacher's
+     training recipe and epochs;
+each with MACs per input, packed size and batch-1 latency on the int8 engine (ONNX Runtime, 1 thread).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipelines.deploy import (
+    OrtModel,
+    export_onnx,
+    load_bundle,
+    quantize_onnx_int8,
+)
+from pipelines.measure import count_macs, measure_latency, packed_size_bytes
+from pipelines.models import build_model
+from pipelines.train import TrainConfig, evaluate, train
+from search.baseline import baseline_key, load_teacher
+from search.export import bundle_accuracy
+from search.objective import TrialContext, evaluate_config
+from search.pareto import trials_table
+from search.study import load_data, load_study
+from search.workspace import baseline_dir, resolve_study_dir
+
+
+def _summary(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{100 * values[0]:.2f}"
+    return f"{100 * statistics.mean(values):.2f} +- {100 * statistics.stdev(values):.2f}"
+
+
+def _compressed_rows(ctx: TrialContext, params: dict, seeds: list[int], scratch: Path, threads: int) -> dict:
+    data = ctx.data
+    accuracies, record = [], {}
+    for seed in seeds:
+        folder = scratch / f"{params.get('num_experts')}-{seed}"
+        record = evaluate_config(ctx, params, ctx.cfg.export, folder, seed=seed, threads=threads, repeats=100)
+        bundle = load_bundle(folder / "bundle", threads=threads)
+        accuracies.append(bundle_accuracy(bundle, data.test.images.numpy(), data.test.labels.numpy()))
+    return {
+        "test": accuracies,
+        "mmacs": record["mmacs"],
+        "size_kb": record["size_kb"],
+        "latency_ms": record["latency_ms"],
+        "val": record["val_accuracy"],
+    }
+
+
+def _control_rows(cfg, data, target_macs: float, seeds: list[int], scratch: Path, threads: int) -> dict:
+    full = count_macs(build_model(cfg.model.arch, data.channels, data.num_classes, 1.0), data.val.images[:2])
+    width = max(0.0625, min(8.0, cfg.model.width * math.sqrt(target_macs / full)))
+    recipe = TrainConfig(
+        epochs=cfg.baseline.epochs,
+        lr=cfg.baseline.lr,
+        batch_size=cfg.baseline.batch_size,
+        weight_decay=cfg.baseline.weight_decay,
+        label_smoothing=cfg.baseline.label_smoothing,
+        schedule=cfg.baseline.schedule,
+    )
+    accuracies, macs, size, latency = [], 0, 0.0, 0.0
+    for seed in seeds:
+        torch.manual_seed(seed)
+        model = build_model(cfg.model.arch, data.channels, data.num_classes, width)
+        train(model, data.train, recipe.replace(seed=seed))
+        fp32 = export_onnx(model, data.val.images[:1], scratch / f"control-{seed}.onnx")
+        int8 = quantize_onnx_int8(fp32, scratch / f"control-{seed}.int8.onnx", data.train.images[:512])
+        engine = OrtModel(int8, threads=threads)
+        logits = np.concatenate(
+            [engine(data.test.images[i : i + 256].numpy()) for i in range(0, len(data.test), 256)]
+        )
+        accuracies.append(float((logits.argmax(1) == data.test.labels.numpy()).mean()))
+        macs = count_macs(model, data.val.images[:8])
+        size = packed_size_bytes(model, 8) / 1024
+        image = data.val.images[:1].numpy()
+        latency = measure_latency(
+            lambda e=engine, x=image: e(x), backend="onnxruntime-int8", threads=threads, batch=1, repeats=200
+        ).median_ms
+    return {
+        "test": accuracies,
+        "mmacs": macs / 1e6,
+        "size_kb": size,
+        "latency_ms": latency,
+        "width": width,
+        "torch_test_last_seed": evaluate(model, data.test),
+    }
+
+
+def run(study_folder: Path, trial_number: int, seeds: list[int], out: Path, threads: int = 1) -> Path:
+    started = time.time()
+    cfg, study = load_study(study_folder)
+    data = load_data(cfg)
+    teacher_folder = baseline_dir(baseline_key(cfg), study_folder.parent)
+    teacher = load_teacher(teacher_folder)
+    baseline = json.loads((teacher_folder / "baseline.json").read_text())
+    trial = next(t for t in study.trials if t.number == trial_number)
+    params = dict(trial.user_attrs.get("config") or trial.params)
+    table = trials_table(study)
+    singles = table[(table["num_experts"] == 1) & (table["sparsity"] > 0)].sort_values(
+        "val_accuracy", ascending=False
+    )
+    ctx = TrialContext(cfg, data, teacher, study_folder)
+    rows = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        scratch = Path(scratch)
+        rows["exported MoE"] = {**_compressed_rows(ctx, params, seeds, scratch, threads), "params": params}
+        if not singles.empty:
+            single_trial = int(singles.iloc[0]["trial"])
+            single = next(t for t in study.trials if t.number == single_trial)
+            single_params = dict(single.user_attrs.get("config") or single.params)
+            rows["best single compressed"] = {
+                **_compressed_rows(ctx, single_params, seeds, scratch / "single", threads),
+                "params": single_params,
+            }
+        rows["no-search control"] = _control_rows(
+            cfg, data, rows["exported MoE"]["mmacs"] * 1e6, seeds, scratch, threads
+        )
+    teacher_row = {
+        "test": [baseline["test_accuracy"]],
+        "mmacs": baseline["macs"] / 1e6,
+        "size_kb": baseline["size_bytes_fp32"] / 1024,
+        "latency_ms": baseline["latency"]["median_ms"],
+    }
+    command = " ".join(
+        [
+            "python -m search.benchmarks.experiment",
+            str(study_folder),
+            "--trial",
+            str(trial_number),
+            "--seeds",
+            *map(str, seeds),
+        ]
+    )
+    lines = [
+        f"# {data.name}: exported MoE vs a plainly trained net of equal compute",
+        "",
+        f"Study `{study.study_name}`, exported trial {trial_number}; seeds {seeds}; {time.time() - started:.0f} s on "
+        f"{torch.get_num_threads()} CPU threads. Reproduce: `{command}`.",
+        "",
+        "TEST accuracy, mean +- std over seeds (%). Compressed rows re-run the configuration at the study's full "
+        "`export:` budget; the control is trained from scratch with the teacher's recipe "
+        f"({cfg.baseline.epochs} epochs, no distillation). Latency: batch 1, {threads} thread(s); int8 rows on ONNX Runtime int8, "
+        "teacher on torch fp32 eager.",
+        "",
+        "| model | test acc % | MMACs / input | size KB | latency ms | notes |",
+        "|---|---|---|---|---|---|",
+        f"| fp32 teacher {baseline['arch']} | {_summary(teacher_row['test'])} | {teacher_row['mmacs']:.2f} | {teacher_row['size_kb']:.1f} (fp32) | {teacher_row['latency_ms']:.3f} | cached baseline, one seed |",
+    ]
+    for name, row in rows.items():
+        note = f"width {row['width']:.3f}" if "width" in row else f"`{row.get('params')}`"
+        lines.append(
+            f"| {name} | {_summary(row['test'])} | {row['mmacs']:.2f} | {row['size_kb']:.1f} | {row['latency_ms']:.3f} | {note} |"
+        )
+    moe, control = rows["exported MoE"], rows["no-search control"]
+    verdict = statistics.mean(moe["test"]) - statistics.mean(control["test"])
+    lines += [
+        "",
+        f"Exported MoE minus control: {100 * verdict:+.2f} points of test accuracy at {moe['mmacs']:.2f} vs {control['mmacs']:.2f} MMACs.",
+        "",
+    ]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines) + "\n")
+    out.with_suffix(".json").write_text(json.dumps({"teacher": teacher_row, **rows}, indent=2, default=str))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("study")
+    parser.add_argument("--trial", type=int, required=True, help="the exported trial")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default=None, help="default results/<dataset>/REPORT.md")
+    args = parser.parse_args()
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    folder = resolve_study_dir(args.study)
+    cfg, _ = load_study(folder)
+    out = Path(args.out) if args.out else Path("results") / cfg.data.dataset / "REPORT.md"
+    path = run(folder, args.trial, args.seeds, out, args.threads)
+    print(path.read_text())
+
+
+if __name__ == "__main__":
+    sys.exit(main())
