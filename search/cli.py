@@ -150,10 +150,11 @@ class FrontCommand:
             f"Pareto front of {study.study_name} ({len(front)} of {len(table)} completed trials; objectives: val acc max, MMACs min, latency min)"
         )
         print(format_table(shown, baseline))
-        backend = (
-            f"{table['latency_backend'].iloc[0]}, {int(table['latency_threads'].iloc[0])} thread(s), batch 1"
+        threads = int(table["latency_threads"].iloc[0])
+        print(
+            f"latency: median batch-1 ms on ONNX Runtime ({threads} thread(s)), precision in column 'engine'; "
+            "teacher row: torch fp32 eager. MACs per input = gate + top_k experts (FLOPs = 2 x MACs)."
         )
-        print(f"latency: {backend}; teacher row: torch fp32 eager. MACs per input = gate + top_k experts.")
         failures = failures_table(study)
         if not failures.empty:
             print(f"\n{len(failures)} failed/rejected trial(s):")

@@ -74,9 +74,11 @@ def stage_budget(budget: Budget, seed: int) -> StageBudget:
     )
 
 
-def hybrid_config(params: dict) -> HybridConfig:
+def hybrid_config(params: dict, channel_multiple: int = 8) -> HybridConfig:
     return HybridConfig(
-        prune=PruneConfig(sparsity=float(params["sparsity"]), pruner=params["pruner"]),
+        prune=PruneConfig(
+            sparsity=float(params["sparsity"]), pruner=params["pruner"], channel_multiple=channel_multiple
+        ),
         quantize=QuantizeConfig(bits=int(params["bits"]), method=params.get("quantizer", "qat")),
         moe=MoEConfig(
             num_experts=int(params["num_experts"]),
@@ -91,7 +93,7 @@ def estimate_cost(ctx: TrialContext, params: dict) -> dict:
     """MACs and packed size of a configuration before any training (prune + speedup only, ~1 s)."""
     from pipelines.compress.prune import prune
 
-    cfg = hybrid_config(params)
+    cfg = hybrid_config(params, ctx.cfg.model.channel_multiple)
     example = ctx.data.val.images[:2]
     expert = prune(ctx.teacher, cfg.prune, example).model
     gate = Gate(ctx.data.channels, cfg.moe.num_experts, cfg.moe.gate_size)
@@ -111,7 +113,7 @@ def evaluate_config(
     Returns a flat record (JSON-able) that becomes the trial's user attributes.
     """
     data = ctx.data
-    hybrid = hybrid_config(params)
+    hybrid = hybrid_config(params, ctx.cfg.model.channel_multiple)
     result = compress_hybrid(ctx.teacher, data, hybrid, stage_budget(budget, seed), seed=seed)
     moe = result.moe
     seconds = dict(result.seconds)

@@ -57,6 +57,7 @@ def trials_table(study: optuna.Study) -> pd.DataFrame:
                 "feasible": _feasible(trial),
                 "on_front": trial.number in front,
                 "reference": attrs.get("reference", ""),
+                "engine": attrs.get("precision") or "",
                 "latency_backend": (attrs.get("latency") or {}).get("backend", ""),
                 "latency_threads": (attrs.get("latency") or {}).get("threads"),
                 "seconds": (attrs.get("seconds") or {}).get("total"),
@@ -129,6 +130,10 @@ def pick_trial(
         raise ConfigError(
             "the Pareto front is empty: no completed trial satisfies the constraints. Relax them and re-run."
         )
+    # The enqueued uncompressed reference is on the front by construction; it is not a result to export.
+    compressed = front[front["reference"] == ""]
+    if not compressed.empty:
+        front = compressed
     budgets = {"latency_ms": max_latency_ms, "size_kb": max_size_kb, "mmacs": max_mmacs}
     if any(value is not None for value in budgets.values()):
         within = front
@@ -181,6 +186,7 @@ DISPLAY_COLUMNS = (
     "num_experts",
     "top_k",
     "gate_size",
+    "engine",
     "feasible",
 )
 
@@ -206,6 +212,7 @@ def format_table(table: pd.DataFrame, baseline: dict | None = None) -> str:
             "num_experts": 1,
             "top_k": 1,
             "gate_size": "-",
+            "engine": "torch",
             "feasible": "",
         }
         shown = pd.concat([shown, pd.DataFrame([reference])], ignore_index=True)

@@ -10,59 +10,85 @@ import pandas as pd
 __all__ = ["plot_front_png", "plot_front_html"]
 
 
+def _staircase(points: pd.DataFrame, column: str) -> pd.DataFrame:
+    """The 2-D non-dominated subset (lower ``column``, higher accuracy), sorted by ``column``."""
+    best, keep = -1.0, []
+    for index, row in points.sort_values([column, "val_accuracy"], ascending=[True, False]).iterrows():
+        if row["val_accuracy"] > best:
+            keep.append(index)
+            best = row["val_accuracy"]
+    return points.loc[keep]
+
+
 def plot_front_png(table: pd.DataFrame, baseline: dict | None, path: Path) -> Path:
-    """Accuracy against MMACs and against latency; the front is joined and labelled by trial number."""
+    """Accuracy against MMACs and against latency. Trials on the 3-objective front are coloured by
+    their number of experts and labelled; the line is the front of that 2-D projection."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
-    figure, axes = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
-    backend = ""
-    if not table.empty:
-        backend = f"{table['latency_backend'].iloc[0]}, {table['latency_threads'].iloc[0]} thread(s), batch 1"
-    for axis, column, label in (
-        (axes[0], "mmacs", "MMACs per input (gate + top-k experts)"),
-        (axes[1], "latency_ms", f"latency ms ({backend})"),
-    ):
-        others = table[~table["on_front"]] if not table.empty else table
-        front = table[table["on_front"]].sort_values(column) if not table.empty else table
-        if not others.empty:
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4.4), constrained_layout=True)
+    threads = int(table["latency_threads"].iloc[0]) if not table.empty else 1
+    panels = (
+        (axes[0], "mmacs", "MMACs per input (gate + top-k experts), log scale"),
+        (axes[1], "latency_ms", f"latency ms (ONNX Runtime, {threads} thread, batch 1), log scale"),
+    )
+    colours = {1: "tab:blue", 2: "tab:orange", 3: "tab:green", 4: "tab:red"}
+    for axis, column, label in panels:
+        if not table.empty:
+            dominated = table[~table["on_front"]]
+            front = table[table["on_front"]]
             axis.scatter(
-                others[column], 100 * others["val_accuracy"], c="0.65", s=22, label="dominated trials"
+                dominated[column],
+                100 * dominated["val_accuracy"],
+                c="0.7",
+                s=20,
+                label="dominated (3 objectives)",
             )
-        if not front.empty:
-            axis.plot(
-                front[column],
-                100 * front["val_accuracy"],
-                "o-",
-                c="tab:blue",
-                ms=6,
-                label="Pareto front (3 objectives)",
-            )
+            stair = _staircase(front, column)
+            axis.step(stair[column], 100 * stair["val_accuracy"], where="post", c="0.3", lw=1, alpha=0.6)
+            for experts, group in front.groupby("num_experts"):
+                axis.scatter(
+                    group[column],
+                    100 * group["val_accuracy"],
+                    s=55,
+                    edgecolors="black",
+                    linewidths=0.6,
+                    c=colours.get(int(experts), "tab:purple"),
+                    label=f"front, {int(experts)} expert(s)",
+                    zorder=3,
+                )
             for _, row in front.iterrows():
                 axis.annotate(
-                    str(int(row["trial"])),
+                    f"#{int(row['trial'])}",
                     (row[column], 100 * row["val_accuracy"]),
                     textcoords="offset points",
-                    xytext=(4, 4),
+                    xytext=(4, -10),
                     fontsize=8,
                 )
-        if baseline is not None and column == "mmacs":
+        if baseline is not None:
+            x = baseline["macs"] / 1e6 if column == "mmacs" else baseline["latency"]["median_ms"]
+            where = "" if column == "mmacs" else " (torch fp32 eager)"
             axis.scatter(
-                [baseline["macs"] / 1e6],
+                [x],
                 [100 * baseline["val_accuracy"]],
                 marker="*",
-                s=160,
-                c="tab:red",
-                label="fp32 teacher",
+                s=180,
+                c="gold",
+                edgecolors="black",
+                label=f"fp32 teacher{where}",
+                zorder=4,
             )
         axis.set_xscale("log")
+        axis.xaxis.set_major_formatter(FuncFormatter(lambda value, _pos: f"{value:g}"))
+        axis.xaxis.set_minor_formatter(FuncFormatter(lambda value, _pos: ""))
         axis.set_xlabel(label)
         axis.set_ylabel("validation accuracy %")
-        axis.grid(alpha=0.3)
+        axis.grid(alpha=0.3, which="both")
         axis.legend(fontsize=8, loc="lower right")
-    figure.suptitle("hycomp search: accuracy vs compute and latency")
+    figure.suptitle("hycomp: accuracy vs compute and latency (int8 engine for quantized trials)")
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
     plt.close(figure)

@@ -82,6 +82,7 @@ class DataSettings:
 class ModelSettings:
     arch: str = "resnet20"
     width: float = 1.0
+    channel_multiple: int = 8  # pruned layers keep multiples of this many channels (1 = exact ratio)
 
 
 @dataclass(frozen=True)
@@ -277,6 +278,7 @@ def _validate(cfg: SearchConfig) -> None:
     if cfg.model.arch not in model_names():
         raise unknown_name("model.arch", cfg.model.arch, model_names())
     _check_range("model.width", cfg.model.width, 0.0625, 8.0)
+    _check_range("model.channel_multiple", cfg.model.channel_multiple, 1, 64)
     for prefix, budget in (("trial", cfg.trial), ("export", cfg.export)):
         _check_range(f"{prefix}.subset", budget.subset, 0.01, 1.0)
         _check_range(f"{prefix}.kd_alpha", budget.kd_alpha, 0.0, 1.0)

@@ -54,17 +54,46 @@ def _pruner_classes() -> dict[str, type]:
 PRUNER_CLASSES: tuple[str, ...] = ("l1", "l2", "fpgm")
 
 
+def layer_ratios(model: nn.Module, sparsity: float, channel_multiple: int = 1) -> dict[str, float]:
+    """Per-Conv2d sparse ratio so that each layer keeps a multiple of ``channel_multiple`` output
+    channels (at least one multiple), as close as possible to keeping ``1 - sparsity`` of them.
+
+    Inference kernels are much faster on aligned channel counts: on this CPU a ResNet-20 pruned to
+    (10, 21, 42) channels ran int8 at 0.23 ms, slower than the unpruned (16, 32, 64) at 0.17 ms, while
+    (16, 24, 48) ran at 0.15 ms. Layers that would keep everything are left out.
+    """
+    ratios = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Conv2d):
+            continue
+        channels = module.out_channels
+        keep = channels * (1.0 - sparsity)
+        if channel_multiple > 1 and channels >= channel_multiple:
+            keep = max(channel_multiple, round(keep / channel_multiple) * channel_multiple)
+        keep = min(channels, max(1, round(keep)))
+        if keep < channels:
+            ratios[name] = 1.0 - keep / channels
+    return ratios
+
+
 def prune_and_speedup(
-    model: nn.Module, pruner: str, sparsity: float, example_input: torch.Tensor
+    model: nn.Module, pruner: str, sparsity: float, example_input: torch.Tensor, channel_multiple: int = 1
 ) -> nn.Module:
-    """Mask every Conv2d at ``sparsity`` with the named NNI pruner (dependency groups on), then let
-    ModelSpeedup physically remove the masked channels. Returns the same module object, shrunk.
+    """Mask Conv2d output channels with the named NNI pruner (dependency groups on, per-layer ratios
+    from :func:`layer_ratios`), then let ModelSpeedup physically remove them. Returns the same module
+    object, shrunk.
     """
     with quiet():
         from nni.compression.speedup import ModelSpeedup
         from nni.compression.utils import auto_set_denpendency_group_ids
 
-        config_list = [{"op_types": ["Conv2d"], "sparse_ratio": float(sparsity)}]
+        ratios = layer_ratios(model, sparsity, channel_multiple)
+        if not ratios:
+            raise CompressionError(
+                f"sparsity {sparsity} with channel multiple {channel_multiple} removes no channel from any "
+                "layer. Raise the sparsity or lower the channel multiple."
+            )
+        config_list = [{"op_names": [name], "sparse_ratio": ratio} for name, ratio in ratios.items()]
         try:
             config_list = auto_set_denpendency_group_ids(model, config_list, example_input)
             pruner_object = _pruner_classes()[pruner](model, config_list)

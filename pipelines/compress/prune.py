@@ -24,8 +24,13 @@ class PruneConfig:
 
     sparsity: float
     pruner: str = "l1"
+    channel_multiple: int = 8  # keep multiples of this many channels per layer (1 = exact ratio)
 
     def __post_init__(self) -> None:
+        if not 1 <= self.channel_multiple <= 64:
+            raise ConfigError(
+                f"prune.channel_multiple: {self.channel_multiple} is out of range; use 1 (off) to 64."
+            )
         if self.pruner not in PRUNERS:
             raise unknown_name("prune.pruner", self.pruner, PRUNERS)
         if not 0.0 <= self.sparsity <= 0.95:
@@ -51,7 +56,7 @@ def prune(model: nn.Module, cfg: PruneConfig, example_input: torch.Tensor) -> Pr
     pruned = copy.deepcopy(model).eval()
     before = count_params(pruned)
     if cfg.sparsity > 0:
-        prune_and_speedup(pruned, cfg.pruner, cfg.sparsity, example_input)
+        prune_and_speedup(pruned, cfg.pruner, cfg.sparsity, example_input, cfg.channel_multiple)
         after = count_params(pruned)
         if after >= before:
             raise CompressionError(

@@ -95,3 +95,20 @@ def test_constraints_change_the_front() -> None:
     assert constrained == {1, 2}  # trial 0 breaks the latency budget; 3 is still dominated by 1
     table = trials_table(constrained_study)
     assert not bool(table.set_index("trial").loc[0, "feasible"])
+
+
+def test_policies_skip_the_uncompressed_reference() -> None:
+    # make trial 0 the enqueued reference: it stays on the front but is not picked by a policy
+    study = optuna.create_study(directions=["maximize", "minimize", "minimize"])
+    for index, (accuracy, mmacs, latency, size) in enumerate(POINTS):
+        study.add_trial(
+            optuna.trial.create_trial(
+                params={"sparsity": 0.1 * index, "pruner": "l1", "bits": 8, "num_experts": 2, "top_k": 1, "gate_size": 4},
+                distributions=DISTRIBUTIONS,
+                values=[accuracy, mmacs, latency],
+                user_attrs={"size_kb": size, "reference": "baseline" if index == 0 else ""},
+            )
+        )
+    assert 0 in set(front_table(study)["trial"])
+    assert pick_trial(study, policy="max-accuracy").trial == 1
+    assert pick_trial(study, trial=0).trial == 0

@@ -26,7 +26,7 @@ def test_pruning_physically_shrinks_resnet8(pruner: str) -> None:
     original_state = {key: value.clone() for key, value in model.state_dict().items()}
     original_widths = _conv_widths(model)
 
-    result = prune(model, PruneConfig(sparsity=0.5, pruner=pruner), EXAMPLE)
+    result = prune(model, PruneConfig(sparsity=0.5, pruner=pruner, channel_multiple=1), EXAMPLE)
 
     pruned_widths = _conv_widths(result.model)
     assert result.model is not model
@@ -45,7 +45,7 @@ def test_pruning_physically_shrinks_resnet8(pruner: str) -> None:
 
 def test_resnet20_dependency_groups_prune_residual_convs_together() -> None:
     model = build_model("resnet20", 3, 10)
-    result = prune(model, PruneConfig(sparsity=0.5, pruner="l1"), EXAMPLE)
+    result = prune(model, PruneConfig(sparsity=0.5, pruner="l1", channel_multiple=1), EXAMPLE)
     # Without dependency groups speedup keeps the union of channels at every residual add (~45% kept).
     assert 0.20 <= result.params_after / result.params_before <= 0.35
     widths = _conv_widths(result.model)
@@ -68,7 +68,7 @@ def test_l1_keeps_the_filters_of_largest_norm() -> None:
     """Masks and speedup line up: the surviving filters are the original ones with the largest L1 norm,
     copied unchanged (checked on a conv outside any residual group)."""
     model = build_model("resnet8", 3, 8, 1.0).eval()
-    pruned = prune(model, PruneConfig(sparsity=0.25, pruner="l1"), EXAMPLE).model
+    pruned = prune(model, PruneConfig(sparsity=0.25, pruner="l1", channel_multiple=1), EXAMPLE).model
     # The stem's input (RGB) is never pruned, so its kept rows tell which channels feed the first block.
     kept_inputs = _matching_rows(pruned.conv1.weight, model.conv1.weight)
     assert kept_inputs == sorted(kept_inputs) and len(kept_inputs) == 12
@@ -88,7 +88,7 @@ def test_zero_sparsity_is_a_copy() -> None:
 
 
 def test_pruned_model_traces_and_trains() -> None:
-    result = prune(build_model("resnet8", 3, 8, 0.5), PruneConfig(sparsity=0.5, pruner="fpgm"), EXAMPLE)
+    result = prune(build_model("resnet8", 3, 8, 0.5), PruneConfig(sparsity=0.5, pruner="fpgm", channel_multiple=1), EXAMPLE)
     torch.fx.symbolic_trace(result.model)
     model = result.model.train()
     loss = nn.functional.cross_entropy(model(torch.randn(8, 3, 28, 28)), torch.randint(0, 8, (8,)))
@@ -107,3 +107,17 @@ def test_unknown_pruner_lists_valid_names() -> None:
 def test_out_of_range_sparsity_is_a_config_error(sparsity: float) -> None:
     with pytest.raises(ConfigError, match="prune.sparsity"):
         PruneConfig(sparsity=sparsity)
+
+
+@pytest.mark.parametrize("sparsity", [0.3, 0.35, 0.6, 0.85])
+def test_channel_multiple_keeps_aligned_channel_counts(sparsity: float) -> None:
+    from pipelines.compress.prune import PruneConfig, prune
+    from pipelines.models import build_model
+
+    model = build_model("resnet20", 3, 8)
+    pruned = prune(model, PruneConfig(sparsity, "l1", channel_multiple=8), torch.randn(2, 3, 28, 28)).model
+    convs = [m for m in pruned.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert all(conv.out_channels % 8 == 0 for conv in convs)
+    assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in model.parameters())
+    exact = prune(model, PruneConfig(sparsity, "l1", channel_multiple=1), torch.randn(2, 3, 28, 28)).model
+    assert exact.conv1.out_channels == round(16 * (1 - sparsity))
