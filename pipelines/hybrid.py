@@ -103,6 +103,7 @@ def compress_hybrid(
         base.replace(epochs=budget.qat_epochs, lr=base.lr * 0.25, schedule="cosine"),
         teacher,
         example,
+        skip_layers=moe.idle_parts,  # a gate that never runs gets no scale from QAT
     )
     seconds["quantize"] = quantized.seconds
     moe.eval()

@@ -72,15 +72,18 @@ def count_params(model: nn.Module) -> int:
     return sum(parameter.numel() for parameter in model.parameters())
 
 
-def packed_size_bytes(model: nn.Module, weight_bits: int | Callable[[str], int] = 32) -> int:
+def packed_size_bytes(
+    model: nn.Module, weight_bits: int | Callable[[str], int] = 32, skip: tuple[str, ...] = ()
+) -> int:
     """Deployed size in bytes (see the module docstring for the convention).
 
-    ``weight_bits`` is one bit-width for every layer or a function of the layer's qualified name.
+    ``weight_bits`` is one bit-width for every layer or a function of the layer's qualified name;
+    layers whose name starts with a prefix in ``skip`` (parts that never run) are not counted.
     """
     bits_of = weight_bits if callable(weight_bits) else (lambda _name: weight_bits)
     total_bits = 0
     for name, module in model.named_modules():
-        if isinstance(module, nn.Conv2d | nn.Linear):
+        if isinstance(module, nn.Conv2d | nn.Linear) and not name.startswith(skip):
             bits = bits_of(name)
             out_channels = module.weight.shape[0]
             total_bits += module.weight.numel() * bits

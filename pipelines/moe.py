@@ -117,6 +117,11 @@ class MixtureOfExperts(nn.Module):
     def num_experts(self) -> int:
         return len(self.experts)
 
+    @property
+    def idle_parts(self) -> tuple[str, ...]:
+        """Name prefixes of parts that never run: the gate of a one-expert MoE (it has one choice)."""
+        return ("gate.",) if self.num_experts == 1 else ()
+
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(gate probabilities (B, E), chosen experts (B, k), combine weights (B, k))."""
         logits = self.gate(x)

@@ -96,12 +96,13 @@ def estimate_cost(ctx: TrialContext, params: dict) -> dict:
     cfg = hybrid_config(params, ctx.cfg.model.channel_multiple)
     example = ctx.data.val.images[:2]
     expert = prune(ctx.teacher, cfg.prune, example).model
-    gate = Gate(ctx.data.channels, cfg.moe.num_experts, cfg.moe.gate_size)
-    expert_macs, gate_macs = count_macs(expert, example), count_macs(gate, example)
     bits = cfg.quantize.bits
-    size = cfg.moe.num_experts * packed_size_bytes(expert, bits) + packed_size_bytes(
-        gate, min(bits, 8) if bits < 32 else 32
-    )
+    expert_macs, gate_macs = count_macs(expert, example), 0
+    size = cfg.moe.num_experts * packed_size_bytes(expert, bits)
+    if cfg.moe.num_experts > 1:  # a one-expert MoE skips its gate
+        gate = Gate(ctx.data.channels, cfg.moe.num_experts, cfg.moe.gate_size)
+        gate_macs = count_macs(gate, example)
+        size += packed_size_bytes(gate, min(bits, 8) if bits < 32 else 32)
     return {"mmacs": (gate_macs + cfg.moe.top_k * expert_macs) / 1e6, "size_kb": size / 1024}
 
 
@@ -155,7 +156,7 @@ def evaluate_config(
     agree = agreement(moe, bundle, data.val.images[:512])
     timing = measure_moe_latency(bundle, val_images[:1], threads=threads, batch=1, repeats=repeats, warmup=5)
     macs = count_macs(moe, data.val.images)  # routed: gate + the experts each val image actually used
-    size = packed_size_bytes(moe, lambda name: result.bits_by_layer.get(name, 32))
+    size = packed_size_bytes(moe, lambda name: result.bits_by_layer.get(name, 32), skip=moe.idle_parts)
     seconds["measure"] = time.perf_counter() - started
     table = routing_table(moe, data.val, data.num_classes)
     return {
