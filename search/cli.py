@@ -350,7 +350,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import optuna
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # A failed trial's reason is logged once by the objective (and kept in the study); Optuna would repeat
+    # it with a full traceback, which only --verbose shows.
+    optuna.logging.set_verbosity(optuna.logging.WARNING if args.verbose else optuna.logging.ERROR)
     # Heartbeats and metric names are stable in practice; the reference trial is out of range on purpose.
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     warnings.filterwarnings("ignore", message="Fixed parameter .* is out of range")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import torch
 import yaml
 from optuna.trial import TrialState
 
@@ -69,22 +70,29 @@ def test_crashing_trial_fails_alone(tmp_path: Path, synthetic_root: Path, monkey
 
 
 @pytest.mark.slow
-def test_nan_loss_is_a_failed_trial_not_a_crash(tmp_path: Path, synthetic_root: Path, monkeypatch) -> None:
+def test_nan_loss_is_a_failed_trial_not_a_crash(
+    tmp_path: Path, synthetic_root: Path, monkeypatch, capsys
+) -> None:
+    import pipelines.train as train_module
+
+    # The distillation loss turns NaN (as a diverging run does): each trial fails with that reason, is
+    # recorded, and after five failures in a row the search stops with an error instead of burning time.
+    monkeypatch.setattr(train_module, "distillation_loss", lambda *args: torch.tensor(float("nan")))
     monkeypatch.setenv("HYCOMP_RESULTS", str(tmp_path / "results"))
-    # a learning rate that diverges at once: every compressed trial fails with a NaN reason
     space = write_space(
         tmp_path,
         synthetic_root,
         "nan",
         trials=1,
-        trial={"lr": 9.0},
+        space={"sparsity": {"low": 0.5, "high": 0.5}},  # pruned, so the KD fine-tune runs
         study={"enqueue_baseline": False, "timeout_minutes": 0.5},
     )
-    main(["search", "--space", str(space), "--no-progress"])
+    assert main(["search", "--space", str(space), "--no-progress"]) == 2
+    assert "the last 5 trials all failed" in capsys.readouterr().err
     study = load(tmp_path / "results", "nan")
     failed = [t for t in study.trials if t.state == TrialState.FAIL]
-    assert failed, "a diverging trial must be recorded as failed"
-    assert any("diverged" in t.user_attrs.get("fail_reason", "") for t in failed)
+    assert len(failed) == len(study.trials) == 5
+    assert all("diverged" in t.user_attrs.get("fail_reason", "") for t in failed)
 
 
 def _search_process(space: Path, results: Path, env_extra: dict | None = None) -> subprocess.Popen:
