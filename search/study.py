@@ -10,8 +10,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
+import random
 import time
 from pathlib import Path
 
@@ -45,6 +47,41 @@ def default_storage(folder: Path) -> str:
     return f"sqlite:///{(folder / 'study.db').as_posix()}"
 
 
+def _driver_url(url: str) -> str:
+    """A bare ``postgresql://`` URL means psycopg 3 to SQLAlchemy >= 2.1; use psycopg2 when only it is here."""
+    has = importlib.util.find_spec
+    if url.startswith("postgresql://") and has("psycopg") is None and has("psycopg2") is not None:
+        return "postgresql+psycopg2://" + url[len("postgresql://") :]
+    return url
+
+
+def _open_rdb(url: str, engine_kwargs: dict, attempts: int = 6) -> RDBStorage:
+    """RDBStorage, retried when machines started together race to create the tables of a fresh database.
+
+    Optuna's CREATE TABLE is not atomic across processes: the loser of the race gets an IntegrityError or
+    ProgrammingError (PostgreSQL: UniqueViolation on pg_type). After the winner commits, opening succeeds.
+    """
+    from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
+
+    def open_once() -> RDBStorage:
+        return RDBStorage(
+            url,
+            heartbeat_interval=HEARTBEAT_SECONDS,
+            grace_period=GRACE_SECONDS,
+            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
+            engine_kwargs=engine_kwargs,
+        )
+
+    for attempt in range(attempts - 1):
+        try:
+            return open_once()
+        except (IntegrityError, ProgrammingError, OperationalError) as error:
+            if isinstance(error, OperationalError) and "locked" not in str(error):
+                raise  # a real connection problem, not a race: report it at once
+            time.sleep(0.2 * (attempt + 1) + random.uniform(0, 0.3))
+    return open_once()
+
+
 def make_storage(url: str) -> optuna.storages.BaseStorage:
     """An Optuna storage for ``url``; raises ConfigError with the fix when it cannot be opened."""
     try:
@@ -57,18 +94,13 @@ def make_storage(url: str) -> optuna.storages.BaseStorage:
         if url.startswith("sqlite"):
             # several worker processes may write at once: wait for SQLite's lock instead of failing
             engine_kwargs["connect_args"] = {"timeout": 120}
-        return RDBStorage(
-            url,
-            heartbeat_interval=HEARTBEAT_SECONDS,
-            grace_period=GRACE_SECONDS,
-            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
-            engine_kwargs=engine_kwargs,
-        )
+        return _open_rdb(_driver_url(url), engine_kwargs)
     except Exception as error:  # sqlalchemy / driver errors have many types
         raise ConfigError(
             f"--storage: cannot open {url!r} ({type(error).__name__}: {str(error).splitlines()[0][:200]}). "
             "Check the URL, that the server is running and reachable, and that its driver is installed "
-            "(e.g. psycopg2 for postgresql://)."
+            "(PostgreSQL: pip install psycopg2-binary, or name the driver: postgresql+psycopg2://...; "
+            "MySQL: pip install pymysql and use mysql+pymysql://...)."
         ) from None
 
 
@@ -110,6 +142,11 @@ def load_study(folder: Path, storage_url: str | None = None) -> tuple[SearchConf
     """Open the study of an existing results folder (its config.yaml says which storage)."""
     cfg = load_space(folder / "config.yaml")
     url = storage_url or cfg.study.storage or default_storage(folder)
+    if url == default_storage(folder) and not (folder / "study.db").exists():
+        raise ConfigError(
+            f"{folder}: no study.db here. If the search ran with --storage URL, pass the same --storage URL "
+            "to this command; otherwise run `hycomp search` first."
+        )
     try:
         study = optuna.load_study(
             study_name=cfg.study.name, storage=make_storage(url), sampler=make_sampler(cfg)
@@ -191,8 +228,10 @@ def run_search(
         record["params"],
     )
     if cfg.study.enqueue_baseline and not study.trials:
-        study.enqueue_trial(
-            baseline_params(cfg.space), user_attrs={"reference": "baseline (no pruning, fp32, 1 expert)"}
+        study.enqueue_trial(  # skip_if_exists: machines started together enqueue it once
+            baseline_params(cfg.space),
+            user_attrs={"reference": "baseline (no pruning, fp32, 1 expert)"},
+            skip_if_exists=True,
         )
     done = len(completed_trials(study))
     if done >= cfg.study.trials:
@@ -243,7 +282,7 @@ def _worker_main(cfg_dict: dict, url: str, results: str | None, threads: int) ->
 
     torch.set_num_threads(threads)
     logging.basicConfig(level=logging.WARNING)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # failures are logged once, by the objective
     cfg = parse_space(cfg_dict)
     results_path = Path(results) if results else None
     data = load_data(cfg)

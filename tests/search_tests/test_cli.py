@@ -177,6 +177,19 @@ def test_front_on_unknown_folder_exits_2(tmp_path: Path, capsys) -> None:
     assert "config.yaml" in capsys.readouterr().err
 
 
+def test_front_without_study_db_asks_for_the_storage(tmp_path: Path, capsys) -> None:
+    """A folder whose search ran on --storage URL: say so, and do not create an empty study.db."""
+    from search.space import dump_space, load_space
+
+    folder = tmp_path / "remote"
+    folder.mkdir()
+    (folder / "config.yaml").write_text(dump_space(load_space(REPO / "search_spaces" / "tiny.yaml")))
+    assert main(["front", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert "no study.db" in err and "--storage" in err
+    assert not (folder / "study.db").exists()
+
+
 @pytest.mark.slow
 def test_report_renders(searched: dict, capsys) -> None:
     folder = searched["folder"]
