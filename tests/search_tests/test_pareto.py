@@ -103,7 +103,14 @@ def test_policies_skip_the_uncompressed_reference() -> None:
     for index, (accuracy, mmacs, latency, size) in enumerate(POINTS):
         study.add_trial(
             optuna.trial.create_trial(
-                params={"sparsity": 0.1 * index, "pruner": "l1", "bits": 8, "num_experts": 2, "top_k": 1, "gate_size": 4},
+                params={
+                    "sparsity": 0.1 * index,
+                    "pruner": "l1",
+                    "bits": 8,
+                    "num_experts": 2,
+                    "top_k": 1,
+                    "gate_size": 4,
+                },
                 distributions=DISTRIBUTIONS,
                 values=[accuracy, mmacs, latency],
                 user_attrs={"size_kb": size, "reference": "baseline" if index == 0 else ""},

@@ -88,7 +88,11 @@ def test_zero_sparsity_is_a_copy() -> None:
 
 
 def test_pruned_model_traces_and_trains() -> None:
-    result = prune(build_model("resnet8", 3, 8, 0.5), PruneConfig(sparsity=0.5, pruner="fpgm", channel_multiple=1), EXAMPLE)
+    result = prune(
+        build_model("resnet8", 3, 8, 0.5),
+        PruneConfig(sparsity=0.5, pruner="fpgm", channel_multiple=1),
+        EXAMPLE,
+    )
     torch.fx.symbolic_trace(result.model)
     model = result.model.train()
     loss = nn.functional.cross_entropy(model(torch.randn(8, 3, 28, 28)), torch.randint(0, 8, (8,)))
