@@ -98,7 +98,8 @@ def export_trial(
         raise ConfigError(
             f"export folder {target} already exists. Pass --force to overwrite it, or --out DIR."
         )
-    source = study_folder / "trials" / f"trial_{trial_number}"
+    # A trial that reused an identical earlier trial's result has its model in that trial's folder.
+    source = study_folder / "trials" / f"trial_{trial.user_attrs.get('duplicate_of', trial_number)}"
     if not retrain and not (source / "model.json").exists():
         raise ConfigError(
             f"trial {trial_number} has no saved model at {source} (the folder was deleted or the trial ran "

@@ -181,6 +181,21 @@ def evaluate_config(
     }
 
 
+def _config_key(params: dict) -> tuple:
+    """What determines a trial's model (``top_k`` only through its effective, clipped value)."""
+    return tuple(sorted((key, value) for key, value in params.items() if key != "top_k"))
+
+
+def _same_config(trial: optuna.Trial, params: dict) -> optuna.trial.FrozenTrial | None:
+    """The earliest completed trial (not itself a copy) with exactly this configuration, if any."""
+    key = _config_key(params)
+    for other in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        config = other.user_attrs.get("config")
+        if config and "duplicate_of" not in other.user_attrs and _config_key(config) == key:
+            return other
+    return None
+
+
 class Objective:
     """The callable handed to ``study.optimize``."""
 
@@ -206,6 +221,21 @@ class Objective:
             raise optuna.TrialPruned("surplus trial")
         params = suggest(trial, cfg.space)
         trial.set_user_attr("config", params)
+        original = _same_config(trial, params)
+        if original is not None:
+            # Samplers revisit points of a discrete space; same configuration, budget and seed give the
+            # same model, so the result is reused instead of spending minutes training it again.
+            log.info(
+                "trial %d: same configuration as trial %d; its result is reused",
+                trial.number,
+                original.number,
+            )
+            for key, value in original.user_attrs.items():
+                if key not in ("config", "reference"):
+                    trial.set_user_attr(key, value)
+            trial.set_user_attr("duplicate_of", original.number)
+            self._set_constraints(trial, original.user_attrs)
+            return tuple(original.values)
         started = time.perf_counter()
         try:
             self._check_budget(trial, params)

@@ -34,7 +34,8 @@ def _feasible(trial: optuna.trial.FrozenTrial) -> bool:
 
 def trials_table(study: optuna.Study) -> pd.DataFrame:
     """Every completed trial, one row each, with its objectives, settings and front membership."""
-    front = {trial.number for trial in study.best_trials}
+    # A trial that reused an identical earlier trial's result (``duplicate_of``) is listed, not on the front.
+    front = {trial.number for trial in study.best_trials if "duplicate_of" not in trial.user_attrs}
     rows = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         attrs = trial.user_attrs
@@ -57,6 +58,7 @@ def trials_table(study: optuna.Study) -> pd.DataFrame:
                 "feasible": _feasible(trial),
                 "on_front": trial.number in front,
                 "reference": attrs.get("reference", ""),
+                "duplicate_of": attrs.get("duplicate_of"),
                 "engine": attrs.get("precision") or "",
                 "latency_backend": (attrs.get("latency") or {}).get("backend", ""),
                 "latency_threads": (attrs.get("latency") or {}).get("threads"),

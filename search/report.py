@@ -47,9 +47,10 @@ def write_report(cfg: SearchConfig, study: optuna.Study, folder: Path) -> tuple[
         _markdown_table(shown),
     ]
     if not table.empty:
+        backends = " / ".join(sorted({str(backend) for backend in table["latency_backend"] if backend}))
         lines.append(
-            f"Latency: {table['latency_backend'].iloc[0]}, {int(table['latency_threads'].iloc[0])} thread(s), batch 1, "
-            "median of repeated runs. MACs per input = gate + top_k experts (FLOPs = 2 x MACs)."
+            f"Latency: {backends} (the column `engine` says which), {int(table['latency_threads'].iloc[0])} "
+            "thread(s), batch 1, median of repeated runs. MACs per input = gate + top_k experts (FLOPs = 2 x MACs)."
         )
         lines.append("")
     if baseline:

@@ -1,10 +1,10 @@
 """Latency benchmark: baseline vs compressed vs exported MoE, side by side, from one run.
 
-    python -m search.benchmarks.latency results/bloodmnist-resnet20 [--export DIR] [--out results/benchmarks/latency.md]
+    python -m search.benchmarks.latency results/bloodmnist-resnet20 [--export DIR ...] [--out results/benchmarks/latency.md]
 
 Rows: baseline torch fp32 eager, baseline ONNX Runtime fp32 and int8, the best single compressed model
 of the study (most accurate completed trial with one expert and quantized weights; its expert alone,
-ONNX Runtime fp32 and int8) and the exported MoE (ONNX Runtime, int8), each at 1 and 2 threads and
+ONNX Runtime fp32 and int8) and each exported MoE (ONNX Runtime, int8), each at 1 and 2 threads and
 batch 1 and 64, with the ratio to the torch fp32 baseline at the same threads and batch and the
 gate + routing share of the MoE's time. Every number is the median of repeated runs after warm-up
 (``pipelines.measure.measure_latency``).
@@ -51,19 +51,19 @@ def _row(name: str, backend: str, stats: dict, reference: dict | None, share: fl
     }
 
 
-def run(study_folder: Path, export: Path | None, out: Path) -> Path:
+def run(study_folder: Path, exports: list[Path] | None, out: Path) -> Path:
     cfg, study = load_study(study_folder)
     data = load_data(cfg)
     from search.baseline import baseline_key
 
     teacher = load_teacher(baseline_dir(baseline_key(cfg), study_folder.parent))
-    if export is None:
-        exports = sorted((study_folder / "export").glob("trial_*/bundle/manifest.json"))
-        if not exports:
+    if not exports:
+        manifests = sorted((study_folder / "export").glob("trial_*/bundle/manifest.json"))
+        if not manifests:
             raise SystemExit(
                 f"no export under {study_folder / 'export'}: run `hycomp export {study_folder}` first"
             )
-        export = exports[0].parent.parent
+        exports = [manifest.parent.parent for manifest in manifests]
     images = data.val.images[:64].numpy()
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as scratch:
@@ -122,41 +122,45 @@ def run(study_folder: Path, export: Path | None, out: Path) -> Path:
                             warmup=warmup,
                         )
                         rows.append(_row(single_name, f"onnxruntime {precision}", stats.as_dict(), reference))
-                bundle = load_bundle(export / "bundle", threads=threads)
-                timing = measure_moe_latency(
-                    bundle, images[:batch], threads=threads, batch=batch, repeats=repeats, warmup=warmup
-                )
-                rows.append(
-                    _row(
-                        f"exported MoE ({export.name})",
-                        f"onnxruntime {bundle.precision}",
-                        timing["latency"],
-                        reference,
-                        timing["routing_share"],
+                for export in exports:
+                    bundle = load_bundle(export / "bundle", threads=threads)
+                    timing = measure_moe_latency(
+                        bundle, images[:batch], threads=threads, batch=batch, repeats=repeats, warmup=warmup
                     )
-                )
-    report = json.loads((export / "report.json").read_text()) if (export / "report.json").exists() else {}
+                    rows.append(
+                        _row(
+                            f"exported MoE ({export.name}, {bundle.num_experts} expert(s) top-{bundle.top_k})",
+                            f"onnxruntime {bundle.precision}",
+                            timing["latency"],
+                            reference,
+                            timing["routing_share"],
+                        )
+                    )
     versions = (
         rows and measure_latency(lambda: None, backend="-", threads=1, batch=1, repeats=1, warmup=0).versions
     )
     lines = [
         "# Latency benchmark",
         "",
-        f"Study `{study.study_name}`, export `{export}`; run {time.strftime('%Y-%m-%d %H:%M')} on {platform.processor() or platform.machine()}, "
+        f"Study `{study.study_name}`, exports {', '.join(f'`{export}`' for export in exports)}; run {time.strftime('%Y-%m-%d %H:%M')} on {platform.processor() or platform.machine()}, "
         f"CPU only, {torch.get_num_threads()} torch threads available. Versions: {versions}.",
         "Each cell: median of repeated runs after warm-up (p10-p90 in brackets), milliseconds per call (a call = one batch). "
         "Ratio: to the torch fp32 eager baseline at the same threads and batch. Routing share: fraction of the MoE call "
         "spent in the gate, top-k selection and gathering/combining.",
         "",
     ]
-    if report:
+    for export in exports:
+        if not (export / "report.json").exists():
+            continue
+        report = json.loads((export / "report.json").read_text())
         exported = report["exported"]
         lines += [
-            f"Exported point: trial {report['trial']} ({report['params']}), test accuracy {exported['test_accuracy']:.4f} "
-            f"(baseline {report['baseline']['test_accuracy']:.4f}), {exported['mmacs']:.3f} MMACs per input "
-            f"(baseline {report['baseline']['mmacs']:.3f}), {exported['size_kb']:.1f} KB packed.",
-            "",
+            f"- Exported point {export.name}: trial {report['trial']} ({report['params']}), test accuracy "
+            f"{exported['test_accuracy']:.4f} (baseline {report['baseline']['test_accuracy']:.4f}), "
+            f"{exported['mmacs']:.3f} MMACs per input (baseline {report['baseline']['mmacs']:.3f}), "
+            f"{exported['size_kb']:.1f} KB packed; picked because: {report.get('picked_because', '-')}.",
         ]
+    lines.append("")
     lines += [
         "| model | backend | threads | batch | median ms [p10-p90] | ratio to torch fp32 | routing share |",
         "|---|---|---|---|---|---|---|",
@@ -180,14 +184,17 @@ def run(study_folder: Path, export: Path | None, out: Path) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("study", help="study folder, e.g. results/bloodmnist-resnet20")
-    parser.add_argument("--export", help="export folder (default: the first under <study>/export/)")
+    parser.add_argument(
+        "--export", nargs="+", help="export folder(s) to benchmark (default: every one under <study>/export/)"
+    )
     parser.add_argument("--out", default="results/benchmarks/latency.md")
     args = parser.parse_args()
     import warnings
 
     warnings.filterwarnings("ignore")
     np.random.seed(0)
-    path = run(resolve_study_dir(args.study), Path(args.export) if args.export else None, Path(args.out))
+    exports = [Path(folder) for folder in args.export] if args.export else None
+    path = run(resolve_study_dir(args.study), exports, Path(args.out))
     print(path.read_text())
 
 

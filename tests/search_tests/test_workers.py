@@ -45,9 +45,6 @@ def write_cheap_space(folder: Path, data_root: Path, name: str, trials: int) -> 
     mapping["study"].update(name=name, trials=trials, enqueue_baseline=False)
     mapping["trial"].update(CHEAP_TRIAL)
     mapping["measure"]["latency_repeats"] = 2
-    # One expert + a quantized gate fails in pipelines today (the gate is skipped, so QAT learns no
-    # scale for it); keep this test about parallel bookkeeping, not that bug.
-    mapping["space"]["num_experts"] = {"low": 2, "high": 3}
     path = folder / f"{name}.yaml"
     path.write_text(yaml.safe_dump(mapping))
     return path
@@ -72,8 +69,9 @@ def check_exact_count(study: optuna.Study, target: int, *trials_folders: Path) -
         assert missing == [], f"trial {trial.number} lacks user attrs {missing}"
         assert SURPLUS_REASON not in attrs.get("fail_reason", "")
         assert trial.values == pytest.approx([attrs["val_accuracy"], attrs["mmacs"], attrs["latency_ms"]])
-        assert attrs["config"]["num_experts"] in (2, 3)
-        bundles = [folder / f"trial_{trial.number}" / "bundle" / "manifest.json" for folder in trials_folders]
+        # a trial that reused an identical earlier trial's result has its model in that trial's folder
+        owner = attrs.get("duplicate_of", trial.number)
+        bundles = [folder / f"trial_{owner}" / "bundle" / "manifest.json" for folder in trials_folders]
         assert any(bundle.exists() for bundle in bundles), f"trial {trial.number} left no bundle"
     pruned = [trial for trial in trials if trial.state == TrialState.PRUNED]
     for trial in pruned:

@@ -1,0 +1,97 @@
+"""The objective: a configuration sampled again reuses the earlier result instead of retraining."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from optuna.distributions import CategoricalDistribution
+from optuna.trial import TrialState, create_trial
+
+from search.cli import main
+from search.objective import _same_config
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _config(**overrides) -> dict:
+    config = {
+        "sparsity": 0.5,
+        "pruner": "l1",
+        "bits": 8,
+        "quantizer": "qat",
+        "num_experts": 2,
+        "top_k": 1,
+        "gate_size": 4,
+        "routing": "class-groups",
+        "effective_top_k": 1,
+    }
+    return {**config, **overrides}
+
+
+def _study_with(*configs: dict) -> optuna.Study:
+    study = optuna.create_study(directions=["maximize", "minimize", "minimize"])
+    for config in configs:
+        study.add_trial(
+            create_trial(
+                values=[0.9, 1.0, 0.1],
+                params={"pruner": config["pruner"]},
+                distributions={"pruner": CategoricalDistribution(["l1", "l2"])},
+                user_attrs={"config": config},
+            )
+        )
+    return study
+
+
+def test_same_config_finds_the_earlier_trial() -> None:
+    study = _study_with(_config(pruner="l2"), _config())
+    trial = study.ask()
+    assert _same_config(trial, _config()).number == 1
+    assert _same_config(trial, _config(sparsity=0.6)) is None
+    assert _same_config(trial, _config(bits=4)) is None
+
+
+def test_top_k_counts_only_through_its_clipped_value() -> None:
+    """One expert with top_k 2 runs exactly as one expert with top_k 1."""
+    study = _study_with(_config(num_experts=1, top_k=1, effective_top_k=1))
+    trial = study.ask()
+    assert _same_config(trial, _config(num_experts=1, top_k=2, effective_top_k=1)) is not None
+    assert _same_config(trial, _config(num_experts=2, top_k=2, effective_top_k=2)) is None
+
+
+@pytest.mark.slow
+def test_a_repeated_configuration_is_not_trained_again(
+    tmp_path: Path, synthetic_root: Path, monkeypatch
+) -> None:
+    """A one-point space: the second trial reuses the first's result, the front lists that point once, and
+    exporting the copy uses the first trial's saved model."""
+    monkeypatch.setenv("HYCOMP_RESULTS", str(tmp_path / "results"))
+    mapping = yaml.safe_load((REPO / "search_spaces" / "tiny.yaml").read_text())
+    mapping["data"]["root"] = str(synthetic_root)
+    mapping["study"].update(name="one-point", trials=2, enqueue_baseline=False)
+    mapping["space"].update(
+        sparsity={"low": 0.5, "high": 0.5},
+        pruner=["l1"],
+        bits=[8],
+        num_experts={"low": 1, "high": 1},
+        top_k={"low": 1, "high": 1},
+        gate_size=[4],
+    )
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump(mapping))
+    assert main(["search", "--space", str(space), "--no-progress"]) == 0
+
+    folder = tmp_path / "results" / "one-point"
+    study = optuna.load_study(study_name="one-point", storage=f"sqlite:///{folder / 'study.db'}")
+    first, second = study.get_trials(states=(TrialState.COMPLETE,))
+    assert second.user_attrs["duplicate_of"] == first.number
+    assert second.values == first.values
+    assert not (folder / "trials" / f"trial_{second.number}").exists()
+
+    from search.pareto import front_table
+
+    assert front_table(study)["trial"].tolist() == [first.number]
+    assert main(["export", str(folder), "--trial", str(second.number)]) == 0
+    assert (folder / "export" / f"trial_{second.number}" / "report.md").exists()
