@@ -28,7 +28,8 @@ POINTS = [
 ]
 
 
-def make_study(points=POINTS, constraint=None) -> optuna.Study:
+def make_study(points=POINTS, constraint=None, reference_first: bool = False) -> optuna.Study:
+    """One completed trial per point; with ``reference_first`` trial 0 is the enqueued reference."""
     study = optuna.create_study(directions=["maximize", "minimize", "minimize"])
     for index, (accuracy, mmacs, latency, size) in enumerate(points):
         system_attrs = {}
@@ -45,7 +46,11 @@ def make_study(points=POINTS, constraint=None) -> optuna.Study:
             },
             distributions=DISTRIBUTIONS,
             values=[accuracy, mmacs, latency],
-            user_attrs={"size_kb": size, "latency": {"backend": "onnxruntime-int8", "threads": 1}},
+            user_attrs={
+                "size_kb": size,
+                "latency": {"backend": "onnxruntime-int8", "threads": 1},
+                "reference": "baseline" if reference_first and index == 0 else "",
+            },
             system_attrs=system_attrs,
         )
         study.add_trial(trial)
@@ -98,24 +103,8 @@ def test_constraints_change_the_front() -> None:
 
 
 def test_policies_skip_the_uncompressed_reference() -> None:
-    # make trial 0 the enqueued reference: it stays on the front but is not picked by a policy
-    study = optuna.create_study(directions=["maximize", "minimize", "minimize"])
-    for index, (accuracy, mmacs, latency, size) in enumerate(POINTS):
-        study.add_trial(
-            optuna.trial.create_trial(
-                params={
-                    "sparsity": 0.1 * index,
-                    "pruner": "l1",
-                    "bits": 8,
-                    "num_experts": 2,
-                    "top_k": 1,
-                    "gate_size": 4,
-                },
-                distributions=DISTRIBUTIONS,
-                values=[accuracy, mmacs, latency],
-                user_attrs={"size_kb": size, "reference": "baseline" if index == 0 else ""},
-            )
-        )
+    # trial 0 is the enqueued reference: it stays on the front but is not picked by a policy
+    study = make_study(reference_first=True)
     assert 0 in set(front_table(study)["trial"])
     assert pick_trial(study, policy="max-accuracy").trial == 1
     assert pick_trial(study, trial=0).trial == 0
