@@ -92,7 +92,7 @@ class SearchCommand:
         parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     def take_action(self, args: argparse.Namespace) -> int:
-        from search.study import completed_trials, run_search
+        from search.study import completed_trials, evaluated_trials, run_search
         from search.workspace import study_dir
 
         cfg = _load_cfg(args)
@@ -104,7 +104,10 @@ class SearchCommand:
             cfg, storage_url=args.storage, show_progress=not args.no_progress, workers=args.workers
         )
         folder = study_dir(cfg.study.name)
-        print(f"\n{len(completed_trials(study))} completed trials in {folder}. Next: hycomp front {folder}")
+        evaluated = len(evaluated_trials(study))
+        repeats = len(completed_trials(study)) - evaluated
+        reused = f" (+{repeats} repeated configuration(s), results reused)" if repeats else ""
+        print(f"\n{evaluated} completed trials{reused} in {folder}. Next: hycomp front {folder}")
         return 0
 
 

@@ -204,13 +204,15 @@ class Objective:
         self.target_trials = target_trials
 
     def _surplus(self, trial: optuna.Trial) -> bool:
-        """True when trials numbered before this one already fill the target (parallel workers raced)."""
+        """True when trials numbered before this one already fill the target (parallel workers raced).
+
+        Repeats of evaluated configurations (``duplicate_of``) do not count toward the target."""
         if self.target_trials is None:
             return False
         ahead = [
             t
             for t in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
-            if t.number < trial.number
+            if t.number < trial.number and "duplicate_of" not in t.user_attrs
         ]
         return len(ahead) >= self.target_trials
 

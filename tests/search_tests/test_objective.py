@@ -63,10 +63,13 @@ def test_top_k_counts_only_through_its_clipped_value() -> None:
 
 @pytest.mark.slow
 def test_a_repeated_configuration_is_not_trained_again(
-    tmp_path: Path, synthetic_root: Path, monkeypatch
+    tmp_path: Path, synthetic_root: Path, monkeypatch, capsys, caplog
 ) -> None:
-    """A one-point space: the second trial reuses the first's result, the front lists that point once, and
-    exporting the copy uses the first trial's saved model."""
+    """A one-point space: later trials reuse the first's result and do not count toward the target; the
+    search stops once the sampler has proposed the evaluated point MAX_REPEATS times; the front lists the
+    point once; exporting a repeat uses the first trial's saved model."""
+    from search.study import MAX_REPEATS
+
     monkeypatch.setenv("HYCOMP_RESULTS", str(tmp_path / "results"))
     mapping = yaml.safe_load((REPO / "search_spaces" / "tiny.yaml").read_text())
     mapping["data"]["root"] = str(synthetic_root)
@@ -82,13 +85,17 @@ def test_a_repeated_configuration_is_not_trained_again(
     space = tmp_path / "space.yaml"
     space.write_text(yaml.safe_dump(mapping))
     assert main(["search", "--space", str(space), "--no-progress"]) == 0
+    assert "few new points left" in caplog.text
+    assert f"1 completed trials (+{MAX_REPEATS} repeated" in capsys.readouterr().out
 
     folder = tmp_path / "results" / "one-point"
     study = optuna.load_study(study_name="one-point", storage=f"sqlite:///{folder / 'study.db'}")
-    first, second = study.get_trials(states=(TrialState.COMPLETE,))
-    assert second.user_attrs["duplicate_of"] == first.number
-    assert second.values == first.values
-    assert not (folder / "trials" / f"trial_{second.number}").exists()
+    first, *repeats = study.get_trials(states=(TrialState.COMPLETE,))
+    assert len(repeats) == MAX_REPEATS and "duplicate_of" not in first.user_attrs
+    second = repeats[0]
+    assert all(trial.user_attrs["duplicate_of"] == first.number for trial in repeats)
+    assert all(trial.values == first.values for trial in repeats)
+    assert sorted(path.name for path in (folder / "trials").iterdir()) == [f"trial_{first.number}"]
 
     from search.pareto import front_table
 

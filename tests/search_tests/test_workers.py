@@ -51,7 +51,8 @@ def write_cheap_space(folder: Path, data_root: Path, name: str, trials: int) -> 
 
 
 def check_exact_count(study: optuna.Study, target: int, *trials_folders: Path) -> None:
-    """Exactly ``target`` COMPLETE trials, each with its record and its bundle in one of
+    """Exactly ``target`` COMPLETE trials that evaluated a configuration (repeats reuse a result and do not
+    count), each with its record and its bundle in one of
     ``trials_folders``; extra ones are PRUNED as surplus."""
     trials = study.get_trials(deepcopy=False)
     numbers = [trial.number for trial in trials]
@@ -62,7 +63,7 @@ def check_exact_count(study: optuna.Study, target: int, *trials_folders: Path) -
         states
     )
     complete = [trial for trial in trials if trial.state == TrialState.COMPLETE]
-    assert len(complete) == target, states
+    assert len([trial for trial in complete if "duplicate_of" not in trial.user_attrs]) == target, states
     for trial in complete:
         attrs = trial.user_attrs
         missing = [key for key in RECORD_KEYS if key not in attrs]
