@@ -149,8 +149,11 @@ class FrontCommand:
         front = front_table(study)
         baseline = study.user_attrs.get("baseline")
         shown = table.sort_values("val_accuracy", ascending=False) if args.all else front
+        repeats = int(table["duplicate_of"].notna().sum())
+        reused = f", +{repeats} repeated configuration(s)" if repeats else ""
         print(
-            f"Pareto front of {study.study_name} ({len(front)} of {len(table)} completed trials; objectives: val acc max, MMACs min, latency min)"
+            f"Pareto front of {study.study_name} ({len(front)} of {len(table) - repeats} completed trials{reused}; "
+            "objectives: val acc max, MMACs min, latency min)"
         )
         print(format_table(shown, baseline))
         threads = int(table["latency_threads"].iloc[0])

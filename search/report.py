@@ -34,10 +34,14 @@ def write_report(cfg: SearchConfig, study: optuna.Study, folder: Path) -> tuple[
     baseline = study.user_attrs.get("baseline")
     plot = plot_front_png(table, baseline, folder / "front.png")
     shown = display_columns(front) if not front.empty else front
+    repeats = int(table["duplicate_of"].notna().sum()) if not table.empty else 0
+    counted = f"{len(table) - repeats} completed trials" + (
+        f" (+{repeats} repeated configurations, results reused)" if repeats else ""
+    )
     lines = [
         f"# hycomp study `{study.study_name}`",
         "",
-        f"{len(table)} completed trials, {len(front)} on the Pareto front "
+        f"{counted}, {len(front)} on the Pareto front "
         "(objectives: validation accuracy max, MMACs per input min, batch-1 latency min).",
         "",
         f"![Pareto front]({plot.name})",
@@ -86,7 +90,7 @@ def write_report(cfg: SearchConfig, study: optuna.Study, folder: Path) -> tuple[
     html_path = folder / "report.html"
     body = [
         f"<h1>hycomp study {html.escape(study.study_name)}</h1>",
-        f"<p>{len(table)} completed trials, {len(front)} on the Pareto front.</p>",
+        f"<p>{html.escape(counted)}, {len(front)} on the Pareto front.</p>",
         f'<img src="{plot.name}" style="max-width:100%">',
         "<h2>Pareto front</h2>",
         f"<pre>{html.escape(format_table(shown, baseline)) if not shown.empty else 'none'}</pre>",
