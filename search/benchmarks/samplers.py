@@ -95,7 +95,13 @@ def _run_one(
             if attempt == 3:
                 raise
             print(f"{sampler} seed {seed}: {error} Resuming.", flush=True)
-    seconds = time.perf_counter() - started
+    # Wall time of the study from its trials' timestamps, so a resumed run reports the original cost.
+    stamps = [trial for trial in study.trials if trial.datetime_start and trial.datetime_complete]
+    seconds = (
+        (max(t.datetime_complete for t in stamps) - min(t.datetime_start for t in stamps)).total_seconds()
+        if stamps
+        else time.perf_counter() - started
+    )
     history = hypervolume_history(study, reference)
     states = [trial.state for trial in study.trials]
     return {
@@ -109,7 +115,7 @@ def _run_one(
         "hypervolume_half_budget": history[len(history) // 2 - 1] if len(history) >= 2 else 0.0,
         "hypervolume_history": history,
         "hypervolume_accuracy_mmacs": accuracy_macs_hypervolume(study, reference),
-        "front_size": len(study.best_trials),
+        "front_size": sum(not is_repeat(trial) for trial in study.best_trials),
         "seconds": seconds,
     }
 
@@ -213,7 +219,6 @@ def run(
     reference: list[float] | None,
     settings: dict,
 ) -> Path:
-    started = time.perf_counter()
     data = load_data(cfg)
     _, record = get_baseline(cfg, data, work, threads=cfg.measure.latency_threads)
     source = "given with --reference"
@@ -241,7 +246,7 @@ def run(
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "cpu": f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical cores",
         "versions": {**versions, "optuna": optuna.__version__},
-        "minutes": (time.perf_counter() - started) / 60,
+        "minutes": sum(row["seconds"] for row in rows) / 60,  # from trial timestamps: resume-proof
         "trials": trials,
         "seeds": seeds,
         "training_seed": cfg.seed,
