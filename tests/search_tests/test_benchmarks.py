@@ -1,0 +1,36 @@
+"""The benchmark scripts' arithmetic (the scripts themselves run for minutes and write reports)."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+from optuna.distributions import CategoricalDistribution
+from optuna.trial import create_trial
+
+from search.benchmarks.samplers import accuracy_macs_hypervolume
+
+
+def _study(points: list[tuple[float, float, float]], repeat_of_first: bool = False) -> optuna.Study:
+    study = optuna.create_study(directions=["maximize", "minimize", "minimize"])
+    for index, values in enumerate(points):
+        attrs = {"duplicate_of": 0} if repeat_of_first and index == len(points) - 1 else {}
+        study.add_trial(
+            create_trial(
+                values=list(values),
+                params={"pruner": "l1"},
+                distributions={"pruner": CategoricalDistribution(["l1"])},
+                user_attrs=attrs,
+            )
+        )
+    return study
+
+
+def test_accuracy_macs_hypervolume_is_the_dominated_area() -> None:
+    # reference (accuracy 0, 20 MMACs): (0.9, 10) dominates 0.9 x 10; (0.5, 5) adds 0.5 x 5 more
+    study = _study([(0.9, 10.0, 1.0), (0.5, 5.0, 1.0)])
+    assert accuracy_macs_hypervolume(study, [0.0, 20.0, 9.0]) == pytest.approx(0.9 * 10 + 0.5 * 5)
+
+
+def test_points_beyond_the_reference_add_nothing_and_repeats_change_nothing() -> None:
+    study = _study([(0.9, 10.0, 1.0), (0.99, 30.0, 1.0), (0.9, 10.0, 1.0)], repeat_of_first=True)
+    assert accuracy_macs_hypervolume(study, [0.0, 20.0, 9.0]) == pytest.approx(9.0)
