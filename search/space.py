@@ -384,7 +384,9 @@ def suggest(trial: Any, space: Space) -> dict:
     sparsity = space.sparsity
     params = {
         # rounded: a stepped float comes back as e.g. 0.6000000000000001, which reports would show
-        "sparsity": round(trial.suggest_float("sparsity", sparsity.low, sparsity.high, step=sparsity.step), 6),
+        "sparsity": round(
+            trial.suggest_float("sparsity", sparsity.low, sparsity.high, step=sparsity.step), 6
+        ),
         "pruner": trial.suggest_categorical("pruner", list(space.pruner)),
     }
     if trial.user_attrs.get("reference") and REFERENCE_BITS not in space.bits:
