@@ -270,7 +270,7 @@ class Objective:
         cost = estimate_cost(self.ctx, params)
         for key, limit in (("mmacs", limits.max_mmacs), ("size_kb", limits.max_size_kb)):
             if limit is not None and cost[key] > limit:
-                reason = f"rejected before training: {key} {cost[key]:.3f} > limit {limit}"
+                reason = f"rejected before training: {key} {cost[key]:.3f} > constraints.max_{key} {limit}"
                 trial.set_user_attr("fail_reason", reason)
                 raise optuna.TrialPruned(reason)
 

@@ -45,6 +45,9 @@ HEARTBEAT_SECONDS = int(os.environ.get("HYCOMP_HEARTBEAT_SECONDS", "20"))
 GRACE_SECONDS = int(os.environ.get("HYCOMP_GRACE_SECONDS", "60"))
 # A search stops when the sampler has proposed this many (or 2 x trials) already-evaluated configurations.
 MAX_REPEATS = 20
+# A search stops when this many sampled configurations in a row break a MACs / size budget before training.
+MAX_REJECTIONS = 25
+REJECTED = "rejected before training"
 
 
 def default_storage(folder: Path) -> str:
@@ -290,6 +293,14 @@ def _worker_loop(cfg: SearchConfig, study: optuna.Study, data, teacher, folder: 
             time.sleep(2)
             continue
         study.optimize(objective, n_trials=1, catch=(CompressionError,), callbacks=[progress])
+        rejected = _rejected_in_a_row(study)
+        if len(rejected) >= MAX_REJECTIONS:
+            raise ConfigError(
+                f"constraints: the last {len(rejected)} sampled configurations were all rejected before training "
+                f"(latest: {rejected[-1]}). The budget is below what this space reaches: raise the limit "
+                "(--max-mmacs / --max-size-kb or the constraints: section) or allow higher sparsity / fewer bits "
+                "in space:."
+            )
         if _too_many_failures(study):
             raise CompressionError(
                 "the last 5 trials all failed; stopping. `hycomp front` lists their reasons."
@@ -358,6 +369,20 @@ def _run_workers(cfg: SearchConfig, url: str, results: Path | None, workers: int
         raise CompressionError(
             f"{len(failed)} worker process(es) exited with errors {failed}; see their output above."
         )
+
+
+def _rejected_in_a_row(study: optuna.Study) -> list[str]:
+    """Reasons of the trailing run of trials rejected before training by a budget (surplus trials skipped)."""
+    reasons: list[str] = []
+    for trial in reversed(study.get_trials(deepcopy=False)):
+        reason = trial.user_attrs.get("fail_reason", "")
+        if trial.state == TrialState.PRUNED and reason.startswith(REJECTED):
+            reasons.append(reason)
+        elif trial.state == TrialState.PRUNED or trial.state == TrialState.RUNNING:
+            continue  # a surplus trial of a parallel worker, or one still running elsewhere
+        else:
+            break
+    return reasons[::-1]
 
 
 def _too_many_failures(study: optuna.Study, window: int = 5) -> bool:

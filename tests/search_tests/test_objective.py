@@ -102,3 +102,55 @@ def test_a_repeated_configuration_is_not_trained_again(
     assert front_table(study)["trial"].tolist() == [first.number]
     assert main(["export", str(folder), "--trial", str(second.number)]) == 0
     assert (folder / "export" / f"trial_{second.number}" / "report.md").exists()
+
+
+def _tiny_space(folder: Path, data_root: Path, name: str, trials: int) -> Path:
+    mapping = yaml.safe_load((REPO / "search_spaces" / "tiny.yaml").read_text())
+    mapping["data"]["root"] = str(data_root)
+    mapping["study"].update(name=name, trials=trials)
+    mapping["measure"]["latency_repeats"] = 2
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(mapping))
+    return path
+
+
+@pytest.mark.slow
+def test_a_compute_budget_rejects_configurations_before_training(
+    tmp_path: Path, synthetic_root: Path, monkeypatch
+) -> None:
+    """--max-mmacs: configurations whose estimated MACs break it are PRUNED before any training (the
+    uncompressed reference among them); every completed trial is within the budget."""
+    monkeypatch.setenv("HYCOMP_RESULTS", str(tmp_path / "results"))
+    space = _tiny_space(tmp_path, synthetic_root, "budget", trials=2)
+    assert main(["search", "--space", str(space), "--max-mmacs", "1.6", "--no-progress"]) == 0
+    folder = tmp_path / "results" / "budget"
+    study = optuna.load_study(study_name="budget", storage=f"sqlite:///{folder / 'study.db'}")
+    rejected = study.get_trials(states=(TrialState.PRUNED,))
+    complete = study.get_trials(states=(TrialState.COMPLETE,))
+    assert rejected and rejected[0].user_attrs.get("reference"), "the 2.5-MMACs reference breaks a 1.6 budget"
+    for trial in rejected:
+        assert trial.user_attrs["fail_reason"].startswith("rejected before training: mmacs")
+        assert "constraints.max_mmacs 1.6" in trial.user_attrs["fail_reason"]
+        assert not (folder / "trials" / f"trial_{trial.number}").exists(), "nothing was trained"
+    assert len([t for t in complete if "duplicate_of" not in t.user_attrs]) == 2
+    assert all(
+        t.values[1] <= 1.6 and t.constraints == {"mmacs": pytest.approx(t.values[1] - 1.6)} for t in complete
+    )
+
+
+@pytest.mark.slow
+def test_an_unreachable_budget_stops_with_a_clear_message(
+    tmp_path: Path, synthetic_root: Path, monkeypatch, capsys
+) -> None:
+    from search.study import MAX_REJECTIONS
+
+    monkeypatch.setenv("HYCOMP_RESULTS", str(tmp_path / "results"))
+    space = _tiny_space(tmp_path, synthetic_root, "impossible", trials=2)
+    assert main(["search", "--space", str(space), "--max-mmacs", "0.01", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"the last {MAX_REJECTIONS} sampled configurations were all rejected" in err
+    assert "--max-mmacs" in err and "Traceback" not in err
+    folder = tmp_path / "results" / "impossible"
+    study = optuna.load_study(study_name="impossible", storage=f"sqlite:///{folder / 'study.db'}")
+    assert not study.get_trials(states=(TrialState.COMPLETE,))
+    assert not (folder / "trials").exists() or not any((folder / "trials").iterdir())
