@@ -144,7 +144,8 @@ def quantize_onnx_int8(
 ) -> Path:
     """Statically quantize an fp32 ONNX model to QDQ int8 (per-channel int8 weights, uint8 activations).
 
-    Activation ranges come from MinMax calibration on ``calibration_images`` (B, C, H, W).
+    Activation ranges come from MinMax calibration on ``calibration_images`` (B, C, H, W). The final
+    linear layer stays fp32 (see :func:`_classifier_nodes`).
     ``reduce_range`` keeps weights to 7 bits: on AVX2 without VNNI the uint8 x int8 kernels saturate
     intermediate sums otherwise (accuracy 0.963 -> 0.910 measured; with it no loss, same speed).
     """
@@ -175,11 +176,24 @@ def quantize_onnx_int8(
                 reduce_range=True,
                 activation_type=QuantType.QUInt8,
                 weight_type=QuantType.QInt8,
+                nodes_to_exclude=_classifier_nodes(preprocessed),
             )
         finally:
             quantization_logger.setLevel(previous_levels[0])
             root_logger.setLevel(previous_levels[1])
     return int8_path
+
+
+def _classifier_nodes(path: Path) -> list[str]:
+    """The last Gemm / MatMul of the graph (the classifier, or the gate's scoring layer), kept in fp32.
+
+    Its uint8 output rounds close logits together and flips the argmax: on a 3-expert top-1 BloodMNIST MoE
+    int8-vs-torch agreement rose from 0.985 to 0.990 with it in fp32, accuracy 0.940 -> 0.943; it is a
+    few hundred MACs.
+    """
+    nodes = [node for node in onnx.load(str(path), load_external_data=False).graph.node]
+    linear = [node.name for node in nodes if node.op_type in ("Gemm", "MatMul")]
+    return linear[-1:]
 
 
 class OrtModel:

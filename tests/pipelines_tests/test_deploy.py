@@ -157,6 +157,12 @@ def test_int8_single_model_is_smaller_and_agrees(classifier: nn.Module, data, tm
     operators = {node.op_type for node in onnx.load(str(int8_path)).graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= operators
     assert int8_path.stat().st_size < 0.5 * fp32_path.stat().st_size  # int8 weights, not fp32
+    # the classifier (last Gemm) reads dequantized features but keeps fp32 weights and an fp32 output
+    graph = onnx.load(str(int8_path)).graph
+    last = [node for node in graph.node if node.op_type in ("Gemm", "MatMul")][-1]
+    float_initializers = {init.name for init in graph.initializer if init.data_type == onnx.TensorProto.FLOAT}
+    assert last.input[1] in float_initializers
+    assert not any(node.op_type == "QuantizeLinear" and last.output[0] in node.input for node in graph.node)
     model = OrtModel(int8_path, threads=1)
     assert model.precision == "int8"
     held_out = images[CALIBRATION:]
