@@ -137,7 +137,7 @@ class FrontCommand:
 
     def take_action(self, args: argparse.Namespace) -> int:
         from pipelines.errors import ConfigError
-        from search.pareto import failures_table, format_table, front_table, trials_table
+        from search.pareto import failures_table, format_table, front_table, repeat_count, trials_table
         from search.plots import plot_front_html, plot_front_png
 
         folder, cfg, study = _open(args)
@@ -149,7 +149,7 @@ class FrontCommand:
         front = front_table(study)
         baseline = study.user_attrs.get("baseline")
         shown = table.sort_values("val_accuracy", ascending=False) if args.all else front
-        repeats = int(table["duplicate_of"].notna().sum())
+        repeats = repeat_count(table)
         reused = f", +{repeats} repeated configuration(s)" if repeats else ""
         print(
             f"Pareto front of {study.study_name} ({len(front)} of {len(table) - repeats} completed trials{reused}; "

@@ -181,6 +181,14 @@ def evaluate_config(
     }
 
 
+REJECTED = "rejected before training"  # the reason prefix of a configuration that breaks a budget
+
+
+def is_repeat(trial: optuna.trial.FrozenTrial) -> bool:
+    """A trial whose configuration was already evaluated: its result was reused (``duplicate_of``)."""
+    return "duplicate_of" in trial.user_attrs
+
+
 def _config_key(params: dict) -> tuple:
     """What determines a trial's model (``top_k`` only through its effective, clipped value)."""
     return tuple(sorted((key, value) for key, value in params.items() if key != "top_k"))
@@ -191,7 +199,7 @@ def _same_config(trial: optuna.Trial, params: dict) -> optuna.trial.FrozenTrial 
     key = _config_key(params)
     for other in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         config = other.user_attrs.get("config")
-        if config and "duplicate_of" not in other.user_attrs and _config_key(config) == key:
+        if config and not is_repeat(other) and _config_key(config) == key:
             return other
     return None
 
@@ -212,7 +220,7 @@ class Objective:
         ahead = [
             t
             for t in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
-            if t.number < trial.number and "duplicate_of" not in t.user_attrs
+            if t.number < trial.number and not is_repeat(t)
         ]
         return len(ahead) >= self.target_trials
 
@@ -270,7 +278,7 @@ class Objective:
         cost = estimate_cost(self.ctx, params)
         for key, limit in (("mmacs", limits.max_mmacs), ("size_kb", limits.max_size_kb)):
             if limit is not None and cost[key] > limit:
-                reason = f"rejected before training: {key} {cost[key]:.3f} > constraints.max_{key} {limit}"
+                reason = f"{REJECTED}: {key} {cost[key]:.3f} > constraints.max_{key} {limit}"
                 trial.set_user_attr("fail_reason", reason)
                 raise optuna.TrialPruned(reason)
 

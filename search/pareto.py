@@ -68,6 +68,11 @@ def trials_table(study: optuna.Study) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def repeat_count(table: pd.DataFrame) -> int:
+    """Rows of :func:`trials_table` that reused an earlier trial's result (not counted as evaluated)."""
+    return int(table["duplicate_of"].notna().sum()) if not table.empty else 0
+
+
 def front_table(study: optuna.Study) -> pd.DataFrame:
     """The non-dominated (and feasible) trials, best accuracy first."""
     table = trials_table(study)

@@ -9,7 +9,14 @@ from pathlib import Path
 
 import optuna
 
-from search.pareto import display_columns, failures_table, format_table, front_table, trials_table
+from search.pareto import (
+    display_columns,
+    failures_table,
+    format_table,
+    front_table,
+    repeat_count,
+    trials_table,
+)
 from search.plots import plot_front_png
 from search.space import SearchConfig, dump_space
 
@@ -34,7 +41,7 @@ def write_report(cfg: SearchConfig, study: optuna.Study, folder: Path) -> tuple[
     baseline = study.user_attrs.get("baseline")
     plot = plot_front_png(table, baseline, folder / "front.png")
     shown = display_columns(front) if not front.empty else front
-    repeats = int(table["duplicate_of"].notna().sum()) if not table.empty else 0
+    repeats = repeat_count(table)
     counted = f"{len(table) - repeats} completed trials" + (
         f" (+{repeats} repeated configurations, results reused)" if repeats else ""
     )

@@ -23,6 +23,7 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
 from pipelines.errors import CompressionError, ConfigError, unknown_name
+from search.objective import REJECTED, is_repeat
 from search.space import SAMPLERS, SearchConfig, baseline_params, dump_space, load_space
 from search.workspace import study_dir
 
@@ -34,7 +35,6 @@ __all__ = [
     "load_study",
     "completed_trials",
     "evaluated_trials",
-    "is_repeat",
     "run_search",
 ]
 
@@ -47,7 +47,6 @@ GRACE_SECONDS = int(os.environ.get("HYCOMP_GRACE_SECONDS", "60"))
 MAX_REPEATS = 20
 # A search stops when this many sampled configurations in a row break a MACs / size budget before training.
 MAX_REJECTIONS = 25
-REJECTED = "rejected before training"
 
 
 def default_storage(folder: Path) -> str:
@@ -167,11 +166,6 @@ def load_study(folder: Path, storage_url: str | None = None) -> tuple[SearchConf
 
 def completed_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-
-
-def is_repeat(trial: optuna.trial.FrozenTrial) -> bool:
-    """A trial whose configuration was already evaluated: its result was reused (``duplicate_of``)."""
-    return "duplicate_of" in trial.user_attrs
 
 
 def evaluated_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:

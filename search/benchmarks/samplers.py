@@ -35,9 +35,9 @@ from optuna.trial import TrialState
 
 from pipelines.errors import CompressionError
 from search.baseline import get_baseline
-from search.objective import DIRECTIONS, OBJECTIVES
+from search.objective import DIRECTIONS, OBJECTIVES, is_repeat
 from search.space import SearchConfig, load_space
-from search.study import completed_trials, evaluated_trials, is_repeat, load_data, run_search
+from search.study import completed_trials, evaluated_trials, load_data, run_search
 
 __all__ = ["run", "main"]
 
