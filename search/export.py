@@ -173,6 +173,7 @@ def export_trial(
                     bundle, test_images[:64], threads=threads, batch=64, repeats=10, warmup=2
                 ),
                 "agreement_with_torch": agreement(moe, bundle, data.val.images),  # the whole val split
+                "engine_weight_grid": _weight_grid_totals(bundle.manifest),
                 "routing_per_class": record.get("routing_per_class"),
             },
             "baseline": {
@@ -210,8 +211,25 @@ def export_trial(
     return report
 
 
+def _weight_grid_totals(manifest: dict | None) -> dict[str, int] | None:
+    """Weight tensors the int8 engine holds exactly on NNI's grid / rounds to its own, over all files."""
+    per_file = (manifest or {}).get("weight_grid") or {}
+    if not per_file:
+        return None
+    return {key: sum(counts.get(key, 0) for counts in per_file.values()) for key in ("exact", "rounded")}
+
+
 def _latency_cell(stats: dict) -> str:
     return f"{stats['median_ms']:.3f} ms (p10 {stats['p10_ms']:.3f}, p90 {stats['p90_ms']:.3f})"
+
+
+def _weight_grid_line(totals: dict[str, int] | None) -> list[str]:
+    if not totals:
+        return []
+    return [
+        f"- int8 engine weights: {totals['exact']} tensors hold NNI's levels exactly, {totals['rounded']} are "
+        "rounded to the engine's [-64, 64] grid (8-bit or fp32 weights: more levels than it holds)."
+    ]
 
 
 def render_report(report: dict) -> str:
@@ -242,6 +260,7 @@ def render_report(report: dict) -> str:
         f"- Torch model of the export: test {exported['test_accuracy_torch']:.4f}, val {exported['val_accuracy_torch']:.4f}; "
         f"engine vs torch top-1 agreement on the whole val split {exported['agreement_with_torch']['top1_agreement']:.4f}, "
         f"max |logit diff| {exported['agreement_with_torch']['max_abs_diff']:.4g}.",
+        *_weight_grid_line(exported.get("engine_weight_grid")),
         f"- MACs: {report['conventions']['macs']}. Size: {report['conventions']['size']}. {report['conventions']['low_bit']}.",
         "",
         "Routing (validation, first choice): rows are classes, columns experts.",

@@ -8,6 +8,7 @@ the ONNX Runtime MoE shows up as a logit difference.
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from pathlib import Path
@@ -176,6 +177,59 @@ def test_int8_single_model_is_smaller_and_agrees(classifier: nn.Module, data, tm
     assert 0 < result["max_abs_diff"] < 1.5
 
 
+def _bake_on_grid(model: nn.Module, bits: int) -> nn.Module:
+    """Round each Conv/Linear output channel to symmetric ``bits``-bit levels, as NNI's bake does."""
+    levels = 2 ** (bits - 1) - 1
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.Conv2d | nn.Linear):
+                weight = module.weight
+                scale = weight.abs().amax(dim=tuple(range(1, weight.dim())), keepdim=True) / levels
+                weight.copy_(torch.round(weight / scale).clamp(-levels, levels) * scale)
+    return model
+
+
+def _dequantized_weights(path: Path) -> dict[str, np.ndarray]:
+    """Conv weights of a QDQ file as the engine sees them (int8 levels x per-channel scale)."""
+    graph = onnx.load(str(path)).graph
+    arrays = {init.name: onnx.numpy_helper.to_array(init) for init in graph.initializer}
+    weights = {}
+    for node in graph.node:
+        if node.op_type == "DequantizeLinear" and arrays.get(node.input[0], np.zeros(0)).dtype == np.int8:
+            levels = arrays[node.input[0]].astype(np.float64)
+            if levels.ndim == 4:  # conv weights (out, in, kh, kw), per output channel
+                scale = arrays[node.input[1]].reshape(-1, 1, 1, 1)
+                weights[node.output[0]] = levels * scale
+    return weights
+
+
+@pytest.mark.parametrize("bits,exact", [(4, True), (6, True), (8, False)])
+def test_int8_engine_holds_nni_weight_grid_exactly(
+    classifier: nn.Module, data, tmp_path: Path, bits: int, exact: bool
+) -> None:
+    """Weights NNI left on <= 129 levels reach the engine unchanged; 8-bit ones are rounded to its grid."""
+    images = data[0]
+    model = _bake_on_grid(copy.deepcopy(classifier), bits).eval()
+    fp32_path = export_onnx(model, images[:2], tmp_path / "model.onnx")
+    int8_path = quantize_onnx_int8(fp32_path, tmp_path / "model.int8.onnx", images[:CALIBRATION])
+    fp32_weights = {
+        init.name: onnx.numpy_helper.to_array(init).astype(np.float64)
+        for init in onnx.load(str(fp32_path)).graph.initializer
+        if len(init.dims) == 4
+    }
+    engine_weights = list(_dequantized_weights(int8_path).values())
+    assert len(engine_weights) == len(fp32_weights) > 0
+    # Match each engine weight to its fp32 source by shape and closeness (names change in pre-processing).
+    errors = []
+    for source in fp32_weights.values():
+        candidates = [w for w in engine_weights if w.shape == source.shape]
+        errors.append(min(np.abs(w - source).max() / np.abs(source).max() for w in candidates))
+    if exact:
+        assert max(errors) < 1e-5
+    else:  # 255 levels do not fit the engine's [-64, 64]: rounded, at most half an engine step (1/128)
+        assert 1e-3 < max(errors) <= 0.5 / 64 + 1e-6
+
+
 def test_ort_model_rejects_bad_threads(classifier: nn.Module, data, tmp_path: Path) -> None:
     path = export_onnx(classifier, data[0][:2], tmp_path / "model.onnx")
     with pytest.raises(ConfigError, match="threads"):
@@ -253,6 +307,10 @@ def test_manifest_records_files_calibration_and_extras(int8_bundle, data) -> Non
             routed if routed >= 32 else CALIBRATION
         )
     assert manifest["calibration"]["gate.int8.onnx"] == CALIBRATION
+    # The test MoE is not quantized by NNI: its fp32 weights are on no grid, so the engine rounds them all.
+    assert set(manifest["weight_grid"]) == {name for name in expected_files if name.endswith(".int8.onnx")}
+    for counts in manifest["weight_grid"].values():
+        assert counts["exact"] == 0 and counts["rounded"] >= 2
 
 
 def test_int8_bundle_agrees_with_torch(int8_bundle, data) -> None:

@@ -122,6 +122,22 @@ def test_export_reproduces_trial_and_predict_matches(searched: dict, synthetic_r
 
 
 @pytest.mark.slow
+def test_export_of_a_quantized_trial_reports_the_engine_weight_grid(searched: dict, tmp_path: Path) -> None:
+    """Trials 1 and 2 are sampled (4- or 8-bit): NNI's sub-8-bit levels reach the int8 engine unchanged."""
+    folder = searched["folder"]
+    for trial in (1, 2):
+        out = tmp_path / f"trial_{trial}"
+        assert main(["export", str(folder), "--trial", str(trial), "--out", str(out)]) == 0
+        exported = json.loads((out / "report.json").read_text())["exported"]
+        assert exported["precision"] == "int8"
+        grid = exported["engine_weight_grid"]
+        assert grid["exact"] + grid["rounded"] > 0
+        if exported["bits"] < 8:
+            assert grid["exact"] > 0
+        assert "int8 engine weights:" in (out / "report.md").read_text()
+
+
+@pytest.mark.slow
 def test_export_errors(searched: dict, capsys) -> None:
     folder = searched["folder"]
     assert main(["export", str(folder), "--trial", "99"]) == 2
