@@ -68,9 +68,25 @@ def _compressed_rows(ctx: TrialContext, params: dict, seeds: list[int], scratch:
     }
 
 
+def _width_for_macs(arch: str, data, target_macs: float) -> float:
+    """The width multiplier whose ``arch`` has MACs per input closest to ``target_macs`` (bisection on the
+    measured count: channels are whole numbers, so MACs grow with width squared only roughly)."""
+
+    def macs(width: float) -> float:
+        return count_macs(build_model(arch, data.channels, data.num_classes, width), data.val.images[:2])
+
+    low, high = 0.0625, 8.0
+    for _ in range(30):
+        middle = math.sqrt(low * high)  # MACs ~ width^2: bisect on a log scale
+        if macs(middle) < target_macs:
+            low = middle
+        else:
+            high = middle
+    return min((low, high), key=lambda width: abs(macs(width) - target_macs))
+
+
 def _control_rows(cfg, data, target_macs: float, seeds: list[int], scratch: Path, threads: int) -> dict:
-    full = count_macs(build_model(cfg.model.arch, data.channels, data.num_classes, 1.0), data.val.images[:2])
-    width = max(0.0625, min(8.0, cfg.model.width * math.sqrt(target_macs / full)))
+    width = _width_for_macs(cfg.model.arch, data, target_macs)
     recipe = TrainConfig(
         epochs=cfg.baseline.epochs,
         lr=cfg.baseline.lr,
@@ -105,6 +121,30 @@ def _control_rows(cfg, data, target_macs: float, seeds: list[int], scratch: Path
         "width": width,
         "torch_test_last_seed": evaluate(model, data.test),
     }
+
+
+def plot_rows(rows: dict[str, dict], teacher: dict, path: Path) -> Path:
+    """Test accuracy (mean, with the min-max of seeds as error bar) against MMACs per input, one marker a row."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6.4, 4.2), constrained_layout=True)
+    for name, row in {"fp32 teacher": teacher, **rows}.items():
+        values = [100 * value for value in row["test"]]
+        mean = statistics.mean(values)
+        spread = [[mean - min(values)], [max(values) - mean]]
+        axis.errorbar(
+            row["mmacs"], mean, yerr=spread, fmt="o", capsize=4, label=f"{name} ({len(values)} seed(s))"
+        )
+    axis.set_xlabel("MMACs per input (gate + chosen experts)")
+    axis.set_ylabel("TEST accuracy %")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
 
 
 def run(study_folder: Path, trial_number: int, seeds: list[int], out: Path, threads: int = 1) -> Path:
@@ -180,6 +220,8 @@ def run(study_folder: Path, trial_number: int, seeds: list[int], out: Path, thre
         "",
     ]
     out.parent.mkdir(parents=True, exist_ok=True)
+    plot = plot_rows(rows, teacher_row, out.with_suffix(".png"))
+    lines += [f"![test accuracy against MMACs]({plot.name})", ""]
     out.write_text("\n".join(lines) + "\n")
     out.with_suffix(".json").write_text(json.dumps({"teacher": teacher_row, **rows}, indent=2, default=str))
     return out

@@ -246,3 +246,22 @@ def test_predict_rejects_wrong_image_shape(searched: dict, tmp_path: Path, capsy
     assert main(["predict", str(exports[0]), str(wrong)]) == 2
     err = capsys.readouterr().err
     assert "(32, 32, 3)" in err and "(28, 28, 3)" in err and "Resize" in err
+
+
+@pytest.mark.slow
+def test_quality_experiment_writes_its_report(searched: dict, tmp_path: Path) -> None:
+    """search.benchmarks.experiment on the searched study: every row, seeds, a control of equal MACs, a plot."""
+    from search.benchmarks.experiment import run
+
+    folder = searched["folder"]
+    out = run(folder, 1, [0, 1], tmp_path / "REPORT.md")
+    text = out.read_text()
+    rows = json.loads(out.with_suffix(".json").read_text())
+    assert {"teacher", "exported MoE", "no-search control"} <= set(rows)
+    for name in ("exported MoE", "no-search control"):
+        assert len(rows[name]["test"]) == 2 and all(0 <= value <= 1 for value in rows[name]["test"])
+        assert f"| {name} |" in text
+    # the control's width is chosen so that its MACs match the exported MoE's (channels round: within 25%)
+    assert rows["no-search control"]["mmacs"] == pytest.approx(rows["exported MoE"]["mmacs"], rel=0.25)
+    assert "--trial 1 --seeds 0 1" in text and "Exported MoE minus control" in text
+    assert out.with_suffix(".png").stat().st_size > 5_000 and "REPORT.png" in text
