@@ -189,45 +189,62 @@ def _bake_on_grid(model: nn.Module, bits: int) -> nn.Module:
     return model
 
 
-def _dequantized_weights(path: Path) -> dict[str, np.ndarray]:
-    """Conv weights of a QDQ file as the engine sees them (int8 levels x per-channel scale)."""
-    graph = onnx.load(str(path)).graph
-    arrays = {init.name: onnx.numpy_helper.to_array(init) for init in graph.initializer}
-    weights = {}
-    for node in graph.node:
-        if node.op_type == "DequantizeLinear" and arrays.get(node.input[0], np.zeros(0)).dtype == np.int8:
-            levels = arrays[node.input[0]].astype(np.float64)
-            if levels.ndim == 4:  # conv weights (out, in, kh, kw), per output channel
-                scale = arrays[node.input[1]].reshape(-1, 1, 1, 1)
-                weights[node.output[0]] = levels * scale
-    return weights
+def _engine_weight_errors(fp32_path: Path, int8_path: Path) -> list[float]:
+    """For each conv of the fp32 file, in graph order: max |engine weight - fp32 weight| / max |fp32 weight|,
+    the engine weight being its int8 or uint8 levels minus zero point, times the per-channel scale."""
+    fp32_graph, int8_graph = onnx.load(str(fp32_path)).graph, onnx.load(str(int8_path)).graph
+    arrays = {init.name: onnx.numpy_helper.to_array(init) for init in int8_graph.initializer}
+    engine = []
+    for node in int8_graph.node:
+        levels = arrays.get(node.input[0]) if node.op_type == "DequantizeLinear" else None
+        if levels is not None and levels.dtype in (np.int8, np.uint8) and levels.ndim == 4:
+            zero = arrays[node.input[2]].astype(np.float64).reshape(-1, 1, 1, 1)
+            engine.append((levels.astype(np.float64) - zero) * arrays[node.input[1]].reshape(-1, 1, 1, 1))
+    sources = {init.name: onnx.numpy_helper.to_array(init) for init in fp32_graph.initializer}
+    errors = []
+    for node in fp32_graph.node:  # names change in pre-processing: match by shape and closeness
+        if node.op_type == "Conv":
+            source = sources[node.input[1]].astype(np.float64)
+            errors.append(
+                min(
+                    np.abs(w - source).max() / np.abs(source).max() for w in engine if w.shape == source.shape
+                )
+            )
+    assert len(engine) == len(errors) > 0
+    return errors
 
 
-@pytest.mark.parametrize("bits,exact", [(4, True), (6, True), (8, False)])
+@pytest.mark.parametrize(
+    "bits,wide_weights,exact",
+    [
+        (4, "first", "all"),
+        (6, "none", "all"),
+        (8, "none", "none"),  # 255 levels do not fit the fast kernels' [-64, 64]
+        (8, "first", "first"),  # the conv reading the image is held as uint8, the others rounded
+        (8, "all", "all"),
+    ],
+)
 def test_int8_engine_holds_nni_weight_grid_exactly(
-    classifier: nn.Module, data, tmp_path: Path, bits: int, exact: bool
+    classifier: nn.Module, data, tmp_path: Path, bits: int, wide_weights: str, exact: str
 ) -> None:
-    """Weights NNI left on <= 129 levels reach the engine unchanged; 8-bit ones are rounded to its grid."""
+    """Weights NNI left on <= 129 levels reach the engine unchanged; 8-bit ones where ``wide_weights`` says."""
     images = data[0]
     model = _bake_on_grid(copy.deepcopy(classifier), bits).eval()
     fp32_path = export_onnx(model, images[:2], tmp_path / "model.onnx")
-    int8_path = quantize_onnx_int8(fp32_path, tmp_path / "model.int8.onnx", images[:CALIBRATION])
-    fp32_weights = {
-        init.name: onnx.numpy_helper.to_array(init).astype(np.float64)
-        for init in onnx.load(str(fp32_path)).graph.initializer
-        if len(init.dims) == 4
-    }
-    engine_weights = list(_dequantized_weights(int8_path).values())
-    assert len(engine_weights) == len(fp32_weights) > 0
-    # Match each engine weight to its fp32 source by shape and closeness (names change in pre-processing).
-    errors = []
-    for source in fp32_weights.values():
-        candidates = [w for w in engine_weights if w.shape == source.shape]
-        errors.append(min(np.abs(w - source).max() / np.abs(source).max() for w in candidates))
-    if exact:
-        assert max(errors) < 1e-5
-    else:  # 255 levels do not fit the engine's [-64, 64]: rounded, at most half an engine step (1/128)
-        assert 1e-3 < max(errors) <= 0.5 / 64 + 1e-6
+    int8_path = quantize_onnx_int8(
+        fp32_path, tmp_path / "model.int8.onnx", images[:CALIBRATION], wide_weights=wide_weights
+    )
+    errors = _engine_weight_errors(fp32_path, int8_path)
+    expected_exact = {"all": [True] * len(errors), "none": [False] * len(errors)}.get(
+        exact, [True] + [False] * (len(errors) - 1)
+    )
+    for error, is_exact in zip(errors, expected_exact, strict=True):
+        if is_exact:
+            assert error < 1e-5
+        else:  # rounded to the engine's grid: off by at most half its step (absmax / 128)
+            assert 1e-4 < error <= 0.5 / 64 + 1e-6
+    with pytest.raises(ConfigError, match="wide_weights"):
+        quantize_onnx_int8(fp32_path, tmp_path / "x.onnx", images[:CALIBRATION], wide_weights="some")
 
 
 def test_ort_model_rejects_bad_threads(classifier: nn.Module, data, tmp_path: Path) -> None:
