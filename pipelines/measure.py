@@ -14,11 +14,13 @@ Conventions (written into every report):
 from __future__ import annotations
 
 import math
+import os
 import platform
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -112,11 +114,35 @@ class LatencyStats:
         return f"{self.backend}, {self.threads} thread(s), batch {self.batch}"
 
 
+# Instruction sets that change int8 speed: VNNI (AVX512 or AVX) multiplies uint8 x int8 without the
+# 16-bit saturation of AVX2's VPMADDUBSW; timings from CPUs with and without them do not compare.
+_CPU_FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "asimddp", "sve")
+
+
+def cpu_description() -> str:
+    """e.g. ``AMD EPYC (x86_64; avx2 avx512f avx512_vnni), 2 logical cores``: what latencies ran on."""
+    model, flags = "", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and not model:
+                model = value.strip()
+            elif key.strip() in ("flags", "Features") and not flags:
+                flags = set(value.split())
+    except OSError:  # not Linux: the platform module's name is all there is
+        pass
+    features = " ".join(feature for feature in _CPU_FEATURES if feature in flags)
+    name = model or platform.processor() or platform.machine()
+    return (
+        f"{name} ({platform.machine()}{'; ' + features if features else ''}), {os.cpu_count()} logical cores"
+    )
+
+
 def _versions() -> dict:
     versions = {
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_description(),
     }
     try:
         import onnxruntime

@@ -191,7 +191,7 @@ def export_trial(
                 "macs": "multiply-accumulates of Conv2d/Linear per input actually executed (gate + chosen experts); FLOPs = 2 x MACs",
                 "size": "weights packed at their bit-width + fp32 per-channel scale and bias",
                 "latency": "median of repeated runs after warm-up; backend, threads and batch recorded beside each",
-                "low_bit": "weights below 8 bits are quantized to their levels and counted packed, but executed by the int8 engine",
+                "low_bit": "weights below 8 bits are quantized to their levels and counted packed, but executed by the int8 engine, which holds NNI's levels exactly (8-bit ones outside the gate and first convs are rounded to its [-64, 64] grid)",
             },
             "class_names": data.class_names,
             "seconds": time.perf_counter() - started,

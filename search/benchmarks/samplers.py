@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
 import statistics
 import sys
@@ -34,6 +33,7 @@ import optuna
 from optuna.trial import TrialState
 
 from pipelines.errors import CompressionError
+from pipelines.measure import cpu_description
 from search.baseline import get_baseline
 from search.objective import DIRECTIONS, OBJECTIVES, is_repeat
 from search.space import SearchConfig, load_space
@@ -244,7 +244,7 @@ def run(
     settings = {
         **settings,
         "date": time.strftime("%Y-%m-%d %H:%M"),
-        "cpu": f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical cores",
+        "cpu": cpu_description(),
         "versions": {**versions, "optuna": optuna.__version__},
         "minutes": sum(row["seconds"] for row in rows) / 60,  # from trial timestamps: resume-proof
         "trials": trials,

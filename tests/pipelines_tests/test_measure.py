@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from torch import nn
@@ -120,6 +122,8 @@ def test_measure_latency_reports_spread_and_context() -> None:
     assert (stats.backend, stats.threads, stats.batch) == ("dummy", 2, 4)
     assert stats.label() == "dummy, 2 thread(s), batch 4"
     assert "torch" in stats.versions and "python" in stats.versions
+    # the CPU is named with its core count (and, on Linux, its int8-relevant instruction sets)
+    assert stats.versions["cpu"].endswith(f"{os.cpu_count()} logical cores")
     assert stats.as_dict()["backend"] == "dummy"
 
 
