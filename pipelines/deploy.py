@@ -169,7 +169,7 @@ def _quantize(
     fp32_path: Path,
     int8_path: Path,
     calibration_images: torch.Tensor | np.ndarray,
-    wide_weights: str = "first",
+    wide_weights: str,
 ) -> dict:
     """:func:`quantize_onnx_int8`; returns ``{"exact": [...], "rounded": [...]}``, the weight tensors the
     engine holds exactly and those it rounds to its own grid."""
@@ -269,26 +269,21 @@ def _weight_grid_overrides(
             trans_b = next((attr for attr in node.attribute if attr.name == "transB"), None)
             axis = 0 if trans_b is not None and onnx.helper.get_attribute_value(trans_b) else 1
         channels = np.moveaxis(weight, axis, 0).reshape(weight.shape[axis], -1)
-        steps = [_channel_step(channel) for channel in channels]
-        if all(step is not None for step in steps):
-            overrides[weight_name] = [
-                {"axis": axis, "scale": np.float32(step), "zero_point": np.int8(0)} for step in steps
-            ]
-            continue
-        wide = wide_weights == "all" or (wide_weights == "first" and node.input[0] in graph_inputs)
-        steps = [_channel_step(channel, WIDE_WEIGHT_LEVEL) for channel in channels] if wide else [None]
-        if all(step is not None for step in steps):
-            overrides[weight_name] = [
-                {
-                    "axis": axis,
-                    "quant_type": QuantType.QUInt8,
-                    "scale": np.float32(step),
-                    "zero_point": np.uint8(128),
-                }
-                for step in steps
-            ]
-            continue
-        rounded.append(weight_name)
+        # int8 levels for the fast kernels; uint8 (every 8-bit level, slower kernels) where wide_weights allows
+        encodings = [(ENGINE_WEIGHT_LEVEL, {"zero_point": np.int8(0)})]
+        if wide_weights == "all" or (wide_weights == "first" and node.input[0] in graph_inputs):
+            encodings.append(
+                (WIDE_WEIGHT_LEVEL, {"quant_type": QuantType.QUInt8, "zero_point": np.uint8(128)})
+            )
+        for max_level, encoding in encodings:
+            steps = [_channel_step(channel, max_level) for channel in channels]
+            if all(step is not None for step in steps):
+                overrides[weight_name] = [
+                    {"axis": axis, "scale": np.float32(step), **encoding} for step in steps
+                ]
+                break
+        else:
+            rounded.append(weight_name)
     return overrides, rounded
 
 
@@ -508,7 +503,7 @@ def deploy_moe(
             for expert_id, (fp32_name, int8_name) in enumerate(zip(fp32_experts, int8_experts, strict=True)):
                 routed = calibration_images[(chosen == expert_id).any(dim=1)]
                 images = routed if len(routed) >= MIN_EXPERT_CALIBRATION else calibration_images
-                grid = _quantize(folder / fp32_name, folder / int8_name, images)
+                grid = _quantize(folder / fp32_name, folder / int8_name, images, "first")
                 weight_grid[int8_name] = {key: len(names) for key, names in grid.items()}
                 calibration[int8_name] = len(images)
             written += [int8_gate, *int8_experts]
