@@ -13,6 +13,7 @@ Conventions (written into every report):
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import platform
@@ -119,6 +120,7 @@ class LatencyStats:
 _CPU_FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "asimddp", "sve")
 
 
+@functools.cache
 def cpu_description() -> str:
     """e.g. ``AMD EPYC (x86_64; avx2 avx512f avx512_vnni), 2 logical cores``: what latencies ran on."""
     model, flags = "", set()
