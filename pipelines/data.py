@@ -8,7 +8,7 @@ held out as ``val``.
 Example::
 
     data = load_dataset("bloodmnist", root="../shared/data")
-    for images, labels in data.train.batches(128, shuffle=True, augment=True, seed=0):
+    for images, labels in data.train.batches(128, shuffle=True, augment="flips", seed=0):
         ...
 """
 
@@ -25,7 +25,21 @@ import torch
 
 from pipelines.errors import ConfigError, DataError, unknown_name
 
-__all__ = ["Split", "Dataset", "load_dataset", "dataset_names", "default_data_root", "md5sum"]
+__all__ = [
+    "AUGMENTS",
+    "Split",
+    "Dataset",
+    "load_dataset",
+    "dataset_names",
+    "default_data_root",
+    "md5sum",
+    "symmetry_views",
+]
+
+# Training augmentations: every one is a random crop (reflect-pad 2) plus a group of symmetries.
+# "flips": horizontal and vertical flips (4 views). "d4": flips and transposes, all 8 rotations and
+# reflections of the square (for data without an orientation, such as cells under a microscope).
+AUGMENTS = ("none", "flips", "d4")
 
 CIFAR10_VAL_SIZE = 5000
 _CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -67,6 +81,7 @@ class Split:
 
     images: torch.Tensor
     labels: torch.Tensor
+    teacher_logits: torch.Tensor | None = None  # (N, classes) precomputed distillation targets, if any
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -85,25 +100,65 @@ class Split:
             count = max(1, int(round(len(members) * fraction)))
             keep.append(generator.choice(members, size=count, replace=False))
         index = torch.from_numpy(np.sort(np.concatenate(keep)))
-        return Split(self.images[index], self.labels[index])
+        return self._take(index)
+
+    def _take(self, index: torch.Tensor) -> Split:
+        logits = None if self.teacher_logits is None else self.teacher_logits[index]
+        return Split(self.images[index], self.labels[index], logits)
+
+    def with_teacher_logits(self, logits: torch.Tensor) -> Split:
+        """This split with per-sample distillation targets attached (see ``batches(with_targets=True)``)."""
+        if logits.shape[0] != len(self):
+            raise ConfigError(f"teacher logits: {logits.shape[0]} rows for a split of {len(self)} samples.")
+        return Split(self.images, self.labels, logits)
 
     def batches(
-        self, batch_size: int, shuffle: bool = False, augment: bool = False, seed: int = 0
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Yield (images, labels) mini-batches. ``augment`` applies random crops (pad 2) and flips."""
+        self,
+        batch_size: int,
+        shuffle: bool = False,
+        augment: str = "none",
+        seed: int = 0,
+        with_targets: bool = False,
+    ) -> Iterator[tuple[torch.Tensor, ...]]:
+        """Yield (images, labels) mini-batches, or (images, labels, teacher_logits) with ``with_targets``.
+
+        ``augment`` is one of :data:`AUGMENTS`: a random crop (pad 2) plus random symmetries."""
+        if augment not in AUGMENTS:
+            raise unknown_name("augment", augment, AUGMENTS)
+        if with_targets and self.teacher_logits is None:
+            raise ConfigError("batches(with_targets=True): this split has no teacher logits attached.")
         count = len(self)
         generator = torch.Generator().manual_seed(seed)
         order = torch.randperm(count, generator=generator) if shuffle else torch.arange(count)
         for start in range(0, count, batch_size):
             index = order[start : start + batch_size]
             images = self.images[index]
-            if augment:
-                images = _augment(images, generator)
-            yield images, self.labels[index]
+            if augment != "none":
+                images = _augment(images, generator, transpose=augment == "d4")
+            if with_targets:
+                yield images, self.labels[index], self.teacher_logits[index]
+            else:
+                yield images, self.labels[index]
 
 
-def _augment(images: torch.Tensor, generator: torch.Generator, pad: int = 2) -> torch.Tensor:
-    """Per-sample random crop (reflect-pad by ``pad``) and horizontal + vertical flips, vectorized."""
+def symmetry_views(images: torch.Tensor, augment: str) -> list[torch.Tensor]:
+    """Every symmetry of ``augment``'s group applied to ``images``: 1 view (none), 4 (flips) or 8 (d4)."""
+    if augment not in AUGMENTS:
+        raise unknown_name("augment", augment, AUGMENTS)
+    views = [images]
+    if augment == "none":
+        return views
+    views += [images.flip(-1), images.flip(-2), images.flip(-1).flip(-2)]
+    if augment == "d4":
+        views += [view.transpose(-1, -2) for view in views]
+    return views
+
+
+def _augment(
+    images: torch.Tensor, generator: torch.Generator, pad: int = 2, transpose: bool = False
+) -> torch.Tensor:
+    """Per-sample random crop (reflect-pad by ``pad``), horizontal and vertical flips and, with
+    ``transpose``, transposes (square images), vectorized."""
     batch, _, height, width = images.shape
     padded = torch.nn.functional.pad(images, (pad, pad, pad, pad), mode="reflect")
     dy = torch.randint(0, 2 * pad + 1, (batch,), generator=generator)
@@ -117,6 +172,9 @@ def _augment(images: torch.Tensor, generator: torch.Generator, pad: int = 2) -> 
     flip_v = torch.rand(batch, generator=generator) < 0.5
     out[flip_h] = out[flip_h].flip(-1)
     out[flip_v] = out[flip_v].flip(-2)
+    if transpose and height == width:
+        swap = torch.rand(batch, generator=generator) < 0.5
+        out[swap] = out[swap].transpose(-1, -2)
     return out
 
 

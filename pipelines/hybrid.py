@@ -88,6 +88,7 @@ def compress_hybrid(
         epochs=max(budget.gate_epochs, 0.05),
         seed=seed,
         teacher=teacher,
+        augment=base.augment,
     )
     # One unpruned expert behind a gate that can only pick it is the teacher: training would only
     # distil the teacher into itself.

@@ -258,9 +258,10 @@ def warm_start_gate(
     epochs: float = 1.0,
     seed: int = 0,
     teacher: nn.Module | None = None,
+    augment: str = "flips",
 ) -> list[int]:
     """Choose the class groups (confusion-aware when a ``teacher`` is given) and train the gate alone
-    to send each group to its expert. Sets ``moe.class_to_expert``; returns it."""
+    (on ``augment``-ed batches) to send each group to its expert. Sets ``moe.class_to_expert``; returns it."""
     similarity = teacher_similarity(teacher, data, num_classes) if teacher is not None else None
     assignment = class_groups(data.labels, num_classes, moe.num_experts, similarity)
     moe.class_to_expert = assignment
@@ -273,7 +274,7 @@ def warm_start_gate(
     moe.gate.train()
     done = 0
     while done < steps:
-        for images, labels in data.batches(128, shuffle=True, augment=True, seed=generator_seed):
+        for images, labels in data.batches(128, shuffle=True, augment=augment, seed=generator_seed):
             loss = F.cross_entropy(moe.gate(images), target_of[labels])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

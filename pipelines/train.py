@@ -16,10 +16,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipelines.data import Split
-from pipelines.errors import CompressionError, ConfigError
+from pipelines.data import AUGMENTS, Split, symmetry_views
+from pipelines.errors import CompressionError, ConfigError, unknown_name
 
-__all__ = ["TrainConfig", "TrainReport", "train", "evaluate", "predict_logits", "distillation_loss"]
+__all__ = [
+    "TrainConfig",
+    "TrainReport",
+    "train",
+    "evaluate",
+    "predict_logits",
+    "distillation_loss",
+    "ensemble_logits",
+]
 
 
 @dataclass(frozen=True)
@@ -32,7 +40,7 @@ class TrainConfig:
     weight_decay: float = 5e-4
     momentum: float = 0.9
     label_smoothing: float = 0.1
-    augment: bool = True
+    augment: str = "flips"  # none | flips | d4 (pipelines.data.AUGMENTS)
     schedule: str = "onecycle"  # onecycle | cosine | constant
     kd_alpha: float = 0.0
     kd_temperature: float = 4.0
@@ -57,6 +65,8 @@ class TrainConfig:
                     "(epochs, lr, kd_temperature > 0; batch_size >= 2; 0 <= kd_alpha <= 1; 0 < subset <= 1; "
                     "0 <= label_smoothing < 1)."
                 )
+        if self.augment not in AUGMENTS:
+            raise unknown_name("train.augment", self.augment, AUGMENTS)
         if self.schedule not in ("onecycle", "cosine", "constant"):
             raise ConfigError(
                 f"train.schedule: unknown value {self.schedule!r}. Valid values: constant, cosine, onecycle."
@@ -88,12 +98,15 @@ def distillation_loss(
 
 
 def _loss(batch, model: nn.Module, teacher: nn.Module | None, cfg: TrainConfig) -> torch.Tensor:
-    images, labels = batch
+    images, labels, *targets = batch  # a third element: precomputed teacher logits (ensemble_logits)
     logits = model(images)
     loss = F.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing)
-    if teacher is not None and cfg.kd_alpha > 0:
-        with torch.no_grad():
-            teacher_logits = teacher(images)
+    if (teacher is not None or targets) and cfg.kd_alpha > 0:
+        if targets:
+            teacher_logits = targets[0]
+        else:
+            with torch.no_grad():
+                teacher_logits = teacher(images)
         loss = (1 - cfg.kd_alpha) * loss + cfg.kd_alpha * distillation_loss(
             logits, teacher_logits, cfg.kd_temperature
         )
@@ -139,6 +152,9 @@ def train(
 ) -> TrainReport:
     """Train ``model`` in place on ``data`` for ``cfg.epochs`` (fractions allowed).
 
+    Distillation targets come from ``data.teacher_logits`` when the split carries them (see
+    :func:`ensemble_logits`; the teacher is then not run per step), else from ``teacher`` on each batch.
+
     Raises :class:`CompressionError` when the loss becomes NaN/inf (the trial fails with that reason).
     """
     torch.manual_seed(cfg.seed)
@@ -155,11 +171,18 @@ def train(
         )
     scheduler = _scheduler(optimizer, cfg, total_steps)
     step = step or make_step(teacher, cfg)
+    with_targets = split.teacher_logits is not None and cfg.kd_alpha > 0
     model.train()
     started = time.perf_counter()
     done, epoch, loss_value = 0, 0, float("nan")
     while done < total_steps:
-        for batch in split.batches(cfg.batch_size, shuffle=True, augment=cfg.augment, seed=cfg.seed + epoch):
+        for batch in split.batches(
+            cfg.batch_size,
+            shuffle=True,
+            augment=cfg.augment,
+            seed=cfg.seed + epoch,
+            with_targets=with_targets,
+        ):
             if len(batch[1]) < 2:  # BatchNorm cannot train on a single sample
                 continue
             loss = step(batch, model)
@@ -188,6 +211,24 @@ def predict_logits(model: nn.Module, data: Split, batch_size: int = 512) -> torc
     model.eval()
     return (
         torch.cat([model(images) for images, _ in data.batches(batch_size)]) if len(data) else torch.empty(0)
+    )
+
+
+@torch.no_grad()
+def ensemble_logits(teacher: nn.Module, data: Split, augment: str, batch_size: int = 512) -> torch.Tensor:
+    """The teacher's logits on every sample of ``data``, averaged over the symmetries of ``augment``
+    (:func:`pipelines.data.symmetry_views`: 8 views for d4).
+
+    Distilling from these instead of the teacher's output on each augmented batch gives targets that do
+    not change when the student sees a flipped or transposed image, from a test-time-augmented teacher
+    that is more accurate than the teacher alone; and a training step no longer runs the teacher.
+    """
+    teacher.eval()
+    return torch.cat(
+        [
+            torch.stack([teacher(view) for view in symmetry_views(images, augment)]).mean(dim=0)
+            for images, _ in data.batches(batch_size)
+        ]
     )
 
 

@@ -20,12 +20,13 @@ from pipelines.train import TrainConfig, evaluate, train
 from search.space import SearchConfig, stable_hash
 from search.workspace import baseline_dir
 
-__all__ = ["baseline_key", "get_baseline", "load_teacher"]
+__all__ = ["baseline_key", "get_baseline", "load_teacher", "teacher_recipe"]
 
 log = logging.getLogger("hycomp")
 
 
-def _train_config(cfg: SearchConfig) -> TrainConfig:
+def teacher_recipe(cfg: SearchConfig) -> TrainConfig:
+    """How the fp32 teacher is trained (the experiment trains its plain control with it too)."""
     settings = cfg.baseline
     return TrainConfig(
         epochs=settings.epochs,
@@ -34,6 +35,7 @@ def _train_config(cfg: SearchConfig) -> TrainConfig:
         weight_decay=settings.weight_decay,
         label_smoothing=settings.label_smoothing,
         schedule=settings.schedule,
+        augment=settings.augment,
         seed=settings.seed,
     )
 
@@ -44,8 +46,10 @@ def baseline_key(cfg: SearchConfig) -> str:
         "size": cfg.data.size,
         "arch": cfg.model.arch,
         "width": cfg.model.width,
-        "train": asdict(_train_config(cfg)),
+        "train": asdict(teacher_recipe(cfg)),
     }
+    if identity["train"]["augment"] == "flips":  # written as `True` before the other policies existed:
+        identity["train"]["augment"] = True  # keeps the teachers cached then (20 min each) valid
     return f"{cfg.data.dataset}-{cfg.model.arch}-{stable_hash(identity)}"
 
 
@@ -68,7 +72,7 @@ def get_baseline(
     if record_path.exists():
         log.info("baseline: using cached teacher %s", folder)
         return load_teacher(folder), json.loads(record_path.read_text())
-    train_cfg = _train_config(cfg)
+    train_cfg = teacher_recipe(cfg)
     log.info(
         "baseline: training %s on %s for %s epochs (cached afterwards in %s)",
         cfg.model.arch,

@@ -12,7 +12,7 @@ import logging
 import math
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +29,7 @@ from pipelines.hybrid import HybridConfig, StageBudget, compress_hybrid
 from pipelines.measure import count_macs, count_params, packed_size_bytes
 from pipelines.moe import Gate, MoEConfig, moe_description, routing_table
 from pipelines.serialize import save_checkpoint
-from pipelines.train import TrainConfig, evaluate
+from pipelines.train import TrainConfig, ensemble_logits, evaluate
 from search.space import Budget, SearchConfig, suggest
 
 __all__ = [
@@ -54,6 +54,26 @@ class TrialContext:
     data: Dataset
     teacher: nn.Module
     study_folder: Path
+    _ensembles: dict[str, Dataset] = field(default_factory=dict, repr=False)
+
+    def training_data(self, budget: Budget) -> Dataset:
+        """The dataset a budget trains on. With ``kd_targets: ensemble`` its train split carries the
+        teacher's logits averaged over the symmetries of ``budget.augment`` (computed once per process,
+        about a minute for BloodMNIST on 2 cores), which the students distil from instead of the teacher."""
+        if budget.kd_targets == "online":
+            return self.data
+        if budget.augment not in self._ensembles:
+            started = time.perf_counter()
+            logits = ensemble_logits(self.teacher, self.data.train, budget.augment)
+            self._ensembles[budget.augment] = replace(
+                self.data, train=self.data.train.with_teacher_logits(logits)
+            )
+            log.info(
+                "distillation targets: teacher averaged over the %s views of the train split (%.0f s)",
+                budget.augment,
+                time.perf_counter() - started,
+            )
+        return self._ensembles[budget.augment]
 
 
 def stage_budget(budget: Budget, seed: int) -> StageBudget:
@@ -68,6 +88,7 @@ def stage_budget(budget: Budget, seed: int) -> StageBudget:
             kd_alpha=budget.kd_alpha,
             kd_temperature=budget.kd_temperature,
             label_smoothing=budget.label_smoothing,
+            augment=budget.augment,
             subset=budget.subset,
             seed=seed,
         ),
@@ -113,7 +134,7 @@ def evaluate_config(
 
     Returns a flat record (JSON-able) that becomes the trial's user attributes.
     """
-    data = ctx.data
+    data = ctx.training_data(budget)
     hybrid = hybrid_config(params, ctx.cfg.model.channel_multiple)
     result = compress_hybrid(ctx.teacher, data, hybrid, stage_budget(budget, seed), seed=seed)
     moe = result.moe

@@ -20,7 +20,7 @@ import yaml
 
 from pipelines.compress.prune import PRUNERS
 from pipelines.compress.quantize import BITS, QUANTIZER_METHODS
-from pipelines.data import dataset_names
+from pipelines.data import AUGMENTS, dataset_names
 from pipelines.errors import ConfigError, unknown_name
 from pipelines.models import model_names
 from pipelines.moe import ROUTINGS
@@ -36,6 +36,7 @@ __all__ = [
 ]
 
 SAMPLERS: tuple[str, ...] = ("tpe", "nsga2", "gp", "random")
+KD_TARGETS: tuple[str, ...] = ("online", "ensemble")  # see TrialContext.training_data
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,7 @@ class BaselineSettings:
     weight_decay: float = 5e-4
     label_smoothing: float = 0.1
     schedule: str = "onecycle"
+    augment: str = "flips"  # none | flips | d4 (crop + symmetries; pipelines.data.AUGMENTS)
     seed: int = 0
 
 
@@ -112,6 +114,10 @@ class Budget:
     kd_alpha: float = 0.7
     kd_temperature: float = 4.0
     label_smoothing: float = 0.1
+    augment: str = "flips"  # none | flips | d4
+    kd_targets: str = (
+        "online"  # online: teacher on each batch | ensemble: teacher averaged over augment's views
+    )
 
 
 @dataclass(frozen=True)
@@ -279,7 +285,13 @@ def _validate(cfg: SearchConfig) -> None:
         raise unknown_name("model.arch", cfg.model.arch, model_names())
     _check_range("model.width", cfg.model.width, 0.0625, 8.0)
     _check_range("model.channel_multiple", cfg.model.channel_multiple, 1, 64)
+    if cfg.baseline.augment not in AUGMENTS:
+        raise unknown_name("baseline.augment", cfg.baseline.augment, AUGMENTS)
     for prefix, budget in (("trial", cfg.trial), ("export", cfg.export)):
+        if budget.augment not in AUGMENTS:
+            raise unknown_name(f"{prefix}.augment", budget.augment, AUGMENTS)
+        if budget.kd_targets not in KD_TARGETS:
+            raise unknown_name(f"{prefix}.kd_targets", budget.kd_targets, KD_TARGETS)
         _check_range(f"{prefix}.subset", budget.subset, 0.01, 1.0)
         _check_range(f"{prefix}.kd_alpha", budget.kd_alpha, 0.0, 1.0)
         for name in ("finetune_epochs", "moe_epochs", "qat_epochs", "gate_epochs"):

@@ -36,8 +36,8 @@ from pipelines.deploy import (
 )
 from pipelines.measure import count_macs, measure_latency, packed_size_bytes
 from pipelines.models import build_model
-from pipelines.train import TrainConfig, evaluate, train
-from search.baseline import baseline_key, load_teacher
+from pipelines.train import evaluate, train
+from search.baseline import baseline_key, load_teacher, teacher_recipe
 from search.export import bundle_accuracy
 from search.objective import TrialContext, evaluate_config
 from search.pareto import trials_table
@@ -87,14 +87,7 @@ def _width_for_macs(arch: str, data, target_macs: float) -> float:
 
 def _control_rows(cfg, data, target_macs: float, seeds: list[int], scratch: Path, threads: int) -> dict:
     width = _width_for_macs(cfg.model.arch, data, target_macs)
-    recipe = TrainConfig(
-        epochs=cfg.baseline.epochs,
-        lr=cfg.baseline.lr,
-        batch_size=cfg.baseline.batch_size,
-        weight_decay=cfg.baseline.weight_decay,
-        label_smoothing=cfg.baseline.label_smoothing,
-        schedule=cfg.baseline.schedule,
-    )
+    recipe = teacher_recipe(cfg)  # the teacher's own recipe: epochs, schedule, augmentation
     accuracies, macs, size, latency = [], 0, 0.0, 0.0
     for seed in seeds:
         torch.manual_seed(seed)

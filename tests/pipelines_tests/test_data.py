@@ -17,6 +17,7 @@ from pipelines.data import (
     default_data_root,
     load_dataset,
     md5sum,
+    symmetry_views,
 )
 from pipelines.errors import ConfigError, DataError
 from tests.helpers import write_synthetic_medmnist
@@ -250,13 +251,13 @@ def test_shuffle_depends_on_seed_only(tiny_data: Dataset) -> None:
 
 def test_augment_keeps_shapes_and_labels_and_changes_pixels(tiny_data: Dataset) -> None:
     plain = list(tiny_data.val.batches(48, seed=0))
-    augmented = list(tiny_data.val.batches(48, augment=True, seed=0))
+    augmented = list(tiny_data.val.batches(48, augment="flips", seed=0))
     for (images, labels), (aug_images, aug_labels) in zip(plain, augmented, strict=True):
         assert aug_images.shape == images.shape
         assert torch.equal(aug_labels, labels)
         changed = (aug_images - images).abs().flatten(1).amax(dim=1) > 0
         assert changed.float().mean() > 0.5  # most samples got a crop shift or a flip
-    again = list(tiny_data.val.batches(48, augment=True, seed=0))
+    again = list(tiny_data.val.batches(48, augment="flips", seed=0))
     assert all(torch.equal(a[0], b[0]) for a, b in zip(augmented, again, strict=True))
 
 
@@ -264,10 +265,61 @@ def test_augment_only_moves_pixels(tiny_data: Dataset) -> None:
     """Crops (reflect padding) and flips rearrange pixels: no new values appear in a channel."""
     images = tiny_data.val.images[:4]
     split = Split(images, tiny_data.val.labels[:4])
-    ((augmented, _),) = split.batches(4, augment=True, seed=1)
+    ((augmented, _),) = split.batches(4, augment="flips", seed=1)
     for index in range(4):
         original_values = set(images[index, 0].flatten().tolist())
         assert set(augmented[index, 0].flatten().tolist()) <= original_values
+
+
+def test_d4_augment_transposes_and_flips_keep_to_the_symmetry_group() -> None:
+    """With no crop room (a 1-pixel pad would still shift), compare against the 8 exact views."""
+    torch.manual_seed(0)
+    images = torch.randn(64, 1, 6, 6)
+    split = Split(images, torch.zeros(64, dtype=torch.long))
+    ((augmented, _),) = split.batches(64, augment="d4", seed=3)
+    views = symmetry_views(images, "d4")
+    transposed_only = 0
+    for index in range(64):
+        # undo the crop: the augmented image equals one view of the original, shifted by at most 2 px
+        centre = augmented[index, 0, 2:4, 2:4]
+        matches = [
+            any(
+                torch.equal(centre, view[index, 0, 2 + dy : 4 + dy, 2 + dx : 4 + dx])
+                for dy in (-2, -1, 0, 1, 2)
+                for dx in (-2, -1, 0, 1, 2)
+            )
+            for view in views
+        ]
+        assert any(matches)
+        transposed_only += any(matches[4:]) and not any(matches[:4])
+    assert transposed_only > 8  # about half the samples are transposed; flips alone cannot explain them
+
+
+def test_symmetry_views_are_the_group_of_each_augment() -> None:
+    images = torch.arange(2 * 16, dtype=torch.float32).reshape(2, 1, 4, 4)
+    for augment, count in (("none", 1), ("flips", 4), ("d4", 8)):
+        views = symmetry_views(images, augment)
+        assert len(views) == count
+        assert len({tuple(view.flatten().tolist()) for view in views}) == count  # all distinct
+    with pytest.raises(ConfigError, match="augment.*'rot45'"):
+        symmetry_views(images, "rot45")
+
+
+def test_batches_carry_teacher_logits_aligned_with_their_samples(tiny_data: Dataset) -> None:
+    split = tiny_data.train
+    ids = torch.arange(len(split), dtype=torch.float32)
+    marked = split.with_teacher_logits(torch.stack([ids, -ids], dim=1))
+    half = marked.subset(0.5, seed=2)
+    for images, labels, targets in half.batches(32, shuffle=True, seed=5, with_targets=True):
+        for image, target in zip(images, targets[:, 0].long(), strict=True):
+            assert torch.equal(image, split.images[target])  # the logits row belongs to this image
+        assert torch.equal(labels, split.labels[targets[:, 0].long()])
+    with pytest.raises(ConfigError, match="no teacher logits"):
+        next(split.batches(32, with_targets=True))
+    with pytest.raises(ConfigError, match="rows for a split"):
+        split.with_teacher_logits(torch.zeros(3, 2))
+    with pytest.raises(ConfigError, match="augment.*'sideways'"):
+        next(split.batches(32, augment="sideways"))
 
 
 # --- CIFAR-10 (generated files in torchvision's layout) -------------------------------------------------

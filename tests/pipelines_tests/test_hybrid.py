@@ -19,7 +19,7 @@ BUDGET = StageBudget(
     gate_epochs=0.3,
     moe_epochs=0.5,
     qat_epochs=0.3,
-    train=TrainConfig(lr=0.05, batch_size=32, kd_alpha=0.5, augment=False),
+    train=TrainConfig(lr=0.05, batch_size=32, kd_alpha=0.5, augment="none"),
 )
 
 

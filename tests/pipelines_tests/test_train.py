@@ -8,10 +8,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipelines.data import Dataset, Split
+from pipelines.data import Dataset, Split, symmetry_views
 from pipelines.errors import CompressionError, ConfigError
 from pipelines.models import build_model
-from pipelines.train import TrainConfig, distillation_loss, evaluate, predict_logits, train
+from pipelines.train import (
+    TrainConfig,
+    distillation_loss,
+    ensemble_logits,
+    evaluate,
+    predict_logits,
+    train,
+)
 
 FAST = TrainConfig(epochs=3, lr=0.05, batch_size=32)
 
@@ -113,7 +120,7 @@ def test_distillation_loss_properties() -> None:
 
 def test_divergence_raises_compression_error(tiny_data: Dataset) -> None:
     model = _small_model()
-    cfg = FAST.replace(lr=1e30, schedule="constant", augment=False, epochs=2)
+    cfg = FAST.replace(lr=1e30, schedule="constant", augment="none", epochs=2)
     with pytest.raises(CompressionError, match="diverged"):
         train(model, tiny_data.train, cfg)
 
@@ -159,3 +166,26 @@ def test_evaluate_is_accuracy_and_refuses_empty_splits(tiny_data: Dataset, train
     empty = Split(tiny_data.val.images[:0], tiny_data.val.labels[:0])
     with pytest.raises(ConfigError, match="empty"):
         evaluate(trained, empty)
+
+
+def test_ensemble_logits_average_the_teacher_over_the_views(tiny_data: Dataset, trained) -> None:
+    split = Split(tiny_data.val.images[:40], tiny_data.val.labels[:40])
+    assert torch.allclose(ensemble_logits(trained, split, "none"), predict_logits(trained, split))
+    expected = torch.stack([trained(view) for view in symmetry_views(split.images, "d4")]).mean(dim=0)
+    assert torch.allclose(ensemble_logits(trained, split, "d4", batch_size=16), expected, atol=1e-5)
+    # the average over a group does not change when the images are moved by one of its symmetries
+    flipped = Split(split.images.transpose(-1, -2).flip(-1), split.labels)
+    assert torch.allclose(ensemble_logits(trained, flipped, "d4"), expected, atol=1e-4)
+
+
+def test_precomputed_targets_replace_the_teacher(tiny_data: Dataset) -> None:
+    """A split with teacher logits distils from them: no teacher module is needed, and a student pulled
+    (kd_alpha 1) toward targets that all name class 3 ends up predicting class 3."""
+    split = tiny_data.train
+    targets = torch.full((len(split), tiny_data.num_classes), -5.0)
+    targets[:, 3] = 5.0
+    student = _small_model()
+    train(student, split.with_teacher_logits(targets), FAST.replace(kd_alpha=1.0, epochs=2))
+    predictions = predict_logits(student, tiny_data.val).argmax(dim=1)
+    assert (predictions == 3).float().mean() > 0.9
+    assert evaluate(student, tiny_data.val) < 0.5  # the labels were ignored: it learnt the targets

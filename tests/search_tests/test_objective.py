@@ -6,6 +6,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import torch
 import yaml
 from optuna.distributions import CategoricalDistribution
 from optuna.trial import TrialState, create_trial
@@ -154,3 +155,19 @@ def test_an_unreachable_budget_stops_with_a_clear_message(
     study = optuna.load_study(study_name="impossible", storage=f"sqlite:///{folder / 'study.db'}")
     assert not study.get_trials(states=(TrialState.COMPLETE,))
     assert not (folder / "trials").exists() or not any((folder / "trials").iterdir())
+
+
+def test_ensemble_targets_are_computed_once_per_augment(tiny_data, tmp_path: Path) -> None:
+    from pipelines.models import build_model
+    from search.objective import TrialContext
+    from search.space import Budget, parse_space
+
+    teacher = build_model("resnet8", tiny_data.channels, tiny_data.num_classes, 0.25).eval()
+    context = TrialContext(parse_space({}), tiny_data, teacher, tmp_path)
+    assert context.training_data(Budget(kd_targets="online")) is tiny_data
+    ensemble = context.training_data(Budget(kd_targets="ensemble", augment="d4"))
+    assert ensemble.train.teacher_logits.shape == (len(tiny_data.train), tiny_data.num_classes)
+    assert ensemble.val is tiny_data.val and tiny_data.train.teacher_logits is None  # data left as it was
+    assert context.training_data(Budget(kd_targets="ensemble", augment="d4")) is ensemble  # cached
+    flips = context.training_data(Budget(kd_targets="ensemble", augment="flips"))
+    assert not torch.allclose(flips.train.teacher_logits, ensemble.train.teacher_logits)

@@ -14,7 +14,7 @@ from pipelines.errors import ConfigError
 from pipelines.models import build_model
 from pipelines.train import TrainConfig
 
-QAT = TrainConfig(epochs=0.2, batch_size=32, augment=False)
+QAT = TrainConfig(epochs=0.2, batch_size=32, augment="none")
 EDGE_LAYERS = ("conv1", "fc")
 
 
