@@ -1,7 +1,11 @@
 """The quality experiment on a finished study: does the exported MoE beat a plainly trained small net?
 
     python -m search.benchmarks.experiment results/bloodmnist-resnet20 --trial N [--seeds 0 1 2] \
-        [--out results/bloodmnist/REPORT.md]
+        [--jobs 2] [--out results/bloodmnist/REPORT.md]
+
+``--jobs 2`` runs two seeds at once, each process pinned to its own share of the CPUs (with 2 cores: one
+thread each; small-batch training of these nets gains little from a second thread).
+Each finished seed's rows are saved to ``REPORT.seeds.json`` as it finishes.
 
 Rows, each at the study's full export budget, over several seeds (mean +- std of TEST accuracy; the
 test split is read here only to report, nothing is chosen with it):
@@ -17,12 +21,17 @@ each with MACs per input, packed size and batch-1 latency on the int8 engine (ON
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
+import multiprocessing
+import os
 import statistics
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -51,21 +60,25 @@ def _summary(values: list[float]) -> str:
     return f"{100 * statistics.mean(values):.2f} +- {100 * statistics.stdev(values):.2f}"
 
 
-def _compressed_rows(ctx: TrialContext, params: dict, seeds: list[int], scratch: Path, threads: int) -> dict:
+def _compressed_row(ctx: TrialContext, params: dict, seed: int, folder: Path, threads: int) -> dict:
+    """One seed of a compressed row: the configuration re-run at the full ``export:`` budget."""
     data = ctx.data
-    accuracies, record = [], {}
-    for seed in seeds:
-        folder = scratch / f"{params.get('num_experts')}-{seed}"
-        record = evaluate_config(ctx, params, ctx.cfg.export, folder, seed=seed, threads=threads, repeats=100)
-        bundle = load_bundle(folder / "bundle", threads=threads)
-        accuracies.append(bundle_accuracy(bundle, data.test.images.numpy(), data.test.labels.numpy()))
+    record = evaluate_config(ctx, params, ctx.cfg.export, folder, seed=seed, threads=threads, repeats=100)
+    bundle = load_bundle(folder / "bundle", threads=threads)
     return {
-        "test": accuracies,
+        "test": [bundle_accuracy(bundle, data.test.images.numpy(), data.test.labels.numpy())],
+        "val": [record["val_accuracy"]],
         "mmacs": record["mmacs"],
         "size_kb": record["size_kb"],
-        "latency_ms": record["latency_ms"],
-        "val": record["val_accuracy"],
+        "latency_ms": [record["latency_ms"]],
+        "params": params,
     }
+
+
+def _latency(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.median(values):.3f} ({min(values):.3f}-{max(values):.3f})"
 
 
 def _width_for_macs(arch: str, data, target_macs: float) -> float:
@@ -85,35 +98,111 @@ def _width_for_macs(arch: str, data, target_macs: float) -> float:
     return min((low, high), key=lambda width: abs(macs(width) - target_macs))
 
 
-def _control_rows(cfg, data, target_macs: float, seeds: list[int], scratch: Path, threads: int) -> dict:
-    width = _width_for_macs(cfg.model.arch, data, target_macs)
-    recipe = teacher_recipe(cfg)  # the teacher's own recipe: epochs, schedule, augmentation
-    accuracies, macs, size, latency = [], 0, 0.0, 0.0
-    for seed in seeds:
-        torch.manual_seed(seed)
-        model = build_model(cfg.model.arch, data.channels, data.num_classes, width)
-        train(model, data.train, recipe.replace(seed=seed))
-        fp32 = export_onnx(model, data.val.images[:1], scratch / f"control-{seed}.onnx")
-        int8 = quantize_onnx_int8(fp32, scratch / f"control-{seed}.int8.onnx", data.train.images[:512])
-        engine = OrtModel(int8, threads=threads)
-        logits = np.concatenate(
-            [engine(data.test.images[i : i + 256].numpy()) for i in range(0, len(data.test), 256)]
-        )
-        accuracies.append(float((logits.argmax(1) == data.test.labels.numpy()).mean()))
-        macs = count_macs(model, data.val.images[:8])
-        size = packed_size_bytes(model, 8) / 1024
-        image = data.val.images[:1].numpy()
-        latency = measure_latency(
-            lambda e=engine, x=image: e(x), backend="onnxruntime-int8", threads=threads, batch=1, repeats=200
-        ).median_ms
+def _control_row(cfg, data, width: float, seed: int, scratch: Path, threads: int) -> dict:
+    """One seed of the "no search" control: ``arch`` at ``width`` trained from scratch with the teacher's
+    own recipe (epochs, schedule, augmentation), no pruning and no distillation, deployed int8."""
+    torch.manual_seed(seed)
+    model = build_model(cfg.model.arch, data.channels, data.num_classes, width)
+    train(model, data.train, teacher_recipe(cfg).replace(seed=seed))
+    fp32 = export_onnx(model, data.val.images[:1], scratch / f"control-{seed}.onnx")
+    int8 = quantize_onnx_int8(fp32, scratch / f"control-{seed}.int8.onnx", data.train.images[:512])
+    engine = OrtModel(int8, threads=threads)
+    logits = np.concatenate(
+        [engine(data.test.images[i : i + 256].numpy()) for i in range(0, len(data.test), 256)]
+    )
+    image = data.val.images[:1].numpy()
+    latency = measure_latency(
+        lambda: engine(image), backend="onnxruntime-int8", threads=threads, batch=1, repeats=200
+    ).median_ms
     return {
-        "test": accuracies,
-        "mmacs": macs / 1e6,
-        "size_kb": size,
-        "latency_ms": latency,
+        "test": [float((logits.argmax(1) == data.test.labels.numpy()).mean())],
+        "torch_test": [evaluate(model, data.test)],
+        "mmacs": count_macs(model, data.val.images[:8]) / 1e6,
+        "size_kb": packed_size_bytes(model, 8) / 1024,
+        "latency_ms": [latency],
         "width": width,
-        "torch_test_last_seed": evaluate(model, data.test),
     }
+
+
+@dataclass
+class _Setup:
+    """What every seed of one experiment shares (built once per process)."""
+
+    cfg: object
+    ctx: TrialContext
+    params: dict
+    single_trial: int | None
+    single_params: dict | None
+
+
+@functools.cache
+def _setup(study_folder: Path, trial_number: int) -> _Setup:
+    cfg, study = load_study(study_folder)
+    trial = next((t for t in study.trials if t.number == trial_number), None)
+    if trial is None or "config" not in trial.user_attrs and not trial.params:
+        raise SystemExit(f"--trial {trial_number}: no such completed trial in {study_folder}.")
+    data = load_data(cfg)
+    teacher = load_teacher(baseline_dir(baseline_key(cfg), study_folder.parent))
+    table = trials_table(study)
+    singles = table[(table["num_experts"] == 1) & (table["sparsity"] > 0)].sort_values(
+        "val_accuracy", ascending=False
+    )
+    single_trial = single_params = None
+    if not singles.empty:
+        single_trial = int(singles.iloc[0]["trial"])
+        single = next(t for t in study.trials if t.number == single_trial)
+        single_params = dict(single.user_attrs.get("config") or single.params)
+    return _Setup(
+        cfg=cfg,
+        ctx=TrialContext(cfg, data, teacher, study_folder),
+        params=dict(trial.user_attrs.get("config") or trial.params),
+        single_trial=single_trial,
+        single_params=single_params,
+    )
+
+
+def _seed_rows(study_folder: Path, trial_number: int, seed: int, threads: int) -> dict[str, dict]:
+    """Every row of the experiment for one seed (runs in a worker process with ``--jobs``)."""
+    setup = _setup(study_folder, trial_number)
+    ctx = setup.ctx
+    rows: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        scratch = Path(scratch)
+        rows["exported MoE"] = _compressed_row(ctx, setup.params, seed, scratch / "moe", threads)
+        if setup.single_trial == trial_number:  # the search exported a single model: same row, not re-run
+            rows["best single compressed"] = {
+                **rows["exported MoE"],
+                "note": f"= the exported trial {trial_number}",
+            }
+        elif setup.single_params is not None:
+            rows["best single compressed"] = _compressed_row(
+                ctx, setup.single_params, seed, scratch / "single", threads
+            )
+        width = _width_for_macs(setup.cfg.model.arch, ctx.data, rows["exported MoE"]["mmacs"] * 1e6)
+        rows["no-search control"] = _control_row(setup.cfg, ctx.data, width, seed, scratch, threads)
+    return rows
+
+
+def _pin(cpus: multiprocessing.Queue) -> None:
+    """Worker initializer: one share of the CPUs per worker, its torch threads to match."""
+    mine = cpus.get()
+    os.sched_setaffinity(0, mine)
+    torch.set_num_threads(len(mine))
+    import warnings
+
+    warnings.filterwarnings("ignore")
+
+
+def _merge(per_seed: list[dict[str, dict]]) -> dict[str, dict]:
+    """Rows over seeds: accuracies and latencies listed per seed, the rest from the first seed."""
+    merged: dict[str, dict] = {}
+    for name in per_seed[0]:
+        row = dict(per_seed[0][name])
+        for key in ("test", "val", "torch_test", "latency_ms"):
+            if key in row:
+                row[key] = [value for rows in per_seed for value in rows[name][key]]
+        merged[name] = row
+    return merged
 
 
 def plot_rows(rows: dict[str, dict], teacher: dict, path: Path) -> Path:
@@ -125,6 +214,8 @@ def plot_rows(rows: dict[str, dict], teacher: dict, path: Path) -> Path:
 
     figure, axis = plt.subplots(figsize=(6.4, 4.2), constrained_layout=True)
     for name, row in {"fp32 teacher": teacher, **rows}.items():
+        if row.get("note", "").startswith("="):  # the same model as another row: one marker
+            continue
         values = [100 * value for value in row["test"]]
         mean = statistics.mean(values)
         spread = [[mean - min(values)], [max(values) - mean]]
@@ -140,35 +231,42 @@ def plot_rows(rows: dict[str, dict], teacher: dict, path: Path) -> Path:
     return path
 
 
-def run(study_folder: Path, trial_number: int, seeds: list[int], out: Path, threads: int = 1) -> Path:
+def run(
+    study_folder: Path, trial_number: int, seeds: list[int], out: Path, threads: int = 1, jobs: int = 1
+) -> Path:
+    """Every row for every seed, then the report. ``jobs`` > 1 runs seeds in that many processes, each
+    pinned to its own share of the CPUs (latency is measured at ``threads`` threads inside that share)."""
     started = time.time()
+    study_folder = Path(study_folder)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_suffix(".seeds.json")
+
+    def keep(rows: dict) -> dict:  # nothing computed is lost if a later seed or the report fails
+        done.append(rows)
+        partial.write_text(json.dumps(done, indent=1, default=str))
+        return rows
+
+    done: list[dict] = []
+    if jobs <= 1 or len(seeds) == 1:
+        per_seed = [keep(_seed_rows(study_folder, trial_number, seed, threads)) for seed in seeds]
+    else:
+        jobs = min(jobs, len(seeds))
+        cpus = sorted(os.sched_getaffinity(0))
+        shares = [set(cpus[i::jobs]) for i in range(jobs)]
+        context = multiprocessing.get_context("spawn")
+        queue = context.Queue()
+        for share in shares:
+            queue.put(share)
+        with ProcessPoolExecutor(jobs, mp_context=context, initializer=_pin, initargs=(queue,)) as pool:
+            futures = [pool.submit(_seed_rows, study_folder, trial_number, seed, threads) for seed in seeds]
+            for future in futures:
+                future.add_done_callback(lambda f: f.exception() is None and keep(f.result()))
+            per_seed = [future.result() for future in futures]
+    rows = _merge(per_seed)
     cfg, study = load_study(study_folder)
     data = load_data(cfg)
     teacher_folder = baseline_dir(baseline_key(cfg), study_folder.parent)
-    teacher = load_teacher(teacher_folder)
     baseline = json.loads((teacher_folder / "baseline.json").read_text())
-    trial = next(t for t in study.trials if t.number == trial_number)
-    params = dict(trial.user_attrs.get("config") or trial.params)
-    table = trials_table(study)
-    singles = table[(table["num_experts"] == 1) & (table["sparsity"] > 0)].sort_values(
-        "val_accuracy", ascending=False
-    )
-    ctx = TrialContext(cfg, data, teacher, study_folder)
-    rows = {}
-    with tempfile.TemporaryDirectory() as scratch:
-        scratch = Path(scratch)
-        rows["exported MoE"] = {**_compressed_rows(ctx, params, seeds, scratch, threads), "params": params}
-        if not singles.empty:
-            single_trial = int(singles.iloc[0]["trial"])
-            single = next(t for t in study.trials if t.number == single_trial)
-            single_params = dict(single.user_attrs.get("config") or single.params)
-            rows["best single compressed"] = {
-                **_compressed_rows(ctx, single_params, seeds, scratch / "single", threads),
-                "params": single_params,
-            }
-        rows["no-search control"] = _control_rows(
-            cfg, data, rows["exported MoE"]["mmacs"] * 1e6, seeds, scratch, threads
-        )
     teacher_row = {
         "test": [baseline["test_accuracy"]],
         "mmacs": baseline["macs"] / 1e6,
@@ -183,27 +281,31 @@ def run(study_folder: Path, trial_number: int, seeds: list[int], out: Path, thre
             str(trial_number),
             "--seeds",
             *map(str, seeds),
+            *(["--jobs", str(jobs)] if jobs > 1 else []),
         ]
     )
     lines = [
         f"# {data.name}: exported MoE vs a plainly trained net of equal compute",
         "",
         f"Study `{study.study_name}`, exported trial {trial_number}; seeds {seeds}; {time.time() - started:.0f} s on "
-        f"{torch.get_num_threads()} CPU threads. Reproduce: `{command}`.",
+        f"{len(os.sched_getaffinity(0))} CPUs ({jobs} process(es)). Reproduce: `{command}`.",
         "",
         "TEST accuracy, mean +- std over seeds (%). Compressed rows re-run the configuration at the study's full "
         "`export:` budget; the control is trained from scratch with the teacher's recipe "
-        f"({cfg.baseline.epochs} epochs, no distillation). Latency: batch 1, {threads} thread(s); int8 rows on ONNX Runtime int8, "
-        "teacher on torch fp32 eager.",
+        f"({cfg.baseline.epochs} epochs, no distillation). Latency: batch 1, {threads} thread(s), median of each "
+        "seed's repeated runs, then the median over seeds (min-max); int8 rows on ONNX Runtime int8, teacher on "
+        "torch fp32 eager.",
         "",
         "| model | test acc % | MMACs / input | size KB | latency ms | notes |",
         "|---|---|---|---|---|---|",
         f"| fp32 teacher {baseline['arch']} | {_summary(teacher_row['test'])} | {teacher_row['mmacs']:.2f} | {teacher_row['size_kb']:.1f} (fp32) | {teacher_row['latency_ms']:.3f} | cached baseline, one seed |",
     ]
     for name, row in rows.items():
-        note = f"width {row['width']:.3f}" if "width" in row else f"`{row.get('params')}`"
+        note = row.get("note") or (
+            f"width {row['width']:.3f}" if "width" in row else f"`{row.get('params')}`"
+        )
         lines.append(
-            f"| {name} | {_summary(row['test'])} | {row['mmacs']:.2f} | {row['size_kb']:.1f} | {row['latency_ms']:.3f} | {note} |"
+            f"| {name} | {_summary(row['test'])} | {row['mmacs']:.2f} | {row['size_kb']:.1f} | {_latency(row['latency_ms'])} | {note} |"
         )
     moe, control = rows["exported MoE"], rows["no-search control"]
     verdict = statistics.mean(moe["test"]) - statistics.mean(control["test"])
@@ -225,7 +327,10 @@ def main() -> None:
     parser.add_argument("study")
     parser.add_argument("--trial", type=int, required=True, help="the exported trial")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1, help="threads of the latency measurements")
+    parser.add_argument(
+        "--jobs", type=int, default=1, help="seeds run in this many processes, each on its own CPUs"
+    )
     parser.add_argument("--out", default=None, help="default results/<dataset>/REPORT.md")
     args = parser.parse_args()
     import warnings
@@ -234,7 +339,7 @@ def main() -> None:
     folder = resolve_study_dir(args.study)
     cfg, _ = load_study(folder)
     out = Path(args.out) if args.out else Path("results") / cfg.data.dataset / "REPORT.md"
-    path = run(folder, args.trial, args.seeds, out, args.threads)
+    path = run(folder, args.trial, args.seeds, out, args.threads, args.jobs)
     print(path.read_text())
 
 

@@ -254,9 +254,11 @@ def test_quality_experiment_writes_its_report(searched: dict, tmp_path: Path) ->
     from search.benchmarks.experiment import run
 
     folder = searched["folder"]
-    out = run(folder, 1, [0, 1], tmp_path / "REPORT.md")
+    out = run(folder, 1, [0, 1], tmp_path / "REPORT.md", jobs=2)  # two seeds in two processes
     text = out.read_text()
     rows = json.loads(out.with_suffix(".json").read_text())
+    assert len(json.loads(out.with_suffix(".seeds.json").read_text())) == 2  # each seed saved as it finished
+    assert len(rows["exported MoE"]["latency_ms"]) == 2 and "--jobs 2" in text
     assert {"teacher", "exported MoE", "no-search control"} <= set(rows)
     for name in ("exported MoE", "no-search control"):
         assert len(rows[name]["test"]) == 2 and all(0 <= value <= 1 for value in rows[name]["test"])
