@@ -252,7 +252,7 @@ def run(
     else:
         jobs = min(jobs, len(seeds))
         cpus = sorted(os.sched_getaffinity(0))
-        shares = [set(cpus[i::jobs]) for i in range(jobs)]
+        shares = [set(cpus[i::jobs]) or set(cpus) for i in range(jobs)]  # fewer CPUs than jobs: share
         context = multiprocessing.get_context("spawn")
         queue = context.Queue()
         for share in shares:
