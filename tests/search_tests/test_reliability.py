@@ -125,7 +125,7 @@ def _wait_for_running_trial(results: Path, name: str, after: int, timeout: float
 def test_ctrl_c_marks_running_trial_and_resumes(tmp_path: Path, synthetic_root: Path) -> None:
     results = tmp_path / "results"
     # trials long enough (seconds) that the signal lands inside one, not after the study has ended
-    space = write_space(tmp_path, synthetic_root, "interrupt", trials=3, trial={"finetune_epochs": 8})
+    space = write_space(tmp_path, synthetic_root, "interrupt", trials=3, trial={"finetune_epochs": 40})
     process = _search_process(space, results)
     _wait_for_running_trial(results, "interrupt", after=1)
     time.sleep(1.0)
