@@ -104,6 +104,9 @@ def _search_process(space: Path, results: Path, env_extra: dict | None = None) -
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # a shell that runs the tests in the background (`pytest &`) ignores SIGINT, and children inherit
+        # that: give the search Ctrl-C's default, as in a terminal
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
 
 
