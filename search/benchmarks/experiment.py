@@ -263,8 +263,7 @@ def run(
                 future.add_done_callback(lambda f: f.exception() is None and keep(f.result()))
             per_seed = [future.result() for future in futures]
     rows = _merge(per_seed)
-    cfg, study = load_study(study_folder)
-    data = load_data(cfg)
+    cfg, study = load_study(study_folder)  # the report needs the study, not the data: the seeds loaded it
     teacher_folder = baseline_dir(baseline_key(cfg), study_folder.parent)
     baseline = json.loads((teacher_folder / "baseline.json").read_text())
     teacher_row = {
@@ -285,7 +284,7 @@ def run(
         ]
     )
     lines = [
-        f"# {data.name}: exported MoE vs a plainly trained net of equal compute",
+        f"# {cfg.data.dataset}: exported MoE vs a plainly trained net of equal compute",
         "",
         f"Study `{study.study_name}`, exported trial {trial_number}; seeds {seeds}; {time.time() - started:.0f} s on "
         f"{len(os.sched_getaffinity(0))} CPUs ({jobs} process(es)). Reproduce: `{command}`.",
