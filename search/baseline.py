@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -16,11 +16,11 @@ from pipelines.data import Dataset
 from pipelines.measure import count_macs, count_params, measure_latency, packed_size_bytes, torch_runner
 from pipelines.models import build_model
 from pipelines.serialize import load_checkpoint, resize_layers, save_checkpoint
-from pipelines.train import TrainConfig, evaluate, train
+from pipelines.train import TrainConfig, evaluate, predict_logits, train
 from search.space import SearchConfig, stable_hash
 from search.workspace import baseline_dir
 
-__all__ = ["baseline_key", "get_baseline", "load_teacher", "teacher_recipe"]
+__all__ = ["baseline_key", "get_baseline", "get_teachers", "load_teacher", "member_config", "teacher_recipe"]
 
 log = logging.getLogger("hycomp")
 
@@ -126,3 +126,48 @@ def get_baseline(
     )
     record_path.write_text(json.dumps(record, indent=2))
     return model.eval(), record
+
+
+def member_config(cfg: SearchConfig, index: int) -> SearchConfig:
+    """The configuration of teacher ``index`` of the ensemble: the same recipe at seed ``baseline.seed + index``
+    (member 0 is the teacher itself, so a one-teacher study keeps its cache key)."""
+    return replace(cfg, baseline=replace(cfg.baseline, seed=cfg.baseline.seed + index))
+
+
+def get_teachers(
+    cfg: SearchConfig, data: Dataset, root: Path | None = None, threads: int = 1
+) -> tuple[list[nn.Module], dict]:
+    """The ``baseline.teachers`` fp32 teachers (each trained once and cached, like :func:`get_baseline`).
+
+    The first is the teacher that is compressed; students distil from all of them (``kd_targets:
+    ensemble`` averages their logits). Returns (teachers, record of the first); with more than one, the
+    record's ``ensemble`` entry holds the members' cache keys and the val/test accuracy of their averaged
+    logits (test is reported only, never used to choose).
+    """
+    teachers, records = [], []
+    for index in range(cfg.baseline.teachers):
+        teacher, record = get_baseline(member_config(cfg, index), data, root, threads)
+        teachers.append(teacher)
+        records.append(record)
+    record = dict(records[0])
+    if len(teachers) > 1:
+
+        def accuracy(split) -> float:
+            logits = torch.stack([predict_logits(teacher, split) for teacher in teachers]).mean(dim=0)
+            return float((logits.argmax(dim=1) == split.labels).float().mean())
+
+        record["ensemble"] = {
+            "members": [member["key"] for member in records],
+            "member_test_accuracy": [member["test_accuracy"] for member in records],
+            "val_accuracy": accuracy(data.val),
+            "test_accuracy": accuracy(data.test),
+            "macs": sum(member["macs"] for member in records),
+        }
+        log.info(
+            "teacher ensemble of %d: val %.4f, test %.4f (members' test: %s)",
+            len(teachers),
+            record["ensemble"]["val_accuracy"],
+            record["ensemble"]["test_accuracy"],
+            ", ".join(f"{member['test_accuracy']:.4f}" for member in records),
+        )
+    return teachers, record

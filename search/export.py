@@ -37,7 +37,7 @@ from pipelines.measure import measure_latency, torch_runner
 from pipelines.moe import rebuild_moe
 from pipelines.serialize import load_checkpoint
 from pipelines.train import evaluate
-from search.baseline import get_baseline
+from search.baseline import get_teachers
 from search.objective import TrialContext, evaluate_config
 from search.space import SearchConfig
 from search.study import load_data
@@ -107,7 +107,7 @@ def export_trial(
         )
     started = time.perf_counter()
     data = load_data(cfg)
-    teacher, baseline = get_baseline(cfg, data, study_folder.parent, threads=cfg.measure.latency_threads)
+    teachers, baseline = get_teachers(cfg, data, study_folder.parent, threads=cfg.measure.latency_threads)
     staging = target.with_name(target.name + ".partial")
     if staging.exists():
         shutil.rmtree(staging)
@@ -116,7 +116,7 @@ def export_trial(
     try:
         if retrain:
             record = evaluate_config(
-                TrialContext(cfg, data, teacher, study_folder),
+                TrialContext(cfg, data, teachers[0], study_folder, distill_from=teachers),
                 params,
                 cfg.export,
                 staging,
@@ -183,8 +183,9 @@ def export_trial(
                 "mmacs": baseline["macs"] / 1e6,
                 "size_kb_fp32": baseline["size_bytes_fp32"] / 1024,
                 "params": baseline["params"],
+                "ensemble": baseline.get("ensemble"),  # the distillation source when baseline.teachers > 1
                 "latency": _baseline_engine_latency(
-                    teacher, data, staging, threads, max(50, cfg.measure.latency_repeats)
+                    teachers[0], data, staging, threads, max(50, cfg.measure.latency_repeats)
                 ),
             },
             "conventions": {
@@ -232,6 +233,16 @@ def _weight_grid_line(totals: dict[str, int] | None) -> list[str]:
     ]
 
 
+def _ensemble_row(baseline: dict) -> list[str]:
+    ensemble = baseline.get("ensemble")
+    if not ensemble:
+        return []
+    return [
+        f"| teacher ensemble ({len(ensemble['members'])} x {baseline['arch']} fp32, distillation source only) | "
+        f"{ensemble['test_accuracy']:.4f} | {ensemble['val_accuracy']:.4f} | {ensemble['macs'] / 1e6:.3f} | | | |"
+    ]
+
+
 def render_report(report: dict) -> str:
     exported, baseline = report["exported"], report["baseline"]
     latency = exported["latency"]["latency"]
@@ -249,6 +260,7 @@ def render_report(report: dict) -> str:
         f"{baseline['mmacs']:.3f} | {baseline['size_kb_fp32']:.1f} | {_latency_cell(base_latency['torch-fp32-eager'])} | torch fp32 eager |",
         f"| baseline {baseline['arch']} | | | {baseline['mmacs']:.3f} | | {_latency_cell(base_latency['onnxruntime-fp32'])} | onnxruntime fp32 |",
         f"| baseline {baseline['arch']} | | | {baseline['mmacs']:.3f} | | {_latency_cell(base_latency['onnxruntime-int8'])} | onnxruntime int8 |",
+        *_ensemble_row(baseline),
         f"| **exported MoE** ({exported['precision']}, {exported['bits']}-bit weights) | **{exported['test_accuracy']:.4f}** | "
         f"{exported['val_accuracy']:.4f} | {exported['mmacs']:.3f} | {exported['size_kb']:.1f} | {_latency_cell(latency)} | {latency['backend']} |",
         "",

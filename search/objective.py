@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import optuna
+import torch
 from optuna.trial import TrialState
 from torch import nn
 
@@ -52,24 +53,30 @@ log = logging.getLogger("hycomp")
 class TrialContext:
     cfg: SearchConfig
     data: Dataset
-    teacher: nn.Module
+    teacher: nn.Module  # the fp32 model that is compressed (pruned into the experts)
     study_folder: Path
+    distill_from: list[nn.Module] | None = None  # every teacher of ``kd_targets: ensemble``; None: [teacher]
     _ensembles: dict[str, Dataset] = field(default_factory=dict, repr=False)
 
     def training_data(self, budget: Budget) -> Dataset:
         """The dataset a budget trains on. With ``kd_targets: ensemble`` its train split carries the
-        teacher's logits averaged over the symmetries of ``budget.augment`` (computed once per process,
-        about a minute for BloodMNIST on 2 cores), which the students distil from instead of the teacher."""
+        teachers' logits averaged over the symmetries of ``budget.augment`` and over the teachers (computed
+        once per process, about a minute per teacher for BloodMNIST on 2 cores), which the students distil
+        from instead of running a teacher at each step."""
         if budget.kd_targets == "online":
             return self.data
         if budget.augment not in self._ensembles:
             started = time.perf_counter()
-            logits = ensemble_logits(self.teacher, self.data.train, budget.augment)
+            teachers = self.distill_from or [self.teacher]
+            logits = torch.stack(
+                [ensemble_logits(teacher, self.data.train, budget.augment) for teacher in teachers]
+            ).mean(dim=0)
             self._ensembles[budget.augment] = replace(
                 self.data, train=self.data.train.with_teacher_logits(logits)
             )
             log.info(
-                "distillation targets: teacher averaged over the %s views of the train split (%.0f s)",
+                "distillation targets: %d teacher(s) averaged over the %s views of the train split (%.0f s)",
+                len(teachers),
                 budget.augment,
                 time.perf_counter() - started,
             )

@@ -98,6 +98,9 @@ class BaselineSettings:
     schedule: str = "onecycle"
     augment: str = "flips"  # none | flips | d4 (crop + symmetries; pipelines.data.AUGMENTS)
     seed: int = 0
+    teachers: int = (
+        1  # students distil from this many teachers (seeds seed, seed+1, ...); the first is pruned
+    )
 
 
 @dataclass(frozen=True)
@@ -302,6 +305,15 @@ def _validate(cfg: SearchConfig) -> None:
             )
         _check_range(f"{prefix}.lr", budget.lr, 1e-6, 10.0)
     _check_range("baseline.epochs", cfg.baseline.epochs, 0.01, 1000.0)
+    _check_range("baseline.teachers", cfg.baseline.teachers, 1, 8)
+    if cfg.baseline.teachers > 1:
+        for prefix, budget in (("trial", cfg.trial), ("export", cfg.export)):
+            if budget.kd_targets != "ensemble":
+                raise ConfigError(
+                    f"{prefix}.kd_targets: {budget.kd_targets!r} distils from one teacher, but baseline.teachers "
+                    f"is {cfg.baseline.teachers}. Set {prefix}.kd_targets: ensemble (the teachers' averaged "
+                    "logits) or baseline.teachers: 1."
+                )
     sparsity = space.sparsity
     _check_range("space.sparsity.low", sparsity.low, 0.0, 0.95)
     _check_range("space.sparsity.high", sparsity.high, 0.0, 0.95)

@@ -183,14 +183,23 @@ def _write_config(cfg: SearchConfig, folder: Path) -> None:
     text = dump_space(cfg)
     if path.exists() and path.read_text() != text:
         previous = load_space(path)
-        if (
-            previous.space != cfg.space
-            or previous.model != cfg.model
-            or previous.data.dataset != cfg.data.dataset
-        ):
+        # What its finished trials were scored under: mixing them with trials scored differently (another
+        # teacher, another per-trial budget) would rank incomparable numbers on one front.
+        changed = [
+            name
+            for name, before, now in (
+                ("space", previous.space, cfg.space),
+                ("model", previous.model, cfg.model),
+                ("data.dataset", previous.data.dataset, cfg.data.dataset),
+                ("baseline", previous.baseline, cfg.baseline),
+                ("trial", previous.trial, cfg.trial),
+            )
+            if before != now
+        ]
+        if changed:
             raise ConfigError(
                 f"study.name: a study named {cfg.study.name!r} already exists in {folder} with a different "
-                "search space, model or dataset. Pick another study.name, or delete that folder to start over."
+                f"{', '.join(changed)}. Pick another study.name, or delete that folder to start over."
             )
     path.write_text(text)
 
@@ -222,7 +231,7 @@ def run_search(
     share); the number of completed trials is exact: a worker that would start a trial beyond the target
     stops instead.
     """
-    from search.baseline import get_baseline
+    from search.baseline import get_teachers
 
     if workers < 1:
         raise ConfigError(f"--workers: {workers} must be >= 1.")
@@ -232,7 +241,7 @@ def run_search(
     storage = make_storage(url)
     _write_config(cfg, folder)
     study = open_study(cfg, storage)
-    teacher, record = get_baseline(cfg, data, results, threads=cfg.measure.latency_threads)
+    teachers, record = get_teachers(cfg, data, results, threads=cfg.measure.latency_threads)
     study.set_user_attr("baseline", record)
     log.info(
         "baseline %s: val %.4f, test %.4f, %.2f MMACs, %d params",
@@ -255,7 +264,7 @@ def run_search(
     progress = _Progress(cfg.study.trials, done, enabled=show_progress)
     try:
         if workers == 1:
-            _worker_loop(cfg, study, data, teacher, folder, progress)
+            _worker_loop(cfg, study, data, teachers, folder, progress)
         else:
             _run_workers(cfg, url, results, workers, study, progress)
     finally:
@@ -263,10 +272,11 @@ def run_search(
     return study
 
 
-def _worker_loop(cfg: SearchConfig, study: optuna.Study, data, teacher, folder: Path, progress) -> None:
+def _worker_loop(cfg: SearchConfig, study: optuna.Study, data, teachers, folder: Path, progress) -> None:
     from search.objective import Objective, TrialContext
 
-    objective = Objective(TrialContext(cfg, data, teacher, folder), target_trials=cfg.study.trials)
+    context = TrialContext(cfg, data, teachers[0], folder, distill_from=teachers)
+    objective = Objective(context, target_trials=cfg.study.trials)
     deadline = None if cfg.study.timeout_minutes is None else time.time() + 60 * cfg.study.timeout_minutes
     while len(evaluated_trials(study)) < cfg.study.trials:
         if deadline is not None and time.time() > deadline:
@@ -311,7 +321,7 @@ def _worker_main(cfg_dict: dict, url: str, results: str | None, threads: int) ->
     """Entry point of a worker process (spawned): same study, same cached teacher."""
     import torch
 
-    from search.baseline import get_baseline
+    from search.baseline import get_teachers
     from search.space import parse_space
 
     torch.set_num_threads(threads)
@@ -321,8 +331,8 @@ def _worker_main(cfg_dict: dict, url: str, results: str | None, threads: int) ->
     results_path = Path(results) if results else None
     data = load_data(cfg)
     study = open_study(cfg, make_storage(url))
-    teacher, _ = get_baseline(cfg, data, results_path, threads=cfg.measure.latency_threads)
-    _worker_loop(cfg, study, data, teacher, study_dir(cfg.study.name, results_path), lambda *args: None)
+    teachers, _ = get_teachers(cfg, data, results_path, threads=cfg.measure.latency_threads)
+    _worker_loop(cfg, study, data, teachers, study_dir(cfg.study.name, results_path), lambda *args: None)
 
 
 def _run_workers(cfg: SearchConfig, url: str, results: Path | None, workers: int, study, progress) -> None:

@@ -3,9 +3,9 @@
     python -m search.benchmarks.experiment results/bloodmnist-resnet20 --trial N [--seeds 0 1 2] \
         [--jobs 2] [--out results/bloodmnist/REPORT.md]
 
-``--jobs 2`` runs two seeds at once, each process pinned to its own share of the CPUs (with 2 cores: one
-thread each; small-batch training of these nets gains little from a second thread).
-Each finished seed's rows are saved to ``REPORT.seeds.json`` as it finishes.
+``--jobs 2`` runs two (row, seed) pairs at once, each process pinned to its own share of the CPUs (with 2
+cores: one thread each; small-batch training of these nets gains little from a second thread), longest rows
+first so the workers finish together. Each finished (row, seed) is saved to ``REPORT.seeds.json``.
 
 Rows, each at the study's full export budget, over several seeds (mean +- std of TEST accuracy; the
 test split is read here only to report, nothing is chosen with it):
@@ -46,9 +46,9 @@ from pipelines.deploy import (
 from pipelines.measure import count_macs, measure_latency, packed_size_bytes
 from pipelines.models import build_model
 from pipelines.train import evaluate, train
-from search.baseline import baseline_key, load_teacher, teacher_recipe
+from search.baseline import baseline_key, get_teachers, teacher_recipe
 from search.export import bundle_accuracy
-from search.objective import TrialContext, evaluate_config
+from search.objective import TrialContext, estimate_cost, evaluate_config
 from search.pareto import trials_table
 from search.study import load_data, load_study
 from search.workspace import baseline_dir, resolve_study_dir
@@ -142,7 +142,7 @@ def _setup(study_folder: Path, trial_number: int) -> _Setup:
     if trial is None or "config" not in trial.user_attrs and not trial.params:
         raise SystemExit(f"--trial {trial_number}: no such completed trial in {study_folder}.")
     data = load_data(cfg)
-    teacher = load_teacher(baseline_dir(baseline_key(cfg), study_folder.parent))
+    teachers, _ = get_teachers(cfg, data, study_folder.parent)  # cached by the search: loaded, not trained
     table = trials_table(study)
     singles = table[(table["num_experts"] == 1) & (table["sparsity"] > 0)].sort_values(
         "val_accuracy", ascending=False
@@ -154,33 +154,42 @@ def _setup(study_folder: Path, trial_number: int) -> _Setup:
         single_params = dict(single.user_attrs.get("config") or single.params)
     return _Setup(
         cfg=cfg,
-        ctx=TrialContext(cfg, data, teacher, study_folder),
+        ctx=TrialContext(cfg, data, teachers[0], study_folder, distill_from=teachers),
         params=dict(trial.user_attrs.get("config") or trial.params),
         single_trial=single_trial,
         single_params=single_params,
     )
 
 
-def _seed_rows(study_folder: Path, trial_number: int, seed: int, threads: int) -> dict[str, dict]:
-    """Every row of the experiment for one seed (runs in a worker process with ``--jobs``)."""
+MOE, SINGLE, CONTROL = "exported MoE", "best single compressed", "no-search control"
+
+
+def _tasks(study_folder: Path, trial_number: int, seeds: list[int]) -> list[tuple[str, int]]:
+    """(row, seed) pairs to run, longest first (every MoE, then singles, then controls) so that parallel
+    workers finish together. The best single is not re-run when it is the exported trial itself."""
+    setup = _setup(study_folder, trial_number)
+    names = [MOE]
+    if setup.single_params is not None and setup.single_trial != trial_number:
+        names.append(SINGLE)
+    names.append(CONTROL)
+    return [(name, seed) for name in names for seed in seeds]
+
+
+def _row(study_folder: Path, trial_number: int, name: str, seed: int, threads: int) -> dict:
+    """One row of the experiment for one seed (runs in a worker process with ``--jobs``)."""
     setup = _setup(study_folder, trial_number)
     ctx = setup.ctx
-    rows: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
-        rows["exported MoE"] = _compressed_row(ctx, setup.params, seed, scratch / "moe", threads)
-        if setup.single_trial == trial_number:  # the search exported a single model: same row, not re-run
-            rows["best single compressed"] = {
-                **rows["exported MoE"],
-                "note": f"= the exported trial {trial_number}",
-            }
-        elif setup.single_params is not None:
-            rows["best single compressed"] = _compressed_row(
-                ctx, setup.single_params, seed, scratch / "single", threads
-            )
-        width = _width_for_macs(setup.cfg.model.arch, ctx.data, rows["exported MoE"]["mmacs"] * 1e6)
-        rows["no-search control"] = _control_row(setup.cfg, ctx.data, width, seed, scratch, threads)
-    return rows
+        if name == MOE:
+            return _compressed_row(ctx, setup.params, seed, scratch / "moe", threads)
+        if name == SINGLE:
+            return _compressed_row(ctx, setup.single_params, seed, scratch / "single", threads)
+        # MACs of the exported configuration from its shapes (prune + speedup, no training): the control
+        # does not wait for the MoE row, which may be running in another process.
+        target = estimate_cost(ctx, setup.params)["mmacs"] * 1e6
+        width = _width_for_macs(setup.cfg.model.arch, ctx.data, target)
+        return _control_row(setup.cfg, ctx.data, width, seed, scratch, threads)
 
 
 def _pin(cpus: multiprocessing.Queue) -> None:
@@ -193,15 +202,22 @@ def _pin(cpus: multiprocessing.Queue) -> None:
     warnings.filterwarnings("ignore")
 
 
-def _merge(per_seed: list[dict[str, dict]]) -> dict[str, dict]:
-    """Rows over seeds: accuracies and latencies listed per seed, the rest from the first seed."""
+def _merge(done: list[dict], seeds: list[int], single_is: int | None = None) -> dict[str, dict]:
+    """Rows over seeds (``done``: one entry per finished (row, seed)): accuracies and latencies listed in
+    seed order, the rest from the first seed. ``single_is``: the exported trial, when it is also the best
+    single model (its row stands for both)."""
     merged: dict[str, dict] = {}
-    for name in per_seed[0]:
-        row = dict(per_seed[0][name])
+    for name in (MOE, SINGLE, CONTROL):
+        runs = sorted((entry for entry in done if entry["row"] == name), key=lambda e: seeds.index(e["seed"]))
+        if not runs:
+            continue
+        row = {key: value for key, value in runs[0].items() if key not in ("row", "seed")}
         for key in ("test", "val", "torch_test", "latency_ms"):
             if key in row:
-                row[key] = [value for rows in per_seed for value in rows[name][key]]
+                row[key] = [value for entry in runs for value in entry[key]]
         merged[name] = row
+    if SINGLE not in merged and single_is is not None and MOE in merged:
+        merged[SINGLE] = {**merged[MOE], "note": f"= the exported trial {single_is}"}
     return merged
 
 
@@ -234,8 +250,8 @@ def plot_rows(rows: dict[str, dict], teacher: dict, path: Path) -> Path:
 def run(
     study_folder: Path, trial_number: int, seeds: list[int], out: Path, threads: int = 1, jobs: int = 1
 ) -> Path:
-    """Every row for every seed, then the report. ``jobs`` > 1 runs seeds in that many processes, each
-    pinned to its own share of the CPUs (latency is measured at ``threads`` threads inside that share)."""
+    """Every row for every seed, then the report. ``jobs`` > 1 runs (row, seed) pairs in that many processes,
+    each pinned to its own share of the CPUs (latency is measured at ``threads`` threads inside that share)."""
     started = time.time()
     study_folder = Path(study_folder)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -247,10 +263,12 @@ def run(
         return rows
 
     done: list[dict] = []
-    if jobs <= 1 or len(seeds) == 1:
-        per_seed = [keep(_seed_rows(study_folder, trial_number, seed, threads)) for seed in seeds]
+    tasks = _tasks(study_folder, trial_number, seeds)
+    if jobs <= 1:
+        for name, seed in tasks:
+            keep({"row": name, "seed": seed, **_row(study_folder, trial_number, name, seed, threads)})
     else:
-        jobs = min(jobs, len(seeds))
+        jobs = min(jobs, len(tasks))
         cpus = sorted(os.sched_getaffinity(0))
         shares = [set(cpus[i::jobs]) or set(cpus) for i in range(jobs)]  # fewer CPUs than jobs: share
         context = multiprocessing.get_context("spawn")
@@ -258,11 +276,21 @@ def run(
         for share in shares:
             queue.put(share)
         with ProcessPoolExecutor(jobs, mp_context=context, initializer=_pin, initargs=(queue,)) as pool:
-            futures = [pool.submit(_seed_rows, study_folder, trial_number, seed, threads) for seed in seeds]
+            futures = {
+                pool.submit(_row, study_folder, trial_number, name, seed, threads): (name, seed)
+                for name, seed in tasks
+            }
             for future in futures:
-                future.add_done_callback(lambda f: f.exception() is None and keep(f.result()))
-            per_seed = [future.result() for future in futures]
-    rows = _merge(per_seed)
+                future.add_done_callback(
+                    lambda f: (
+                        f.exception() is None
+                        and keep({"row": futures[f][0], "seed": futures[f][1], **f.result()})
+                    )
+                )
+            for future in futures:
+                future.result()  # re-raises a failed row here (the finished ones are already saved)
+    setup = _setup(study_folder, trial_number)
+    rows = _merge(done, seeds, trial_number if setup.single_trial == trial_number else None)
     cfg, study = load_study(study_folder)  # the report needs the study, not the data: the seeds loaded it
     teacher_folder = baseline_dir(baseline_key(cfg), study_folder.parent)
     baseline = json.loads((teacher_folder / "baseline.json").read_text())
@@ -299,6 +327,13 @@ def run(
         "|---|---|---|---|---|---|",
         f"| fp32 teacher {baseline['arch']} | {_summary(teacher_row['test'])} | {teacher_row['mmacs']:.2f} | {teacher_row['size_kb']:.1f} (fp32) | {teacher_row['latency_ms']:.3f} | cached baseline, one seed |",
     ]
+    ensemble = study.user_attrs.get("baseline", {}).get("ensemble")
+    if ensemble:
+        lines.append(
+            f"| teacher ensemble, {len(ensemble['members'])} x {baseline['arch']} fp32 | {100 * ensemble['test_accuracy']:.2f} | "
+            f"{ensemble['macs'] / 1e6:.2f} | | | the students' distillation source (logits averaged; seeds "
+            f"{cfg.baseline.seed}..{cfg.baseline.seed + len(ensemble['members']) - 1}); not deployed |"
+        )
     for name, row in rows.items():
         note = row.get("note") or (
             f"width {row['width']:.3f}" if "width" in row else f"`{row.get('params')}`"
@@ -328,7 +363,10 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--threads", type=int, default=1, help="threads of the latency measurements")
     parser.add_argument(
-        "--jobs", type=int, default=1, help="seeds run in this many processes, each on its own CPUs"
+        "--jobs",
+        type=int,
+        default=1,
+        help="(row, seed) pairs run in this many processes, each on its own CPUs",
     )
     parser.add_argument("--out", default=None, help="default results/<dataset>/REPORT.md")
     args = parser.parse_args()

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 import yaml
 
-from search.baseline import baseline_key, teacher_recipe
+from search.baseline import baseline_key, get_teachers, teacher_recipe
 from search.space import dump_space, load_space, parse_space
 
 REPO = Path(__file__).resolve().parents[2]
@@ -29,3 +30,42 @@ def test_the_shipped_teacher_keeps_the_key_it_was_cached_under() -> None:
     mapping = yaml.safe_load(dump_space(load_space(REPO / "search_spaces" / "bloodmnist.yaml")))
     mapping["baseline"]["augment"] = "flips"
     assert baseline_key(parse_space(mapping)) == "bloodmnist-resnet20-b9f99b96bc5b"
+
+
+def test_a_teacher_ensemble_caches_each_member_and_records_its_accuracy(tiny_data, tmp_path: Path) -> None:
+    ensemble = {"kd_targets": "ensemble"}
+    cfg = parse_space(
+        {
+            "model": {"arch": "resnet8", "width": 0.25},
+            "baseline": {"epochs": 0.5, "teachers": 2},
+            "trial": ensemble,
+            "export": ensemble,
+            "measure": {"latency_repeats": 2},
+        }
+    )
+    teachers, record = get_teachers(cfg, tiny_data, tmp_path)
+    assert len(teachers) == 2
+    # member 0 is the one-teacher study's teacher (same key); member 1 is the next seed, cached apart
+    assert record["key"] == baseline_key(cfg)
+    members = record["ensemble"]["members"]
+    assert members[0] == baseline_key(cfg) and members[1] != members[0]
+    assert all((tmp_path / "baselines" / key / "baseline.json").exists() for key in members)
+    first, second = (next(t.parameters()) for t in teachers)
+    assert not torch.equal(first, second)  # different seeds, different weights
+    assert 0 <= record["ensemble"]["test_accuracy"] <= 1
+    assert record["ensemble"]["macs"] == 2 * record["macs"]
+    # loading again trains nothing: same weights
+    again, _ = get_teachers(cfg, tiny_data, tmp_path)
+    assert torch.equal(next(again[1].parameters()), second)
+    one, single_record = get_teachers(
+        parse_space(
+            {
+                "model": {"arch": "resnet8", "width": 0.25},
+                "baseline": {"epochs": 0.5},
+                "measure": {"latency_repeats": 2},
+            }
+        ),
+        tiny_data,
+        tmp_path,
+    )
+    assert len(one) == 1 and "ensemble" not in single_record

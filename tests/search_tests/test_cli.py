@@ -254,10 +254,13 @@ def test_quality_experiment_writes_its_report(searched: dict, tmp_path: Path) ->
     from search.benchmarks.experiment import run
 
     folder = searched["folder"]
-    out = run(folder, 1, [0, 1], tmp_path / "REPORT.md", jobs=2)  # two seeds in two processes
+    out = run(folder, 1, [0, 1], tmp_path / "REPORT.md", jobs=2)  # (row, seed) pairs in two processes
     text = out.read_text()
     rows = json.loads(out.with_suffix(".json").read_text())
-    assert len(json.loads(out.with_suffix(".seeds.json").read_text())) == 2  # each seed saved as it finished
+    saved = json.loads(out.with_suffix(".seeds.json").read_text())  # each (row, seed) saved as it finished
+    assert sorted((entry["row"], entry["seed"]) for entry in saved) == sorted(
+        (name, seed) for name in rows if name != "teacher" and "note" not in rows[name] for seed in (0, 1)
+    )
     assert len(rows["exported MoE"]["latency_ms"]) == 2 and "--jobs 2" in text
     assert {"teacher", "exported MoE", "no-search control"} <= set(rows)
     for name in ("exported MoE", "no-search control"):

@@ -49,6 +49,11 @@ def test_dump_round_trips() -> None:
         ({"export": {"augment": "rotate"}}, ["export.augment", "rotate", "d4"]),
         ({"baseline": {"augment": "flip"}}, ["baseline.augment", "flip", "flips"]),
         ({"trial": {"kd_targets": "offline"}}, ["trial.kd_targets", "offline", "ensemble"]),
+        ({"baseline": {"teachers": 0}}, ["baseline.teachers", "0", "[1, 8]"]),
+        (  # several teachers are distilled from through their precomputed, averaged logits only
+            {"baseline": {"teachers": 2}, "trial": {"kd_targets": "ensemble"}},
+            ["export.kd_targets", "'online'", "baseline.teachers", "kd_targets: ensemble"],
+        ),
         ({"constraints": {"max_latency_ms": -1}}, ["constraints.max_latency_ms", "-1"]),
         ({"spcae": {}}, ["spcae", "unknown key", "space"]),
         ({"space": {"bitz": [4]}}, ["space.bitz", "unknown key", "bits"]),
