@@ -69,3 +69,22 @@ def test_a_teacher_ensemble_caches_each_member_and_records_its_accuracy(tiny_dat
         tmp_path,
     )
     assert len(one) == 1 and "ensemble" not in single_record
+
+
+def test_the_baseline_command_trains_every_teacher_and_prints_the_ensemble(
+    synthetic_root: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    import json
+
+    from search.cli import main
+
+    mapping = yaml.safe_load((REPO / "search_spaces" / "tiny.yaml").read_text())
+    mapping["baseline"].update(epochs=0.5, teachers=2)
+    mapping["export"]["kd_targets"] = "ensemble"
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump(mapping))
+    monkeypatch.chdir(tmp_path)  # the teachers are cached under ./results/baselines
+    assert main(["baseline", "--space", str(space), "--data-root", str(synthetic_root)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert len(printed["ensemble"]["members"]) == 2 and 0 <= printed["ensemble"]["val_accuracy"] <= 1
+    assert len(list((tmp_path / "results" / "baselines").iterdir())) == 2
