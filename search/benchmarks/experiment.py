@@ -1,17 +1,20 @@
 """The quality experiment on a finished study: does the exported MoE beat a plainly trained small net?
 
     python -m search.benchmarks.experiment results/bloodmnist-resnet20 --trial N [--seeds 0 1 2] \
-        [--jobs 2] [--out results/bloodmnist/REPORT.md]
+        [--jobs 2] [--also M ...] [--out results/bloodmnist/REPORT.md]
 
 ``--jobs 2`` runs two (row, seed) pairs at once, each process pinned to its own share of the CPUs (with 2
 cores: one thread each; small-batch training of these nets gains little from a second thread), longest rows
-first so the workers finish together. Each finished (row, seed) is saved to ``REPORT.seeds.json``.
+first so the workers finish together. Each finished (row, seed) is saved to ``REPORT.seeds.json``; running
+again reuses the saved pairs whose configuration (or control width) is unchanged, so an interrupted
+experiment resumes and ``--also`` adds rows without re-running the others.
 
 Rows, each at the study's full export budget, over several seeds (mean +- std of TEST accuracy; the
 test split is read here only to report, nothing is chosen with it):
   1. the fp32 teacher (cached baseline; one seed);
   2. the chosen trial's configuration (the exported MoE), compressed again per seed;
   3. the best single compressed model of the study (most accurate 1-expert trial), per seed;
+     (``--also M``: trial M's configuration too, e.g. the best multi-expert point when a single was exported);
   4. the "no search" control: the same architecture family trained from scratch, plainly (no pruning,
      no distillation), its width chosen so its MACs match the exported MoE's, with the teacher's
      training recipe and epochs;
@@ -36,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from optuna.trial import TrialState
 
 from pipelines.deploy import (
     OrtModel,
@@ -133,6 +137,7 @@ class _Setup:
     params: dict
     single_trial: int | None
     single_params: dict | None
+    configs: dict[int, dict]  # every completed trial's configuration, by number (for --also)
 
 
 @functools.cache
@@ -158,21 +163,64 @@ def _setup(study_folder: Path, trial_number: int) -> _Setup:
         params=dict(trial.user_attrs.get("config") or trial.params),
         single_trial=single_trial,
         single_params=single_params,
+        configs={
+            t.number: dict(t.user_attrs.get("config") or t.params)
+            for t in study.trials
+            if t.state == TrialState.COMPLETE
+        },
     )
 
 
 MOE, SINGLE, CONTROL = "exported MoE", "best single compressed", "no-search control"
 
 
-def _tasks(study_folder: Path, trial_number: int, seeds: list[int]) -> list[tuple[str, int]]:
-    """(row, seed) pairs to run, longest first (every MoE, then singles, then controls) so that parallel
-    workers finish together. The best single is not re-run when it is the exported trial itself."""
+def _names(study_folder: Path, trial_number: int, also: tuple[int, ...] = ()) -> list[str]:
+    """The rows to run, longest first (compressed rows, then the control) so that parallel workers finish
+    together. A trial that is already a row (the exported one, the best single) is not run twice."""
     setup = _setup(study_folder, trial_number)
     names = [MOE]
+    for number in also:
+        if number not in setup.configs:
+            raise SystemExit(f"--also {number}: no such completed trial in {study_folder}.")
+        if number not in (trial_number, setup.single_trial) and f"trial {number}" not in names:
+            names.append(f"trial {number}")
     if setup.single_params is not None and setup.single_trial != trial_number:
         names.append(SINGLE)
     names.append(CONTROL)
-    return [(name, seed) for name in names for seed in seeds]
+    return names
+
+
+@functools.cache
+def _control_width(study_folder: Path, trial_number: int) -> float:
+    """The control's width: its MACs match the exported configuration's, computed from shapes (prune +
+    speedup, no training), so the control does not wait for the exported row's training."""
+    setup = _setup(study_folder, trial_number)
+    target = estimate_cost(setup.ctx, setup.params)["mmacs"] * 1e6
+    return _width_for_macs(setup.cfg.model.arch, setup.ctx.data, target)
+
+
+def _identity(study_folder: Path, trial_number: int, name: str) -> object:
+    """What a row's result depends on besides its seed: the configuration, or the control's width."""
+    setup = _setup(study_folder, trial_number)
+    if name == MOE:
+        return setup.params
+    if name == SINGLE:
+        return setup.single_params
+    if name == CONTROL:
+        return _control_width(study_folder, trial_number)
+    return setup.configs[int(name.split()[1])]
+
+
+def _reusable(saved: list[dict], tasks: list[tuple[str, int]], identity: dict[str, object]) -> list[dict]:
+    """The entries of an earlier run (``REPORT.seeds.json``) that answer one of ``tasks``: same row, same
+    seed, and the same configuration (compressed rows) or control width. Nothing else is trusted."""
+    kept = []
+    for entry in saved:
+        key = (entry.get("row"), entry.get("seed"))
+        same = entry.get("params", entry.get("width")) == identity.get(key[0])
+        if key in tasks and same and key not in [(e["row"], e["seed"]) for e in kept]:
+            kept.append(entry)
+    return kept
 
 
 def _row(study_folder: Path, trial_number: int, name: str, seed: int, threads: int) -> dict:
@@ -181,15 +229,11 @@ def _row(study_folder: Path, trial_number: int, name: str, seed: int, threads: i
     ctx = setup.ctx
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
-        if name == MOE:
-            return _compressed_row(ctx, setup.params, seed, scratch / "moe", threads)
-        if name == SINGLE:
-            return _compressed_row(ctx, setup.single_params, seed, scratch / "single", threads)
-        # MACs of the exported configuration from its shapes (prune + speedup, no training): the control
-        # does not wait for the MoE row, which may be running in another process.
-        target = estimate_cost(ctx, setup.params)["mmacs"] * 1e6
-        width = _width_for_macs(setup.cfg.model.arch, ctx.data, target)
-        return _control_row(setup.cfg, ctx.data, width, seed, scratch, threads)
+        if name == CONTROL:
+            width = _control_width(study_folder, trial_number)
+            return _control_row(setup.cfg, ctx.data, width, seed, scratch, threads)
+        params = _identity(study_folder, trial_number, name)
+        return _compressed_row(ctx, params, seed, scratch / "row", threads)
 
 
 def _pin(cpus: multiprocessing.Queue) -> None:
@@ -202,12 +246,14 @@ def _pin(cpus: multiprocessing.Queue) -> None:
     warnings.filterwarnings("ignore")
 
 
-def _merge(done: list[dict], seeds: list[int], single_is: int | None = None) -> dict[str, dict]:
-    """Rows over seeds (``done``: one entry per finished (row, seed)): accuracies and latencies listed in
-    seed order, the rest from the first seed. ``single_is``: the exported trial, when it is also the best
-    single model (its row stands for both)."""
+def _merge(
+    done: list[dict], seeds: list[int], names: list[str], single_is: int | None = None
+) -> dict[str, dict]:
+    """Rows over seeds (``done``: one entry per finished (row, seed)), in the order of ``names``:
+    accuracies and latencies listed in seed order, the rest from the first seed. ``single_is``: the
+    exported trial, when it is also the best single model (its row stands for both)."""
     merged: dict[str, dict] = {}
-    for name in (MOE, SINGLE, CONTROL):
+    for name in names:
         runs = sorted((entry for entry in done if entry["row"] == name), key=lambda e: seeds.index(e["seed"]))
         if not runs:
             continue
@@ -218,6 +264,8 @@ def _merge(done: list[dict], seeds: list[int], single_is: int | None = None) -> 
         merged[name] = row
     if SINGLE not in merged and single_is is not None and MOE in merged:
         merged[SINGLE] = {**merged[MOE], "note": f"= the exported trial {single_is}"}
+        if CONTROL in merged:  # keep the control last
+            merged[CONTROL] = merged.pop(CONTROL)
     return merged
 
 
@@ -248,10 +296,18 @@ def plot_rows(rows: dict[str, dict], teacher: dict, path: Path) -> Path:
 
 
 def run(
-    study_folder: Path, trial_number: int, seeds: list[int], out: Path, threads: int = 1, jobs: int = 1
+    study_folder: Path,
+    trial_number: int,
+    seeds: list[int],
+    out: Path,
+    threads: int = 1,
+    jobs: int = 1,
+    also: tuple[int, ...] = (),
 ) -> Path:
     """Every row for every seed, then the report. ``jobs`` > 1 runs (row, seed) pairs in that many processes,
-    each pinned to its own share of the CPUs (latency is measured at ``threads`` threads inside that share)."""
+    each pinned to its own share of the CPUs (latency is measured at ``threads`` threads inside that share).
+    ``also``: more trials re-run as rows. (row, seed) pairs already in ``<out>.seeds.json`` with the same
+    configuration are reused, so an interrupted or extended experiment resumes."""
     started = time.time()
     study_folder = Path(study_folder)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -262,20 +318,27 @@ def run(
         partial.write_text(json.dumps(done, indent=1, default=str))
         return rows
 
-    done: list[dict] = []
-    tasks = _tasks(study_folder, trial_number, seeds)
-    if jobs <= 1:
+    names = _names(study_folder, trial_number, tuple(also))
+    tasks = [(name, seed) for name in names for seed in seeds]
+    saved = json.loads(partial.read_text()) if partial.exists() else []
+    identity = {name: _identity(study_folder, trial_number, name) for name in names}
+    done: list[dict] = _reusable(saved, tasks, identity)
+    reused = len(done)
+    tasks = [task for task in tasks if task not in [(entry["row"], entry["seed"]) for entry in done]]
+    workers = min(jobs, len(tasks))
+    if workers <= 1:
         for name, seed in tasks:
             keep({"row": name, "seed": seed, **_row(study_folder, trial_number, name, seed, threads)})
     else:
-        jobs = min(jobs, len(tasks))
         cpus = sorted(os.sched_getaffinity(0))
-        shares = [set(cpus[i::jobs]) or set(cpus) for i in range(jobs)]  # fewer CPUs than jobs: share
+        shares = [
+            set(cpus[i::workers]) or set(cpus) for i in range(workers)
+        ]  # fewer CPUs than workers: share
         context = multiprocessing.get_context("spawn")
         queue = context.Queue()
         for share in shares:
             queue.put(share)
-        with ProcessPoolExecutor(jobs, mp_context=context, initializer=_pin, initargs=(queue,)) as pool:
+        with ProcessPoolExecutor(workers, mp_context=context, initializer=_pin, initargs=(queue,)) as pool:
             futures = {
                 pool.submit(_row, study_folder, trial_number, name, seed, threads): (name, seed)
                 for name, seed in tasks
@@ -290,7 +353,7 @@ def run(
             for future in futures:
                 future.result()  # re-raises a failed row here (the finished ones are already saved)
     setup = _setup(study_folder, trial_number)
-    rows = _merge(done, seeds, trial_number if setup.single_trial == trial_number else None)
+    rows = _merge(done, seeds, names, trial_number if setup.single_trial == trial_number else None)
     cfg, study = load_study(study_folder)  # the report needs the study, not the data: the seeds loaded it
     teacher_folder = baseline_dir(baseline_key(cfg), study_folder.parent)
     baseline = json.loads((teacher_folder / "baseline.json").read_text())
@@ -309,13 +372,16 @@ def run(
             "--seeds",
             *map(str, seeds),
             *(["--jobs", str(jobs)] if jobs > 1 else []),
+            *(["--also", *map(str, also)] if also else []),
         ]
     )
     lines = [
         f"# {cfg.data.dataset}: exported MoE vs a plainly trained net of equal compute",
         "",
         f"Study `{study.study_name}`, exported trial {trial_number}; seeds {seeds}; {time.time() - started:.0f} s on "
-        f"{len(os.sched_getaffinity(0))} CPUs ({jobs} process(es)). Reproduce: `{command}`.",
+        f"{len(os.sched_getaffinity(0))} CPUs ({jobs} process(es))"
+        + (f"; {reused} (row, seed) result(s) reused from {partial.name}" if reused else "")
+        + f". Reproduce: `{command}`.",
         "",
         "TEST accuracy, mean +- std over seeds (%). Compressed rows re-run the configuration at the study's full "
         "`export:` budget; the control is trained from scratch with the teacher's recipe "
@@ -369,6 +435,9 @@ def main() -> None:
         help="(row, seed) pairs run in this many processes, each on its own CPUs",
     )
     parser.add_argument("--out", default=None, help="default results/<dataset>/REPORT.md")
+    parser.add_argument(
+        "--also", type=int, nargs="+", default=[], help="more trials to re-run as rows (e.g. the best MoE)"
+    )
     args = parser.parse_args()
     import warnings
 
@@ -376,7 +445,7 @@ def main() -> None:
     folder = resolve_study_dir(args.study)
     cfg, _ = load_study(folder)
     out = Path(args.out) if args.out else Path("results") / cfg.data.dataset / "REPORT.md"
-    path = run(folder, args.trial, args.seeds, out, args.threads, args.jobs)
+    path = run(folder, args.trial, args.seeds, out, args.threads, args.jobs, tuple(args.also))
     print(path.read_text())
 
 

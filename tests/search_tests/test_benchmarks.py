@@ -43,9 +43,31 @@ def test_experiment_merges_rows_in_seed_order_whatever_order_they_finished() -> 
         return {"row": row, "seed": seed, "test": [test], "latency_ms": [seed + 0.5], "mmacs": 10.0 + seed}
 
     finished = [entry(CONTROL, 2, 0.3), entry(MOE, 1, 0.2), entry(MOE, 0, 0.1), entry(CONTROL, 0, 0.5)]
-    rows = _merge(finished, seeds=[0, 1, 2], single_is=7)
+    rows = _merge(finished, seeds=[0, 1, 2], names=[MOE, CONTROL], single_is=7)
     assert rows[MOE]["test"] == [0.1, 0.2] and rows[MOE]["latency_ms"] == [0.5, 1.5]
     assert rows[MOE]["mmacs"] == 10.0  # per-configuration figures from the first seed
     assert rows[CONTROL]["test"] == [0.5, 0.3] and "row" not in rows[CONTROL]
     assert rows[SINGLE]["test"] == rows[MOE]["test"] and rows[SINGLE]["note"] == "= the exported trial 7"
-    assert SINGLE not in _merge(finished, seeds=[0, 1, 2])
+    assert list(rows) == [MOE, SINGLE, CONTROL]  # the control stays last
+    assert SINGLE not in _merge(finished, seeds=[0, 1, 2], names=[MOE, CONTROL])
+
+
+def test_experiment_reuses_only_saved_results_of_the_same_row_seed_and_configuration() -> None:
+    from search.benchmarks.experiment import CONTROL, MOE, _reusable
+
+    config = {"sparsity": 0.35, "num_experts": 1}
+    saved = [
+        {"row": MOE, "seed": 0, "params": config, "test": [0.9]},
+        {"row": MOE, "seed": 1, "params": {**config, "sparsity": 0.4}, "test": [0.8]},  # another config
+        {"row": MOE, "seed": 2, "params": config, "test": [0.7]},  # a seed not asked for
+        {"row": CONTROL, "seed": 0, "width": 0.656, "test": [0.6]},
+        {"row": CONTROL, "seed": 1, "width": 0.7, "test": [0.5]},  # another width
+        {"row": MOE, "seed": 0, "params": config, "test": [0.95]},  # a duplicate: the first one counts
+    ]
+    tasks = [(MOE, 0), (MOE, 1), (CONTROL, 0), (CONTROL, 1)]
+    kept = _reusable(saved, tasks, {MOE: config, CONTROL: 0.656})
+    assert [(entry["row"], entry["seed"], entry["test"]) for entry in kept] == [
+        (MOE, 0, [0.9]),
+        (CONTROL, 0, [0.6]),
+    ]
+    assert _reusable(saved, tasks, {MOE: {**config, "bits": 4}, CONTROL: 0.5}) == []

@@ -270,3 +270,11 @@ def test_quality_experiment_writes_its_report(searched: dict, tmp_path: Path) ->
     assert rows["no-search control"]["mmacs"] == pytest.approx(rows["exported MoE"]["mmacs"], rel=0.25)
     assert "--trial 1 --seeds 0 1" in text and "Exported MoE minus control" in text
     assert out.with_suffix(".png").stat().st_size > 5_000 and "REPORT.png" in text
+    # extending it with --also runs only the new row; every saved (row, seed) is reused
+    other = 0  # the uncompressed reference trial: never the best single (that needs pruning), cheap to re-run
+    again = run(folder, 1, [0, 1], out, also=(other,))
+    text = again.read_text()
+    extended = json.loads(again.with_suffix(".json").read_text())
+    assert f"{len(saved)} (row, seed) result(s) reused" in text and f"--also {other}" in text
+    assert extended["exported MoE"]["test"] == rows["exported MoE"]["test"]
+    assert len(extended[f"trial {other}"]["test"]) == 2 and f"| trial {other} |" in text
