@@ -74,6 +74,14 @@ def write_report(cfg: SearchConfig, study: optuna.Study, folder: Path) -> tuple[
             f"({baseline['latency']['backend']}, {baseline['latency']['threads']} thread(s), batch 1).",
             "",
         ]
+        ensemble = baseline.get("ensemble")
+        if ensemble:  # baseline.teachers > 1: the students' distillation source
+            lines += [
+                f"Students distil from {len(ensemble['members'])} teachers (this one first, the one pruned; "
+                f"members' test {', '.join(f'{value:.4f}' for value in ensemble['member_test_accuracy'])}); "
+                f"their averaged logits: val {ensemble['val_accuracy']:.4f}, test {ensemble['test_accuracy']:.4f}.",
+                "",
+            ]
     exports = sorted((folder / "export").glob("*/report.json")) if (folder / "export").exists() else []
     if exports:
         lines += ["## Exported points", ""]

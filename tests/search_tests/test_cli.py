@@ -213,9 +213,22 @@ def test_report_renders(searched: dict, capsys) -> None:
     assert main(["report", str(folder)]) == 0
     markdown = (folder / "report.md").read_text()
     assert "## Pareto front" in markdown and "## Search settings" in markdown and "front.png" in markdown
-    assert "Baseline (fp32 teacher)" in markdown
+    assert "Baseline (fp32 teacher)" in markdown and "distil from" not in markdown  # one teacher
     page = (folder / "report.html").read_text()
     assert page.startswith("<!doctype html>") and "<img" in page
+    # a study with several teachers names the ensemble the students distil from
+    from search.report import write_report
+    from search.study import load_study
+
+    cfg, study = load_study(folder)
+    record = study.user_attrs["baseline"]
+    ensemble = {"members": ["a", "b"], "member_test_accuracy": [0.5, 0.25], "val_accuracy": 0.75}
+    study.set_user_attr("baseline", {**record, "ensemble": {**ensemble, "test_accuracy": 0.625}})
+    try:
+        markdown = write_report(cfg, study, folder)[0].read_text()
+    finally:
+        study.set_user_attr("baseline", record)
+    assert "distil from 2 teachers" in markdown and "0.5000, 0.2500" in markdown and "test 0.6250" in markdown
 
 
 def test_front_export_report_on_an_empty_study_exit_2(tmp_path: Path, capsys) -> None:
