@@ -32,6 +32,7 @@ import os
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -215,7 +216,9 @@ def _reusable(saved: list[dict], tasks: list[tuple[str, int]], identity: dict[st
     """The entries of an earlier run (``REPORT.seeds.json``) that answer one of ``tasks``: same row, same
     seed, and the same configuration (compressed rows) or control width. Nothing else is trusted."""
     kept = []
-    for entry in saved:
+    for entry in saved if isinstance(saved, list) else []:
+        if not isinstance(entry, dict):  # another format (an older version's per-seed file): not trusted
+            continue
         key = (entry.get("row"), entry.get("seed"))
         same = entry.get("params", entry.get("width")) == identity.get(key[0])
         if key in tasks and same and key not in [(e["row"], e["seed"]) for e in kept]:
@@ -236,8 +239,18 @@ def _row(study_folder: Path, trial_number: int, name: str, seed: int, threads: i
         return _compressed_row(ctx, params, seed, scratch / "row", threads)
 
 
-def _pin(cpus: multiprocessing.Queue) -> None:
-    """Worker initializer: one share of the CPUs per worker, its torch threads to match."""
+def _exit_with(parent: int) -> None:
+    """Stop this worker when the process that started it is gone: a killed experiment must not leave
+    orphans training for an hour (measured: they halved the speed of the run started after it)."""
+    while os.getppid() == parent:
+        time.sleep(2)
+    os._exit(1)
+
+
+def _pin(cpus: multiprocessing.Queue, parent: int) -> None:
+    """Worker initializer: one share of the CPUs per worker, its torch threads to match; the worker ends
+    with the experiment's process ``parent``."""
+    threading.Thread(target=_exit_with, args=(parent,), daemon=True).start()
     mine = cpus.get()
     os.sched_setaffinity(0, mine)
     torch.set_num_threads(len(mine))
@@ -315,12 +328,20 @@ def run(
 
     def keep(rows: dict) -> dict:  # nothing computed is lost if a later seed or the report fails
         done.append(rows)
-        partial.write_text(json.dumps(done, indent=1, default=str))
+        staging = partial.with_suffix(".tmp")  # written whole, then renamed: a kill never leaves half a file
+        staging.write_text(json.dumps(done, indent=1, default=str))
+        staging.replace(partial)
         return rows
 
     names = _names(study_folder, trial_number, tuple(also))
     tasks = [(name, seed) for name in names for seed in seeds]
-    saved = json.loads(partial.read_text()) if partial.exists() else []
+    try:
+        saved = json.loads(partial.read_text()) if partial.exists() else []
+    except json.JSONDecodeError as error:
+        raise SystemExit(
+            f"{partial}: not readable JSON ({error}); it holds the results an earlier run saved. Move it away "
+            "to start the experiment over."
+        ) from error
     identity = {name: _identity(study_folder, trial_number, name) for name in names}
     done: list[dict] = _reusable(saved, tasks, identity)
     reused = len(done)
@@ -338,7 +359,9 @@ def run(
         queue = context.Queue()
         for share in shares:
             queue.put(share)
-        with ProcessPoolExecutor(workers, mp_context=context, initializer=_pin, initargs=(queue,)) as pool:
+        with ProcessPoolExecutor(
+            workers, mp_context=context, initializer=_pin, initargs=(queue, os.getpid())
+        ) as pool:
             futures = {
                 pool.submit(_row, study_folder, trial_number, name, seed, threads): (name, seed)
                 for name, seed in tasks

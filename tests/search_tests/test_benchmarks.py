@@ -71,3 +71,35 @@ def test_experiment_reuses_only_saved_results_of_the_same_row_seed_and_configura
         (CONTROL, 0, [0.6]),
     ]
     assert _reusable(saved, tasks, {MOE: {**config, "bits": 4}, CONTROL: 0.5}) == []
+    # an older version's file (one dict of rows per seed) or another shape is ignored, not misread
+    assert _reusable([{MOE: {"test": [0.9]}}, "text"], tasks, {MOE: config}) == []
+    assert _reusable({MOE: []}, tasks, {MOE: config}) == []
+
+
+def test_an_experiment_worker_ends_when_the_experiment_process_is_killed() -> None:
+    """A worker whose parent is gone stops instead of training on as an orphan."""
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    worker = "import sys; from search.benchmarks.experiment import _exit_with; _exit_with(int(sys.argv[1]))"
+    middle = (
+        "import os, subprocess, sys; "
+        f"child = subprocess.Popen([sys.executable, '-c', {worker!r}, str(os.getpid())], "
+        "stdout=subprocess.DEVNULL); print(child.pid, flush=True)"
+    )  # exits at once, leaving the worker without its parent
+    out = subprocess.run([sys.executable, "-c", middle], capture_output=True, text=True, timeout=60)
+    pid = int(out.stdout.split()[0])
+
+    def running() -> bool:
+        status = Path(f"/proc/{pid}/status")
+        try:
+            return "\nState:\tZ" not in status.read_text()  # a zombie has ended; init reaps it
+        except FileNotFoundError:
+            return False
+
+    deadline = time.time() + 30
+    while running() and time.time() < deadline:
+        time.sleep(0.2)
+    assert not running()
