@@ -423,18 +423,21 @@ def run(
             f"{ensemble['macs'] / 1e6:.2f} | | | the students' distillation source (logits averaged; seeds "
             f"{cfg.baseline.seed}..{cfg.baseline.seed + len(ensemble['members']) - 1}); not deployed |"
         )
+    exported = rows[MOE]
+    single = (exported.get("params") or {}).get("num_experts") == 1
     for name, row in rows.items():
         note = row.get("note") or (
             f"width {row['width']:.3f}" if "width" in row else f"`{row.get('params')}`"
         )
+        label = "exported (a single model: 1 expert)" if name == MOE and single else name
         lines.append(
-            f"| {name} | {_summary(row['test'])} | {row['mmacs']:.2f} | {row['size_kb']:.1f} | {_latency(row['latency_ms'])} | {note} |"
+            f"| {label} | {_summary(row['test'])} | {row['mmacs']:.2f} | {row['size_kb']:.1f} | {_latency(row['latency_ms'])} | {note} |"
         )
     moe, control = rows["exported MoE"], rows["no-search control"]
     verdict = statistics.mean(moe["test"]) - statistics.mean(control["test"])
     lines += [
         "",
-        f"Exported MoE minus control: {100 * verdict:+.2f} points of test accuracy at {moe['mmacs']:.2f} vs {control['mmacs']:.2f} MMACs.",
+        f"Exported {'model (1 expert)' if single else 'MoE'} minus control: {100 * verdict:+.2f} points of test accuracy at {moe['mmacs']:.2f} vs {control['mmacs']:.2f} MMACs.",
         "",
     ]
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -276,12 +276,15 @@ def test_quality_experiment_writes_its_report(searched: dict, tmp_path: Path) ->
     )
     assert len(rows["exported MoE"]["latency_ms"]) == 2 and "--jobs 2" in text
     assert {"teacher", "exported MoE", "no-search control"} <= set(rows)
+    single = rows["exported MoE"]["params"]["num_experts"] == 1  # then the report does not call it a MoE
     for name in ("exported MoE", "no-search control"):
         assert len(rows[name]["test"]) == 2 and all(0 <= value <= 1 for value in rows[name]["test"])
-        assert f"| {name} |" in text
+    assert "| no-search control |" in text
+    assert ("| exported (a single model: 1 expert) |" if single else "| exported MoE |") in text
     # the control's width is chosen so that its MACs match the exported MoE's (channels round: within 25%)
     assert rows["no-search control"]["mmacs"] == pytest.approx(rows["exported MoE"]["mmacs"], rel=0.25)
-    assert "--trial 1 --seeds 0 1" in text and "Exported MoE minus control" in text
+    assert "--trial 1 --seeds 0 1" in text
+    assert ("Exported model (1 expert) minus control" if single else "Exported MoE minus control") in text
     assert out.with_suffix(".png").stat().st_size > 5_000 and "REPORT.png" in text
     # extending it with --also runs only the new row; every saved (row, seed) is reused
     other = 0  # the uncompressed reference trial: never the best single (that needs pruning), cheap to re-run
