@@ -398,8 +398,9 @@ def run(
             *(["--also", *map(str, also)] if also else []),
         ]
     )
+    single = (rows[MOE].get("params") or {}).get("num_experts") == 1  # the search exported one pruned net
     lines = [
-        f"# {cfg.data.dataset}: exported MoE vs a plainly trained net of equal compute",
+        f"# {cfg.data.dataset}: exported {'model' if single else 'MoE'} vs a plainly trained net of equal compute",
         "",
         f"Study `{study.study_name}`, exported trial {trial_number}; seeds {seeds}; {time.time() - started:.0f} s on "
         f"{len(os.sched_getaffinity(0))} CPUs ({jobs} process(es))"
@@ -423,8 +424,6 @@ def run(
             f"{ensemble['macs'] / 1e6:.2f} | | | the students' distillation source (logits averaged; seeds "
             f"{cfg.baseline.seed}..{cfg.baseline.seed + len(ensemble['members']) - 1}); not deployed |"
         )
-    exported = rows[MOE]
-    single = (exported.get("params") or {}).get("num_experts") == 1
     for name, row in rows.items():
         note = row.get("note") or (
             f"width {row['width']:.3f}" if "width" in row else f"`{row.get('params')}`"

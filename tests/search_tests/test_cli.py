@@ -281,6 +281,7 @@ def test_quality_experiment_writes_its_report(searched: dict, tmp_path: Path) ->
         assert len(rows[name]["test"]) == 2 and all(0 <= value <= 1 for value in rows[name]["test"])
     assert "| no-search control |" in text
     assert ("| exported (a single model: 1 expert) |" if single else "| exported MoE |") in text
+    assert text.startswith(f"# bloodmnist: exported {'model' if single else 'MoE'} vs")
     # the control's width is chosen so that its MACs match the exported MoE's (channels round: within 25%)
     assert rows["no-search control"]["mmacs"] == pytest.approx(rows["exported MoE"]["mmacs"], rel=0.25)
     assert "--trial 1 --seeds 0 1" in text
