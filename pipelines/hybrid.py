@@ -4,6 +4,15 @@
             --copy K times + gate--> MoE --gate warm start, joint KD training (sparse top-k)-->
             --NNI QAT of experts (bits) and gate (8 bit), baked--> compressed MoE
 
+``expert_init`` says where the K experts come from:
+
+- ``copies``: one teacher is pruned and fine-tuned once; the experts start as K copies of it and
+  differ only by what the MoE stage teaches each of them.
+- ``teachers``: expert i is pruned from teacher ``i mod N`` of the N teachers (``baseline.teachers``)
+  and fine-tuned on its own, so experts start as different networks (different weights, different
+  pruned channels) and their errors overlap less: what a top-2 combination needs to beat one expert.
+  It costs one fine-tune per distinct teacher used.
+
 Quantization comes last (after the MoE is assembled and trained) so that the weights that are deployed
 are exactly the quantized ones: any training after QAT would move them off the grid.
 """
@@ -19,10 +28,11 @@ from torch import nn
 from pipelines.compress.prune import PruneConfig, prune
 from pipelines.compress.quantize import QuantizeConfig, quantize
 from pipelines.data import Dataset
+from pipelines.errors import ConfigError, unknown_name
 from pipelines.moe import MixtureOfExperts, MoEConfig, build_moe, warm_start_gate
 from pipelines.train import TrainConfig, evaluate, train
 
-__all__ = ["HybridConfig", "StageBudget", "HybridResult", "compress_hybrid"]
+__all__ = ["EXPERT_INITS", "HybridConfig", "StageBudget", "HybridResult", "compress_hybrid"]
 
 
 @dataclass(frozen=True)
@@ -30,6 +40,14 @@ class HybridConfig:
     prune: PruneConfig
     quantize: QuantizeConfig
     moe: MoEConfig
+    expert_init: str = "copies"  # copies | teachers (EXPERT_INITS)
+
+    def __post_init__(self) -> None:
+        if self.expert_init not in EXPERT_INITS:
+            raise unknown_name("expert_init", self.expert_init, EXPERT_INITS)
+
+
+EXPERT_INITS = ("copies", "teachers")
 
 
 @dataclass(frozen=True)
@@ -56,31 +74,52 @@ class HybridResult:
 
 
 def compress_hybrid(
-    teacher: nn.Module, data: Dataset, cfg: HybridConfig, budget: StageBudget, seed: int = 0
+    teacher: nn.Module,
+    data: Dataset,
+    cfg: HybridConfig,
+    budget: StageBudget,
+    seed: int = 0,
+    sources: list[nn.Module] | None = None,
 ) -> HybridResult:
-    """Run every stage on ``teacher`` (left untouched) and return the compressed MoE with a record."""
+    """Run every stage on ``teacher`` (left untouched) and return the compressed MoE with a record.
+
+    ``sources``: the teachers that ``expert_init: teachers`` prunes the experts from (``teacher`` first);
+    unused with ``copies``.
+    """
     seconds: dict[str, float] = {}
     stage_accuracy: dict[str, float] = {}  # validation accuracy after each stage: where accuracy is lost
     example = data.val.images[:2]
-    teacher.eval()
     torch.manual_seed(seed)
-
-    pruned = prune(teacher, cfg.prune, example)
-    seconds["prune"] = pruned.seconds
-    expert = pruned.model
-    stage_accuracy["pruned"] = evaluate(expert, data.val)
+    origins = _expert_origins(teacher, cfg, sources)
+    for origin in origins:
+        origin.eval()
 
     base = budget.train.replace(seed=seed)
     # Nothing was removed at sparsity 0: the expert is the teacher itself and needs no recovery.
     unpruned = cfg.prune.sparsity == 0
-    if budget.finetune_epochs > 0 and not unpruned:
-        started = time.perf_counter()
-        train(expert, data.train, base.replace(epochs=budget.finetune_epochs), teacher)
-        seconds["finetune"] = time.perf_counter() - started
-    stage_accuracy["finetuned"] = evaluate(expert, data.val)
+    experts = []
+    seconds["prune"] = seconds["finetune"] = 0.0
+    for index, origin in enumerate(origins):
+        pruned = prune(origin, cfg.prune, example)
+        if index == 0:
+            pruned_first = pruned
+        seconds["prune"] += pruned.seconds
+        expert = pruned.model
+        stage_accuracy["pruned"] = stage_accuracy.get("pruned", 0.0) + evaluate(expert, data.val) / len(origins)
+        if budget.finetune_epochs > 0 and not unpruned:
+            started = time.perf_counter()
+            # Each expert's own data order (seed + index): two copies of one teacher still differ.
+            train(expert, data.train, base.replace(epochs=budget.finetune_epochs, seed=seed + index), origin)
+            seconds["finetune"] += time.perf_counter() - started
+        stage_accuracy["finetuned"] = stage_accuracy.get("finetuned", 0.0) + evaluate(expert, data.val) / len(
+            origins
+        )
+        experts.append(expert)
+    if not seconds["finetune"]:
+        del seconds["finetune"]
 
     started = time.perf_counter()
-    moe = build_moe(expert, data.channels, cfg.moe, seed=seed)
+    moe = build_moe(experts, data.channels, cfg.moe, seed=seed)
     assignment = warm_start_gate(
         moe,
         data.train.subset(base.subset, seed=seed),
@@ -111,11 +150,25 @@ def compress_hybrid(
     stage_accuracy["quantized"] = evaluate(moe, data.val)
     return HybridResult(
         moe=moe,
-        expert_params=pruned.params_after,
-        params_before=pruned.params_before,
-        achieved_sparsity=pruned.achieved_sparsity,
+        expert_params=pruned_first.params_after,
+        params_before=pruned_first.params_before,
+        achieved_sparsity=pruned_first.achieved_sparsity,
         bits_by_layer=quantized.bits_by_layer,
         seconds=seconds,
         class_assignment=assignment,
         stage_accuracy=stage_accuracy,
     )
+
+
+def _expert_origins(teacher: nn.Module, cfg: HybridConfig, sources: list[nn.Module] | None) -> list[nn.Module]:
+    """The teachers the experts are pruned from: ``[teacher]`` for copies; for ``teachers``, one per
+    expert up to the number of teachers (expert i of the MoE is a copy of origin ``i mod len``)."""
+    if cfg.expert_init == "copies":
+        return [teacher]
+    sources = list(sources or [teacher])
+    if len(sources) < 2:
+        raise ConfigError(
+            f"expert_init: 'teachers' prunes each expert from a different teacher, but there is "
+            f"{len(sources)} teacher. Set baseline.teachers to 2 or more, or use expert_init: copies."
+        )
+    return sources[: cfg.moe.num_experts]

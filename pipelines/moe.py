@@ -12,12 +12,14 @@ one expert + gate, not K. Two routing modes (``MoEConfig.routing``):
 - ``learned``: the gate learns from the task loss (top-1 combine weight ``p / p.detach()``: value 1,
   gradient 1/p) plus a Switch-style load-balancing term.
 
-Experts start as copies of one compressed model; the gate is warm-started on the class groups.
+Experts start as copies of one compressed model, or as different compressed models (one per teacher:
+``pipelines.hybrid``, ``expert_init``); the gate is warm-started on the class groups.
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -182,11 +184,15 @@ class MixtureOfExperts(nn.Module):
         return self._auxiliary
 
 
-def build_moe(expert: nn.Module, in_channels: int, cfg: MoEConfig, seed: int = 0) -> MixtureOfExperts:
-    """K deep copies of ``expert`` behind a new gate of ``cfg.gate_size`` channels."""
+def build_moe(
+    expert: nn.Module | Sequence[nn.Module], in_channels: int, cfg: MoEConfig, seed: int = 0
+) -> MixtureOfExperts:
+    """``cfg.num_experts`` experts behind a new gate of ``cfg.gate_size`` channels: deep copies of ``expert``,
+    or of a list of experts taken in turn (expert i is a copy of ``expert[i mod len]``)."""
     torch.manual_seed(seed)
     gate = Gate(in_channels, cfg.num_experts, cfg.gate_size)
-    experts = [copy.deepcopy(expert) for _ in range(cfg.num_experts)]
+    models = [expert] if isinstance(expert, nn.Module) else list(expert)
+    experts = [copy.deepcopy(models[index % len(models)]) for index in range(cfg.num_experts)]
     return MixtureOfExperts(
         gate, experts, cfg.top_k, cfg.balance_weight, cfg.routing, gate_loss_weight=cfg.gate_loss_weight
     )

@@ -114,6 +114,7 @@ def hybrid_config(params: dict, channel_multiple: int = 8) -> HybridConfig:
             gate_size=int(params["gate_size"]),
             routing=params.get("routing", "class-groups"),
         ),
+        expert_init=params.get("expert_init", "copies"),  # trials of studies before this parameter: copies
     )
 
 
@@ -143,7 +144,9 @@ def evaluate_config(
     """
     data = ctx.training_data(budget)
     hybrid = hybrid_config(params, ctx.cfg.model.channel_multiple)
-    result = compress_hybrid(ctx.teacher, data, hybrid, stage_budget(budget, seed), seed=seed)
+    result = compress_hybrid(
+        ctx.teacher, data, hybrid, stage_budget(budget, seed), seed=seed, sources=ctx.distill_from
+    )
     moe = result.moe
     seconds = dict(result.seconds)
 
@@ -218,8 +221,12 @@ def is_repeat(trial: optuna.trial.FrozenTrial) -> bool:
 
 
 def _config_key(params: dict) -> tuple:
-    """What determines a trial's model (``top_k`` only through its effective, clipped value)."""
-    return tuple(sorted((key, value) for key, value in params.items() if key != "top_k"))
+    """What determines a trial's model (``top_k`` only through its effective, clipped value). A single
+    expert runs without a gate, so its gate size, routing and expert origin change nothing."""
+    ignored = {"top_k"}
+    if int(params.get("num_experts", 1)) == 1:
+        ignored |= {"gate_size", "routing", "expert_init"}
+    return tuple(sorted((key, value) for key, value in params.items() if key not in ignored))
 
 
 def _same_config(trial: optuna.Trial, params: dict) -> optuna.trial.FrozenTrial | None:

@@ -25,6 +25,7 @@ _COLUMNS = {
     "size_kb": "size KB",
     "params": "params",
     "achieved_sparsity": "sparsity",
+    "expert_init": "experts from",
 }
 
 
@@ -55,6 +56,8 @@ def trials_table(study: optuna.Study) -> pd.DataFrame:
                 "num_experts": config.get("num_experts"),
                 "top_k": config.get("effective_top_k", config.get("top_k")),
                 "gate_size": config.get("gate_size"),
+                "routing": config.get("routing", "class-groups"),
+                "expert_init": config.get("expert_init", "copies"),
                 "feasible": _feasible(trial),
                 "on_front": trial.number in front,
                 "reference": attrs.get("reference", ""),
@@ -193,6 +196,8 @@ DISPLAY_COLUMNS = (
     "num_experts",
     "top_k",
     "gate_size",
+    "routing",
+    "expert_init",
     "engine",
     "feasible",
 )
@@ -219,6 +224,8 @@ def format_table(table: pd.DataFrame, baseline: dict | None = None) -> str:
             "num_experts": 1,
             "top_k": 1,
             "gate_size": "-",
+            "routing": "-",
+            "expert_init": "-",
             "engine": "torch",
             "feasible": "",
         }

@@ -22,6 +22,7 @@ from pipelines.compress.prune import PRUNERS
 from pipelines.compress.quantize import BITS, QUANTIZER_METHODS
 from pipelines.data import AUGMENTS, dataset_names
 from pipelines.errors import ConfigError, unknown_name
+from pipelines.hybrid import EXPERT_INITS
 from pipelines.models import model_names
 from pipelines.moe import ROUTINGS
 
@@ -133,6 +134,7 @@ class Space:
     top_k: IntRange = field(default_factory=lambda: IntRange(1, 2))
     gate_size: tuple[int, ...] = (4, 8, 16)
     routing: tuple[str, ...] = ("class-groups",)  # class-groups | learned (see pipelines/moe.py)
+    expert_init: tuple[str, ...] = ("copies",)  # copies | teachers (see pipelines/hybrid.py)
 
 
 @dataclass(frozen=True)
@@ -346,6 +348,15 @@ def _validate(cfg: SearchConfig) -> None:
     for routing in space.routing:
         if routing not in ROUTINGS:
             raise unknown_name("space.routing", routing, ROUTINGS)
+    for init in space.expert_init:
+        if init not in EXPERT_INITS:
+            raise unknown_name("space.expert_init", init, EXPERT_INITS)
+    if "teachers" in space.expert_init and cfg.baseline.teachers < 2:
+        raise ConfigError(
+            f"space.expert_init: 'teachers' prunes each expert from a different teacher, but baseline.teachers "
+            f"is {cfg.baseline.teachers}. Set baseline.teachers: 2 (or more), or remove 'teachers' from "
+            "space.expert_init."
+        )
     for gate_size in space.gate_size:
         _check_range("space.gate_size", gate_size, 1, 256)
     _check_range("measure.latency_threads", cfg.measure.latency_threads, 1, 256)
@@ -424,6 +435,8 @@ def suggest(trial: Any, space: Space) -> dict:
     params["top_k"] = trial.suggest_int("top_k", space.top_k.low, space.top_k.high, step=space.top_k.step)
     params["gate_size"] = trial.suggest_categorical("gate_size", list(space.gate_size))
     params["routing"] = trial.suggest_categorical("routing", list(space.routing))
+    if space.expert_init != ("copies",):  # a one-choice space adds no parameter: older studies still match
+        params["expert_init"] = trial.suggest_categorical("expert_init", list(space.expert_init))
     params["effective_top_k"] = min(params["top_k"], params["num_experts"])
     return params
 
@@ -443,6 +456,8 @@ def baseline_params(space: Space) -> dict:
         "routing": space.routing[0],
         "quantizer": space.quantizer[0],
     }
+    if space.expert_init != ("copies",):
+        params["expert_init"] = space.expert_init[0]
     if REFERENCE_BITS not in space.bits:
         del params["bits"]  # not a valid categorical choice: suggest() fills it in for the reference
     return params

@@ -429,7 +429,10 @@ class _Progress:
 
 
 def _describe(config: dict) -> str:
-    return (
+    text = (
         f"{config.get('pruner')} {config.get('sparsity', 0):.2f}, {config.get('bits')}-bit, "
         f"{config.get('num_experts')} expert(s) top-{config.get('effective_top_k', config.get('top_k'))}, gate {config.get('gate_size')}"
     )
+    if config.get("num_experts", 1) > 1:
+        text += f", {config.get('routing', 'class-groups')} routing, experts from {config.get('expert_init', 'copies')}"
+    return text

@@ -8,6 +8,7 @@ import torch
 from pipelines.compress.prune import PruneConfig
 from pipelines.compress.quantize import QuantizeConfig
 from pipelines.data import Dataset
+from pipelines.errors import ConfigError
 from pipelines.hybrid import HybridConfig, StageBudget, compress_hybrid
 from pipelines.measure import count_macs, packed_size_bytes
 from pipelines.models import build_model
@@ -90,3 +91,33 @@ def test_unpruned_single_expert_skips_recovery_training(teacher: torch.nn.Module
     images = tiny_data.val.images[:32]
     with torch.no_grad():
         assert torch.allclose(result.moe.eval()(images), teacher(images), atol=1e-5)
+
+
+def test_experts_from_different_teachers_start_as_different_networks(
+    teacher: torch.nn.Module, tiny_data: Dataset
+) -> None:
+    """expert_init teachers: expert i comes from teacher i mod N (here 3 experts, 2 teachers), each
+    fine-tuned on its own; a third expert is a copy of the first origin, trained in the MoE stage."""
+    torch.manual_seed(1)
+    other = build_model("resnet8", tiny_data.channels, tiny_data.num_classes)
+    train(other, tiny_data.train, TrainConfig(epochs=4, lr=0.05, batch_size=32, seed=1))
+    cfg = HybridConfig(
+        prune=PruneConfig(sparsity=0.5, pruner="l2"),
+        quantize=QuantizeConfig(bits=32),  # fp32: no QAT step moves the experts after assembly
+        moe=MoEConfig(num_experts=3, top_k=2, gate_size=4),
+        expert_init="teachers",
+    )
+    budget = StageBudget(
+        finetune_epochs=0.5, gate_epochs=0.2, moe_epochs=0.0, qat_epochs=0.2, train=BUDGET.train
+    )
+    result = compress_hybrid(teacher, tiny_data, cfg, budget, seed=0, sources=[teacher, other])
+    first, second, third = (expert.conv1.weight.detach() for expert in result.moe.experts)
+    assert first.shape == second.shape and not torch.allclose(first, second, atol=1e-2)
+    assert torch.equal(first, third)  # no MoE epochs: the copy of origin 0 is unchanged
+    # means over the two origins: fine-tuning each recovered accuracy lost to pruning
+    assert result.stage_accuracy["finetuned"] > result.stage_accuracy["pruned"]
+
+    with pytest.raises(ConfigError, match=r"expert_init: 'teachers'.*baseline.teachers"):
+        compress_hybrid(teacher, tiny_data, cfg, budget, seed=0, sources=[teacher])
+    with pytest.raises(ConfigError, match=r"expert_init: unknown value 'clones'"):
+        HybridConfig(prune=cfg.prune, quantize=cfg.quantize, moe=cfg.moe, expert_init="clones")

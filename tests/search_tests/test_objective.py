@@ -62,6 +62,18 @@ def test_top_k_counts_only_through_its_clipped_value() -> None:
     assert _same_config(trial, _config(num_experts=2, top_k=2, effective_top_k=2)) is None
 
 
+def test_a_single_expert_ignores_what_only_a_gate_uses() -> None:
+    """Without a gate, gate size, routing and expert origin change nothing: not worth a second trial."""
+    single = _config(num_experts=1, effective_top_k=1)
+    study = _study_with(single)
+    trial = study.ask()
+    assert _same_config(trial, {**single, "gate_size": 16, "routing": "learned", "expert_init": "teachers"})
+    assert _same_config(trial, {**single, "sparsity": 0.6, "gate_size": 16}) is None
+    two = _study_with(_config(expert_init="copies"))
+    assert _same_config(two.ask(), _config(expert_init="teachers")) is None
+    assert _same_config(two.ask(), _config(gate_size=16, expert_init="copies")) is None
+
+
 @pytest.mark.slow
 def test_a_repeated_configuration_is_not_trained_again(
     tmp_path: Path, synthetic_root: Path, monkeypatch, capsys, caplog

@@ -54,6 +54,11 @@ def test_dump_round_trips() -> None:
             {"baseline": {"teachers": 2}, "trial": {"kd_targets": "ensemble"}},
             ["export.kd_targets", "'online'", "baseline.teachers", "kd_targets: ensemble"],
         ),
+        ({"space": {"expert_init": ["clones"]}}, ["space.expert_init", "clones", "copies, teachers"]),
+        (  # one teacher cannot give experts different origins
+            {"space": {"expert_init": ["copies", "teachers"]}},
+            ["space.expert_init", "baseline.teachers is 1", "baseline.teachers: 2"],
+        ),
         ({"constraints": {"max_latency_ms": -1}}, ["constraints.max_latency_ms", "-1"]),
         ({"spcae": {}}, ["spcae", "unknown key", "space"]),
         ({"space": {"bitz": [4]}}, ["space.bitz", "unknown key", "bits"]),
@@ -127,3 +132,17 @@ def test_unknown_quantizer_and_routing_are_named() -> None:
         parse_space({"space": {"quantizer": ["lsq"]}})
     with pytest.raises(ConfigError, match=r"space.routing: unknown value 'random'"):
         parse_space({"space": {"routing": ["random"]}})
+
+
+def test_expert_init_is_a_parameter_only_when_there_is_a_choice() -> None:
+    """The default one-choice space adds no parameter (studies made before it still compare equal)."""
+    study = optuna.create_study(directions=["maximize", "minimize", "minimize"])
+    assert "expert_init" not in suggest(study.ask(), parse_space({}).space)
+    two = {"teachers": 2}, {"kd_targets": "ensemble"}
+    cfg = parse_space(
+        {"baseline": two[0], "trial": two[1], "export": two[1], "space": {"expert_init": ["teachers", "copies"]}}
+    )
+    trial = study.ask()
+    assert suggest(trial, cfg.space)["expert_init"] in ("teachers", "copies")
+    assert isinstance(trial.distributions["expert_init"], optuna.distributions.CategoricalDistribution)
+    assert baseline_params(cfg.space)["expert_init"] == "teachers"
