@@ -55,6 +55,7 @@ from search.baseline import baseline_key, get_teachers, teacher_recipe
 from search.export import bundle_accuracy
 from search.objective import TrialContext, estimate_cost, evaluate_config
 from search.pareto import trials_table
+from search.space import parse_space, stable_hash
 from search.study import load_data, load_study
 from search.workspace import baseline_dir, resolve_study_dir
 
@@ -212,15 +213,30 @@ def _identity(study_folder: Path, trial_number: int, name: str) -> object:
     return setup.configs[int(name.split()[1])]
 
 
-def _reusable(saved: list[dict], tasks: list[tuple[str, int]], identity: dict[str, object]) -> list[dict]:
+def _fingerprint(cfg) -> str:
+    """What shapes every row besides its configuration and seed: dataset, model (its channel multiple sets
+    the pruned shapes), teachers and the full budget (where the data lives does not count)."""
+    settings = parse_space(cfg.to_dict()).to_dict()  # parsed values: 15 and 15.0 epochs are one budget
+    data = {key: value for key, value in settings["data"].items() if key not in ("root", "download")}
+    return stable_hash(
+        {"data": data, **{section: settings[section] for section in ("model", "baseline", "export")}}
+    )
+
+
+def _reusable(
+    saved: list[dict], tasks: list[tuple[str, int]], identity: dict[str, object], fingerprint: str
+) -> list[dict]:
     """The entries of an earlier run (``REPORT.seeds.json``) that answer one of ``tasks``: same row, same
-    seed, and the same configuration (compressed rows) or control width. Nothing else is trusted."""
+    seed, same setup (:func:`_fingerprint`), and the same configuration (compressed rows) or control width.
+    Nothing else is trusted."""
     kept = []
     for entry in saved if isinstance(saved, list) else []:
         if not isinstance(entry, dict):  # another format (an older version's per-seed file): not trusted
             continue
         key = (entry.get("row"), entry.get("seed"))
-        same = entry.get("params", entry.get("width")) == identity.get(key[0])
+        same = entry.get("setup") == fingerprint and entry.get("params", entry.get("width")) == identity.get(
+            key[0]
+        )
         if key in tasks and same and key not in [(e["row"], e["seed"]) for e in kept]:
             kept.append(entry)
     return kept
@@ -327,6 +343,7 @@ def run(
     partial = out.with_suffix(".seeds.json")
 
     def keep(rows: dict) -> dict:  # nothing computed is lost if a later seed or the report fails
+        rows["setup"] = fingerprint  # what a later run checks before reusing it (_reusable)
         done.append(rows)
         staging = partial.with_suffix(".tmp")  # written whole, then renamed: a kill never leaves half a file
         staging.write_text(json.dumps(done, indent=1, default=str))
@@ -343,7 +360,8 @@ def run(
             "to start the experiment over."
         ) from error
     identity = {name: _identity(study_folder, trial_number, name) for name in names}
-    done: list[dict] = _reusable(saved, tasks, identity)
+    fingerprint = _fingerprint(_setup(study_folder, trial_number).cfg)
+    done: list[dict] = _reusable(saved, tasks, identity, fingerprint)
     reused = len(done)
     tasks = [task for task in tasks if task not in [(entry["row"], entry["seed"]) for entry in done]]
     workers = min(jobs, len(tasks))

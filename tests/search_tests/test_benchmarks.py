@@ -52,28 +52,37 @@ def test_experiment_merges_rows_in_seed_order_whatever_order_they_finished() -> 
     assert SINGLE not in _merge(finished, seeds=[0, 1, 2], names=[MOE, CONTROL])
 
 
-def test_experiment_reuses_only_saved_results_of_the_same_row_seed_and_configuration() -> None:
-    from search.benchmarks.experiment import CONTROL, MOE, _reusable
+def test_experiment_reuses_only_saved_results_of_the_same_row_seed_setup_and_configuration() -> None:
+    from search.benchmarks.experiment import CONTROL, MOE, _fingerprint, _reusable
+    from search.space import parse_space
 
     config = {"sparsity": 0.35, "num_experts": 1}
+    cfg = parse_space({})
+    setup = _fingerprint(cfg)
     saved = [
-        {"row": MOE, "seed": 0, "params": config, "test": [0.9]},
-        {"row": MOE, "seed": 1, "params": {**config, "sparsity": 0.4}, "test": [0.8]},  # another config
-        {"row": MOE, "seed": 2, "params": config, "test": [0.7]},  # a seed not asked for
-        {"row": CONTROL, "seed": 0, "width": 0.656, "test": [0.6]},
-        {"row": CONTROL, "seed": 1, "width": 0.7, "test": [0.5]},  # another width
-        {"row": MOE, "seed": 0, "params": config, "test": [0.95]},  # a duplicate: the first one counts
+        {"row": MOE, "seed": 0, "setup": setup, "params": config, "test": [0.9]},
+        {"row": MOE, "seed": 1, "setup": setup, "params": {**config, "sparsity": 0.4}, "test": [0.8]},
+        {"row": MOE, "seed": 2, "setup": setup, "params": config, "test": [0.7]},  # a seed not asked for
+        {"row": CONTROL, "seed": 0, "setup": setup, "width": 0.656, "test": [0.6]},
+        {"row": CONTROL, "seed": 1, "setup": setup, "width": 0.7, "test": [0.5]},  # another width
+        {"row": MOE, "seed": 0, "setup": setup, "params": config, "test": [0.95]},  # a duplicate: first counts
+        {"row": CONTROL, "seed": 1, "width": 0.656, "test": [0.4]},  # saved before setups were recorded
     ]
     tasks = [(MOE, 0), (MOE, 1), (CONTROL, 0), (CONTROL, 1)]
-    kept = _reusable(saved, tasks, {MOE: config, CONTROL: 0.656})
+    kept = _reusable(saved, tasks, {MOE: config, CONTROL: 0.656}, setup)
     assert [(entry["row"], entry["seed"], entry["test"]) for entry in kept] == [
         (MOE, 0, [0.9]),
         (CONTROL, 0, [0.6]),
     ]
-    assert _reusable(saved, tasks, {MOE: {**config, "bits": 4}, CONTROL: 0.5}) == []
+    assert _reusable(saved, tasks, {MOE: {**config, "bits": 4}, CONTROL: 0.5}, setup) == []
+    # the same configuration under another channel multiple or full budget prunes or trains another model
+    for changed in (cfg.replace(model={"channel_multiple": 4}), cfg.replace(export={"finetune_epochs": 30})):
+        assert _fingerprint(changed) != setup
+        assert _reusable(saved, tasks, {MOE: config, CONTROL: 0.656}, _fingerprint(changed)) == []
+    assert _fingerprint(cfg.replace(data={"root": "/elsewhere"})) == setup  # where the data lives: same runs
     # an older version's file (one dict of rows per seed) or another shape is ignored, not misread
-    assert _reusable([{MOE: {"test": [0.9]}}, "text"], tasks, {MOE: config}) == []
-    assert _reusable({MOE: []}, tasks, {MOE: config}) == []
+    assert _reusable([{MOE: {"test": [0.9]}}, "text"], tasks, {MOE: config}, setup) == []
+    assert _reusable({MOE: []}, tasks, {MOE: config}, setup) == []
 
 
 def test_an_experiment_worker_ends_when_the_experiment_process_is_killed() -> None:
