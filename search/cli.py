@@ -191,19 +191,71 @@ class ExportCommand:
         parser.add_argument(
             "--retrain", action="store_true", help="re-compress the configuration at the full export budget"
         )
+        parser.add_argument(
+            "--candidates",
+            type=int,
+            default=1,
+            help="with --retrain: retrain this many of the most accurate front trials within the budget at "
+            "the full budget and export the best on validation (the cheap trial budget can misrank them)",
+        )
+        parser.add_argument(
+            "--jobs",
+            type=int,
+            default=1,
+            help="candidates retrained at once, each in its own process and CPUs",
+        )
         parser.add_argument("--force", action="store_true", help="overwrite an existing export folder")
         parser.add_argument("--out", help="export folder (default results/<study>/export/trial_<n>)")
         parser.add_argument("--data-root", help="folder holding the dataset file")
 
     def take_action(self, args: argparse.Namespace) -> int:
-        from search.export import export_trial
-        from search.pareto import pick_trial
+        from pipelines.errors import ConfigError
+        from search.export import export_best, export_trial
+        from search.pareto import pick_candidates, pick_trial
 
         folder, cfg, study = _open(args)
         if args.data_root:
             cfg = cfg.replace(data={"root": args.data_root})
         elif cfg.data.root is None and os.environ.get("HYCOMP_DATA_ROOT"):
             cfg = cfg.replace(data={"root": os.environ["HYCOMP_DATA_ROOT"]})
+        if args.candidates != 1 or args.jobs != 1:
+            if args.candidates < 1 or args.jobs < 1:
+                raise ConfigError(
+                    f"--candidates {args.candidates} / --jobs {args.jobs}: both must be at least 1."
+                )
+            if not args.retrain or args.trial is not None or args.pick:
+                raise ConfigError(
+                    "--candidates/--jobs retrain several front trials at the full budget and choose among them: "
+                    "pass --retrain, with a budget (--max-mmacs, --max-latency-ms, --max-size-kb) or none, and "
+                    "without --trial or --pick."
+                )
+            picks = pick_candidates(
+                study,
+                args.candidates,
+                max_latency_ms=args.max_latency_ms,
+                max_size_kb=args.max_size_kb,
+                max_mmacs=args.max_mmacs,
+            )
+            print(
+                f"retraining {len(picks)} candidate(s) at the full budget ({args.jobs} at a time): trials "
+                + ", ".join(str(pick.trial) for pick in picks)
+            )
+            report = export_best(
+                cfg,
+                study,
+                folder,
+                picks,
+                jobs=args.jobs,
+                force=args.force,
+                out=Path(args.out) if args.out else None,
+            )
+            for row in report["candidates"]:
+                print(
+                    f"  trial {row['trial']}: val {row['trial_val_accuracy']:.4f} at the trial budget, "
+                    f"{row['full_budget_val_accuracy']:.4f} at the full budget, {row['mmacs']:.2f} MMACs"
+                )
+            print(f"exporting trial {report['trial']}: {report['picked_because']}")
+            return self._summary(report)
         pick = pick_trial(
             study,
             trial=args.trial,
@@ -223,6 +275,10 @@ class ExportCommand:
             force=args.force,
             out=Path(args.out) if args.out else None,
         )
+        return self._summary(report)
+
+    @staticmethod
+    def _summary(report: dict) -> int:
         exported, baseline = report["exported"], report["baseline"]
         latency = exported["latency"]["latency"]
         print(

@@ -9,6 +9,13 @@ Written there:
 Export reloads what it wrote and checks that it reproduces the trial's validation accuracy.
 With ``retrain=True`` the configuration is compressed again at the full export budget (multi-fidelity:
 trials are cheap, the exported point is not); its validation accuracy is then reported beside the trial's.
+
+:func:`export_best` is the second rung of that multi-fidelity search: the few most accurate front trials
+within a budget are each retrained at the full budget (in parallel processes), and the one with the best
+full-budget VALIDATION accuracy is exported. The cheap trial budget ranks sparse nets too low (they
+recover more with more epochs); this rung corrects that ranking before anything is exported.
+Candidates are kept in ``export/candidates/trial_<n>/``; a re-run reuses those with the same configuration
+and setup.
 """
 
 from __future__ import annotations
@@ -39,10 +46,11 @@ from pipelines.serialize import load_checkpoint
 from pipelines.train import evaluate
 from search.baseline import get_teachers
 from search.objective import TrialContext, evaluate_config
-from search.space import SearchConfig
+from search.pool import run_pinned
+from search.space import SearchConfig, setup_fingerprint
 from search.study import load_data
 
-__all__ = ["export_trial", "bundle_accuracy"]
+__all__ = ["export_trial", "export_best", "bundle_accuracy"]
 
 log = logging.getLogger("hycomp")
 
@@ -88,8 +96,14 @@ def export_trial(
     retrain: bool = False,
     force: bool = False,
     out: Path | None = None,
+    prepared: tuple[Path, dict] | None = None,
+    candidates: list[dict] | None = None,
 ) -> dict:
-    """Export ``trial_number``; returns the report dict (also written as report.json / report.md)."""
+    """Export ``trial_number``; returns the report dict (also written as report.json / report.md).
+
+    ``prepared``: (folder, record) of this trial already retrained at the full budget (by
+    :func:`export_best`), exported as is instead of training a third time; ``candidates``: the rows of
+    that comparison, written into the report."""
     trial = next((t for t in study.get_trials(deepcopy=False) if t.number == trial_number), None)
     if trial is None or trial.state != optuna.trial.TrialState.COMPLETE:
         raise ConfigError(f"--trial: {trial_number} is not a completed trial of study {study.study_name!r}.")
@@ -100,7 +114,7 @@ def export_trial(
         )
     # A trial that reused an identical earlier trial's result has its model in that trial's folder.
     source = study_folder / "trials" / f"trial_{trial.user_attrs.get('duplicate_of', trial_number)}"
-    if not retrain and not (source / "model.json").exists():
+    if not retrain and prepared is None and not (source / "model.json").exists():
         raise ConfigError(
             f"trial {trial_number} has no saved model at {source} (the folder was deleted or the trial ran "
             "elsewhere). Pass --retrain to compress its configuration again."
@@ -114,7 +128,9 @@ def export_trial(
     threads = cfg.measure.latency_threads
     params = dict(trial.user_attrs.get("config") or trial.params)
     try:
-        if retrain:
+        if prepared is not None:
+            source, record = prepared
+        if retrain and prepared is None:
             record = evaluate_config(
                 TrialContext(cfg, data, teachers[0], study_folder, distill_from=teachers),
                 params,
@@ -129,14 +145,14 @@ def export_trial(
             for name in ("model.pt", "model.json"):
                 shutil.copy2(source / name, staging / name)
             shutil.copytree(source / "bundle", staging / "bundle")
-            record = dict(trial.user_attrs)
+            record = record if prepared is not None else dict(trial.user_attrs)
         description, layers, state = load_checkpoint(staging / "model")
         moe = rebuild_moe(description, layers, state)
         torch_val = evaluate(moe, data.val)
         bundle = load_bundle(staging / "bundle", threads=threads)
         deployed_val = bundle_accuracy(bundle, data.val.images.numpy(), data.val.labels.numpy())
         expected = record["val_accuracy"]
-        if not retrain and abs(deployed_val - expected) > REPRODUCE_TOLERANCE:
+        if (not retrain or prepared is not None) and abs(deployed_val - expected) > REPRODUCE_TOLERANCE:
             raise HycompError(
                 f"export of trial {trial_number} does not reproduce its validation accuracy: {deployed_val:.6f} "
                 f"now vs {expected:.6f} recorded. The saved files may have changed; re-run the trial."
@@ -148,6 +164,7 @@ def export_trial(
             "trial": trial_number,
             "picked_because": reason or f"trial {trial_number}",
             "retrained_at_full_budget": retrain,
+            "candidates": candidates or [],
             "params": params,
             "dataset": data.name,
             "exported": {
@@ -212,6 +229,99 @@ def export_trial(
     return report
 
 
+_LOADED: dict[str, tuple[Dataset, list]] = {}  # per process: data and teachers, loaded once
+
+
+def _retrain_candidate(
+    cfg: SearchConfig, study_folder: Path, trial_number: int, params: dict, folder: Path
+) -> dict:
+    """One candidate at the full export budget into ``folder`` (a worker process with ``jobs`` > 1). A
+    candidate already there with the same configuration and setup is reused, not trained again."""
+    fingerprint = setup_fingerprint(cfg)
+    record_path = folder / "candidate.json"
+    if record_path.exists() and (folder / "model.json").exists():
+        saved = json.loads(record_path.read_text())
+        if saved.get("params") == params and saved.get("setup") == fingerprint:
+            log.info("candidate trial %d: reusing its full-budget result in %s", trial_number, folder)
+            return saved
+    if fingerprint not in _LOADED:
+        data = load_data(cfg)
+        teachers, _ = get_teachers(cfg, data, study_folder.parent, threads=cfg.measure.latency_threads)
+        _LOADED[fingerprint] = (data, teachers)
+    data, teachers = _LOADED[fingerprint]
+    started = time.perf_counter()
+    record = evaluate_config(
+        TrialContext(cfg, data, teachers[0], study_folder, distill_from=teachers),
+        params,
+        cfg.export,
+        folder,
+        seed=cfg.seed,
+        threads=cfg.measure.latency_threads,
+        repeats=cfg.measure.latency_repeats,
+    )
+    record.update(trial=trial_number, params=params, setup=fingerprint)
+    record["seconds"]["total"] = time.perf_counter() - started
+    staging = record_path.with_suffix(".tmp")
+    staging.write_text(json.dumps(record, indent=1, default=str))
+    staging.replace(record_path)  # written last: a folder without it is retrained
+    return record
+
+
+def export_best(
+    cfg: SearchConfig,
+    study: optuna.Study,
+    study_folder: Path,
+    picks: list,
+    *,
+    jobs: int = 1,
+    force: bool = False,
+    out: Path | None = None,
+) -> dict:
+    """Retrain every candidate (:func:`search.pareto.pick_candidates`) at the full budget, ``jobs`` at a
+    time, and export the one with the best full-budget validation accuracy (fewer MACs among equals).
+    The test split is read only for the exported one. Returns its report."""
+    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+    folder = study_folder / "export" / "candidates"
+    work = [
+        (
+            cfg,
+            study_folder,
+            pick.trial,
+            dict(trials[pick.trial].user_attrs.get("config") or trials[pick.trial].params),
+            folder / f"trial_{pick.trial}",
+        )
+        for pick in picks
+    ]
+    records: dict[int, dict] = {}
+    run_pinned(_retrain_candidate, work, jobs, lambda job, record: records.__setitem__(job[2], record))
+    rows = [
+        {
+            "trial": pick.trial,
+            "params": records[pick.trial]["params"],
+            "trial_val_accuracy": trials[pick.trial].values[0],
+            "full_budget_val_accuracy": records[pick.trial]["val_accuracy"],
+            "mmacs": records[pick.trial]["mmacs"],
+            "latency_ms": records[pick.trial]["latency_ms"],
+        }
+        for pick in picks
+    ]
+    best = max(rows, key=lambda row: (row["full_budget_val_accuracy"], -row["mmacs"]))
+    number = best["trial"]
+    reason = f"best full-budget validation accuracy of {len(rows)} candidates ({picks[0].reason.split(' of the ', 1)[-1]})"
+    return export_trial(
+        cfg,
+        study,
+        study_folder,
+        number,
+        reason=reason,
+        retrain=True,
+        force=force,
+        out=out,
+        prepared=(folder / f"trial_{number}", records[number]),
+        candidates=rows,
+    )
+
+
 def _weight_grid_totals(manifest: dict | None) -> dict[str, int] | None:
     """Weight tensors the int8 engine holds exactly on NNI's grid / rounds to its own, over all files."""
     per_file = (manifest or {}).get("weight_grid") or {}
@@ -241,6 +351,34 @@ def _ensemble_row(baseline: dict) -> list[str]:
         f"| teacher ensemble ({len(ensemble['members'])} x {baseline['arch']} fp32, distillation source only) | "
         f"{ensemble['test_accuracy']:.4f} | {ensemble['val_accuracy']:.4f} | {ensemble['macs'] / 1e6:.3f} | | | |"
     ]
+
+
+def _candidate_lines(rows: list[dict]) -> list[str]:
+    if not rows:
+        return []
+    lines = [
+        "Candidates retrained at the full budget (chosen on full-budget validation accuracy; the trial column "
+        "is the cheap trial budget's):",
+        "",
+        "| trial | configuration | trial val | full-budget val | MMACs | latency ms |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        params = row["params"]
+        described = (
+            f"{params.get('pruner')} {params.get('sparsity')}, {params.get('bits')}-bit, "
+            f"{params.get('num_experts')} expert(s) top-{params.get('effective_top_k', params.get('top_k'))}"
+            + (
+                f", experts from {params['expert_init']}"
+                if params.get("num_experts", 1) > 1 and "expert_init" in params
+                else ""
+            )
+        )
+        lines.append(
+            f"| {row['trial']} | {described} | {row['trial_val_accuracy']:.4f} | "
+            f"{row['full_budget_val_accuracy']:.4f} | {row['mmacs']:.2f} | {row['latency_ms']:.3f} |"
+        )
+    return [*lines, ""]
 
 
 def render_report(report: dict) -> str:
@@ -275,6 +413,7 @@ def render_report(report: dict) -> str:
         *_weight_grid_line(exported.get("engine_weight_grid")),
         f"- MACs: {report['conventions']['macs']}. Size: {report['conventions']['size']}. {report['conventions']['low_bit']}.",
         "",
+        *_candidate_lines(report.get("candidates") or []),
         "Routing (validation, first choice): rows are classes, columns experts.",
         "",
     ]

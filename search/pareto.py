@@ -135,30 +135,11 @@ def pick_trial(
                 f"{', '.join(map(str, sorted(completed)))}."
             )
         return Pick(trial, f"trial {trial} chosen by --trial")
-    front = front_table(study)
-    if front.empty:
-        raise ConfigError(
-            "the Pareto front is empty: no completed trial satisfies the constraints. Relax them and re-run."
-        )
-    # The enqueued uncompressed reference is on the front by construction; it is not a result to export.
-    compressed = front[front["reference"] == ""]
-    if not compressed.empty:
-        front = compressed
+    front = _exportable_front(study)
     budgets = {"latency_ms": max_latency_ms, "size_kb": max_size_kb, "mmacs": max_mmacs}
     if any(value is not None for value in budgets.values()):
-        within = front
-        for column, limit in budgets.items():
-            if limit is not None:
-                within = within[within[column] <= limit]
-        if within.empty:
-            said = ", ".join(f"{key} <= {value}" for key, value in budgets.items() if value is not None)
-            raise ConfigError(
-                f"no front trial meets {said}. The smallest on the front: latency {front['latency_ms'].min():.3f} ms, "
-                f"size {front['size_kb'].min():.1f} KB, {front['mmacs'].min():.2f} MMACs. Loosen the budget."
-            )
-        best = within.sort_values(["val_accuracy", "latency_ms"], ascending=[False, True]).iloc[0]
-        said = ", ".join(f"{key} <= {value}" for key, value in budgets.items() if value is not None)
-        return Pick(int(best["trial"]), f"most accurate front trial within {said}")
+        best = _within(front, budgets).iloc[0]
+        return Pick(int(best["trial"]), f"most accurate front trial within {_said(budgets)}")
     policy = policy or "max-accuracy"
     if policy not in PICKS:
         raise ConfigError(f"--pick: unknown value {policy!r}. Valid values: {', '.join(PICKS)}.")
@@ -232,3 +213,59 @@ def format_table(table: pd.DataFrame, baseline: dict | None = None) -> str:
         shown = pd.concat([shown, pd.DataFrame([reference])], ignore_index=True)
     shown = shown.rename(columns={**_COLUMNS, "num_experts": "experts"})
     return shown.to_string(index=False, float_format=lambda value: f"{value:.4g}")
+
+
+def _exportable_front(study: optuna.Study) -> pd.DataFrame:
+    front = front_table(study)
+    if front.empty:
+        raise ConfigError(
+            "the Pareto front is empty: no completed trial satisfies the constraints. Relax them and re-run."
+        )
+    # The enqueued uncompressed reference is on the front by construction; it is not a result to export.
+    compressed = front[front["reference"] == ""]
+    return compressed if not compressed.empty else front
+
+
+def _said(budgets: dict) -> str:
+    return ", ".join(f"{key} <= {value}" for key, value in budgets.items() if value is not None)
+
+
+def _within(front: pd.DataFrame, budgets: dict) -> pd.DataFrame:
+    """The front trials within every given budget, most accurate first (faster first among equals)."""
+    within = front
+    for column, limit in budgets.items():
+        if limit is not None:
+            within = within[within[column] <= limit]
+    if within.empty:
+        raise ConfigError(
+            f"no front trial meets {_said(budgets)}. The smallest on the front: latency "
+            f"{front['latency_ms'].min():.3f} ms, size {front['size_kb'].min():.1f} KB, "
+            f"{front['mmacs'].min():.2f} MMACs. Loosen the budget."
+        )
+    return within.sort_values(["val_accuracy", "latency_ms"], ascending=[False, True])
+
+
+def pick_candidates(
+    study: optuna.Study,
+    count: int,
+    *,
+    max_latency_ms: float | None = None,
+    max_size_kb: float | None = None,
+    max_mmacs: float | None = None,
+) -> list[Pick]:
+    """The ``count`` most accurate front trials within the budgets (the whole front without budgets): the
+    candidates that ``hycomp export --candidates`` retrains at the full budget before choosing one. Trials
+    are ranked on the cheap trial budget, which can misrank them (a sparser net recovers more with more
+    epochs), so the next few front points are worth a full-budget look."""
+    if count < 1:
+        raise ConfigError(f"--candidates: {count} must be at least 1.")
+    budgets = {"latency_ms": max_latency_ms, "size_kb": max_size_kb, "mmacs": max_mmacs}
+    within = _within(_exportable_front(study), budgets)
+    where = f"within {_said(budgets)}" if any(v is not None for v in budgets.values()) else "on the front"
+    return [
+        Pick(
+            int(row["trial"]),
+            f"candidate {rank + 1} of the {min(count, len(within))} most accurate trials {where}",
+        )
+        for rank, (_, row) in enumerate(within.head(count).iterrows())
+    ]

@@ -34,6 +34,7 @@ __all__ = [
     "dump_space",
     "suggest",
     "baseline_params",
+    "setup_fingerprint",
 ]
 
 SAMPLERS: tuple[str, ...] = ("tpe", "nsga2", "gp", "random")
@@ -402,6 +403,17 @@ def dump_space(cfg: SearchConfig) -> str:
 
 def stable_hash(mapping: dict) -> str:
     return hashlib.sha256(json.dumps(mapping, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def setup_fingerprint(cfg: SearchConfig) -> str:
+    """What shapes a full-budget model besides its trial configuration and seed: dataset, model (its channel
+    multiple sets the pruned shapes), teachers and the export budget. Where the data lives does not count.
+    A saved full-budget result is reused only under the same fingerprint."""
+    settings = parse_space(cfg.to_dict()).to_dict()  # parsed values: 15 and 15.0 epochs are one budget
+    data = {key: value for key, value in settings["data"].items() if key not in ("root", "download")}
+    return stable_hash(
+        {"data": data, **{section: settings[section] for section in ("model", "baseline", "export")}}
+    )
 
 
 # --------------------------------------------------------------------------------------------- optuna

@@ -27,14 +27,11 @@ import argparse
 import functools
 import json
 import math
-import multiprocessing
 import os
 import statistics
 import sys
 import tempfile
-import threading
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,7 +52,8 @@ from search.baseline import baseline_key, get_teachers, teacher_recipe
 from search.export import bundle_accuracy
 from search.objective import TrialContext, estimate_cost, evaluate_config
 from search.pareto import trials_table
-from search.space import parse_space, stable_hash
+from search.pool import run_pinned
+from search.space import setup_fingerprint
 from search.study import load_data, load_study
 from search.workspace import baseline_dir, resolve_study_dir
 
@@ -213,16 +211,6 @@ def _identity(study_folder: Path, trial_number: int, name: str) -> object:
     return setup.configs[int(name.split()[1])]
 
 
-def _fingerprint(cfg) -> str:
-    """What shapes every row besides its configuration and seed: dataset, model (its channel multiple sets
-    the pruned shapes), teachers and the full budget (where the data lives does not count)."""
-    settings = parse_space(cfg.to_dict()).to_dict()  # parsed values: 15 and 15.0 epochs are one budget
-    data = {key: value for key, value in settings["data"].items() if key not in ("root", "download")}
-    return stable_hash(
-        {"data": data, **{section: settings[section] for section in ("model", "baseline", "export")}}
-    )
-
-
 def _reusable(
     saved: list[dict], tasks: list[tuple[str, int]], identity: dict[str, object], fingerprint: str
 ) -> list[dict]:
@@ -253,26 +241,6 @@ def _row(study_folder: Path, trial_number: int, name: str, seed: int, threads: i
             return _control_row(setup.cfg, ctx.data, width, seed, scratch, threads)
         params = _identity(study_folder, trial_number, name)
         return _compressed_row(ctx, params, seed, scratch / "row", threads)
-
-
-def _exit_with(parent: int) -> None:
-    """Stop this worker when the process that started it is gone: a killed experiment must not leave
-    orphans training for an hour (measured: they halved the speed of the run started after it)."""
-    while os.getppid() == parent:
-        time.sleep(2)
-    os._exit(1)
-
-
-def _pin(cpus: multiprocessing.Queue, parent: int) -> None:
-    """Worker initializer: one share of the CPUs per worker, its torch threads to match; the worker ends
-    with the experiment's process ``parent``."""
-    threading.Thread(target=_exit_with, args=(parent,), daemon=True).start()
-    mine = cpus.get()
-    os.sched_setaffinity(0, mine)
-    torch.set_num_threads(len(mine))
-    import warnings
-
-    warnings.filterwarnings("ignore")
 
 
 def _merge(
@@ -360,39 +328,16 @@ def run(
             "to start the experiment over."
         ) from error
     identity = {name: _identity(study_folder, trial_number, name) for name in names}
-    fingerprint = _fingerprint(_setup(study_folder, trial_number).cfg)
+    fingerprint = setup_fingerprint(_setup(study_folder, trial_number).cfg)
     done: list[dict] = _reusable(saved, tasks, identity, fingerprint)
     reused = len(done)
     tasks = [task for task in tasks if task not in [(entry["row"], entry["seed"]) for entry in done]]
-    workers = min(jobs, len(tasks))
-    if workers <= 1:
-        for name, seed in tasks:
-            keep({"row": name, "seed": seed, **_row(study_folder, trial_number, name, seed, threads)})
-    else:
-        cpus = sorted(os.sched_getaffinity(0))
-        shares = [
-            set(cpus[i::workers]) or set(cpus) for i in range(workers)
-        ]  # fewer CPUs than workers: share
-        context = multiprocessing.get_context("spawn")
-        queue = context.Queue()
-        for share in shares:
-            queue.put(share)
-        with ProcessPoolExecutor(
-            workers, mp_context=context, initializer=_pin, initargs=(queue, os.getpid())
-        ) as pool:
-            futures = {
-                pool.submit(_row, study_folder, trial_number, name, seed, threads): (name, seed)
-                for name, seed in tasks
-            }
-            for future in futures:
-                future.add_done_callback(
-                    lambda f: (
-                        f.exception() is None
-                        and keep({"row": futures[f][0], "seed": futures[f][1], **f.result()})
-                    )
-                )
-            for future in futures:
-                future.result()  # re-raises a failed row here (the finished ones are already saved)
+    run_pinned(
+        _row,
+        [(study_folder, trial_number, name, seed, threads) for name, seed in tasks],
+        jobs,
+        lambda job, result: keep({"row": job[2], "seed": job[3], **result}),
+    )
     setup = _setup(study_folder, trial_number)
     rows = _merge(done, seeds, names, trial_number if setup.single_trial == trial_number else None)
     cfg, study = load_study(study_folder)  # the report needs the study, not the data: the seeds loaded it

@@ -53,12 +53,12 @@ def test_experiment_merges_rows_in_seed_order_whatever_order_they_finished() -> 
 
 
 def test_experiment_reuses_only_saved_results_of_the_same_row_seed_setup_and_configuration() -> None:
-    from search.benchmarks.experiment import CONTROL, MOE, _fingerprint, _reusable
-    from search.space import parse_space
+    from search.benchmarks.experiment import CONTROL, MOE, _reusable
+    from search.space import parse_space, setup_fingerprint
 
     config = {"sparsity": 0.35, "num_experts": 1}
     cfg = parse_space({})
-    setup = _fingerprint(cfg)
+    setup = setup_fingerprint(cfg)
     saved = [
         {"row": MOE, "seed": 0, "setup": setup, "params": config, "test": [0.9]},
         {"row": MOE, "seed": 1, "setup": setup, "params": {**config, "sparsity": 0.4}, "test": [0.8]},
@@ -77,9 +77,9 @@ def test_experiment_reuses_only_saved_results_of_the_same_row_seed_setup_and_con
     assert _reusable(saved, tasks, {MOE: {**config, "bits": 4}, CONTROL: 0.5}, setup) == []
     # the same configuration under another channel multiple or full budget prunes or trains another model
     for changed in (cfg.replace(model={"channel_multiple": 4}), cfg.replace(export={"finetune_epochs": 30})):
-        assert _fingerprint(changed) != setup
-        assert _reusable(saved, tasks, {MOE: config, CONTROL: 0.656}, _fingerprint(changed)) == []
-    assert _fingerprint(cfg.replace(data={"root": "/elsewhere"})) == setup  # where the data lives: same runs
+        assert setup_fingerprint(changed) != setup
+        assert _reusable(saved, tasks, {MOE: config, CONTROL: 0.656}, setup_fingerprint(changed)) == []
+    assert setup_fingerprint(cfg.replace(data={"root": "/elsewhere"})) == setup  # where the data lives: same runs
     # an older version's file (one dict of rows per seed) or another shape is ignored, not misread
     assert _reusable([{MOE: {"test": [0.9]}}, "text"], tasks, {MOE: config}, setup) == []
     assert _reusable({MOE: []}, tasks, {MOE: config}, setup) == []
@@ -92,7 +92,7 @@ def test_an_experiment_worker_ends_when_the_experiment_process_is_killed() -> No
     import time
     from pathlib import Path
 
-    worker = "import sys; from search.benchmarks.experiment import _exit_with; _exit_with(int(sys.argv[1]))"
+    worker = "import sys; from search.pool import _exit_with; _exit_with(int(sys.argv[1]))"
     middle = (
         "import os, subprocess, sys; "
         f"child = subprocess.Popen([sys.executable, '-c', {worker!r}, str(os.getpid())], "

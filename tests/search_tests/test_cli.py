@@ -147,6 +147,38 @@ def test_export_errors(searched: dict, capsys) -> None:
     assert "--pick" in capsys.readouterr().err
 
 
+@pytest.mark.slow
+def test_export_retrains_candidates_and_exports_the_best_on_validation(
+    searched: dict, tmp_path: Path, capsys
+) -> None:
+    """--candidates 2: both sampled trials are retrained at the full budget (kept in export/candidates/); the
+    one with the better full-budget validation accuracy is exported as retrained, not trained a third time;
+    a second run reuses the candidates."""
+    folder = searched["folder"]
+    out = tmp_path / "best"
+    command = ["export", str(folder), "--retrain", "--candidates", "2", "--out", str(out)]
+    assert main(command) == 0
+    report = json.loads((out / "report.json").read_text())
+    rows = report["candidates"]
+    assert len(rows) == 2 and {row["trial"] for row in rows} <= {1, 2}
+    best = max(rows, key=lambda row: (row["full_budget_val_accuracy"], -row["mmacs"]))
+    assert report["trial"] == best["trial"] and report["retrained_at_full_budget"]
+    assert report["exported"]["val_accuracy"] == pytest.approx(best["full_budget_val_accuracy"], abs=1e-9)
+    for row in rows:
+        saved = json.loads(
+            (folder / "export" / "candidates" / f"trial_{row['trial']}" / "candidate.json").read_text()
+        )
+        assert saved["val_accuracy"] == row["full_budget_val_accuracy"] and saved["params"] == row["params"]
+    assert "Candidates retrained at the full budget" in (out / "report.md").read_text()
+    capsys.readouterr()
+    assert main([*command, "--force"]) == 0
+    assert json.loads((out / "report.json").read_text())["candidates"] == rows  # reused, same numbers
+    # several candidates are a retraining choice: without --retrain the command says what to add
+    assert main(["export", str(folder), "--candidates", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "--candidates" in err and "--retrain" in err and "Traceback" not in err
+
+
 def test_bad_space_exits_2_without_writing(tmp_path: Path, synthetic_root: Path, monkeypatch, capsys) -> None:
     monkeypatch.setenv("HYCOMP_RESULTS", str(tmp_path / "results"))
     space = write_space(tmp_path, synthetic_root, space={"pruner": ["l1", "magic"]})

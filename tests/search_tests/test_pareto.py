@@ -7,7 +7,7 @@ import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
 from pipelines.errors import ConfigError
-from search.pareto import front_table, pick_trial, trials_table
+from search.pareto import front_table, pick_candidates, pick_trial, trials_table
 
 DISTRIBUTIONS = {
     "sparsity": FloatDistribution(0.0, 0.9),
@@ -108,3 +108,15 @@ def test_policies_skip_the_uncompressed_reference() -> None:
     assert 0 in set(front_table(study)["trial"])
     assert pick_trial(study, policy="max-accuracy").trial == 1
     assert pick_trial(study, trial=0).trial == 0
+
+
+def test_candidates_are_the_most_accurate_front_trials_within_the_budget() -> None:
+    study = make_study(reference_first=True)
+    assert [pick.trial for pick in pick_candidates(study, 2)] == [1, 2]  # the reference is not a candidate
+    assert [pick.trial for pick in pick_candidates(study, 5, max_mmacs=11)] == [1, 2]  # fewer exist: all
+    assert [pick.trial for pick in pick_candidates(study, 1, max_mmacs=5)] == [2]
+    assert "within mmacs <= 11" in pick_candidates(study, 2, max_mmacs=11)[0].reason
+    with pytest.raises(ConfigError, match="--candidates: 0"):
+        pick_candidates(study, 0)
+    with pytest.raises(ConfigError, match="no front trial meets mmacs <= 1"):
+        pick_candidates(study, 2, max_mmacs=1)
