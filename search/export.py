@@ -50,7 +50,7 @@ from search.pool import run_pinned
 from search.space import SearchConfig, setup_fingerprint
 from search.study import load_data
 
-__all__ = ["export_trial", "export_best", "bundle_accuracy"]
+__all__ = ["export_trial", "export_best", "find_candidate", "bundle_accuracy"]
 
 log = logging.getLogger("hycomp")
 
@@ -239,11 +239,10 @@ def _retrain_candidate(
     candidate already there with the same configuration and setup is reused, not trained again."""
     fingerprint = setup_fingerprint(cfg)
     record_path = folder / "candidate.json"
-    if record_path.exists() and (folder / "model.json").exists():
-        saved = json.loads(record_path.read_text())
-        if saved.get("params") == params and saved.get("setup") == fingerprint:
-            log.info("candidate trial %d: reusing its full-budget result in %s", trial_number, folder)
-            return saved
+    saved = _saved_candidate(folder, params, fingerprint)
+    if saved is not None:
+        log.info("candidate trial %d: reusing its full-budget result in %s", trial_number, folder)
+        return saved
     if fingerprint not in _LOADED:
         data = load_data(cfg)
         teachers, _ = get_teachers(cfg, data, study_folder.parent, threads=cfg.measure.latency_threads)
@@ -265,6 +264,25 @@ def _retrain_candidate(
     staging.write_text(json.dumps(record, indent=1, default=str))
     staging.replace(record_path)  # written last: a folder without it is retrained
     return record
+
+
+def _saved_candidate(folder: Path, params: dict, fingerprint: str) -> dict | None:
+    record_path = folder / "candidate.json"
+    if not (record_path.exists() and (folder / "model.json").exists() and (folder / "bundle").exists()):
+        return None
+    saved = json.loads(record_path.read_text())
+    return saved if saved.get("params") == params and saved.get("setup") == fingerprint else None
+
+
+def find_candidate(cfg: SearchConfig, study_folder: Path, params: dict) -> tuple[Path, dict] | None:
+    """(folder, record) of a candidate that ``export --candidates`` already retrained at the full budget
+    with exactly ``params`` under this setup, at seed ``cfg.seed``; None if there is none."""
+    fingerprint = setup_fingerprint(cfg)
+    for record_path in sorted((study_folder / "export" / "candidates").glob("trial_*/candidate.json")):
+        saved = _saved_candidate(record_path.parent, params, fingerprint)
+        if saved is not None:
+            return record_path.parent, saved
+    return None
 
 
 def export_best(

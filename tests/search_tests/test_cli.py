@@ -173,6 +173,15 @@ def test_export_retrains_candidates_and_exports_the_best_on_validation(
     capsys.readouterr()
     assert main([*command, "--force"]) == 0
     assert json.loads((out / "report.json").read_text())["candidates"] == rows  # reused, same numbers
+    # the quality experiment's exported row at the study's seed is that model, measured, not retrained
+    from search.benchmarks.experiment import run
+
+    experiment = run(folder, report["trial"], [0], tmp_path / "REPORT.md")
+    saved = json.loads(experiment.with_suffix(".seeds.json").read_text())
+    exported = next(entry for entry in saved if entry["row"] == "exported MoE")
+    assert exported["from"] == str(folder / "export" / "candidates" / f"trial_{report['trial']}")
+    assert exported["test"] == [pytest.approx(report["exported"]["test_accuracy"], abs=1e-9)]
+    assert "measured here, not trained again" in experiment.read_text()
     # several candidates are a retraining choice: without --retrain the command says what to add
     assert main(["export", str(folder), "--candidates", "2"]) == 2
     err = capsys.readouterr().err
