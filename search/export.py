@@ -131,15 +131,7 @@ def export_trial(
         if prepared is not None:
             source, record = prepared
         if retrain and prepared is None:
-            record = evaluate_config(
-                TrialContext(cfg, data, teachers[0], study_folder, distill_from=teachers),
-                params,
-                cfg.export,
-                staging,
-                seed=cfg.seed,
-                threads=threads,
-                repeats=cfg.measure.latency_repeats,
-            )
+            record = _full_budget(cfg, data, teachers, study_folder, params, staging)
         else:
             staging.mkdir(parents=True)
             for name in ("model.pt", "model.json"):
@@ -229,6 +221,21 @@ def export_trial(
     return report
 
 
+def _full_budget(
+    cfg: SearchConfig, data: Dataset, teachers: list, study_folder: Path, params: dict, folder: Path
+) -> dict:
+    """``params`` compressed at the full ``export:`` budget into ``folder``, at the study's seed."""
+    return evaluate_config(
+        TrialContext(cfg, data, teachers[0], study_folder, distill_from=teachers),
+        params,
+        cfg.export,
+        folder,
+        seed=cfg.seed,
+        threads=cfg.measure.latency_threads,
+        repeats=cfg.measure.latency_repeats,
+    )
+
+
 _LOADED: dict[str, tuple[Dataset, list]] = {}  # per process: data and teachers, loaded once
 
 
@@ -249,15 +256,7 @@ def _retrain_candidate(
         _LOADED[fingerprint] = (data, teachers)
     data, teachers = _LOADED[fingerprint]
     started = time.perf_counter()
-    record = evaluate_config(
-        TrialContext(cfg, data, teachers[0], study_folder, distill_from=teachers),
-        params,
-        cfg.export,
-        folder,
-        seed=cfg.seed,
-        threads=cfg.measure.latency_threads,
-        repeats=cfg.measure.latency_repeats,
-    )
+    record = _full_budget(cfg, data, teachers, study_folder, params, folder)
     record.update(trial=trial_number, params=params, setup=fingerprint)
     record["seconds"]["total"] = time.perf_counter() - started
     staging = record_path.with_suffix(".tmp")
