@@ -56,8 +56,11 @@ def trials_table(study: optuna.Study) -> pd.DataFrame:
                 "num_experts": config.get("num_experts"),
                 "top_k": config.get("effective_top_k", config.get("top_k")),
                 "gate_size": config.get("gate_size"),
-                "routing": config.get("routing", "class-groups"),
-                "expert_init": config.get("expert_init", "copies"),
+                # a single expert runs without a gate: its routing and origin mean nothing
+                "routing": config.get("routing", "class-groups") if config.get("num_experts", 1) > 1 else "-",
+                "expert_init": config.get("expert_init", "copies")
+                if config.get("num_experts", 1) > 1
+                else "-",
                 "feasible": _feasible(trial),
                 "on_front": trial.number in front,
                 "reference": attrs.get("reference", ""),
