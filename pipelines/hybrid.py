@@ -97,26 +97,25 @@ def compress_hybrid(
     base = budget.train.replace(seed=seed)
     # Nothing was removed at sparsity 0: the expert is the teacher itself and needs no recovery.
     unpruned = cfg.prune.sparsity == 0
-    experts = []
-    seconds["prune"] = seconds["finetune"] = 0.0
+    experts, pruned_accuracy, finetuned_accuracy = [], [], []
+    seconds["prune"] = 0.0
     for index, origin in enumerate(origins):
         pruned = prune(origin, cfg.prune, example)
         if index == 0:
             pruned_first = pruned
         seconds["prune"] += pruned.seconds
         expert = pruned.model
-        stage_accuracy["pruned"] = stage_accuracy.get("pruned", 0.0) + evaluate(expert, data.val) / len(origins)
+        pruned_accuracy.append(evaluate(expert, data.val))
         if budget.finetune_epochs > 0 and not unpruned:
             started = time.perf_counter()
-            # Each expert's own data order (seed + index): two copies of one teacher still differ.
+            # each origin its own data order (seed + index); the first keeps the study's seed
             train(expert, data.train, base.replace(epochs=budget.finetune_epochs, seed=seed + index), origin)
-            seconds["finetune"] += time.perf_counter() - started
-        stage_accuracy["finetuned"] = stage_accuracy.get("finetuned", 0.0) + evaluate(expert, data.val) / len(
-            origins
-        )
+            seconds["finetune"] = seconds.get("finetune", 0.0) + time.perf_counter() - started
+        finetuned_accuracy.append(evaluate(expert, data.val))
         experts.append(expert)
-    if not seconds["finetune"]:
-        del seconds["finetune"]
+    # means over the origins (one value with copies)
+    stage_accuracy["pruned"] = sum(pruned_accuracy) / len(origins)
+    stage_accuracy["finetuned"] = sum(finetuned_accuracy) / len(origins)
 
     started = time.perf_counter()
     moe = build_moe(experts, data.channels, cfg.moe, seed=seed)
@@ -160,7 +159,9 @@ def compress_hybrid(
     )
 
 
-def _expert_origins(teacher: nn.Module, cfg: HybridConfig, sources: list[nn.Module] | None) -> list[nn.Module]:
+def _expert_origins(
+    teacher: nn.Module, cfg: HybridConfig, sources: list[nn.Module] | None
+) -> list[nn.Module]:
     """The teachers the experts are pruned from: ``[teacher]`` for copies; for ``teachers``, one per
     expert up to the number of teachers (expert i of the MoE is a copy of origin ``i mod len``)."""
     if cfg.expert_init == "copies":
