@@ -46,13 +46,13 @@ def test_crashing_trial_fails_alone(tmp_path: Path, synthetic_root: Path, monkey
     real = objective.compress_hybrid
     calls = {"count": 0}
 
-    def flaky(teacher, data, cfg, budget, seed=0):
+    def flaky(teacher, data, cfg, budget, seed=0, sources=None):
         calls["count"] += 1
         if calls["count"] == 2:  # the first sampled trial after the reference
             raise CompressionError(
                 "NNI ModelSpeedup failed: EmptyLayerError: an expert was pruned to nothing"
             )
-        return real(teacher, data, cfg, budget, seed=seed)
+        return real(teacher, data, cfg, budget, seed=seed, sources=sources)
 
     monkeypatch.setattr(objective, "compress_hybrid", flaky)
     monkeypatch.setenv("HYCOMP_RESULTS", str(tmp_path / "results"))
