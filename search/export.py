@@ -128,16 +128,14 @@ def export_trial(
     threads = cfg.measure.latency_threads
     params = dict(trial.user_attrs.get("config") or trial.params)
     try:
-        if prepared is not None:
-            source, record = prepared
         if retrain and prepared is None:
             record = _full_budget(cfg, data, teachers, study_folder, params, staging)
-        else:
+        else:  # the files of the trial, or of its full-budget retraining, copied as they are
+            source, record = prepared or (source, dict(trial.user_attrs))
             staging.mkdir(parents=True)
             for name in ("model.pt", "model.json"):
                 shutil.copy2(source / name, staging / name)
             shutil.copytree(source / "bundle", staging / "bundle")
-            record = record if prepared is not None else dict(trial.user_attrs)
         description, layers, state = load_checkpoint(staging / "model")
         moe = rebuild_moe(description, layers, state)
         torch_val = evaluate(moe, data.val)

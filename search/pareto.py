@@ -41,6 +41,7 @@ def trials_table(study: optuna.Study) -> pd.DataFrame:
     for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         attrs = trial.user_attrs
         config = attrs.get("config") or trial.params
+        gated = config.get("num_experts", 1) > 1  # a single expert runs without a gate
         rows.append(
             {
                 "trial": trial.number,
@@ -56,11 +57,9 @@ def trials_table(study: optuna.Study) -> pd.DataFrame:
                 "num_experts": config.get("num_experts"),
                 "top_k": config.get("effective_top_k", config.get("top_k")),
                 "gate_size": config.get("gate_size"),
-                # a single expert runs without a gate: its routing and origin mean nothing
-                "routing": config.get("routing", "class-groups") if config.get("num_experts", 1) > 1 else "-",
-                "expert_init": config.get("expert_init", "copies")
-                if config.get("num_experts", 1) > 1
-                else "-",
+                # without a gate, routing and expert origin mean nothing
+                "routing": config.get("routing", "class-groups") if gated else "-",
+                "expert_init": config.get("expert_init", "copies") if gated else "-",
                 "feasible": _feasible(trial),
                 "on_front": trial.number in front,
                 "reference": attrs.get("reference", ""),
