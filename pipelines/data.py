@@ -27,6 +27,7 @@ from pipelines.errors import ConfigError, DataError, unknown_name
 
 __all__ = [
     "AUGMENTS",
+    "AUGMENT_VIEWS",
     "Split",
     "Dataset",
     "load_dataset",
@@ -40,6 +41,7 @@ __all__ = [
 # "flips": horizontal and vertical flips (4 views). "d4": flips and transposes, all 8 rotations and
 # reflections of the square (for data without an orientation, such as cells under a microscope).
 AUGMENTS = ("none", "flips", "d4")
+AUGMENT_VIEWS = {"none": 1, "flips": 4, "d4": 8}  # how many symmetric views each augmentation trains on
 
 CIFAR10_VAL_SIZE = 5000
 _CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")

@@ -42,7 +42,7 @@ from torch import nn
 
 from pipelines.errors import ConfigError, DataError, UntrustedFileError, unknown_name
 from pipelines.measure import measure_latency
-from pipelines.moe import MixtureOfExperts
+from pipelines.moe import VIEWS, MixtureOfExperts
 from pipelines.serialize import sha256_file
 
 __all__ = [
@@ -347,11 +347,13 @@ class OrtMoE:
     """A Mixture-of-Experts served by ONNX Runtime alone; matches ``MixtureOfExperts.forward`` in eval mode.
 
     Each call runs the gate on the whole batch, then each used expert once on the samples routed to it.
+    With ``views`` > 1 the batch is first expanded into that many symmetric views (the order of
+    :func:`pipelines.data.symmetry_views`) and the logits of a sample's views are averaged.
     ``last_timing`` holds the seconds of the last call: ``experts`` (expert sessions only),
     ``gate_and_routing`` (everything else: gate, softmax, top-k, gathering and combining) and ``total``.
     """
 
-    def __init__(self, gate: OrtModel, experts: list[OrtModel], top_k: int) -> None:
+    def __init__(self, gate: OrtModel, experts: list[OrtModel], top_k: int, views: int = 1) -> None:
         if not experts:
             raise ConfigError("experts: the list is empty; an OrtMoE needs at least one expert.")
         if not 1 <= top_k <= len(experts):
@@ -361,9 +363,14 @@ class OrtMoE:
             raise ConfigError(
                 f"gate: it scores {gate_outputs} experts but {len(experts)} experts were given."
             )
+        if views not in VIEWS:
+            raise ConfigError(
+                f"views: {views!r} is not a number of test-time views; use one of {list(VIEWS)}."
+            )
         self.gate = gate
         self.experts = list(experts)
         self.top_k = top_k
+        self.views = views
         self.last_timing: dict[str, float] = {}
         self.manifest: dict | None = None  # set by load_bundle
 
@@ -397,9 +404,15 @@ class OrtMoE:
         return chosen.astype(np.int64), weights
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
-        """float32 (B, C, H, W) -> combined logits (B, classes)."""
+        """float32 (B, C, H, W) -> combined logits (B, classes), averaged over the test-time views."""
         started = time.perf_counter()
         images = _as_array(images)
+        if self.views == 1 or len(images) == 0:
+            return self._routed(images, started)
+        output = self._routed(_symmetry_views(images, self.views), started)
+        return output.reshape(self.views, len(images), -1).mean(axis=0)
+
+    def _routed(self, images: np.ndarray, started: float) -> np.ndarray:
         if self.num_experts == 1:  # the gate has one choice: skip it, as MixtureOfExperts.forward does
             output = self.experts[0](images)
             total = time.perf_counter() - started
@@ -431,7 +444,18 @@ class OrtMoE:
         return output
 
     def __repr__(self) -> str:
-        return f"OrtMoE(num_experts={self.num_experts}, top_k={self.top_k}, precision={self.precision!r})"
+        return (
+            f"OrtMoE(num_experts={self.num_experts}, top_k={self.top_k}, views={self.views}, "
+            f"precision={self.precision!r})"
+        )
+
+
+def _symmetry_views(images: np.ndarray, count: int) -> np.ndarray:
+    """The first ``count`` symmetric views of a (B, C, H, W) batch stacked view-major, in the order of
+    :func:`pipelines.data.symmetry_views` (identity, flip W, flip H, both, then their transposes)."""
+    views = [images, images[..., ::-1], images[..., ::-1, :], images[..., ::-1, ::-1]]
+    views += [view.swapaxes(-1, -2) for view in views]
+    return np.ascontiguousarray(np.concatenate(views[:count]))
 
 
 def _file_names(num_experts: int, precision: str) -> tuple[str, list[str]]:
@@ -450,6 +474,7 @@ def _reserved_keys() -> set[str]:
         "precision",
         "calibration",
         "weight_grid",
+        "views",
     }
 
 
@@ -462,7 +487,8 @@ def deploy_moe(
     extra_manifest: dict | None = None,
 ) -> dict:
     """Write ``moe`` as a bundle: ``gate.onnx``, ``expert_<i>.onnx`` and, with ``int8``, their ``*.int8.onnx``
-    twins, plus ``manifest.json`` (file hashes, top_k, input shape, precision). Returns the manifest.
+    twins, plus ``manifest.json`` (file hashes, top_k, test-time views, input shape, precision). Returns the
+    manifest.
 
     The int8 gate is calibrated on all ``calibration_images``; each int8 expert on the images the torch
     gate routes to it (any of its top-k slots), or on all of them when fewer than
@@ -514,6 +540,7 @@ def deploy_moe(
         "kind": BUNDLE_KIND,
         "top_k": moe.top_k,
         "num_experts": moe.num_experts,
+        "views": moe.views,
         "input_shape": list(calibration_images.shape[1:]),
         "files": {name: sha256_file(folder / name) for name in written},
         "precision": "int8" if int8 else "fp32",
@@ -550,6 +577,8 @@ def _read_manifest(folder: Path) -> dict:
     files = manifest.get("files")
     if not isinstance(files, dict) or not all(isinstance(value, str) for value in files.values()):
         problems.append("files (expected an object of file name -> sha256)")
+    if manifest.get("views", 1) not in VIEWS:  # bundles written before test-time views have none: 1
+        problems.append(f"views {manifest.get('views')!r} (expected one of {list(VIEWS)})")
     if manifest.get("precision") not in PRECISIONS:
         problems.append(f"precision {manifest.get('precision')!r} (expected one of {list(PRECISIONS)})")
     if problems:
@@ -593,7 +622,7 @@ def load_bundle(folder: Path, threads: int = 1, precision: str | None = None) ->
         raise UntrustedFileError(f"{folder / 'manifest.json'} is malformed: it lists no hash for {missing}.")
     gate = OrtModel(_verified(folder, gate_name, files), threads)
     experts = [OrtModel(_verified(folder, name, files), threads) for name in expert_names]
-    bundle = OrtMoE(gate, experts, manifest["top_k"])
+    bundle = OrtMoE(gate, experts, manifest["top_k"], manifest.get("views", 1))
     bundle.manifest = manifest
     return bundle
 

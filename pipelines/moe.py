@@ -14,6 +14,11 @@ one expert + gate, not K. Two routing modes (``MoEConfig.routing``):
 
 Experts start as copies of one compressed model, or as different compressed models (one per teacher:
 ``pipelines.hybrid``, ``expert_init``); the gate is warm-started on the class groups.
+
+Test-time views (``MoEConfig.views``): in eval mode the MoE averages its logits over the first ``views``
+symmetries of :func:`pipelines.data.symmetry_views` (identity, horizontal flip, vertical flip, both, then
+their transposes), each routed on its own. It costs ``views`` times the MACs and latency of one pass and
+is counted so (``count_macs`` runs the eval forward); training is unchanged (one view per sample).
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipelines.data import Split
+from pipelines.data import Split, symmetry_views
 from pipelines.errors import ConfigError
 
 __all__ = [
@@ -38,6 +43,7 @@ __all__ = [
     "warm_start_gate",
     "teacher_similarity",
     "ROUTINGS",
+    "VIEWS",
     "routing_table",
 ]
 
@@ -50,6 +56,7 @@ class MoEConfig:
     balance_weight: float = 0.01  # learned routing: weight of the load-balancing term
     routing: str = "class-groups"
     gate_loss_weight: float = 1.0  # class-groups routing: weight of the gate's cross-entropy
+    views: int = 1  # test-time symmetry views averaged in eval mode (VIEWS); each costs one more pass
 
     def __post_init__(self) -> None:
         if not 1 <= self.num_experts <= 16:
@@ -67,9 +74,14 @@ class MoEConfig:
             raise ConfigError(
                 f"moe.routing: unknown value {self.routing!r}. Valid values: {', '.join(ROUTINGS)}."
             )
+        if self.views not in VIEWS:
+            raise ConfigError(
+                f"moe.views: {self.views!r} is not a number of test-time views; use one of {list(VIEWS)}."
+            )
 
 
 ROUTINGS = ("class-groups", "learned")
+VIEWS = (1, 2, 4, 8)  # first n of the 8 symmetries of a square image (pipelines.data.symmetry_views)
 
 
 class Gate(nn.Module):
@@ -102,8 +114,14 @@ class MixtureOfExperts(nn.Module):
         routing: str = "learned",
         class_to_expert: list[int] | None = None,
         gate_loss_weight: float = 1.0,
+        views: int = 1,
     ) -> None:
         super().__init__()
+        if views not in VIEWS:
+            raise ConfigError(
+                f"views: {views!r} is not a number of test-time views; use one of {list(VIEWS)}."
+            )
+        self.views = views
         self.gate = gate
         self.experts = nn.ModuleList(experts)
         self.top_k = top_k
@@ -136,6 +154,13 @@ class MixtureOfExperts(nn.Module):
         return probabilities, top_index, weights
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.views > 1 and not self.training:
+            # Test-time views: one batch of views x samples, each routed on its own; logits averaged.
+            stacked = torch.cat(symmetry_views(x, "d4")[: self.views])
+            return self._routed(stacked).view(self.views, x.shape[0], -1).mean(dim=0)
+        return self._routed(x)
+
+    def _routed(self, x: torch.Tensor) -> torch.Tensor:
         if self.num_experts == 1:
             # A gate with one choice decides nothing: skip it (no gate MACs, no gate latency).
             self.last_routing = torch.zeros(x.shape[0], 1, dtype=torch.long)
@@ -194,7 +219,13 @@ def build_moe(
     models = [expert] if isinstance(expert, nn.Module) else list(expert)
     experts = [copy.deepcopy(models[index % len(models)]) for index in range(cfg.num_experts)]
     return MixtureOfExperts(
-        gate, experts, cfg.top_k, cfg.balance_weight, cfg.routing, gate_loss_weight=cfg.gate_loss_weight
+        gate,
+        experts,
+        cfg.top_k,
+        cfg.balance_weight,
+        cfg.routing,
+        gate_loss_weight=cfg.gate_loss_weight,
+        views=cfg.views,
     )
 
 
@@ -320,6 +351,7 @@ def moe_description(
         "balance_weight": moe.balance_weight,
         "routing": moe.routing,
         "class_to_expert": moe.class_to_expert,
+        "views": moe.views,
     }
 
 
@@ -342,6 +374,7 @@ def rebuild_moe(description: dict, layers: dict, state: dict) -> MixtureOfExpert
         description.get("balance_weight", 0.01),
         description.get("routing", "learned"),
         description.get("class_to_expert"),
+        views=description.get("views", 1),  # checkpoints written before test-time views: one view
     )
     resize_layers(moe, layers)
     moe.load_state_dict(state)

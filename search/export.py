@@ -388,12 +388,24 @@ def _candidate_lines(rows: list[dict]) -> list[str]:
                 if params.get("num_experts", 1) > 1 and "expert_init" in params
                 else ""
             )
+            + (f", {params['views']} test-time views" if params.get("views", 1) > 1 else "")
         )
         lines.append(
             f"| {row['trial']} | {described} | {row['trial_val_accuracy']:.4f} | "
             f"{row['full_budget_val_accuracy']:.4f} | {row['mmacs']:.2f} | {row['latency_ms']:.3f} |"
         )
     return [*lines, ""]
+
+
+def _views_line(params: dict) -> list[str]:
+    views = int(params.get("views", 1))
+    if views == 1:
+        return []
+    return [
+        f"- Test-time views: each input runs as {views} symmetric views (identity, then flips) whose logits are "
+        f"averaged; MACs, latency and accuracy above include all {views} passes (the bundle's manifest holds "
+        "`views`, and `hycomp predict` runs them)."
+    ]
 
 
 def render_report(report: dict) -> str:
@@ -427,6 +439,7 @@ def render_report(report: dict) -> str:
         f"max |logit diff| {exported['agreement_with_torch']['max_abs_diff']:.4g}.",
         *_weight_grid_line(exported.get("engine_weight_grid")),
         f"- MACs: {report['conventions']['macs']}. Size: {report['conventions']['size']}. {report['conventions']['low_bit']}.",
+        *_views_line(report["params"]),
         "",
         *_candidate_lines(report.get("candidates") or []),
         "Routing (validation, first choice): rows are classes, columns experts.",

@@ -28,10 +28,10 @@ from pipelines.deploy import agreement, deploy_moe, load_bundle, measure_moe_lat
 from pipelines.errors import CompressionError
 from pipelines.hybrid import HybridConfig, StageBudget, compress_hybrid
 from pipelines.measure import count_macs, count_params, packed_size_bytes
-from pipelines.moe import Gate, MoEConfig, moe_description, routing_table
-from pipelines.serialize import save_checkpoint
+from pipelines.moe import Gate, MixtureOfExperts, MoEConfig, moe_description, rebuild_moe, routing_table
+from pipelines.serialize import load_checkpoint, save_checkpoint
 from pipelines.train import TrainConfig, ensemble_logits, evaluate
-from search.space import Budget, SearchConfig, suggest
+from search.space import GATE_ONLY, INFERENCE_ONLY, Budget, SearchConfig, suggest
 
 __all__ = [
     "OBJECTIVES",
@@ -113,6 +113,7 @@ def hybrid_config(params: dict, channel_multiple: int = 8) -> HybridConfig:
             top_k=min(int(params["top_k"]), int(params["num_experts"])),
             gate_size=int(params["gate_size"]),
             routing=params.get("routing", "class-groups"),
+            views=int(params.get("views", 1)),  # trials of studies before this parameter: one view
         ),
         expert_init=params.get("expert_init", "copies"),  # trials of studies before this parameter: copies
     )
@@ -132,7 +133,8 @@ def estimate_cost(ctx: TrialContext, params: dict) -> dict:
         gate = Gate(ctx.data.channels, cfg.moe.num_experts, cfg.moe.gate_size)
         gate_macs = count_macs(gate, example)
         size += packed_size_bytes(gate, min(bits, 8) if bits < 32 else 32)
-    return {"mmacs": (gate_macs + cfg.moe.top_k * expert_macs) / 1e6, "size_kb": size / 1024}
+    per_view = gate_macs + cfg.moe.top_k * expert_macs
+    return {"mmacs": cfg.moe.views * per_view / 1e6, "size_kb": size / 1024}
 
 
 def evaluate_config(
@@ -147,9 +149,54 @@ def evaluate_config(
     result = compress_hybrid(
         ctx.teacher, data, hybrid, stage_budget(budget, seed), seed=seed, sources=ctx.distill_from
     )
-    moe = result.moe
-    seconds = dict(result.seconds)
+    record = _measure(ctx, params, result.moe, result.bits_by_layer, folder, seed, threads, repeats)
+    record["seconds"] = {**result.seconds, **record["seconds"]}
+    record.update(
+        expert_params=result.expert_params,
+        achieved_sparsity=result.achieved_sparsity,
+        class_assignment=result.class_assignment,
+        stage_val_accuracy=result.stage_accuracy,
+    )
+    return record
 
+
+TRAINING_RECORD = ("expert_params", "achieved_sparsity", "class_assignment", "stage_val_accuracy")
+
+
+def evaluate_views(
+    ctx: TrialContext,
+    params: dict,
+    trained: dict,
+    source: Path,
+    folder: Path,
+    seed: int,
+    threads: int,
+    repeats: int,
+) -> dict:
+    """The model trained for another trial (checkpoint ``source``, record ``trained``) measured again with
+    ``params["views"]`` test-time views: the views change inference only, so nothing is trained again."""
+    description, layers, state = load_checkpoint(source)
+    moe = rebuild_moe(description, layers, state)
+    moe.views = int(params.get("views", 1))
+    record = _measure(ctx, params, moe, description.get("bits_by_layer", {}), folder, seed, threads, repeats)
+    record.update({key: trained[key] for key in TRAINING_RECORD if key in trained})
+    return record
+
+
+def _measure(
+    ctx: TrialContext,
+    params: dict,
+    moe: MixtureOfExperts,
+    bits_by_layer: dict[str, int],
+    folder: Path,
+    seed: int,
+    threads: int,
+    repeats: int,
+) -> dict:
+    """Save ``moe`` to ``folder`` (checkpoint + ONNX bundle) and measure what the trial reports."""
+    data = ctx.data
+    hybrid = hybrid_config(params, ctx.cfg.model.channel_multiple)
+    seconds: dict[str, float] = {}
     started = time.perf_counter()
     torch_val = evaluate(moe, data.val)
     if not math.isfinite(torch_val):
@@ -159,7 +206,7 @@ def evaluate_config(
     )
     if folder.exists():
         shutil.rmtree(folder)
-    save_checkpoint(moe, folder / "model", {**description, "bits_by_layer": result.bits_by_layer})
+    save_checkpoint(moe, folder / "model", {**description, "bits_by_layer": bits_by_layer})
     int8 = hybrid.quantize.bits < 32
     calibration = data.train.subset(min(1.0, 512 / max(1, len(data.train))), seed=seed).images
     manifest = deploy_moe(
@@ -186,8 +233,8 @@ def evaluate_config(
     deployed_val = float((logits.argmax(axis=1) == data.val.labels.numpy()).mean())
     agree = agreement(moe, bundle, data.val.images[:512])
     timing = measure_moe_latency(bundle, val_images[:1], threads=threads, batch=1, repeats=repeats, warmup=5)
-    macs = count_macs(moe, data.val.images)  # routed: gate + the experts each val image actually used
-    size = packed_size_bytes(moe, lambda name: result.bits_by_layer.get(name, 32), skip=moe.idle_parts)
+    macs = count_macs(moe, data.val.images)  # routed: gate + the experts each val image (and view) used
+    size = packed_size_bytes(moe, lambda name: bits_by_layer.get(name, 32), skip=moe.idle_parts)
     seconds["measure"] = time.perf_counter() - started
     table = routing_table(moe, data.val, data.num_classes)
     return {
@@ -199,14 +246,10 @@ def evaluate_config(
         "routing_share": timing["routing_share"],
         "size_kb": size / 1024,
         "params": count_params(moe),
-        "expert_params": result.expert_params,
-        "achieved_sparsity": result.achieved_sparsity,
         "bits": hybrid.quantize.bits,
         "precision": manifest.get("precision"),
         "top1_agreement_with_torch": agree["top1_agreement"],
         "routing_per_class": table.tolist(),
-        "class_assignment": result.class_assignment,
-        "stage_val_accuracy": result.stage_accuracy,
         "seconds": seconds,
         "effective_top_k": hybrid.moe.top_k,
     }
@@ -220,23 +263,34 @@ def is_repeat(trial: optuna.trial.FrozenTrial) -> bool:
     return "duplicate_of" in trial.user_attrs
 
 
-def _config_key(params: dict) -> tuple:
+def _config_key(params: dict, ignore: tuple[str, ...] = ()) -> tuple:
     """What determines a trial's model (``top_k`` only through its effective, clipped value). A single
-    expert runs without a gate, so its gate size, routing and expert origin change nothing."""
-    ignored = {"top_k"}
+    expert runs without a gate, so what only a gate uses (``GATE_ONLY``) changes nothing."""
+    ignored = {"top_k", *ignore}
     if int(params.get("num_experts", 1)) == 1:
-        ignored |= {"gate_size", "routing", "expert_init"}
+        ignored |= set(GATE_ONLY)
     return tuple(sorted((key, value) for key, value in params.items() if key not in ignored))
+
+
+def _earliest(
+    trial: optuna.Trial, key: tuple, ignore: tuple[str, ...] = ()
+) -> optuna.trial.FrozenTrial | None:
+    for other in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        config = other.user_attrs.get("config")
+        if config and not is_repeat(other) and _config_key(config, ignore) == key:
+            return other
+    return None
 
 
 def _same_config(trial: optuna.Trial, params: dict) -> optuna.trial.FrozenTrial | None:
     """The earliest completed trial (not itself a copy) with exactly this configuration, if any."""
-    key = _config_key(params)
-    for other in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        config = other.user_attrs.get("config")
-        if config and not is_repeat(other) and _config_key(config) == key:
-            return other
-    return None
+    return _earliest(trial, _config_key(params))
+
+
+def _same_model(trial: optuna.Trial, params: dict) -> optuna.trial.FrozenTrial | None:
+    """The earliest completed trial that trained this configuration's model (it may differ in test-time
+    views only, which change inference, not training), if any."""
+    return _earliest(trial, _config_key(params, INFERENCE_ONLY), INFERENCE_ONLY)
 
 
 class Objective:
@@ -284,15 +338,25 @@ class Objective:
         started = time.perf_counter()
         try:
             self._check_budget(trial, params)
-            record = evaluate_config(
-                self.ctx,
-                params,
-                cfg.trial,
-                self.ctx.study_folder / "trials" / f"trial_{trial.number}",
-                seed=cfg.seed,
-                threads=cfg.measure.latency_threads,
-                repeats=cfg.measure.latency_repeats,
-            )
+            folder = self.ctx.study_folder / "trials" / f"trial_{trial.number}"
+            settings = {
+                "seed": cfg.seed,
+                "threads": cfg.measure.latency_threads,
+                "repeats": cfg.measure.latency_repeats,
+            }
+            trained = _same_model(trial, params)
+            source = trained and self.ctx.study_folder / "trials" / f"trial_{trained.number}" / "model"
+            if source is not None and source.with_suffix(".json").exists():
+                log.info(
+                    "trial %d: trial %d's model with %s test-time view(s)",
+                    trial.number,
+                    trained.number,
+                    params.get("views", 1),
+                )
+                record = evaluate_views(self.ctx, params, trained.user_attrs, source, folder, **settings)
+                record["model_of"] = trained.number
+            else:
+                record = evaluate_config(self.ctx, params, cfg.trial, folder, **settings)
         except optuna.TrialPruned:
             raise
         except (CompressionError, RuntimeError, ValueError) as error:

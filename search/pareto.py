@@ -13,6 +13,7 @@ import pandas as pd
 from optuna.trial import TrialState
 
 from pipelines.errors import ConfigError
+from search.space import GATE_ONLY
 
 __all__ = ["trials_table", "front_table", "failures_table", "Pick", "pick_trial", "PICKS"]
 
@@ -29,6 +30,9 @@ _COLUMNS = {
 }
 
 
+GATE_DEFAULTS = {"routing": "class-groups", "expert_init": "copies"}  # trials of studies before these existed
+
+
 def _feasible(trial: optuna.trial.FrozenTrial) -> bool:
     return all(value <= 0 for value in trial.constraints.values())
 
@@ -41,7 +45,7 @@ def trials_table(study: optuna.Study) -> pd.DataFrame:
     for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         attrs = trial.user_attrs
         config = attrs.get("config") or trial.params
-        gated = config.get("num_experts", 1) > 1  # a single expert runs without a gate
+        gated = config.get("num_experts", 1) > 1  # a single expert runs without a gate (GATE_ONLY)
         rows.append(
             {
                 "trial": trial.number,
@@ -56,10 +60,9 @@ def trials_table(study: optuna.Study) -> pd.DataFrame:
                 "bits": config.get("bits"),
                 "num_experts": config.get("num_experts"),
                 "top_k": config.get("effective_top_k", config.get("top_k")),
-                "gate_size": config.get("gate_size"),
-                # without a gate, routing and expert origin mean nothing
-                "routing": config.get("routing", "class-groups") if gated else "-",
-                "expert_init": config.get("expert_init", "copies") if gated else "-",
+                # without a gate, what only a gate uses means nothing
+                **{key: config.get(key, GATE_DEFAULTS.get(key)) if gated else "-" for key in GATE_ONLY},
+                "views": config.get("views", 1),
                 "feasible": _feasible(trial),
                 "on_front": trial.number in front,
                 "reference": attrs.get("reference", ""),
@@ -181,6 +184,7 @@ DISPLAY_COLUMNS = (
     "gate_size",
     "routing",
     "expert_init",
+    "views",
     "engine",
     "feasible",
 )
@@ -209,6 +213,7 @@ def format_table(table: pd.DataFrame, baseline: dict | None = None) -> str:
             "gate_size": "-",
             "routing": "-",
             "expert_init": "-",
+            "views": 1,
             "engine": "torch",
             "feasible": "",
         }

@@ -20,11 +20,11 @@ import yaml
 
 from pipelines.compress.prune import PRUNERS
 from pipelines.compress.quantize import BITS, QUANTIZER_METHODS
-from pipelines.data import AUGMENTS, dataset_names
+from pipelines.data import AUGMENT_VIEWS, AUGMENTS, dataset_names
 from pipelines.errors import ConfigError, unknown_name
 from pipelines.hybrid import EXPERT_INITS
 from pipelines.models import model_names
-from pipelines.moe import ROUTINGS
+from pipelines.moe import ROUTINGS, VIEWS
 
 __all__ = [
     "SAMPLERS",
@@ -136,6 +136,9 @@ class Space:
     gate_size: tuple[int, ...] = (4, 8, 16)
     routing: tuple[str, ...] = ("class-groups",)  # class-groups | learned (see pipelines/moe.py)
     expert_init: tuple[str, ...] = ("copies",)  # copies | teachers (see pipelines/hybrid.py)
+    views: tuple[int, ...] = (
+        1,
+    )  # test-time symmetry views averaged per input: 1 | 2 | 4 | 8 (pipelines/moe.py)
 
 
 @dataclass(frozen=True)
@@ -360,6 +363,20 @@ def _validate(cfg: SearchConfig) -> None:
         )
     for gate_size in space.gate_size:
         _check_range("space.gate_size", gate_size, 1, 256)
+    for views in space.views:
+        if views not in VIEWS:
+            raise ConfigError(
+                f"space.views: {views} is not a number of test-time views; use values from "
+                f"{', '.join(map(str, VIEWS))}."
+            )
+        for prefix, budget in (("trial", cfg.trial), ("export", cfg.export)):
+            seen = AUGMENT_VIEWS[budget.augment]
+            if views > seen:
+                raise ConfigError(
+                    f"space.views: {views} averages symmetric views the students never trained on "
+                    f"({prefix}.augment: {budget.augment} covers {seen}). Use views up to {seen}, or set "
+                    f"{prefix}.augment: d4 (all 8)."
+                )
     _check_range("measure.latency_threads", cfg.measure.latency_threads, 1, 256)
     _check_range("measure.latency_repeats", cfg.measure.latency_repeats, 1, 100000)
     for name in ("max_latency_ms", "max_size_kb", "max_mmacs"):
@@ -419,6 +436,10 @@ def setup_fingerprint(cfg: SearchConfig) -> str:
 # --------------------------------------------------------------------------------------------- optuna
 
 
+GATE_ONLY = ("gate_size", "routing", "expert_init")  # parameters a single expert (no gate) ignores
+INFERENCE_ONLY = ("views",)  # parameters that change inference only: a trained model is measured again
+
+
 def suggest(trial: Any, space: Space) -> dict:
     """Sample one configuration. ``top_k`` is drawn from its own fixed range and then clipped to the
     sampled number of experts (a fixed range keeps the samplers' model of the space consistent); the
@@ -449,6 +470,8 @@ def suggest(trial: Any, space: Space) -> dict:
     params["routing"] = trial.suggest_categorical("routing", list(space.routing))
     if space.expert_init != ("copies",):  # a one-choice space adds no parameter: older studies still match
         params["expert_init"] = trial.suggest_categorical("expert_init", list(space.expert_init))
+    if space.views != (1,):
+        params["views"] = trial.suggest_categorical("views", list(space.views))
     params["effective_top_k"] = min(params["top_k"], params["num_experts"])
     return params
 
@@ -470,6 +493,8 @@ def baseline_params(space: Space) -> dict:
     }
     if space.expert_init != ("copies",):
         params["expert_init"] = space.expert_init[0]
+    if space.views != (1,):
+        params["views"] = min(space.views)
     if REFERENCE_BITS not in space.bits:
         del params["bits"]  # not a valid categorical choice: suggest() fills it in for the reference
     return params

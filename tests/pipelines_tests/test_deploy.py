@@ -411,3 +411,35 @@ def test_ort_moe_validates_its_parts(int8_bundle) -> None:
         OrtMoE(bundle.gate, bundle.experts, top_k=4)
     with pytest.raises(ConfigError, match="gate"):
         OrtMoE(bundle.gate, bundle.experts[:2], top_k=1)
+
+
+@pytest.mark.parametrize("views", [2, 8])
+def test_bundle_with_test_time_views_matches_torch(views: int, data, tmp_path: Path) -> None:
+    images, labels = data
+    moe = _moe(2, images[:CALIBRATION], labels[:CALIBRATION])
+    moe.views = views
+    manifest = deploy_moe(moe, tmp_path, images[:CALIBRATION], int8=False)
+    assert manifest["views"] == views
+    bundle = load_bundle(tmp_path, precision="fp32")
+    assert bundle.views == views and f"views={views}" in repr(bundle)
+    counter = _CountingModel(bundle.gate)
+    bundle.gate = counter
+    output = bundle(images[:5].numpy())
+    assert output.shape == (5, NUM_CLASSES) and counter.calls == [5 * views]  # one batch of all views
+    result = agreement(moe, bundle, images)  # torch averages the same views in the same order
+    assert result["max_abs_diff"] < 1e-4 and result["top1_agreement"] == 1.0
+    assert bundle(images[:0].numpy()).shape[0] == 0
+    with pytest.raises(ConfigError, match="views"):
+        OrtMoE(counter.model, bundle.experts, top_k=1, views=3)
+
+
+def test_manifest_without_views_loads_as_one_view(fp32_bundle, tmp_path: Path) -> None:
+    copy = shutil.copytree(fp32_bundle[1], tmp_path / "bundle")
+    manifest = json.loads((copy / "manifest.json").read_text())
+    assert manifest.pop("views") == 1
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    assert load_bundle(copy).views == 1  # bundles written before test-time views
+    manifest["views"] = 5
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UntrustedFileError, match="views 5"):
+        load_bundle(copy)

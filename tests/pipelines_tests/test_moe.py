@@ -6,10 +6,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipelines.data import Dataset
+from pipelines.data import Dataset, symmetry_views
 from pipelines.errors import ConfigError
+from pipelines.measure import count_macs
 from pipelines.models import build_model
-from pipelines.moe import MixtureOfExperts, MoEConfig, build_moe, class_groups, routing_table, warm_start_gate
+from pipelines.moe import (
+    MixtureOfExperts,
+    MoEConfig,
+    build_moe,
+    class_groups,
+    moe_description,
+    rebuild_moe,
+    routing_table,
+    warm_start_gate,
+)
 from pipelines.train import TrainConfig, evaluate, train
 
 
@@ -235,3 +245,35 @@ def test_one_expert_skips_the_gate() -> None:
         assert torch.equal(moe(example), moe.experts[0](example))
     assert not calls
     assert count_macs(moe, example) == count_macs(moe.experts[0], example)
+
+
+@pytest.mark.parametrize("views", [2, 4, 8])
+def test_test_time_views_average_the_symmetric_views_in_eval_only(views: int) -> None:
+    moe = _moe(num_experts=3, top_k=2)
+    _spread_gate(moe)
+    example = torch.randn(5, 3, 28, 28)
+    moe.eval()
+    with torch.no_grad():
+        single = [moe(view) for view in symmetry_views(example, "d4")[:views]]
+        moe.views = views
+        averaged = moe(example)
+        assert torch.allclose(averaged, torch.stack(single).mean(dim=0), atol=1e-5)
+        assert not torch.allclose(averaged, single[0], atol=1e-3)  # the views really differ
+        moe.train()
+        assert moe(example).shape == (5, 8)  # training sees one view per sample
+    moe.views = 1
+    one_view = count_macs(moe, example)
+    moe.views = views
+    assert count_macs(moe, example) == views * one_view  # top-2 of equal experts: every view costs the same
+
+
+def test_views_are_validated_and_kept_by_the_checkpoint_description() -> None:
+    with pytest.raises(ConfigError, match="moe.views"):
+        MoEConfig(views=3)
+    moe = build_moe(build_model("resnet8", 3, 8, 0.5), 3, MoEConfig(num_experts=2, views=4))
+    assert moe.views == 4
+    description = moe_description("resnet8", 0.5, 3, 8, moe, 8)
+    rebuilt = rebuild_moe(description, {}, moe.state_dict())
+    assert rebuilt.views == 4
+    del description["views"]  # checkpoints written before views existed
+    assert rebuild_moe(description, {}, moe.state_dict()).views == 1

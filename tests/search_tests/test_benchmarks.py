@@ -40,11 +40,20 @@ def test_experiment_merges_rows_in_seed_order_whatever_order_they_finished() -> 
     from search.benchmarks.experiment import CONTROL, MOE, SINGLE, _merge
 
     def entry(row: str, seed: int, test: float) -> dict:
-        return {"row": row, "seed": seed, "test": [test], "latency_ms": [seed + 0.5], "mmacs": 10.0 + seed}
+        views = {"test_one_view": [test - 0.01]} if row == MOE else {}  # a row that runs test-time views
+        return {
+            "row": row,
+            "seed": seed,
+            "test": [test],
+            "latency_ms": [seed + 0.5],
+            "mmacs": 10.0 + seed,
+            **views,
+        }
 
     finished = [entry(CONTROL, 2, 0.3), entry(MOE, 1, 0.2), entry(MOE, 0, 0.1), entry(CONTROL, 0, 0.5)]
     rows = _merge(finished, seeds=[0, 1, 2], names=[MOE, CONTROL], single_is=7)
     assert rows[MOE]["test"] == [0.1, 0.2] and rows[MOE]["latency_ms"] == [0.5, 1.5]
+    assert rows[MOE]["test_one_view"] == pytest.approx([0.09, 0.19])
     assert rows[MOE]["mmacs"] == 10.0  # per-configuration figures from the first seed
     assert rows[CONTROL]["test"] == [0.5, 0.3] and "row" not in rows[CONTROL]
     assert rows[SINGLE]["test"] == rows[MOE]["test"] and rows[SINGLE]["note"] == "= the exported trial 7"
@@ -65,7 +74,13 @@ def test_experiment_reuses_only_saved_results_of_the_same_row_seed_setup_and_con
         {"row": MOE, "seed": 2, "setup": setup, "params": config, "test": [0.7]},  # a seed not asked for
         {"row": CONTROL, "seed": 0, "setup": setup, "width": 0.656, "test": [0.6]},
         {"row": CONTROL, "seed": 1, "setup": setup, "width": 0.7, "test": [0.5]},  # another width
-        {"row": MOE, "seed": 0, "setup": setup, "params": config, "test": [0.95]},  # a duplicate: first counts
+        {
+            "row": MOE,
+            "seed": 0,
+            "setup": setup,
+            "params": config,
+            "test": [0.95],
+        },  # a duplicate: first counts
         {"row": CONTROL, "seed": 1, "width": 0.656, "test": [0.4]},  # saved before setups were recorded
     ]
     tasks = [(MOE, 0), (MOE, 1), (CONTROL, 0), (CONTROL, 1)]
@@ -79,7 +94,9 @@ def test_experiment_reuses_only_saved_results_of_the_same_row_seed_setup_and_con
     for changed in (cfg.replace(model={"channel_multiple": 4}), cfg.replace(export={"finetune_epochs": 30})):
         assert setup_fingerprint(changed) != setup
         assert _reusable(saved, tasks, {MOE: config, CONTROL: 0.656}, setup_fingerprint(changed)) == []
-    assert setup_fingerprint(cfg.replace(data={"root": "/elsewhere"})) == setup  # where the data lives: same runs
+    assert (
+        setup_fingerprint(cfg.replace(data={"root": "/elsewhere"})) == setup
+    )  # where the data lives: same runs
     # an older version's file (one dict of rows per seed) or another shape is ignored, not misread
     assert _reusable([{MOE: {"test": [0.9]}}, "text"], tasks, {MOE: config}, setup) == []
     assert _reusable({MOE: []}, tasks, {MOE: config}, setup) == []

@@ -12,7 +12,7 @@ from optuna.distributions import CategoricalDistribution
 from optuna.trial import TrialState, create_trial
 
 from search.cli import main
-from search.objective import _same_config
+from search.objective import _same_config, _same_model
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -72,6 +72,63 @@ def test_a_single_expert_ignores_what_only_a_gate_uses() -> None:
     two = _study_with(_config(expert_init="copies"))
     assert _same_config(two.ask(), _config(expert_init="teachers")) is None
     assert _same_config(two.ask(), _config(gate_size=16, expert_init="copies")) is None
+
+
+def test_views_change_the_configuration_but_not_the_model() -> None:
+    """Test-time views are inference only: a trial that differs only in them is measured on the trained
+    model of the earlier trial, not trained again (and not a repeat: its objectives differ)."""
+    study = _study_with(_config(views=1))
+    trial = study.ask()
+    assert _same_config(trial, _config(views=2)) is None
+    assert _same_model(trial, _config(views=2)).number == 0
+    assert _same_model(trial, _config(views=2, bits=4)) is None
+    assert _same_model(_study_with(_config()).ask(), _config(views=4)).number == 0  # older trials: no views
+
+
+@pytest.mark.slow
+def test_a_views_trial_measures_the_trained_model_again(
+    tmp_path: Path, synthetic_root: Path, monkeypatch
+) -> None:
+    """Two configurations that differ in views only: one training; the second trial re-measures the first's
+    model with 2 views (twice the MACs of the same experts and gate) and its export runs the views."""
+    monkeypatch.setenv("HYCOMP_RESULTS", str(tmp_path / "results"))
+    mapping = yaml.safe_load((REPO / "search_spaces" / "tiny.yaml").read_text())
+    mapping["data"]["root"] = str(synthetic_root)
+    mapping["study"].update(
+        name="views", trials=2, enqueue_baseline=False, sampler={"name": "random", "seed": 0}
+    )
+    mapping["space"].update(
+        sparsity={"low": 0.5, "high": 0.5},
+        pruner=["l1"],
+        bits=[8],
+        num_experts={"low": 1, "high": 1},
+        top_k={"low": 1, "high": 1},
+        gate_size=[4],
+        views=[1, 2],
+    )
+    mapping["measure"]["latency_repeats"] = 2
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump(mapping))
+    assert main(["search", "--space", str(space), "--no-progress"]) == 0
+    folder = tmp_path / "results" / "views"
+    study = optuna.load_study(study_name="views", storage=f"sqlite:///{folder / 'study.db'}")
+    trials = [
+        t for t in study.get_trials(states=(TrialState.COMPLETE,)) if "duplicate_of" not in t.user_attrs
+    ]
+    by_views = {t.user_attrs["config"]["views"]: t for t in trials}
+    assert sorted(by_views) == [1, 2]
+    first, second = sorted(trials, key=lambda t: t.number)
+    assert "model_of" not in first.user_attrs and second.user_attrs["model_of"] == first.number
+    assert "finetune" not in second.user_attrs["seconds"]  # measured, not trained
+    assert by_views[2].user_attrs["mmacs"] == pytest.approx(2 * by_views[1].user_attrs["mmacs"], rel=1e-6)
+    assert by_views[2].user_attrs["size_kb"] == pytest.approx(by_views[1].user_attrs["size_kb"])
+    assert by_views[2].user_attrs["achieved_sparsity"] == by_views[1].user_attrs["achieved_sparsity"]
+    number = by_views[2].number
+    assert main(["export", str(folder), "--trial", str(number)]) == 0
+    bundle = folder / "export" / f"trial_{number}" / "bundle"
+    import json
+
+    assert json.loads((bundle / "manifest.json").read_text())["views"] == 2
 
 
 @pytest.mark.slow

@@ -59,6 +59,11 @@ def test_dump_round_trips() -> None:
             {"space": {"expert_init": ["copies", "teachers"]}},
             ["space.expert_init", "baseline.teachers is 1", "baseline.teachers: 2"],
         ),
+        ({"space": {"views": [3]}}, ["space.views", "3", "1, 2, 4, 8"]),
+        (  # flips trains on 4 of the 8 symmetries
+            {"space": {"views": [1, 8]}, "trial": {"augment": "d4"}, "export": {"augment": "flips"}},
+            ["space.views", "8", "export.augment: flips covers 4", "export.augment: d4"],
+        ),
         ({"constraints": {"max_latency_ms": -1}}, ["constraints.max_latency_ms", "-1"]),
         ({"spcae": {}}, ["spcae", "unknown key", "space"]),
         ({"space": {"bitz": [4]}}, ["space.bitz", "unknown key", "bits"]),
@@ -140,9 +145,24 @@ def test_expert_init_is_a_parameter_only_when_there_is_a_choice() -> None:
     assert "expert_init" not in suggest(study.ask(), parse_space({}).space)
     two = {"teachers": 2}, {"kd_targets": "ensemble"}
     cfg = parse_space(
-        {"baseline": two[0], "trial": two[1], "export": two[1], "space": {"expert_init": ["teachers", "copies"]}}
+        {
+            "baseline": two[0],
+            "trial": two[1],
+            "export": two[1],
+            "space": {"expert_init": ["teachers", "copies"]},
+        }
     )
     trial = study.ask()
     assert suggest(trial, cfg.space)["expert_init"] in ("teachers", "copies")
     assert isinstance(trial.distributions["expert_init"], optuna.distributions.CategoricalDistribution)
     assert baseline_params(cfg.space)["expert_init"] == "teachers"
+
+
+def test_views_are_a_parameter_only_when_there_is_a_choice() -> None:
+    study = optuna.create_study(directions=["maximize", "minimize", "minimize"])
+    assert "views" not in suggest(study.ask(), parse_space({}).space)
+    cfg = parse_space({"space": {"views": [2, 1, 4]}})
+    trial = study.ask()
+    assert suggest(trial, cfg.space)["views"] in (1, 2, 4)
+    assert isinstance(trial.distributions["views"], optuna.distributions.CategoricalDistribution)
+    assert baseline_params(cfg.space)["views"] == 1  # the reference point: one plain pass
