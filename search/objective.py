@@ -345,7 +345,11 @@ class Objective:
                 "repeats": cfg.measure.latency_repeats,
             }
             trained = _same_model(trial, params)
-            source = trained and self.ctx.study_folder / "trials" / f"trial_{trained.number}" / "model"
+            source = (
+                None
+                if trained is None
+                else self.ctx.study_folder / "trials" / f"trial_{trained.number}" / "model"
+            )
             if source is not None and source.with_suffix(".json").exists():
                 log.info(
                     "trial %d: trial %d's model with %s test-time view(s)",
@@ -368,7 +372,20 @@ class Objective:
         for key, value in record.items():
             trial.set_user_attr(key, value)
         self._set_constraints(trial, record)
+        if "model_of" not in record and not trial.user_attrs.get("reference"):
+            self._enqueue_other_views(trial, params)
         return record["val_accuracy"], record["mmacs"], record["latency_ms"]
+
+    def _enqueue_other_views(self, trial: optuna.Trial, params: dict) -> None:
+        """Queue this trained model with every other ``space.views`` value as the next trials: each is a
+        re-measurement (seconds, no training), so every trained model is seen with and without views."""
+        for views in self.ctx.cfg.space.views:
+            if views != params.get("views", 1):
+                trial.study.enqueue_trial(
+                    {**trial.params, "views": views},
+                    user_attrs={"views_of": trial.number},
+                    skip_if_exists=True,
+                )
 
     def _check_budget(self, trial: optuna.Trial, params: dict) -> None:
         limits = self.ctx.cfg.constraints

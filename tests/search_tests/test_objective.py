@@ -89,8 +89,9 @@ def test_views_change_the_configuration_but_not_the_model() -> None:
 def test_a_views_trial_measures_the_trained_model_again(
     tmp_path: Path, synthetic_root: Path, monkeypatch
 ) -> None:
-    """Two configurations that differ in views only: one training; the second trial re-measures the first's
-    model with 2 views (twice the MACs of the same experts and gate) and its export runs the views."""
+    """Two configurations that differ in views only: one training; the trained model is queued with the other
+    views value, and that trial re-measures it (twice or half the MACs of the same network), and the export
+    of the 2-view trial runs the views."""
     monkeypatch.setenv("HYCOMP_RESULTS", str(tmp_path / "results"))
     mapping = yaml.safe_load((REPO / "search_spaces" / "tiny.yaml").read_text())
     mapping["data"]["root"] = str(synthetic_root)
@@ -119,6 +120,7 @@ def test_a_views_trial_measures_the_trained_model_again(
     assert sorted(by_views) == [1, 2]
     first, second = sorted(trials, key=lambda t: t.number)
     assert "model_of" not in first.user_attrs and second.user_attrs["model_of"] == first.number
+    assert second.user_attrs["views_of"] == first.number  # queued by the first trial, not sampled
     assert "finetune" not in second.user_attrs["seconds"]  # measured, not trained
     assert by_views[2].user_attrs["mmacs"] == pytest.approx(2 * by_views[1].user_attrs["mmacs"], rel=1e-6)
     assert by_views[2].user_attrs["size_kb"] == pytest.approx(by_views[1].user_attrs["size_kb"])
