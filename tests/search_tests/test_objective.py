@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import optuna
@@ -74,6 +75,27 @@ def test_a_single_expert_ignores_what_only_a_gate_uses() -> None:
     assert _same_config(two.ask(), _config(gate_size=16, expert_init="copies")) is None
 
 
+def _one_point_space(folder: Path, data_root: Path, name: str, **space) -> Path:
+    """tiny.yaml narrowed to one trained configuration (one sparsity, pruner, bit-width, a single expert),
+    2 trials; ``space`` adds or overrides keys of ``space:``."""
+    mapping = yaml.safe_load((REPO / "search_spaces" / "tiny.yaml").read_text())
+    mapping["data"]["root"] = str(data_root)
+    mapping["study"].update(name=name, trials=2, enqueue_baseline=False)
+    mapping["space"].update(
+        sparsity={"low": 0.5, "high": 0.5},
+        pruner=["l1"],
+        bits=[8],
+        num_experts={"low": 1, "high": 1},
+        top_k={"low": 1, "high": 1},
+        gate_size=[4],
+        **space,
+    )
+    mapping["measure"]["latency_repeats"] = 2
+    path = folder / "space.yaml"
+    path.write_text(yaml.safe_dump(mapping))
+    return path
+
+
 def test_views_change_the_configuration_but_not_the_model() -> None:
     """Test-time views are inference only: a trial that differs only in them is measured on the trained
     model of the earlier trial, not trained again (and not a repeat: its objectives differ)."""
@@ -93,23 +115,7 @@ def test_a_views_trial_measures_the_trained_model_again(
     views value, and that trial re-measures it (twice or half the MACs of the same network), and the export
     of the 2-view trial runs the views."""
     monkeypatch.setenv("HYCOMP_RESULTS", str(tmp_path / "results"))
-    mapping = yaml.safe_load((REPO / "search_spaces" / "tiny.yaml").read_text())
-    mapping["data"]["root"] = str(synthetic_root)
-    mapping["study"].update(
-        name="views", trials=2, enqueue_baseline=False, sampler={"name": "random", "seed": 0}
-    )
-    mapping["space"].update(
-        sparsity={"low": 0.5, "high": 0.5},
-        pruner=["l1"],
-        bits=[8],
-        num_experts={"low": 1, "high": 1},
-        top_k={"low": 1, "high": 1},
-        gate_size=[4],
-        views=[1, 2],
-    )
-    mapping["measure"]["latency_repeats"] = 2
-    space = tmp_path / "space.yaml"
-    space.write_text(yaml.safe_dump(mapping))
+    space = _one_point_space(tmp_path, synthetic_root, "views", views=[1, 2])
     assert main(["search", "--space", str(space), "--no-progress"]) == 0
     folder = tmp_path / "results" / "views"
     study = optuna.load_study(study_name="views", storage=f"sqlite:///{folder / 'study.db'}")
@@ -128,8 +134,6 @@ def test_a_views_trial_measures_the_trained_model_again(
     number = by_views[2].number
     assert main(["export", str(folder), "--trial", str(number)]) == 0
     bundle = folder / "export" / f"trial_{number}" / "bundle"
-    import json
-
     assert json.loads((bundle / "manifest.json").read_text())["views"] == 2
 
 
@@ -143,19 +147,7 @@ def test_a_repeated_configuration_is_not_trained_again(
     from search.study import MAX_REPEATS
 
     monkeypatch.setenv("HYCOMP_RESULTS", str(tmp_path / "results"))
-    mapping = yaml.safe_load((REPO / "search_spaces" / "tiny.yaml").read_text())
-    mapping["data"]["root"] = str(synthetic_root)
-    mapping["study"].update(name="one-point", trials=2, enqueue_baseline=False)
-    mapping["space"].update(
-        sparsity={"low": 0.5, "high": 0.5},
-        pruner=["l1"],
-        bits=[8],
-        num_experts={"low": 1, "high": 1},
-        top_k={"low": 1, "high": 1},
-        gate_size=[4],
-    )
-    space = tmp_path / "space.yaml"
-    space.write_text(yaml.safe_dump(mapping))
+    space = _one_point_space(tmp_path, synthetic_root, "one-point")
     assert main(["search", "--space", str(space), "--no-progress"]) == 0
     assert "few new points left" in caplog.text
     assert f"1 completed trials (+{MAX_REPEATS} repeated" in capsys.readouterr().out
