@@ -317,8 +317,10 @@ def _active_count(study: optuna.Study) -> int:
     return len(evaluated_trials(study)) + len(running)
 
 
-def _worker_main(cfg_dict: dict, url: str, results: str | None, threads: int) -> None:
-    """Entry point of a worker process (spawned): same study, same cached teacher."""
+def _worker_main(cfg_dict: dict, url: str, results: str | None, threads: int, index: int = 0) -> None:
+    """Entry point of a worker process (spawned): same study, same cached teacher. Worker ``index`` seeds
+    its sampler with ``study.sampler.seed + index``: with one seed, the workers would propose the same
+    configurations at the same moment and train each twice."""
     import torch
 
     from search.baseline import get_teachers
@@ -327,6 +329,9 @@ def _worker_main(cfg_dict: dict, url: str, results: str | None, threads: int) ->
     torch.set_num_threads(threads)
     logging.basicConfig(level=logging.WARNING)
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # failures are logged once, by the objective
+    sampler = cfg_dict["study"]["sampler"]
+    if sampler.get("seed") is not None:
+        sampler["seed"] += index
     cfg = parse_space(cfg_dict)
     results_path = Path(results) if results else None
     data = load_data(cfg)
@@ -343,10 +348,10 @@ def _run_workers(cfg: SearchConfig, url: str, results: Path | None, workers: int
     processes = [
         context.Process(
             target=_worker_main,
-            args=(cfg.to_dict(), url, str(results) if results else None, threads),
+            args=(cfg.to_dict(), url, str(results) if results else None, threads, index),
             daemon=False,
         )
-        for _ in range(workers)
+        for index in range(workers)
     ]
     for process in processes:
         process.start()
