@@ -45,7 +45,7 @@ from pipelines.moe import rebuild_moe
 from pipelines.serialize import load_checkpoint
 from pipelines.train import evaluate
 from search.baseline import get_teachers
-from search.objective import TrialContext, evaluate_config
+from search.objective import TrialContext, evaluate_config, evaluate_views, model_key
 from search.pool import run_pinned
 from search.space import SearchConfig, setup_fingerprint
 from search.study import load_data
@@ -120,8 +120,7 @@ def export_trial(
             "elsewhere). Pass --retrain to compress its configuration again."
         )
     started = time.perf_counter()
-    data = load_data(cfg)
-    teachers, baseline = get_teachers(cfg, data, study_folder.parent, threads=cfg.measure.latency_threads)
+    data, teachers, baseline = _loaded(cfg, study_folder)
     staging = target.with_name(target.name + ".partial")
     if staging.exists():
         shutil.rmtree(staging)
@@ -129,7 +128,15 @@ def export_trial(
     params = dict(trial.user_attrs.get("config") or trial.params)
     try:
         if retrain and prepared is None:
-            record = _full_budget(cfg, data, teachers, study_folder, params, staging)
+            record = evaluate_config(
+                _context(cfg, study_folder),
+                params,
+                cfg.export,
+                staging,
+                seed=cfg.seed,
+                threads=threads,
+                repeats=cfg.measure.latency_repeats,
+            )
         else:  # the files of the trial, or of its full-budget retraining, copied as they are
             source, record = prepared or (source, dict(trial.user_attrs))
             staging.mkdir(parents=True)
@@ -219,48 +226,64 @@ def export_trial(
     return report
 
 
-def _full_budget(
-    cfg: SearchConfig, data: Dataset, teachers: list, study_folder: Path, params: dict, folder: Path
-) -> dict:
-    """``params`` compressed at the full ``export:`` budget into ``folder``, at the study's seed."""
-    return evaluate_config(
-        TrialContext(cfg, data, teachers[0], study_folder, distill_from=teachers),
-        params,
-        cfg.export,
-        folder,
-        seed=cfg.seed,
-        threads=cfg.measure.latency_threads,
-        repeats=cfg.measure.latency_repeats,
-    )
-
-
-_LOADED: dict[str, tuple[Dataset, list]] = {}  # per process: data and teachers, loaded once
-
-
-def _retrain_candidate(
-    cfg: SearchConfig, study_folder: Path, trial_number: int, params: dict, folder: Path
-) -> dict:
-    """One candidate at the full export budget into ``folder`` (a worker process with ``jobs`` > 1). A
-    candidate already there with the same configuration and setup is reused, not trained again."""
+def _loaded(cfg: SearchConfig, study_folder: Path) -> tuple[Dataset, list, dict]:
+    """(data, teachers, baseline record) of this setup, loaded once per process."""
     fingerprint = setup_fingerprint(cfg)
-    record_path = folder / "candidate.json"
-    saved = _saved_candidate(folder, params, fingerprint)
-    if saved is not None:
-        log.info("candidate trial %d: reusing its full-budget result in %s", trial_number, folder)
-        return saved
     if fingerprint not in _LOADED:
         data = load_data(cfg)
-        teachers, _ = get_teachers(cfg, data, study_folder.parent, threads=cfg.measure.latency_threads)
-        _LOADED[fingerprint] = (data, teachers)
-    data, teachers = _LOADED[fingerprint]
-    started = time.perf_counter()
-    record = _full_budget(cfg, data, teachers, study_folder, params, folder)
-    record.update(trial=trial_number, params=params, setup=fingerprint)
-    record["seconds"]["total"] = time.perf_counter() - started
-    staging = record_path.with_suffix(".tmp")
-    staging.write_text(json.dumps(record, indent=1, default=str))
-    staging.replace(record_path)  # written last: a folder without it is retrained
-    return record
+        teachers, baseline = get_teachers(cfg, data, study_folder.parent, threads=cfg.measure.latency_threads)
+        _LOADED[fingerprint] = (data, teachers, baseline)
+    return _LOADED[fingerprint]
+
+
+_LOADED: dict[str, tuple[Dataset, list, dict]] = {}
+
+
+def _context(cfg: SearchConfig, study_folder: Path) -> TrialContext:
+    """The trial context of the full-budget runs: the student distils from every teacher."""
+    data, teachers, _ = _loaded(cfg, study_folder)
+    return TrialContext(cfg, data, teachers[0], study_folder, distill_from=teachers)
+
+
+def _retrain_candidates(cfg: SearchConfig, study_folder: Path, members: list[tuple[int, dict, Path]]) -> dict:
+    """Candidates that share one model (they differ in test-time views only, :func:`model_key`) at the full
+    export budget: the first ``(trial, params, folder)`` is trained, the others measure that model again
+    with their own views. Runs in a worker process with ``jobs`` > 1. A candidate already there with the
+    same configuration and setup is reused, not trained again. Returns {trial: record}."""
+    fingerprint = setup_fingerprint(cfg)
+    settings = {
+        "seed": cfg.seed,
+        "threads": cfg.measure.latency_threads,
+        "repeats": cfg.measure.latency_repeats,
+    }
+    records: dict[int, dict] = {}
+    trained: tuple[Path, dict] | None = None  # (folder, record) of the model this group shares
+    for trial_number, params, folder in members:
+        saved = _saved_candidate(folder, params, fingerprint)
+        if saved is not None:
+            log.info("candidate trial %d: reusing its full-budget result in %s", trial_number, folder)
+        else:
+            started = time.perf_counter()
+            if trained is None:
+                saved = evaluate_config(_context(cfg, study_folder), params, cfg.export, folder, **settings)
+            else:
+                log.info(
+                    "candidate trial %d: the model of trial %d with other test-time views",
+                    trial_number,
+                    members[0][0],
+                )
+                source, record = trained
+                saved = evaluate_views(
+                    _context(cfg, study_folder), params, record, source / "model", folder, **settings
+                )
+            saved.update(trial=trial_number, params=params, setup=fingerprint)
+            saved["seconds"]["total"] = time.perf_counter() - started
+            staging = (folder / "candidate.json").with_suffix(".tmp")
+            staging.write_text(json.dumps(saved, indent=1, default=str))
+            staging.replace(folder / "candidate.json")  # written last: a folder without it is retrained
+        trained = trained or (folder, saved)
+        records[trial_number] = saved
+    return records
 
 
 def _saved_candidate(folder: Path, params: dict, fingerprint: str) -> dict | None:
@@ -297,18 +320,13 @@ def export_best(
     The test split is read only for the exported one. Returns its report."""
     trials = {t.number: t for t in study.get_trials(deepcopy=False)}
     folder = study_folder / "export" / "candidates"
-    work = [
-        (
-            cfg,
-            study_folder,
-            pick.trial,
-            dict(trials[pick.trial].user_attrs.get("config") or trials[pick.trial].params),
-            folder / f"trial_{pick.trial}",
-        )
-        for pick in picks
-    ]
+    groups: dict[tuple, list[tuple[int, dict, Path]]] = {}  # one training per model (views differ only)
+    for pick in picks:
+        params = dict(trials[pick.trial].user_attrs.get("config") or trials[pick.trial].params)
+        groups.setdefault(model_key(params), []).append((pick.trial, params, folder / f"trial_{pick.trial}"))
+    work = [(cfg, study_folder, members) for members in groups.values()]
     records: dict[int, dict] = {}
-    run_pinned(_retrain_candidate, work, jobs, lambda job, record: records.__setitem__(job[2], record))
+    run_pinned(_retrain_candidates, work, jobs, lambda job, result: records.update(result))
     rows = [
         {
             "trial": pick.trial,

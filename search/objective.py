@@ -272,6 +272,12 @@ def _config_key(params: dict, ignore: tuple[str, ...] = ()) -> tuple:
     return tuple(sorted((key, value) for key, value in params.items() if key not in ignored))
 
 
+def model_key(params: dict) -> tuple:
+    """What determines the trained model of a configuration: two configurations with one key differ in
+    inference only (``INFERENCE_ONLY``, e.g. test-time views), so one training serves both."""
+    return _config_key(params, INFERENCE_ONLY)
+
+
 def _earliest(
     trial: optuna.Trial, key: tuple, ignore: tuple[str, ...] = ()
 ) -> optuna.trial.FrozenTrial | None:
@@ -290,7 +296,7 @@ def _same_config(trial: optuna.Trial, params: dict) -> optuna.trial.FrozenTrial 
 def _same_model(trial: optuna.Trial, params: dict) -> optuna.trial.FrozenTrial | None:
     """The earliest completed trial that trained this configuration's model (it may differ in test-time
     views only, which change inference, not training), if any."""
-    return _earliest(trial, _config_key(params, INFERENCE_ONLY), INFERENCE_ONLY)
+    return _earliest(trial, model_key(params), INFERENCE_ONLY)
 
 
 class Objective:

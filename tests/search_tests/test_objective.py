@@ -135,6 +135,29 @@ def test_a_views_trial_measures_the_trained_model_again(
     assert main(["export", str(folder), "--trial", str(number)]) == 0
     bundle = folder / "export" / f"trial_{number}" / "bundle"
     assert json.loads((bundle / "manifest.json").read_text())["views"] == 2
+    # both are candidates within a budget (the 2-view one is off the front: twice the MACs, no gain needed);
+    # the full-budget retraining trains their shared model once and measures it with each views value
+    out = folder / "export" / "best"
+    command = [
+        "export",
+        str(folder),
+        "--retrain",
+        "--candidates",
+        "2",
+        "--max-mmacs",
+        "1000",
+        "--out",
+        str(out),
+    ]
+    assert main(command) == 0
+    candidates = folder / "export" / "candidates"
+    records = {
+        views: json.loads((candidates / f"trial_{trial.number}" / "candidate.json").read_text())
+        for views, trial in by_views.items()
+    }
+    assert "finetune" in records[1]["seconds"] and "finetune" not in records[2]["seconds"]
+    assert records[2]["mmacs"] == pytest.approx(2 * records[1]["mmacs"], rel=1e-6)
+    assert records[2]["achieved_sparsity"] == records[1]["achieved_sparsity"]
 
 
 @pytest.mark.slow
