@@ -15,6 +15,7 @@ import logging
 import os
 import random
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import optuna
@@ -31,6 +32,7 @@ __all__ = [
     "default_storage",
     "make_storage",
     "make_sampler",
+    "worker_config",
     "open_study",
     "load_study",
     "completed_trials",
@@ -317,6 +319,16 @@ def _active_count(study: optuna.Study) -> int:
     return len(evaluated_trials(study)) + len(running)
 
 
+def worker_config(cfg: SearchConfig, index: int) -> SearchConfig:
+    """The configuration of worker ``index`` of one study: its sampler seeded with ``study.sampler.seed +
+    index`` (worker 0 keeps the seed, so a one-worker study is unchanged). With one seed every worker's
+    sampler proposes the same configuration at the same moment, and each is trained twice."""
+    sampler = cfg.study.sampler
+    if sampler.seed is None or index == 0:
+        return cfg
+    return replace(cfg, study=replace(cfg.study, sampler=replace(sampler, seed=sampler.seed + index)))
+
+
 def _worker_main(cfg_dict: dict, url: str, results: str | None, threads: int, index: int = 0) -> None:
     """Entry point of a worker process (spawned): same study, same cached teacher. Worker ``index`` seeds
     its sampler with ``study.sampler.seed + index``: with one seed, the workers would propose the same
@@ -329,10 +341,7 @@ def _worker_main(cfg_dict: dict, url: str, results: str | None, threads: int, in
     torch.set_num_threads(threads)
     logging.basicConfig(level=logging.WARNING)
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # failures are logged once, by the objective
-    sampler = cfg_dict["study"]["sampler"]
-    if sampler.get("seed") is not None:
-        sampler["seed"] += index
-    cfg = parse_space(cfg_dict)
+    cfg = worker_config(parse_space(cfg_dict), index)
     results_path = Path(results) if results else None
     data = load_data(cfg)
     study = open_study(cfg, make_storage(url))

@@ -141,3 +141,21 @@ def test_workers_on_a_journal_file(
         storage=optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal))),
     )
     check_exact_count(study, 6, folder / "trials")
+
+
+def test_workers_of_one_study_do_not_propose_the_same_configurations() -> None:
+    # Each worker process builds its own sampler. With one seed, the workers' first (random start-up)
+    # proposals were identical, so two processes trained the same configuration side by side.
+    from search.space import load_space, suggest
+    from search.study import make_sampler, worker_config
+
+    cfg = load_space(REPO / "search_spaces" / "bloodmnist.yaml")
+    assert worker_config(cfg, 0) is cfg  # one worker: the study's own seed, unchanged
+    proposals = []
+    for index in range(2):
+        study = optuna.create_study(
+            directions=["maximize", "minimize", "minimize"], sampler=make_sampler(worker_config(cfg, index))
+        )
+        proposals.append([suggest(study.ask(), cfg.space) for _ in range(4)])
+    assert worker_config(cfg, 1).study.sampler.seed == cfg.study.sampler.seed + 1
+    assert all(first != second for first, second in zip(*proposals, strict=True))
