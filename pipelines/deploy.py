@@ -42,7 +42,7 @@ from torch import nn
 
 from pipelines.errors import ConfigError, DataError, UntrustedFileError, unknown_name
 from pipelines.measure import measure_latency
-from pipelines.moe import VIEWS, MixtureOfExperts
+from pipelines.moe import VIEWS, MixtureOfExperts, check_views
 from pipelines.serialize import sha256_file
 
 __all__ = [
@@ -363,10 +363,7 @@ class OrtMoE:
             raise ConfigError(
                 f"gate: it scores {gate_outputs} experts but {len(experts)} experts were given."
             )
-        if views not in VIEWS:
-            raise ConfigError(
-                f"views: {views!r} is not a number of test-time views; use one of {list(VIEWS)}."
-            )
+        check_views(views, "views")
         self.gate = gate
         self.experts = list(experts)
         self.top_k = top_k

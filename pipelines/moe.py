@@ -44,6 +44,7 @@ __all__ = [
     "teacher_similarity",
     "ROUTINGS",
     "VIEWS",
+    "check_views",
     "routing_table",
 ]
 
@@ -74,14 +75,18 @@ class MoEConfig:
             raise ConfigError(
                 f"moe.routing: unknown value {self.routing!r}. Valid values: {', '.join(ROUTINGS)}."
             )
-        if self.views not in VIEWS:
-            raise ConfigError(
-                f"moe.views: {self.views!r} is not a number of test-time views; use one of {list(VIEWS)}."
-            )
+        check_views(self.views, "moe.views")
 
 
 ROUTINGS = ("class-groups", "learned")
 VIEWS = (1, 2, 4, 8)  # first n of the 8 symmetries of a square image (pipelines.data.symmetry_views)
+
+
+def check_views(views: object, field: str) -> int:
+    """``views`` if it is a number of test-time views (``VIEWS``); else a ConfigError naming ``field``."""
+    if views not in VIEWS:
+        raise ConfigError(f"{field}: {views!r} is not a number of test-time views; use one of {list(VIEWS)}.")
+    return int(views)
 
 
 class Gate(nn.Module):
@@ -117,11 +122,7 @@ class MixtureOfExperts(nn.Module):
         views: int = 1,
     ) -> None:
         super().__init__()
-        if views not in VIEWS:
-            raise ConfigError(
-                f"views: {views!r} is not a number of test-time views; use one of {list(VIEWS)}."
-            )
-        self.views = views
+        self.views = check_views(views, "views")
         self.gate = gate
         self.experts = nn.ModuleList(experts)
         self.top_k = top_k
