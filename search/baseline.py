@@ -63,6 +63,16 @@ def load_teacher(folder: Path) -> nn.Module:
     return model.eval()
 
 
+def _teacher_latency(cfg: SearchConfig, model: nn.Module, data: Dataset, threads: int):
+    return measure_latency(
+        torch_runner(model, data.val.images[:1], threads),
+        backend="torch-fp32-eager",
+        threads=threads,
+        batch=1,
+        repeats=cfg.measure.latency_repeats,
+    )
+
+
 def get_baseline(
     cfg: SearchConfig, data: Dataset, root: Path | None = None, threads: int = 1
 ) -> tuple[nn.Module, dict]:
@@ -90,14 +100,7 @@ def get_baseline(
             log.info("baseline: step %d/%d (%.0f%%)", done, total, 100 * done / total)
 
     report = train(model, data.train, train_cfg, on_step=on_step)
-    example = data.val.images[:1]
-    latency = measure_latency(
-        torch_runner(model, example, threads),
-        backend="torch-fp32-eager",
-        threads=threads,
-        batch=1,
-        repeats=cfg.measure.latency_repeats,
-    )
+    latency = _teacher_latency(cfg, model, data, threads)
     record = {
         "key": folder.name,
         "arch": cfg.model.arch,
@@ -134,8 +137,16 @@ def member_config(cfg: SearchConfig, index: int) -> SearchConfig:
     return replace(cfg, baseline=replace(cfg.baseline, seed=cfg.baseline.seed + index))
 
 
+def _train_member(cfg: SearchConfig, root: Path | None, threads: int) -> str:
+    """Worker of :func:`get_teachers` with ``jobs > 1``: train and cache one member (its own data copy)."""
+    from search.study import load_data  # search.study imports this module
+
+    _, record = get_baseline(cfg, load_data(cfg), root, threads)
+    return record["key"]
+
+
 def get_teachers(
-    cfg: SearchConfig, data: Dataset, root: Path | None = None, threads: int = 1
+    cfg: SearchConfig, data: Dataset, root: Path | None = None, threads: int = 1, jobs: int = 1
 ) -> tuple[list[nn.Module], dict]:
     """The ``baseline.teachers`` fp32 teachers (each trained once and cached, like :func:`get_baseline`).
 
@@ -143,10 +154,30 @@ def get_teachers(
     ensemble`` averages their logits). Returns (teachers, record of the first); with more than one, the
     record's ``ensemble`` entry holds the members' cache keys and the val/test accuracy of their averaged
     logits (test is reported only, never used to choose).
+
+    ``jobs > 1`` trains the members not cached yet side by side, each process pinned to its share of the
+    CPUs (:func:`search.pool.run_pinned`): with 2 cores, two teachers at one thread each take about the time
+    of one at two threads. Each member is cached as it finishes, so an interrupted run keeps the finished.
     """
+    members = [member_config(cfg, index) for index in range(cfg.baseline.teachers)]
+    missing = [m for m in members if not (baseline_dir(baseline_key(m), root) / "baseline.json").exists()]
+    if jobs > 1 and len(missing) > 1:
+        from search.pool import run_pinned
+
+        log.info("baseline: training %d teachers, %d at a time", len(missing), min(jobs, len(missing)))
+        run_pinned(
+            _train_member,
+            [(member, root, threads) for member in missing],
+            jobs,
+            lambda job, key: log.info("baseline: teacher %s cached", key),
+        )
     teachers, records = [], []
-    for index in range(cfg.baseline.teachers):
-        teacher, record = get_baseline(member_config(cfg, index), data, root, threads)
+    for member in members:
+        teacher, record = get_baseline(member, data, root, threads)
+        if jobs > 1 and len(missing) > 1 and member in missing:
+            # measured while the other members trained beside it: measure again on a quiet machine
+            record["latency"] = _teacher_latency(member, teacher, data, threads).as_dict()
+            (baseline_dir(record["key"], root) / "baseline.json").write_text(json.dumps(record, indent=2))
         teachers.append(teacher)
         records.append(record)
     record = dict(records[0])

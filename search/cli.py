@@ -1,7 +1,7 @@
 """The ``hycomp`` command line: a table of commands, each with ``add_arguments`` and ``take_action``.
 
     hycomp search   --space search_spaces/bloodmnist.yaml [--data-root DIR] [--storage URL] [--trials N]
-    hycomp baseline --space …                     train / load the cached fp32 teacher
+    hycomp baseline --space … [--jobs N]          train / load the cached fp32 teacher(s), N at a time
     hycomp front    results/<study>                Pareto front: table, front.csv, front.png, HTML views
     hycomp export   results/<study> --trial N | --pick knee | --max-latency-ms X …
     hycomp predict  BUNDLE IMAGES.npz|IMAGE…      run an exported bundle with ONNX Runtime alone
@@ -299,14 +299,23 @@ class BaselineCommand:
         parser.add_argument("--space", required=True)
         parser.add_argument("--data-root")
         parser.add_argument("--download", action="store_true")
+        parser.add_argument(
+            "--jobs",
+            type=int,
+            default=1,
+            help="teachers trained at once, each pinned to its share of the CPUs",
+        )
 
     def take_action(self, args: argparse.Namespace) -> int:
+        from pipelines.errors import ConfigError
         from search.baseline import get_teachers
         from search.study import load_data
 
+        if args.jobs < 1:
+            raise ConfigError(f"--jobs: {args.jobs} must be >= 1.")
         cfg = _load_cfg(args)
         data = load_data(cfg)
-        _, record = get_teachers(cfg, data, threads=cfg.measure.latency_threads)
+        _, record = get_teachers(cfg, data, threads=cfg.measure.latency_threads, jobs=args.jobs)
         keys = ("key", "arch", "val_accuracy", "test_accuracy", "macs", "params", "train_seconds", "ensemble")
         print(json.dumps({key: record[key] for key in keys if key in record}, indent=2))
         return 0

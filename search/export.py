@@ -326,7 +326,31 @@ def export_best(
         groups.setdefault(model_key(params), []).append((pick.trial, params, folder / f"trial_{pick.trial}"))
     work = [(cfg, study_folder, members) for members in groups.values()]
     records: dict[int, dict] = {}
-    run_pinned(_retrain_candidates, work, jobs, lambda job, result: records.update(result))
+    started = time.perf_counter()
+    log.info(
+        "export: retraining %d model(s) for %d candidate(s) at the full budget, %d at a time (minutes each)",
+        len(work),
+        len(picks),
+        min(jobs, len(work)),
+    )
+
+    done = [0]
+
+    def finished(job: tuple, result: dict) -> None:
+        records.update(result)
+        done[0] += 1
+        for number, record in result.items():
+            log.info(
+                "export: candidate trial %d at the full budget: val %.4f, %.3f MMACs (%d/%d models, %.0f s)",
+                number,
+                record["val_accuracy"],
+                record["mmacs"],
+                done[0],
+                len(work),
+                time.perf_counter() - started,
+            )
+
+    run_pinned(_retrain_candidates, work, jobs, finished)
     rows = [
         {
             "trial": pick.trial,

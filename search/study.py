@@ -243,7 +243,8 @@ def run_search(
     storage = make_storage(url)
     _write_config(cfg, folder)
     study = open_study(cfg, storage)
-    teachers, record = get_teachers(cfg, data, results, threads=cfg.measure.latency_threads)
+    # --workers N trains missing teachers N at a time too, before the workers start
+    teachers, record = get_teachers(cfg, data, results, threads=cfg.measure.latency_threads, jobs=workers)
     study.set_user_attr("baseline", record)
     log.info(
         "baseline %s: val %.4f, test %.4f, %.2f MMACs, %d params",

@@ -88,3 +88,35 @@ def test_the_baseline_command_trains_every_teacher_and_prints_the_ensemble(
     printed = json.loads(capsys.readouterr().out)
     assert len(printed["ensemble"]["members"]) == 2 and 0 <= printed["ensemble"]["val_accuracy"] <= 1
     assert len(list((tmp_path / "results" / "baselines").iterdir())) == 2
+
+
+def test_teachers_trained_side_by_side_equal_those_trained_one_after_the_other(
+    synthetic_root: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """`hycomp baseline --jobs 2` trains the missing members in two pinned processes: the same seeded
+    training, so the same cached weights as one at a time; --jobs 0 is refused naming the flag."""
+    from search.baseline import load_teacher
+    from search.cli import main
+
+    mapping = yaml.safe_load((REPO / "search_spaces" / "tiny.yaml").read_text())
+    mapping["baseline"].update(epochs=0.5, teachers=2)
+    mapping["export"]["kd_targets"] = "ensemble"
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump(mapping))
+    folders = {}
+    for jobs in (1, 2):
+        work = tmp_path / f"jobs{jobs}"
+        work.mkdir()
+        monkeypatch.chdir(work)
+        assert (
+            main(["baseline", "--space", str(space), "--data-root", str(synthetic_root), "--jobs", str(jobs)])
+            == 0
+        )
+        folders[jobs] = sorted((work / "results" / "baselines").iterdir())
+    capsys.readouterr()
+    assert [f.name for f in folders[1]] == [f.name for f in folders[2]] and len(folders[2]) == 2
+    for one, two in zip(folders[1], folders[2], strict=True):
+        first, second = load_teacher(one).state_dict(), load_teacher(two).state_dict()
+        assert all(torch.equal(first[name], second[name]) for name in first)
+    assert main(["baseline", "--space", str(space), "--data-root", str(synthetic_root), "--jobs", "0"]) == 2
+    assert "--jobs: 0 must be >= 1" in capsys.readouterr().err

@@ -4,6 +4,7 @@ CLI's handling of bad input (exit code 2, one clear message, nothing written).""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -149,7 +150,7 @@ def test_export_errors(searched: dict, capsys) -> None:
 
 @pytest.mark.slow
 def test_export_retrains_candidates_and_exports_the_best_on_validation(
-    searched: dict, tmp_path: Path, capsys
+    searched: dict, tmp_path: Path, capsys, caplog
 ) -> None:
     """--candidates 2: both sampled trials are retrained at the full budget (kept in export/candidates/); the
     one with the better full-budget validation accuracy is exported as retrained, not trained a third time;
@@ -170,6 +171,9 @@ def test_export_retrains_candidates_and_exports_the_best_on_validation(
         )
         assert saved["val_accuracy"] == row["full_budget_val_accuracy"] and saved["params"] == row["params"]
     assert "Candidates retrained at the full budget" in (out / "report.md").read_text()
+    # minutes per model: each finished retraining is logged as it lands, with its val and the count
+    progress = [r.getMessage() for r in caplog.records if "at the full budget: val" in r.getMessage()]
+    assert len(progress) == 2 and all(re.search(r"\(\d/\d models, \d+ s\)", line) for line in progress)
     capsys.readouterr()
     assert main([*command, "--force"]) == 0
     assert json.loads((out / "report.json").read_text())["candidates"] == rows  # reused, same numbers
