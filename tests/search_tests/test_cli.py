@@ -4,6 +4,7 @@ CLI's handling of bad input (exit code 2, one clear message, nothing written).""
 from __future__ import annotations
 
 import json
+import logging
 import re
 from pathlib import Path
 
@@ -155,6 +156,7 @@ def test_export_retrains_candidates_and_exports_the_best_on_validation(
     """--candidates 2: both sampled trials are retrained at the full budget (kept in export/candidates/); the
     one with the better full-budget validation accuracy is exported as retrained, not trained a third time;
     a second run reuses the candidates."""
+    caplog.set_level(logging.INFO, logger="hycomp")
     folder = searched["folder"]
     out = tmp_path / "best"
     command = ["export", str(folder), "--retrain", "--candidates", "2", "--out", str(out)]
