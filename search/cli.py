@@ -402,16 +402,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
-    import warnings
-
     import optuna
+
+    from search.study import quiet_warnings
 
     # A failed trial's reason is logged once by the objective (and kept in the study); Optuna would repeat
     # it with a full traceback, which only --verbose shows.
     optuna.logging.set_verbosity(optuna.logging.WARNING if args.verbose else optuna.logging.ERROR)
-    # Heartbeats and metric names are stable in practice; the reference trial is out of range on purpose.
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    warnings.filterwarnings("ignore", message="Fixed parameter .* is out of range")
+    quiet_warnings()
     from pipelines.errors import HycompError
 
     try:

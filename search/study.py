@@ -33,6 +33,7 @@ __all__ = [
     "make_storage",
     "make_sampler",
     "worker_config",
+    "quiet_warnings",
     "open_study",
     "load_study",
     "completed_trials",
@@ -330,6 +331,16 @@ def worker_config(cfg: SearchConfig, index: int) -> SearchConfig:
     return replace(cfg, study=replace(cfg.study, sampler=replace(sampler, seed=sampler.seed + index)))
 
 
+def quiet_warnings() -> None:
+    """Warnings that say nothing to a user, in this process (spawned workers call it too): Optuna's
+    heartbeat and constraint features are stable in practice, and the enqueued reference trial is outside
+    the space's ranges on purpose."""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    warnings.filterwarnings("ignore", message="Fixed parameter .* is out of range")
+
+
 def _worker_main(cfg_dict: dict, url: str, results: str | None, threads: int, index: int = 0) -> None:
     """Entry point of a worker process (spawned): same study, same cached teacher. Worker ``index`` seeds
     its sampler with ``study.sampler.seed + index``: with one seed, the workers would propose the same
@@ -342,6 +353,7 @@ def _worker_main(cfg_dict: dict, url: str, results: str | None, threads: int, in
     torch.set_num_threads(threads)
     logging.basicConfig(level=logging.WARNING)
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # failures are logged once, by the objective
+    quiet_warnings()
     cfg = worker_config(parse_space(cfg_dict), index)
     results_path = Path(results) if results else None
     data = load_data(cfg)

@@ -123,8 +123,10 @@ def test_four_workers_on_sqlite_complete_exactly_the_target(
 
 @pytest.mark.slow
 def test_workers_on_a_journal_file(
-    tmp_path: Path, synthetic_root: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, synthetic_root: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture
 ) -> None:
+    """Spawned workers share the study through a journal file; like the parent, they keep Optuna's
+    experimental-feature and reference-trial warnings off the user's terminal."""
     results = tmp_path / "results"
     monkeypatch.setenv("HYCOMP_RESULTS", str(results))
     space = write_cheap_space(tmp_path, synthetic_root, "workers-journal", trials=6)
@@ -133,6 +135,8 @@ def test_workers_on_a_journal_file(
         ["search", "--space", str(space), "--storage", str(journal), "--workers", "3", "--no-progress"]
     )
     assert code == 0
+    err = capfd.readouterr().err
+    assert "ExperimentalWarning" not in err and "is out of range" not in err
     assert journal.stat().st_size > 0
     folder = results / "workers-journal"
     assert not (folder / "study.db").exists(), "--storage *.log must not fall back to SQLite"
