@@ -63,6 +63,10 @@ def load_teacher(folder: Path) -> nn.Module:
     return model.eval()
 
 
+def _record_path(cfg: SearchConfig, root: Path | None) -> Path:
+    return baseline_dir(baseline_key(cfg), root) / "baseline.json"
+
+
 def _teacher_latency(cfg: SearchConfig, model: nn.Module, data: Dataset, threads: int):
     return measure_latency(
         torch_runner(model, data.val.images[:1], threads),
@@ -77,8 +81,8 @@ def get_baseline(
     cfg: SearchConfig, data: Dataset, root: Path | None = None, threads: int = 1
 ) -> tuple[nn.Module, dict]:
     """Load the cached teacher for ``cfg`` or train and cache it. Returns (teacher, record)."""
-    folder = baseline_dir(baseline_key(cfg), root)
-    record_path = folder / "baseline.json"
+    record_path = _record_path(cfg, root)
+    folder = record_path.parent
     if record_path.exists():
         log.info("baseline: using cached teacher %s", folder)
         return load_teacher(folder), json.loads(record_path.read_text())
@@ -160,8 +164,9 @@ def get_teachers(
     of one at two threads. Each member is cached as it finishes, so an interrupted run keeps the finished.
     """
     members = [member_config(cfg, index) for index in range(cfg.baseline.teachers)]
-    missing = [m for m in members if not (baseline_dir(baseline_key(m), root) / "baseline.json").exists()]
-    if jobs > 1 and len(missing) > 1:
+    missing = [member for member in members if not _record_path(member, root).exists()]
+    parallel = jobs > 1 and len(missing) > 1
+    if parallel:
         from search.pool import run_pinned
 
         log.info("baseline: training %d teachers, %d at a time", len(missing), min(jobs, len(missing)))
@@ -174,10 +179,10 @@ def get_teachers(
     teachers, records = [], []
     for member in members:
         teacher, record = get_baseline(member, data, root, threads)
-        if jobs > 1 and len(missing) > 1 and member in missing:
+        if parallel and member in missing:
             # measured while the other members trained beside it: measure again on a quiet machine
             record["latency"] = _teacher_latency(member, teacher, data, threads).as_dict()
-            (baseline_dir(record["key"], root) / "baseline.json").write_text(json.dumps(record, indent=2))
+            _record_path(member, root).write_text(json.dumps(record, indent=2))
         teachers.append(teacher)
         records.append(record)
     record = dict(records[0])

@@ -326,26 +326,19 @@ def export_best(
         groups.setdefault(model_key(params), []).append((pick.trial, params, folder / f"trial_{pick.trial}"))
     work = [(cfg, study_folder, members) for members in groups.values()]
     records: dict[int, dict] = {}
-    started = time.perf_counter()
-    log.info(
-        "export: retraining %d model(s) for %d candidate(s) at the full budget, %d at a time (minutes each)",
-        len(work),
-        len(picks),
-        min(jobs, len(work)),
-    )
-
-    done = [0]
+    started, done = time.perf_counter(), 0  # the command has already said which trials are retrained
 
     def finished(job: tuple, result: dict) -> None:
+        nonlocal done
         records.update(result)
-        done[0] += 1
+        done += 1
         for number, record in result.items():
             log.info(
                 "export: candidate trial %d at the full budget: val %.4f, %.3f MMACs (%d/%d models, %.0f s)",
                 number,
                 record["val_accuracy"],
                 record["mmacs"],
-                done[0],
+                done,
                 len(work),
                 time.perf_counter() - started,
             )
