@@ -147,7 +147,7 @@ class MixtureOfExperts(nn.Module):
         """(gate probabilities (B, E), chosen experts (B, k), combine weights (B, k))."""
         logits = self.gate(x)
         self._gate_logits = logits
-        probabilities = F.softmax(logits, dim=1)
+        probabilities = F.softmax(logits.float(), dim=1)  # fp32 also under bf16 autocast
         top_values, top_index = probabilities.topk(self.top_k, dim=1)
         weights = top_values / top_values.sum(dim=1, keepdim=True).detach()
         if self.routing == "class-groups":
@@ -181,9 +181,9 @@ class MixtureOfExperts(nn.Module):
                 expert.train()
             else:
                 expert_out = expert(x[rows])
-            contribution = expert_out * weights[rows, slots].unsqueeze(1)
+            contribution = (expert_out * weights[rows, slots].unsqueeze(1)).float()  # bf16 under autocast
             if output is None:
-                output = x.new_zeros(x.shape[0], expert_out.shape[1])
+                output = x.new_zeros(x.shape[0], expert_out.shape[1], dtype=torch.float32)
             output = output.index_add(0, rows, contribution)
         if self.training and self.balance_weight > 0 and self.routing == "learned":
             fraction = F.one_hot(top_index[:, 0], self.num_experts).float().mean(dim=0)
@@ -206,7 +206,7 @@ class MixtureOfExperts(nn.Module):
             and self.num_experts > 1
         ):
             targets = torch.as_tensor(self.class_to_expert, device=labels.device)[labels]
-            return self.gate_loss_weight * F.cross_entropy(self._gate_logits, targets)
+            return self.gate_loss_weight * F.cross_entropy(self._gate_logits.float(), targets)
         return self._auxiliary
 
 

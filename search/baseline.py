@@ -37,6 +37,7 @@ def teacher_recipe(cfg: SearchConfig) -> TrainConfig:
         schedule=settings.schedule,
         augment=settings.augment,
         seed=settings.seed,
+        precision=settings.precision,
     )
 
 
@@ -50,6 +51,8 @@ def baseline_key(cfg: SearchConfig) -> str:
     }
     if identity["train"]["augment"] == "flips":  # written as `True` before the other policies existed:
         identity["train"]["augment"] = True  # keeps the teachers cached then (20 min each) valid
+    if identity["train"]["precision"] == "fp32":  # keys from before the precision setting stay valid
+        del identity["train"]["precision"]
     return f"{cfg.data.dataset}-{cfg.model.arch}-{stable_hash(identity)}"
 
 

@@ -98,6 +98,7 @@ def stage_budget(budget: Budget, seed: int) -> StageBudget:
             augment=budget.augment,
             subset=budget.subset,
             seed=seed,
+            precision=budget.precision,
         ),
     )
 

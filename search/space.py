@@ -25,6 +25,7 @@ from pipelines.errors import ConfigError, unknown_name
 from pipelines.hybrid import EXPERT_INITS
 from pipelines.models import model_names
 from pipelines.moe import ROUTINGS, VIEWS
+from pipelines.train import PRECISIONS
 
 __all__ = [
     "SAMPLERS",
@@ -99,6 +100,7 @@ class BaselineSettings:
     label_smoothing: float = 0.1
     schedule: str = "onecycle"
     augment: str = "flips"  # none | flips | d4 (crop + symmetries; pipelines.data.AUGMENTS)
+    precision: str = "fp32"  # fp32 | bf16 (pipelines.train: autocast training, about 3x faster on AMX CPUs)
     seed: int = 0
     teachers: int = (
         1  # students distil from this many teachers (seeds seed, seed+1, ...); the first is pruned
@@ -120,6 +122,7 @@ class Budget:
     kd_temperature: float = 4.0
     label_smoothing: float = 0.1
     augment: str = "flips"  # none | flips | d4
+    precision: str = "fp32"  # fp32 | bf16 (pipelines.train)
     kd_targets: str = (
         "online"  # online: teacher on each batch | ensemble: teacher averaged over augment's views
     )
@@ -296,9 +299,13 @@ def _validate(cfg: SearchConfig) -> None:
     _check_range("model.channel_multiple", cfg.model.channel_multiple, 1, 64)
     if cfg.baseline.augment not in AUGMENTS:
         raise unknown_name("baseline.augment", cfg.baseline.augment, AUGMENTS)
+    if cfg.baseline.precision not in PRECISIONS:
+        raise unknown_name("baseline.precision", cfg.baseline.precision, PRECISIONS)
     for prefix, budget in (("trial", cfg.trial), ("export", cfg.export)):
         if budget.augment not in AUGMENTS:
             raise unknown_name(f"{prefix}.augment", budget.augment, AUGMENTS)
+        if budget.precision not in PRECISIONS:
+            raise unknown_name(f"{prefix}.precision", budget.precision, PRECISIONS)
         if budget.kd_targets not in KD_TARGETS:
             raise unknown_name(f"{prefix}.kd_targets", budget.kd_targets, KD_TARGETS)
         _check_range(f"{prefix}.subset", budget.subset, 0.01, 1.0)

@@ -121,3 +121,25 @@ def test_experts_from_different_teachers_start_as_different_networks(
         compress_hybrid(teacher, tiny_data, cfg, budget, seed=0, sources=[teacher])
     with pytest.raises(ConfigError, match=r"expert_init: unknown value 'clones'"):
         HybridConfig(prune=cfg.prune, quantize=cfg.quantize, moe=cfg.moe, expert_init="clones")
+
+
+def test_bf16_training_runs_every_stage(teacher: torch.nn.Module, tiny_data: Dataset) -> None:
+    """precision: bf16 through pruning's fine-tune, the 2-expert MoE's sparse dispatch and NNI's QAT:
+    every stage trains under autocast and the compressed MoE is as good as the fp32 path's bar."""
+    cfg = HybridConfig(
+        prune=PruneConfig(sparsity=0.5, pruner="l1"),
+        quantize=QuantizeConfig(bits=4),
+        moe=MoEConfig(num_experts=2, top_k=1, gate_size=4),
+    )
+    budget = StageBudget(
+        finetune_epochs=BUDGET.finetune_epochs,
+        gate_epochs=BUDGET.gate_epochs,
+        moe_epochs=BUDGET.moe_epochs,
+        qat_epochs=BUDGET.qat_epochs,
+        train=BUDGET.train.replace(precision="bf16"),
+    )
+    result = compress_hybrid(teacher, tiny_data, cfg, budget, seed=0)
+    assert result.stage_accuracy["quantized"] > 0.7
+    assert all(p.dtype == torch.float32 for p in result.moe.parameters())
+    inner = [name for name, bits in result.bits_by_layer.items() if bits == 4]
+    assert inner and all(_on_grid(result.moe.get_submodule(name).weight.detach(), 4) for name in inner)

@@ -138,11 +138,35 @@ def test_divergence_raises_compression_error(tiny_data: Dataset) -> None:
         ("subset", 0.0),
         ("subset", 1.2),
         ("schedule", "linear"),
+        ("precision", "fp16"),
     ],
 )
 def test_bad_train_config_names_the_field(field: str, value: object) -> None:
     with pytest.raises(ConfigError, match=f"train.{field}"):
         TrainConfig(**{field: value})
+
+
+def test_bf16_training_learns_and_keeps_fp32_weights(tiny_data: Dataset, trained: torch.nn.Module) -> None:
+    """precision: bf16 autocasts the forward pass only: weights, their layout and evaluation stay fp32,
+    and the model learns the task as well as in fp32 (same data order and seed)."""
+    model = _small_model()
+    train(model, tiny_data.train, FAST.replace(precision="bf16"))
+    assert all(p.dtype == torch.float32 and p.is_contiguous() for p in model.parameters())
+    assert not torch.is_autocast_cpu_enabled()
+    bf16_accuracy, fp32_accuracy = evaluate(model, tiny_data.val), evaluate(trained, tiny_data.val)
+    assert bf16_accuracy > 4 / tiny_data.num_classes
+    assert abs(bf16_accuracy - fp32_accuracy) < 0.1
+    # The numerics really differ from the fp32 run (autocast was on), by little.
+    weights = [(a - b).abs().max() for a, b in zip(model.parameters(), trained.parameters(), strict=True)]
+    assert max(weights) > 0
+
+
+def test_bf16_distillation_from_precomputed_targets(tiny_data: Dataset, trained: torch.nn.Module) -> None:
+    targets = ensemble_logits(trained, tiny_data.train, "flips")
+    split = tiny_data.train.with_teacher_logits(targets)
+    model = _small_model(1)
+    report = train(model, split, FAST.replace(epochs=1, kd_alpha=0.7, augment="flips", precision="bf16"))
+    assert torch.isfinite(torch.tensor(report.final_loss))
 
 
 def test_batch_size_one_is_refused() -> None:

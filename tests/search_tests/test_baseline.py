@@ -24,12 +24,17 @@ def test_key_changes_with_the_recipe_only() -> None:
     assert teacher_recipe(parse_space({"baseline": {"augment": "d4"}})).augment == "d4"
 
 
-def test_the_shipped_teacher_keeps_the_key_it_was_cached_under() -> None:
-    """The 40-epoch teacher (20 min on 2 cores) was cached before `baseline.augment` existed; its recipe
-    (crops + flips) is unchanged, so its key must be too or every user retrains it."""
+def test_cached_teachers_keep_the_keys_they_were_cached_under() -> None:
+    """The 40-epoch fp32 teachers (40 min a core) were cached before `baseline.augment` (crops + flips)
+    and `baseline.precision` existed; their recipes are unchanged, so their keys must be too or every
+    user retrains them. bf16 is another recipe (other numerics): another key."""
     mapping = yaml.safe_load(dump_space(load_space(REPO / "search_spaces" / "bloodmnist.yaml")))
-    mapping["baseline"]["augment"] = "flips"
+    mapping["baseline"].update(epochs=40, precision="fp32", augment="flips")
     assert baseline_key(parse_space(mapping)) == "bloodmnist-resnet20-b9f99b96bc5b"
+    mapping["baseline"]["augment"] = "d4"
+    assert baseline_key(parse_space(mapping)) == "bloodmnist-resnet20-8c89f98a1366"
+    mapping["baseline"]["precision"] = "bf16"
+    assert baseline_key(parse_space(mapping)) != "bloodmnist-resnet20-8c89f98a1366"
 
 
 def test_a_teacher_ensemble_caches_each_member_and_records_its_accuracy(tiny_data, tmp_path: Path) -> None:

@@ -48,6 +48,8 @@ def test_dump_round_trips() -> None:
         ({"trial": {"kd_alpha": 1.5}}, ["trial.kd_alpha", "1.5"]),
         ({"export": {"augment": "rotate"}}, ["export.augment", "rotate", "d4"]),
         ({"baseline": {"augment": "flip"}}, ["baseline.augment", "flip", "flips"]),
+        ({"baseline": {"precision": "fp16"}}, ["baseline.precision", "fp16", "bf16"]),
+        ({"trial": {"precision": "int8"}}, ["trial.precision", "int8", "fp32"]),
         ({"trial": {"kd_targets": "offline"}}, ["trial.kd_targets", "offline", "ensemble"]),
         ({"baseline": {"teachers": 0}}, ["baseline.teachers", "0", "[1, 8]"]),
         (  # several teachers are distilled from through their precomputed, averaged logits only
