@@ -34,6 +34,7 @@ __all__ = [
     "distillation_loss",
     "ensemble_logits",
     "native_bf16",
+    "step_loss",
     "PRECISIONS",
 ]
 
@@ -140,6 +141,15 @@ def make_step(teacher: nn.Module | None, cfg: TrainConfig) -> Callable:
     return step
 
 
+def step_loss(step: Callable, batch, model: nn.Module, precision: str) -> torch.Tensor:
+    """``step(batch, model)`` at ``precision``: with bf16, under CPU autocast on a channels-last batch."""
+    if precision != "bf16":
+        return step(batch, model)
+    images, *rest = batch
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        return step((images.contiguous(memory_format=torch.channels_last), *rest), model)
+
+
 def native_bf16() -> bool:
     """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX), where ``precision: bf16`` pays."""
     probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
@@ -191,7 +201,6 @@ def train(
     scheduler = _scheduler(optimizer, cfg, total_steps)
     step = step or make_step(teacher, cfg)
     with_targets = split.teacher_logits is not None and cfg.kd_alpha > 0
-    bf16 = cfg.precision == "bf16"
     model.train()
     started = time.perf_counter()
     done, epoch, loss_value = 0, 0, float("nan")
@@ -205,12 +214,7 @@ def train(
         ):
             if len(batch[1]) < 2:  # BatchNorm cannot train on a single sample
                 continue
-            if bf16:
-                images, *rest = batch
-                with torch.autocast("cpu", dtype=torch.bfloat16):
-                    loss = step((images.contiguous(memory_format=torch.channels_last), *rest), model)
-            else:
-                loss = step(batch, model)
+            loss = step_loss(step, batch, model, cfg.precision)
             if not torch.isfinite(loss):
                 raise CompressionError(
                     f"training diverged: loss became {loss.item()} at step {done}. Lower the learning rate."

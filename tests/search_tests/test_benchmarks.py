@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import optuna
 import pytest
 from optuna.distributions import CategoricalDistribution
@@ -129,3 +131,16 @@ def test_an_experiment_worker_ends_when_the_experiment_process_is_killed() -> No
     while running() and time.time() < deadline:
         time.sleep(0.2)
     assert not running()
+
+
+def test_train_step_benchmark_reports_both_precisions(tmp_path) -> None:
+    from search.benchmarks.train_step import run
+
+    out = run("resnet8", [0.25], batch=8, threads=1, repeats=2, out=tmp_path / "train_step.md")
+    text = out.read_text()
+    assert "| resnet8 | 0.25 | fp32 |" in text and "| resnet8 | 0.25 | bf16 |" in text
+    assert "batch 8" in text and "1 thread(s)" in text
+    rows = json.loads(out.with_suffix(".json").read_text())
+    assert [row["precision"] for row in rows] == ["fp32", "bf16"]
+    assert all(row["median_ms"] > 0 and row["batch"] == 8 for row in rows)
+    assert rows[1]["speedup"] == pytest.approx(rows[0]["median_ms"] / rows[1]["median_ms"])
