@@ -100,7 +100,7 @@ class BaselineSettings:
     label_smoothing: float = 0.1
     schedule: str = "onecycle"
     augment: str = "flips"  # none | flips | d4 (crop + symmetries; pipelines.data.AUGMENTS)
-    precision: str = "fp32"  # fp32 | bf16 (pipelines.train: autocast training, about 3x faster on AMX CPUs)
+    precision: str = "fp32"  # fp32 | bf16 (pipelines.train: autocast training, 2.5x faster on AMX CPUs)
     seed: int = 0
     teachers: int = (
         1  # students distil from this many teachers (seeds seed, seed+1, ...); the first is pruned
