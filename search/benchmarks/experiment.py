@@ -1,13 +1,14 @@
 """The quality experiment on a finished study: does the exported MoE beat a plainly trained small net?
 
     python -m search.benchmarks.experiment results/bloodmnist-resnet20 --trial N [--seeds 0 1 2] \
-        [--jobs 2] [--also M ...] [--out results/bloodmnist/REPORT.md]
+        [--jobs 2] [--also M ...] [--report-only] [--out results/bloodmnist/REPORT.md]
 
 ``--jobs 2`` runs two (row, seed) pairs at once, each process pinned to its own share of the CPUs (with 2
 cores: one thread each; small-batch training of these nets gains little from a second thread), longest rows
 first so the workers finish together. Each finished (row, seed) is saved to ``REPORT.seeds.json``; running
 again reuses the saved pairs whose configuration (or control width) is unchanged, so an interrupted
-experiment resumes and ``--also`` adds rows without re-running the others.
+experiment resumes and ``--also`` adds rows without re-running the others. ``--report-only`` writes the
+report from the saved pairs alone while (or after) a run is still going, each row saying how many seeds it holds.
 
 Rows, each at the study's full export budget, over several seeds (mean +- std of TEST accuracy; the
 test split is read here only to report, nothing is chosen with it):
@@ -320,11 +321,13 @@ def run(
     threads: int = 1,
     jobs: int = 1,
     also: tuple[int, ...] = (),
+    report_only: bool = False,
 ) -> Path:
     """Every row for every seed, then the report. ``jobs`` > 1 runs (row, seed) pairs in that many processes,
     each pinned to its own share of the CPUs (latency is measured at ``threads`` threads inside that share).
     ``also``: more trials re-run as rows. (row, seed) pairs already in ``<out>.seeds.json`` with the same
-    configuration are reused, so an interrupted or extended experiment resumes."""
+    configuration are reused, so an interrupted or extended experiment resumes. ``report_only``: write the
+    report from the saved pairs alone, run nothing; each row says how many of the seeds it holds."""
     started = time.time()
     study_folder = Path(study_folder)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -352,6 +355,9 @@ def run(
     done: list[dict] = _reusable(saved, tasks, identity, fingerprint)
     reused = len(done)
     tasks = [task for task in tasks if task not in [(entry["row"], entry["seed"]) for entry in done]]
+    missing, tasks = (tasks, []) if report_only else ([], tasks)
+    if report_only and not done:
+        raise SystemExit(f"--report-only: {partial} holds no finished (row, seed) of this experiment yet.")
     run_pinned(
         _row,
         [(study_folder, trial_number, name, seed, threads) for name, seed in tasks],
@@ -419,8 +425,9 @@ def run(
             f"width {row['width']:.3f}" if "width" in row else f"`{row.get('params')}`"
         )
         label = "exported (a single model: 1 expert)" if name == MOE and single else name
+        held = "" if len(row["test"]) >= len(seeds) else f" ({len(row['test'])} of {len(seeds)} seeds)"
         lines.append(
-            f"| {label} | {_summary(row['test'])} | {row['mmacs']:.2f} | {row['size_kb']:.1f} | {_latency(row['latency_ms'])} | {note} |"
+            f"| {label} | {_summary(row['test'])}{held} | {row['mmacs']:.2f} | {row['size_kb']:.1f} | {_latency(row['latency_ms'])} | {note} |"
         )
     for name, row in rows.items():
         if "test_one_view" in row:
@@ -429,7 +436,17 @@ def run(
                 f"\n`{name}` runs {views} test-time views per input; the same deployed models with one view: "
                 f"{_summary(row['test_one_view'])} test at {row['mmacs'] / views:.2f} MMACs."
             )
-    moe, control = rows["exported MoE"], rows["no-search control"]
+    if missing:
+        lines += [
+            "",
+            "**Partial report** (`--report-only`): not run yet: "
+            + ", ".join(f"`{name}` seed {seed}" for name, seed in missing)
+            + ". Rows show the seeds they hold; the same command without `--report-only` runs the rest and reuses these.",
+        ]
+    if MOE not in rows or CONTROL not in rows:
+        out.write_text("\n".join(lines) + "\n")
+        return out
+    moe, control = rows[MOE], rows[CONTROL]
     verdict = statistics.mean(moe["test"]) - statistics.mean(control["test"])
     lines += [
         "",
@@ -460,6 +477,11 @@ def main() -> None:
     parser.add_argument(
         "--also", type=int, nargs="+", default=[], help="more trials to re-run as rows (e.g. the best MoE)"
     )
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="write the report from the (row, seed) pairs already saved; run nothing",
+    )
     args = parser.parse_args()
     import warnings
 
@@ -467,7 +489,9 @@ def main() -> None:
     folder = resolve_study_dir(args.study)
     cfg, _ = load_study(folder)
     out = Path(args.out) if args.out else Path("results") / cfg.data.dataset / "REPORT.md"
-    path = run(folder, args.trial, args.seeds, out, args.threads, args.jobs, tuple(args.also))
+    path = run(
+        folder, args.trial, args.seeds, out, args.threads, args.jobs, tuple(args.also), args.report_only
+    )
     print(path.read_text())
 
 

@@ -342,3 +342,11 @@ def test_quality_experiment_writes_its_report(searched: dict, tmp_path: Path) ->
     assert f"{len(saved)} (row, seed) result(s) reused" in text and f"--also {other}" in text
     assert extended["exported MoE"]["test"] == rows["exported MoE"]["test"]
     assert len(extended[f"trial {other}"]["test"]) == 2 and f"| trial {other} |" in text
+    # --report-only: a report from the saved pairs alone (nothing trains), saying which seeds each row holds
+    saved_before = out.with_suffix(".seeds.json").read_text()
+    partial = run(folder, 1, [0, 1, 2], out, report_only=True)
+    text = partial.read_text()
+    assert "Partial report" in text and "`no-search control` seed 2" in text and "(2 of 3 seeds)" in text
+    assert out.with_suffix(".seeds.json").read_text() == saved_before
+    with pytest.raises(SystemExit, match="holds no finished"):
+        run(folder, 1, [5], tmp_path / "elsewhere" / "REPORT.md", report_only=True)
