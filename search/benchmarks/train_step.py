@@ -41,8 +41,7 @@ def _stepper(arch: str, width: float, batch: int, precision: str):
     return run
 
 
-def run(arch: str, widths: list[float], batch: int, threads: int, repeats: int, out: Path) -> Path:
-    torch.set_num_threads(threads)
+def _measure(arch: str, widths: list[float], batch: int, threads: int, repeats: int) -> list[dict]:
     rows = []
     for width in widths:
         times = {}
@@ -58,6 +57,16 @@ def run(arch: str, widths: list[float], batch: int, threads: int, repeats: int, 
             times[precision] = stats.median_ms
             rows.append({"arch": arch, "width": width, "precision": precision, **stats.as_dict()})
         rows[-1]["speedup"] = times["fp32"] / times["bf16"]
+    return rows
+
+
+def run(arch: str, widths: list[float], batch: int, threads: int, repeats: int, out: Path) -> Path:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        rows = _measure(arch, widths, batch, threads, repeats)
+    finally:  # the caller's (a test process's) thread count is not this benchmark's to keep
+        torch.set_num_threads(previous)
     lines = [
         "# Training step: fp32 vs bf16 autocast",
         "",

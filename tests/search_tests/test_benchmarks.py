@@ -6,6 +6,7 @@ import json
 
 import optuna
 import pytest
+import torch
 from optuna.distributions import CategoricalDistribution
 from optuna.trial import create_trial
 
@@ -136,7 +137,9 @@ def test_an_experiment_worker_ends_when_the_experiment_process_is_killed() -> No
 def test_train_step_benchmark_reports_both_precisions(tmp_path) -> None:
     from search.benchmarks.train_step import run
 
+    threads = torch.get_num_threads()
     out = run("resnet8", [0.25], batch=8, threads=1, repeats=2, out=tmp_path / "train_step.md")
+    assert torch.get_num_threads() == threads  # the caller's thread count is restored
     text = out.read_text()
     assert "| resnet8 | 0.25 | fp32 |" in text and "| resnet8 | 0.25 | bf16 |" in text
     assert "batch 8" in text and "1 thread(s)" in text
