@@ -480,11 +480,18 @@ def render_report(report: dict) -> str:
         "Routing (validation, first choice): rows are classes, columns experts.",
         "",
     ]
-    table = exported.get("routing_per_class") or []
-    if table:
-        lines.append("| class | " + " | ".join(f"expert {index}" for index in range(len(table[0]))) + " |")
-        lines.append("|---" * (len(table[0]) + 1) + "|")
-        for name, row in zip(report["class_names"], table, strict=False):
-            lines.append(f"| {name[:40]} | " + " | ".join(str(value) for value in row) + " |")
+    lines += routing_lines(exported.get("routing_per_class") or [], report["class_names"])
     lines.append("")
     return "\n".join(lines)
+
+
+def routing_lines(table: list[list[int]], class_names: list[str]) -> list[str]:
+    """A routing count table (rows: classes, columns: experts; ``routing_per_class`` of a trial record)
+    as markdown lines; none when there is no table."""
+    if not table:
+        return []
+    lines = ["| class | " + " | ".join(f"expert {index}" for index in range(len(table[0]))) + " |"]
+    lines.append("|---" * (len(table[0]) + 1) + "|")
+    for name, row in zip(class_names, table, strict=False):
+        lines.append(f"| {name[:40]} | " + " | ".join(str(value) for value in row) + " |")
+    return lines

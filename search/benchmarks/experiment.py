@@ -51,7 +51,7 @@ from pipelines.measure import count_macs, measure_latency, packed_size_bytes
 from pipelines.models import build_model
 from pipelines.train import evaluate, train
 from search.baseline import baseline_key, get_teachers, teacher_recipe
-from search.export import bundle_accuracy, find_candidate
+from search.export import bundle_accuracy, find_candidate, routing_lines
 from search.objective import TrialContext, estimate_cost, evaluate_config
 from search.pareto import trials_table
 from search.pool import run_pinned
@@ -96,6 +96,7 @@ def _compressed_row(ctx: TrialContext, params: dict, seed: int, folder: Path, th
         "size_kb": record["size_kb"],
         "latency_ms": [latency],
         "params": params,
+        "routing_per_class": record.get("routing_per_class"),  # validation, first choice
         "from": str(folder) if prepared is not None else "trained in this run",
     }
 
@@ -276,6 +277,9 @@ def _merge(
         if not runs:
             continue
         row = {key: value for key, value in runs[0].items() if key not in ("row", "seed")}
+        routed = next((entry for entry in runs if entry.get("routing_per_class")), None)
+        if routed is not None:  # seeds saved by an older version hold no routing table
+            row["routing_per_class"], row["routing_seed"] = routed["routing_per_class"], routed["seed"]
         for key in ("test", "test_one_view", "val", "torch_test", "latency_ms"):
             if key in row:
                 row[key] = [value for entry in runs for value in entry[key]]
@@ -425,6 +429,9 @@ def run(
             f"width {row['width']:.3f}" if "width" in row else f"`{row.get('params')}`"
         )
         label = "exported (a single model: 1 expert)" if name == MOE and single else name
+        experts = (row.get("params") or {}).get("num_experts", 1)
+        if name.startswith("trial ") and experts > 1:
+            label += f" (MoE: {experts} experts, top-{row['params'].get('effective_top_k', row['params']['top_k'])})"
         held = "" if len(row["test"]) >= len(seeds) else f" ({len(row['test'])} of {len(seeds)} seeds)"
         lines.append(
             f"| {label} | {_summary(row['test'])}{held} | {row['mmacs']:.2f} | {row['size_kb']:.1f} | {_latency(row['latency_ms'])} | {note} |"
@@ -436,6 +443,15 @@ def run(
                 f"\n`{name}` runs {views} test-time views per input; the same deployed models with one view: "
                 f"{_summary(row['test_one_view'])} test at {row['mmacs'] / views:.2f} MMACs."
             )
+    for name, row in rows.items():  # how the gate spreads inputs over experts (experts are per seed)
+        table = row.get("routing_per_class") or []
+        if table and len(table[0]) > 1 and not row.get("note", "").startswith("="):
+            lines += [
+                "",
+                f"`{name}` routing, seed {row['routing_seed']} (validation, first choice): rows are classes, columns experts.",
+                "",
+                *routing_lines(table, setup.ctx.data.class_names),
+            ]
     if missing:
         lines += [
             "",

@@ -64,6 +64,25 @@ def test_experiment_merges_rows_in_seed_order_whatever_order_they_finished() -> 
     assert SINGLE not in _merge(finished, seeds=[0, 1, 2], names=[MOE, CONTROL])
 
 
+def test_experiment_routing_table_comes_from_the_first_seed_that_recorded_one() -> None:
+    from search.benchmarks.experiment import _merge
+    from search.export import routing_lines
+
+    table = [[5, 0], [1, 7]]  # rows: classes, columns: experts
+    finished = [
+        {"row": "trial 6", "seed": 0, "test": [0.9], "routing_per_class": None},  # saved by an older version
+        {"row": "trial 6", "seed": 2, "test": [0.8], "routing_per_class": [[0, 5], [7, 1]]},
+        {"row": "trial 6", "seed": 1, "test": [0.7], "routing_per_class": table},
+    ]
+    row = _merge(finished, seeds=[0, 1, 2], names=["trial 6"])["trial 6"]
+    assert row["routing_per_class"] == table and row["routing_seed"] == 1
+    assert row["test"] == [0.9, 0.7, 0.8]
+    lines = routing_lines(table, ["basophil", "platelet"])
+    assert lines[0] == "| class | expert 0 | expert 1 |" and lines[1] == "|---|---|---|"
+    assert lines[2:] == ["| basophil | 5 | 0 |", "| platelet | 1 | 7 |"]
+    assert routing_lines([], ["basophil"]) == []
+
+
 def test_experiment_reuses_only_saved_results_of_the_same_row_seed_setup_and_configuration() -> None:
     from search.benchmarks.experiment import CONTROL, MOE, _reusable
     from search.space import parse_space, setup_fingerprint
