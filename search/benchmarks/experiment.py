@@ -256,13 +256,16 @@ def _row(study_folder: Path, trial_number: int, name: str, seed: int, threads: i
     """One row of the experiment for one seed (runs in a worker process with ``--jobs``)."""
     setup = _setup(study_folder, trial_number)
     ctx = setup.ctx
+    started = time.time()
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
         if name == CONTROL:
             width = _control_width(study_folder, trial_number)
-            return _control_row(setup.cfg, ctx.data, width, seed, scratch, threads)
-        params = _identity(study_folder, trial_number, name)
-        return _compressed_row(ctx, params, seed, scratch / "row", threads)
+            result = _control_row(setup.cfg, ctx.data, width, seed, scratch, threads)
+        else:
+            params = _identity(study_folder, trial_number, name)
+            result = _compressed_row(ctx, params, seed, scratch / "row", threads)
+    return {**result, "seconds": time.time() - started}  # wall-clock of this (row, seed), training included
 
 
 def _merge(
@@ -277,6 +280,12 @@ def _merge(
         if not runs:
             continue
         row = {key: value for key, value in runs[0].items() if key not in ("row", "seed")}
+        row["seconds"] = [  # trained seeds only: a seed measured from an export candidate took a minute
+            entry["seconds"]
+            for entry in runs
+            if entry.get("seconds") is not None
+            and entry.get("from", "trained in this run") == "trained in this run"
+        ]
         routed = next((entry for entry in runs if entry.get("routing_per_class")), None)
         if routed is not None:  # seeds saved by an older version hold no routing table
             row["routing_per_class"], row["routing_seed"] = routed["routing_per_class"], routed["seed"]
@@ -443,6 +452,13 @@ def run(
                 f"\n`{name}` runs {views} test-time views per input; the same deployed models with one view: "
                 f"{_summary(row['test_one_view'])} test at {row['mmacs'] / views:.2f} MMACs."
             )
+    timed = [
+        f"`{name}` {', '.join(f'{seconds / 60:.0f}' for seconds in row['seconds'])}"
+        for name, row in rows.items()
+        if row.get("seconds") and not row.get("note", "").startswith("=")
+    ]
+    if timed:  # seeds measured (not retrained) or saved by an older version record no time
+        lines += ["", "Minutes per trained (row, seed), on one worker each: " + "; ".join(timed) + "."]
     for name, row in rows.items():  # how the gate spreads inputs over experts (experts are per seed)
         table = row.get("routing_per_class") or []
         if table and len(table[0]) > 1 and not row.get("note", "").startswith("="):

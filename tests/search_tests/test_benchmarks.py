@@ -77,6 +77,9 @@ def test_experiment_routing_table_comes_from_the_first_seed_that_recorded_one() 
     row = _merge(finished, seeds=[0, 1, 2], names=["trial 6"])["trial 6"]
     assert row["routing_per_class"] == table and row["routing_seed"] == 1
     assert row["test"] == [0.9, 0.7, 0.8]
+    finished[1]["seconds"], finished[0]["seconds"] = 600.0, 60.0
+    finished[0]["from"] = "export/candidates/trial_6"  # measured, not trained: not a training time
+    assert _merge(finished, seeds=[0, 1, 2], names=["trial 6"])["trial 6"]["seconds"] == [600.0]
     lines = routing_lines(table, ["basophil", "platelet"])
     assert lines[0] == "| class | expert 0 | expert 1 |" and lines[1] == "|---|---|---|"
     assert lines[2:] == ["| basophil | 5 | 0 |", "| platelet | 1 | 7 |"]
