@@ -14,10 +14,13 @@ slower (:func:`native_bf16` tells).
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +28,8 @@ from torch import nn
 
 from pipelines.data import AUGMENTS, Split, symmetry_views
 from pipelines.errors import CompressionError, ConfigError, unknown_name
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "TrainConfig",
@@ -94,8 +99,9 @@ class TrainConfig:
 @dataclass
 class TrainReport:
     steps: int
-    seconds: float
+    seconds: float  # of this call (a resumed run counts only the steps it trained)
     final_loss: float
+    resumed_at: int = 0  # the step a ``checkpoint`` resumed from (0: trained from the start)
 
 
 def distillation_loss(
@@ -179,11 +185,17 @@ def train(
     optimizer: torch.optim.Optimizer | None = None,
     step: Callable | None = None,
     on_step: Callable[[int, int], None] | None = None,
+    checkpoint: Path | None = None,
 ) -> TrainReport:
     """Train ``model`` in place on ``data`` for ``cfg.epochs`` (fractions allowed).
 
     Distillation targets come from ``data.teacher_logits`` when the split carries them (see
     :func:`ensemble_logits`; the teacher is then not run per step), else from ``teacher`` on each batch.
+
+    ``checkpoint``: a file where the model, optimizer, schedule and position are saved after every epoch,
+    so that a run killed or interrupted (Ctrl-C) resumes there, with the same result as an uninterrupted
+    one. It is read only if it was written by the same ``cfg`` on a split of the same size, else training
+    starts over; the caller deletes it once the model is kept.
 
     Raises :class:`CompressionError` when the loss becomes NaN/inf (the trial fails with that reason).
     """
@@ -202,9 +214,11 @@ def train(
     scheduler = _scheduler(optimizer, cfg, total_steps)
     step = step or make_step(teacher, cfg)
     with_targets = split.teacher_logits is not None and cfg.kd_alpha > 0
+    identity = {"config": asdict(cfg), "samples": len(split), "total_steps": total_steps}
+    done, epoch, loss_value = _resume(checkpoint, identity, model, optimizer, scheduler)
+    resumed_at = done
     model.train()
     started = time.perf_counter()
-    done, epoch, loss_value = 0, 0, float("nan")
     while done < total_steps:
         for batch in split.batches(
             cfg.batch_size,
@@ -232,8 +246,56 @@ def train(
             if done >= total_steps:
                 break
         epoch += 1
+        if checkpoint is not None and done < total_steps:
+            _save_progress(checkpoint, identity, model, optimizer, scheduler, (done, epoch, loss_value))
     model.eval()
-    return TrainReport(steps=done, seconds=time.perf_counter() - started, final_loss=loss_value)
+    return TrainReport(
+        steps=done, seconds=time.perf_counter() - started, final_loss=loss_value, resumed_at=resumed_at
+    )
+
+
+def _save_progress(path: Path, identity: dict, model, optimizer, scheduler, position: tuple) -> None:
+    """One epoch's state, written whole then renamed (a kill mid-write leaves the previous epoch's)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(path.name + ".tmp")
+    torch.save(
+        {
+            "identity": json.dumps(identity, sort_keys=True, default=str),
+            "position": list(position),
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "rng": torch.get_rng_state(),
+        },
+        staging,
+    )
+    staging.replace(path)
+
+
+def _resume(path: Path | None, identity: dict, model, optimizer, scheduler) -> tuple[int, int, float]:
+    """(steps done, epoch, last loss) from ``path`` when it holds this run's progress, else a fresh start."""
+    if path is None or not Path(path).exists():
+        return 0, 0, float("nan")
+    fresh = {key: value.clone() for key, value in model.state_dict().items()}
+    try:
+        saved = torch.load(path, weights_only=True)
+        if saved["identity"] != json.dumps(identity, sort_keys=True, default=str):
+            log.warning("train: %s was saved by another training setup; starting over", path)
+            return 0, 0, float("nan")
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(saved["scheduler"])
+        torch.set_rng_state(saved["rng"])
+        done, epoch, loss_value = saved["position"]
+    except Exception as error:  # a truncated or foreign file: the epochs it held are retrained
+        log.warning("train: cannot resume from %s (%s); starting over", path, error)
+        model.load_state_dict(fresh)  # a half-applied load leaves nothing behind
+        optimizer.state.clear()
+        return 0, 0, float("nan")
+    log.info("train: resumed from %s at step %d (epoch %d)", path, done, epoch)
+    return int(done), int(epoch), float(loss_value)
 
 
 @torch.no_grad()

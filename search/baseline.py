@@ -106,7 +106,8 @@ def get_baseline(
             last_logged[0] = time.perf_counter()
             log.info("baseline: step %d/%d (%.0f%%)", done, total, 100 * done / total)
 
-    report = train(model, data.train, train_cfg, on_step=on_step)
+    progress = folder / "progress.pt"  # each epoch's state: an interrupted teacher resumes there
+    report = train(model, data.train, train_cfg, on_step=on_step, checkpoint=progress)
     latency = _teacher_latency(cfg, model, data, threads)
     record = {
         "key": folder.name,
@@ -114,7 +115,8 @@ def get_baseline(
         "width": cfg.model.width,
         "dataset": data.name,
         "train": asdict(train_cfg),
-        "train_seconds": report.seconds,
+        "train_seconds": report.seconds,  # of the last run: a resumed teacher counts from resumed_at_step
+        "resumed_at_step": report.resumed_at,
         "val_accuracy": evaluate(model, data.val),
         "test_accuracy": evaluate(model, data.test),  # reported only; never used to choose anything
         "macs": count_macs(model, data.val.images[:8]),
@@ -135,6 +137,7 @@ def get_baseline(
         },
     )
     record_path.write_text(json.dumps(record, indent=2))
+    progress.unlink(missing_ok=True)
     return model.eval(), record
 
 

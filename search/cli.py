@@ -421,8 +421,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         print(
-            f"\nhycomp {args.command}: interrupted. Completed trials are saved; the running one is marked failed. "
-            "Re-run the same command to resume.",
+            f"\nhycomp {args.command}: interrupted. Completed trials are saved and the running one is marked "
+            "failed; a teacher in training keeps its last finished epoch. Re-run the same command to resume.",
             file=sys.stderr,
         )
         return 130

@@ -213,3 +213,47 @@ def test_precomputed_targets_replace_the_teacher(tiny_data: Dataset) -> None:
     predictions = predict_logits(student, tiny_data.val).argmax(dim=1)
     assert (predictions == 3).float().mean() > 0.9
     assert evaluate(student, tiny_data.val) < 0.5  # the labels were ignored: it learnt the targets
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def _interrupt_at(step: int):
+    def on_step(done: int, total: int) -> None:
+        if done == step:
+            raise _Interrupt  # as Ctrl-C would, mid-epoch
+
+    return on_step
+
+
+@pytest.mark.parametrize("schedule", ["onecycle", "cosine"])
+def test_an_interrupted_run_resumes_from_its_checkpoint_to_the_same_weights(
+    tiny_data: Dataset, tmp_path, schedule: str
+) -> None:
+    cfg = FAST.replace(epochs=3, schedule=schedule, augment="d4")
+    whole = _small_model()
+    train(whole, tiny_data.train, cfg)
+    checkpoint = tmp_path / "progress.pt"
+    interrupted = _small_model()
+    with pytest.raises(_Interrupt):  # 10 steps an epoch: killed in epoch 2, after one checkpoint
+        train(interrupted, tiny_data.train, cfg, checkpoint=checkpoint, on_step=_interrupt_at(15))
+    assert checkpoint.exists()
+    resumed = _small_model(seed=5)  # another start: every weight must come from the checkpoint
+    report = train(resumed, tiny_data.train, cfg, checkpoint=checkpoint)
+    assert report.resumed_at == 10 and report.steps == 30
+    expected, got = whole.state_dict(), resumed.state_dict()
+    assert all(torch.allclose(expected[key].float(), got[key].float(), atol=1e-6) for key in expected)
+
+
+def test_a_checkpoint_of_another_setup_or_a_broken_one_is_not_resumed(tiny_data: Dataset, tmp_path) -> None:
+    checkpoint = tmp_path / "progress.pt"
+    with pytest.raises(_Interrupt):
+        train(_small_model(), tiny_data.train, FAST, checkpoint=checkpoint, on_step=_interrupt_at(15))
+    other = train(_small_model(), tiny_data.train, FAST.replace(lr=0.01), checkpoint=checkpoint)
+    assert other.resumed_at == 0 and other.steps == 30  # another learning rate: trained from the start
+    checkpoint.write_bytes(b"not a checkpoint")
+    fresh, reference = _small_model(), _small_model()
+    assert train(fresh, tiny_data.train, FAST, checkpoint=checkpoint).resumed_at == 0
+    train(reference, tiny_data.train, FAST)
+    assert all(torch.equal(value, reference.state_dict()[key]) for key, value in fresh.state_dict().items())

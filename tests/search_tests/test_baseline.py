@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 
@@ -125,3 +126,38 @@ def test_teachers_trained_side_by_side_equal_those_trained_one_after_the_other(
         assert all(torch.equal(first[name], second[name]) for name in first)
     assert main(["baseline", "--space", str(space), "--data-root", str(synthetic_root), "--jobs", "0"]) == 2
     assert "--jobs: 0 must be >= 1" in capsys.readouterr().err
+
+
+def test_an_interrupted_teacher_resumes_from_its_last_epoch(tiny_data, tmp_path: Path, monkeypatch) -> None:
+    """Ctrl-C during the teacher (35 min on the defaults) keeps its finished epochs: the re-run resumes
+    there, trains the same teacher as an uninterrupted run, and removes its progress file."""
+    import search.baseline as baseline
+    from pipelines.train import train
+    from search.baseline import get_baseline
+
+    cfg = parse_space(
+        {
+            "model": {"arch": "resnet8", "width": 0.25},
+            "baseline": {"epochs": 2},
+            "measure": {"latency_repeats": 2},
+        }
+    )
+
+    def interrupted(model, data, train_cfg, on_step=None, checkpoint=None):
+        def stop(done: int, total: int) -> None:
+            if done > total // 2 + 1:  # past the first epoch's checkpoint
+                raise KeyboardInterrupt
+
+        return train(model, data, train_cfg, on_step=stop, checkpoint=checkpoint)
+
+    monkeypatch.setattr(baseline, "train", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        get_baseline(cfg, tiny_data, tmp_path / "resumed")
+    folder = tmp_path / "resumed" / "baselines" / baseline_key(cfg)
+    assert (folder / "progress.pt").exists() and not (folder / "baseline.json").exists()
+    monkeypatch.setattr(baseline, "train", train)
+    resumed, record = get_baseline(cfg, tiny_data, tmp_path / "resumed")
+    assert record["resumed_at_step"] > 0 and not (folder / "progress.pt").exists()
+    whole, _ = get_baseline(cfg, tiny_data, tmp_path / "whole")
+    expected = whole.state_dict()
+    assert all(torch.allclose(value, expected[key], atol=1e-6) for key, value in resumed.state_dict().items())
