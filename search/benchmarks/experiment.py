@@ -4,8 +4,8 @@
         [--jobs 2] [--also M ...] [--report-only] [--out results/bloodmnist/REPORT.md]
 
 ``--jobs 2`` runs two (row, seed) pairs at once, each process pinned to its own share of the CPUs (with 2
-cores: one thread each; small-batch training of these nets gains little from a second thread), longest rows
-first so the workers finish together. Each finished (row, seed) is saved to ``REPORT.seeds.json``; running
+cores: one thread each; small-batch training of these nets gains little from a second thread), the pairs
+that train the most epochs first so the workers finish together. Each finished (row, seed) is saved to ``REPORT.seeds.json``; running
 again reuses the saved pairs whose configuration (or control width) is unchanged, so an interrupted
 experiment resumes and ``--also`` adds rows without re-running the others. ``--report-only`` writes the
 report from the saved pairs alone while (or after) a run is still going, each row saying how many seeds it holds.
@@ -197,8 +197,8 @@ MOE, SINGLE, CONTROL = "exported MoE", "best single compressed", "no-search cont
 
 
 def _names(study_folder: Path, trial_number: int, also: tuple[int, ...] = ()) -> list[str]:
-    """The rows to run, longest first (compressed rows, then the control) so that parallel workers finish
-    together. A trial that is already a row (the exported one, the best single) is not run twice."""
+    """The rows of the report, in its order (compressed rows, then the control). A trial that is already a
+    row (the exported one, the best single) is not run twice."""
     setup = _setup(study_folder, trial_number)
     names = [MOE]
     for number in also:
@@ -210,6 +210,21 @@ def _names(study_folder: Path, trial_number: int, also: tuple[int, ...] = ()) ->
         names.append(SINGLE)
     names.append(CONTROL)
     return names
+
+
+def _longest_first(tasks: list[tuple[str, int]], cfg) -> list[tuple[str, int]]:
+    """``tasks`` ordered by their training epochs, most first, so that parallel workers finish together
+    (largest-first scheduling): the control trains the teacher's recipe (80 epochs on the defaults, 33 min
+    a core) and a compressed row the ``export:`` budget's stages (41 epochs, 22 min). On 5 such pairs and
+    2 workers: 78 minutes instead of 88 with the compressed rows first."""
+
+    def epochs(task: tuple[str, int]) -> float:
+        if task[0] == CONTROL:
+            return cfg.baseline.epochs
+        budget = cfg.export
+        return budget.finetune_epochs + budget.moe_epochs + budget.gate_epochs + budget.qat_epochs
+
+    return sorted(tasks, key=epochs, reverse=True)  # stable: rows keep their seed order
 
 
 @functools.cache
@@ -355,7 +370,9 @@ def run(
         return rows
 
     names = _names(study_folder, trial_number, tuple(also))
-    tasks = [(name, seed) for name in names for seed in seeds]
+    tasks = _longest_first(
+        [(name, seed) for name in names for seed in seeds], _setup(study_folder, trial_number).cfg
+    )
     try:
         saved = json.loads(partial.read_text()) if partial.exists() else []
     except json.JSONDecodeError as error:

@@ -86,6 +86,17 @@ def test_experiment_routing_table_comes_from_the_first_seed_that_recorded_one() 
     assert routing_lines([], ["basophil"]) == []
 
 
+def test_experiment_runs_the_pairs_that_train_longest_first() -> None:
+    from search.benchmarks.experiment import CONTROL, MOE, _longest_first
+    from search.space import parse_space
+
+    tasks = [(MOE, 0), (MOE, 1), ("trial 6", 1), (CONTROL, 0), (CONTROL, 1)]
+    cfg = parse_space({"baseline": {"epochs": 80}, "export": {"finetune_epochs": 24, "moe_epochs": 14}})
+    assert _longest_first(tasks, cfg) == [(CONTROL, 0), (CONTROL, 1), (MOE, 0), (MOE, 1), ("trial 6", 1)]
+    short_teacher = parse_space({"baseline": {"epochs": 10}, "export": {"finetune_epochs": 24}})
+    assert _longest_first(tasks, short_teacher) == tasks  # compressed rows train more epochs here
+
+
 def test_experiment_reuses_only_saved_results_of_the_same_row_seed_setup_and_configuration() -> None:
     from search.benchmarks.experiment import CONTROL, MOE, _reusable
     from search.space import parse_space, setup_fingerprint
