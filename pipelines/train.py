@@ -214,7 +214,11 @@ def train(
     scheduler = _scheduler(optimizer, cfg, total_steps)
     step = step or make_step(teacher, cfg)
     with_targets = split.teacher_logits is not None and cfg.kd_alpha > 0
-    identity = {"config": asdict(cfg), "samples": len(split), "total_steps": total_steps}
+    identity = json.dumps(  # what a checkpoint must have been written by to be resumed
+        {"config": asdict(cfg), "samples": len(split), "total_steps": total_steps},
+        sort_keys=True,
+        default=str,
+    )
     done, epoch, loss_value = _resume(checkpoint, identity, model, optimizer, scheduler)
     resumed_at = done
     model.train()
@@ -254,14 +258,14 @@ def train(
     )
 
 
-def _save_progress(path: Path, identity: dict, model, optimizer, scheduler, position: tuple) -> None:
+def _save_progress(path: Path, identity: str, model, optimizer, scheduler, position: tuple) -> None:
     """One epoch's state, written whole then renamed (a kill mid-write leaves the previous epoch's)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = path.with_name(path.name + ".tmp")
     torch.save(
         {
-            "identity": json.dumps(identity, sort_keys=True, default=str),
+            "identity": identity,
             "position": list(position),
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
@@ -273,14 +277,14 @@ def _save_progress(path: Path, identity: dict, model, optimizer, scheduler, posi
     staging.replace(path)
 
 
-def _resume(path: Path | None, identity: dict, model, optimizer, scheduler) -> tuple[int, int, float]:
+def _resume(path: Path | None, identity: str, model, optimizer, scheduler) -> tuple[int, int, float]:
     """(steps done, epoch, last loss) from ``path`` when it holds this run's progress, else a fresh start."""
     if path is None or not Path(path).exists():
         return 0, 0, float("nan")
     fresh = {key: value.clone() for key, value in model.state_dict().items()}
     try:
         saved = torch.load(path, weights_only=True)
-        if saved["identity"] != json.dumps(identity, sort_keys=True, default=str):
+        if saved["identity"] != identity:
             log.warning("train: %s was saved by another training setup; starting over", path)
             return 0, 0, float("nan")
         model.load_state_dict(saved["model"])

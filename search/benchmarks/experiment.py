@@ -315,6 +315,12 @@ def _merge(
     return merged
 
 
+def _alias(row: dict) -> bool:
+    """Whether ``row`` stands for another row's model (the exported trial as the best single): it gets no
+    marker, times or routing of its own."""
+    return row.get("note", "").startswith("=")
+
+
 def plot_rows(rows: dict[str, dict], teacher: dict, path: Path) -> Path:
     """Test accuracy (mean, with the min-max of seeds as error bar) against MMACs per input, one marker a row."""
     import matplotlib
@@ -324,7 +330,7 @@ def plot_rows(rows: dict[str, dict], teacher: dict, path: Path) -> Path:
 
     figure, axis = plt.subplots(figsize=(6.4, 4.2), constrained_layout=True)
     for name, row in {"fp32 teacher": teacher, **rows}.items():
-        if row.get("note", "").startswith("="):  # the same model as another row: one marker
+        if _alias(row):  # the same model as another row: one marker
             continue
         values = [100 * value for value in row["test"]]
         mean = statistics.mean(values)
@@ -472,13 +478,13 @@ def run(
     timed = [
         f"`{name}` {', '.join(f'{seconds / 60:.0f}' for seconds in row['seconds'])}"
         for name, row in rows.items()
-        if row.get("seconds") and not row.get("note", "").startswith("=")
+        if row.get("seconds") and not _alias(row)
     ]
     if timed:  # seeds measured (not retrained) or saved by an older version record no time
         lines += ["", "Minutes per trained (row, seed), on one worker each: " + "; ".join(timed) + "."]
     for name, row in rows.items():  # how the gate spreads inputs over experts (experts are per seed)
         table = row.get("routing_per_class") or []
-        if table and len(table[0]) > 1 and not row.get("note", "").startswith("="):
+        if table and len(table[0]) > 1 and not _alias(row):
             lines += [
                 "",
                 f"`{name}` routing, seed {row['routing_seed']} (validation, first choice): rows are classes, columns experts.",
