@@ -24,6 +24,7 @@ import json
 import logging
 import shutil
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -45,8 +46,10 @@ from pipelines.moe import rebuild_moe
 from pipelines.serialize import load_checkpoint
 from pipelines.train import evaluate
 from search.baseline import get_teachers
-from search.objective import TrialContext, evaluate_config, evaluate_views, model_key
+from search.evaluation import TrialContext, measure, train_and_measure, train_model
+from search.model_cache import ModelCache, model_key
 from search.pool import run_pinned
+from search.record import RECORD_VERSION, TrialRecord
 from search.space import SearchConfig, setup_fingerprint
 from search.study import load_data
 
@@ -96,7 +99,7 @@ def export_trial(
     retrain: bool = False,
     force: bool = False,
     out: Path | None = None,
-    prepared: tuple[Path, dict] | None = None,
+    prepared: tuple[Path, TrialRecord] | None = None,
     candidates: list[dict] | None = None,
 ) -> dict:
     """Export ``trial_number``; returns the report dict (also written as report.json / report.md).
@@ -112,8 +115,10 @@ def export_trial(
         raise ConfigError(
             f"export folder {target} already exists. Pass --force to overwrite it, or --out DIR."
         )
+    recorded = TrialRecord.of(trial)
     # A trial that reused an identical earlier trial's result has its model in that trial's folder.
-    source = study_folder / "trials" / f"trial_{trial.user_attrs.get('duplicate_of', trial_number)}"
+    owner = trial_number if recorded.repeat_of is None else recorded.repeat_of
+    source = study_folder / "trials" / f"trial_{owner}"
     if not retrain and prepared is None and not (source / "model.json").exists():
         raise ConfigError(
             f"trial {trial_number} has no saved model at {source} (the folder was deleted or the trial ran "
@@ -125,10 +130,10 @@ def export_trial(
     if staging.exists():
         shutil.rmtree(staging)
     threads = cfg.measure.latency_threads
-    params = dict(trial.user_attrs.get("config") or trial.params)
+    params = recorded.parameters(trial.params)
     try:
         if retrain and prepared is None:
-            record = evaluate_config(
+            record = train_and_measure(
                 _context(cfg, study_folder),
                 params,
                 cfg.export,
@@ -138,7 +143,7 @@ def export_trial(
                 repeats=cfg.measure.latency_repeats,
             )
         else:  # the files of the trial, or of its full-budget retraining, copied as they are
-            source, record = prepared or (source, dict(trial.user_attrs))
+            source, record = prepared or (source, recorded)
             staging.mkdir(parents=True)
             for name in ("model.pt", "model.json"):
                 shutil.copy2(source / name, staging / name)
@@ -148,7 +153,8 @@ def export_trial(
         torch_val = evaluate(moe, data.val)
         bundle = load_bundle(staging / "bundle", threads=threads)
         deployed_val = bundle_accuracy(bundle, data.val.images.numpy(), data.val.labels.numpy())
-        expected = record["val_accuracy"]
+        measured, training = record.measurement, record.training
+        expected = measured.val_accuracy
         if (not retrain or prepared is not None) and abs(deployed_val - expected) > REPRODUCE_TOLERANCE:
             raise HycompError(
                 f"export of trial {trial_number} does not reproduce its validation accuracy: {deployed_val:.6f} "
@@ -170,11 +176,11 @@ def export_trial(
                 "val_accuracy": deployed_val,
                 "val_accuracy_torch": torch_val,
                 "trial_val_accuracy": trial.values[0],
-                "mmacs": record["mmacs"],
-                "size_kb": record["size_kb"],
-                "params": record["params"],
-                "achieved_sparsity": record["achieved_sparsity"],
-                "precision": record.get("precision"),
+                "mmacs": measured.mmacs,
+                "size_kb": measured.size_kb,
+                "params": measured.params,
+                "achieved_sparsity": training.achieved_sparsity,
+                "precision": measured.precision,
                 "bits": params.get("bits"),
                 "latency": measure_moe_latency(
                     bundle,
@@ -188,7 +194,7 @@ def export_trial(
                 ),
                 "agreement_with_torch": agreement(moe, bundle, data.val.images),  # the whole val split
                 "engine_weight_grid": _weight_grid_totals(bundle.manifest),
-                "routing_per_class": record.get("routing_per_class"),
+                "routing_per_class": measured.routing_per_class,
             },
             "baseline": {
                 "arch": baseline["arch"],
@@ -245,56 +251,70 @@ def _context(cfg: SearchConfig, study_folder: Path) -> TrialContext:
     return TrialContext(cfg, data, teachers[0], study_folder, distill_from=teachers)
 
 
-def _retrain_candidates(cfg: SearchConfig, study_folder: Path, members: list[tuple[int, dict, Path]]) -> dict:
+def _retrain_candidates(
+    cfg: SearchConfig, study_folder: Path, members: list[tuple[int, dict, Path]]
+) -> dict[int, TrialRecord]:
     """Candidates that share one model (they differ in test-time views only, :func:`model_key`) at the full
-    export budget: the first ``(trial, params, folder)`` is trained, the others measure that model again
-    with their own views. Runs in a worker process with ``jobs`` > 1. A candidate already there with the
-    same configuration and setup is reused, not trained again. Returns {trial: record}."""
+    export budget: the model is trained once (kept in ``export/models``) and measured with each candidate's
+    own views. Runs in a worker process with ``jobs`` > 1. A candidate already there with the same
+    configuration and setup is reused, not measured again. Returns {trial: record}."""
     fingerprint = setup_fingerprint(cfg)
-    settings = {
-        "seed": cfg.seed,
-        "threads": cfg.measure.latency_threads,
-        "repeats": cfg.measure.latency_repeats,
-    }
-    records: dict[int, dict] = {}
-    trained: tuple[Path, dict] | None = None  # (folder, record) of the model this group shares
+    models = ModelCache(study_folder / "export" / "models")
+    records: dict[int, TrialRecord] = {}
     for trial_number, params, folder in members:
         saved = _saved_candidate(folder, params, fingerprint)
         if saved is not None:
             log.info("candidate trial %d: reusing its full-budget result in %s", trial_number, folder)
-        else:
-            started = time.perf_counter()
-            if trained is None:
-                saved = evaluate_config(_context(cfg, study_folder), params, cfg.export, folder, **settings)
-            else:
-                log.info(
-                    "candidate trial %d: the model of trial %d with other test-time views",
-                    trial_number,
-                    members[0][0],
-                )
-                source, record = trained
-                saved = evaluate_views(
-                    _context(cfg, study_folder), params, record, source / "model", folder, **settings
-                )
-            saved.update(trial=trial_number, params=params, setup=fingerprint)
-            saved["seconds"]["total"] = time.perf_counter() - started
-            staging = (folder / "candidate.json").with_suffix(".tmp")
-            staging.write_text(json.dumps(saved, indent=1, default=str))
-            staging.replace(folder / "candidate.json")  # written last: a folder without it is retrained
-        trained = trained or (folder, saved)
-        records[trial_number] = saved
+            records[trial_number] = saved
+            continue
+        started = time.perf_counter()
+        context = _context(cfg, study_folder)
+        key = model_key(params, cfg.export, cfg.seed, fingerprint)
+        model, trained = models.get_or_train(key, partial(train_model, context, params, cfg.export, cfg.seed))
+        if not trained:
+            log.info(
+                "candidate trial %d: the shared full-budget model with its test-time views", trial_number
+            )
+        measurement, seconds = measure(
+            context,
+            params,
+            model,
+            folder,
+            seed=cfg.seed,
+            threads=cfg.measure.latency_threads,
+            repeats=cfg.measure.latency_repeats,
+        )
+        record = TrialRecord(
+            config=params,
+            model=key,
+            trained=trained,
+            training=model.training,
+            measurement=measurement,
+            seconds={**model.seconds, **seconds, "total": time.perf_counter() - started},
+        )
+        saved = {"trial": trial_number, "params": params, "setup": fingerprint, "record": record.to_dict()}
+        staging = (folder / "candidate.json").with_suffix(".tmp")
+        staging.write_text(json.dumps(saved, indent=1, default=str))
+        staging.replace(folder / "candidate.json")  # written last: a folder without it is retrained
+        records[trial_number] = record
     return records
 
 
-def _saved_candidate(folder: Path, params: dict, fingerprint: str) -> dict | None:
+def _saved_candidate(folder: Path, params: dict, fingerprint: str) -> TrialRecord | None:
+    """The record of a finished candidate in ``folder`` with ``params`` under this setup; None if there is
+    none (or it was written by another hycomp: then it is computed again)."""
     record_path = folder / "candidate.json"
     if not (record_path.exists() and (folder / "model.json").exists() and (folder / "bundle").exists()):
         return None
     saved = json.loads(record_path.read_text())
-    return saved if saved.get("params") == params and saved.get("setup") == fingerprint else None
+    if saved.get("params") != params or saved.get("setup") != fingerprint:
+        return None
+    if (saved.get("record") or {}).get("version") != RECORD_VERSION:
+        return None
+    return TrialRecord.from_dict(saved["record"], str(record_path))
 
 
-def find_candidate(cfg: SearchConfig, study_folder: Path, params: dict) -> tuple[Path, dict] | None:
+def find_candidate(cfg: SearchConfig, study_folder: Path, params: dict) -> tuple[Path, TrialRecord] | None:
     """(folder, record) of a candidate that ``export --candidates`` already retrained at the full budget
     with exactly ``params`` under this setup, at seed ``cfg.seed``; None if there is none."""
     fingerprint = setup_fingerprint(cfg)
@@ -320,12 +340,14 @@ def export_best(
     The test split is read only for the exported one. Returns its report."""
     trials = {t.number: t for t in study.get_trials(deepcopy=False)}
     folder = study_folder / "export" / "candidates"
-    groups: dict[tuple, list[tuple[int, dict, Path]]] = {}  # one training per model (views differ only)
+    fingerprint = setup_fingerprint(cfg)
+    groups: dict[str, list[tuple[int, dict, Path]]] = {}  # one training per model (views differ only)
     for pick in picks:
-        params = dict(trials[pick.trial].user_attrs.get("config") or trials[pick.trial].params)
-        groups.setdefault(model_key(params), []).append((pick.trial, params, folder / f"trial_{pick.trial}"))
+        params = TrialRecord.of(trials[pick.trial]).parameters(trials[pick.trial].params)
+        key = model_key(params, cfg.export, cfg.seed, fingerprint)
+        groups.setdefault(key, []).append((pick.trial, params, folder / f"trial_{pick.trial}"))
     work = [(cfg, study_folder, members) for members in groups.values()]
-    records: dict[int, dict] = {}
+    records: dict[int, TrialRecord] = {}
     started, done = time.perf_counter(), 0  # the command has already said which trials are retrained
 
     def finished(job: tuple, result: dict) -> None:
@@ -336,8 +358,8 @@ def export_best(
             log.info(
                 "export: candidate trial %d at the full budget: val %.4f, %.3f MMACs (%d/%d models, %.0f s)",
                 number,
-                record["val_accuracy"],
-                record["mmacs"],
+                record.measurement.val_accuracy,
+                record.measurement.mmacs,
                 done,
                 len(work),
                 time.perf_counter() - started,
@@ -347,11 +369,11 @@ def export_best(
     rows = [
         {
             "trial": pick.trial,
-            "params": records[pick.trial]["params"],
+            "params": records[pick.trial].config,
             "trial_val_accuracy": trials[pick.trial].values[0],
-            "full_budget_val_accuracy": records[pick.trial]["val_accuracy"],
-            "mmacs": records[pick.trial]["mmacs"],
-            "latency_ms": records[pick.trial]["latency_ms"],
+            "full_budget_val_accuracy": records[pick.trial].measurement.val_accuracy,
+            "mmacs": records[pick.trial].measurement.mmacs,
+            "latency_ms": records[pick.trial].measurement.latency_ms,
         }
         for pick in picks
     ]

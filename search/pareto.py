@@ -13,6 +13,7 @@ import pandas as pd
 from optuna.trial import TrialState
 
 from pipelines.errors import ConfigError
+from search.record import TrialRecord
 from search.space import GATE_ONLY
 
 __all__ = ["trials_table", "front_table", "failures_table", "Pick", "pick_trial", "PICKS"]
@@ -39,12 +40,14 @@ def _feasible(trial: optuna.trial.FrozenTrial) -> bool:
 
 def trials_table(study: optuna.Study) -> pd.DataFrame:
     """Every completed trial, one row each, with its objectives, settings and front membership."""
-    # A trial that reused an identical earlier trial's result (``duplicate_of``) is listed, not on the front.
-    front = {trial.number for trial in study.best_trials if "duplicate_of" not in trial.user_attrs}
+    records = {trial.number: TrialRecord.of(trial) for trial in study.get_trials(deepcopy=False)}
+    # A trial that reused an identical earlier trial's result (``repeat_of``) is listed, not on the front.
+    front = {trial.number for trial in study.best_trials if not records[trial.number].is_repeat}
     rows = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        attrs = trial.user_attrs
-        config = attrs.get("config") or trial.params
+        record = records[trial.number]
+        measured, training = record.measurement, record.training
+        config = record.parameters(trial.params)
         gated = config.get("num_experts", 1) > 1  # a single expert runs without a gate (GATE_ONLY)
         rows.append(
             {
@@ -52,9 +55,9 @@ def trials_table(study: optuna.Study) -> pd.DataFrame:
                 "val_accuracy": trial.values[0],
                 "mmacs": trial.values[1],
                 "latency_ms": trial.values[2],
-                "size_kb": attrs.get("size_kb"),
-                "params": attrs.get("params"),
-                "achieved_sparsity": attrs.get("achieved_sparsity"),
+                "size_kb": measured.size_kb,
+                "params": measured.params,
+                "achieved_sparsity": training.achieved_sparsity,
                 "pruner": config.get("pruner"),
                 "sparsity": config.get("sparsity"),
                 "bits": config.get("bits"),
@@ -65,12 +68,12 @@ def trials_table(study: optuna.Study) -> pd.DataFrame:
                 "views": config.get("views", 1),
                 "feasible": _feasible(trial),
                 "on_front": trial.number in front,
-                "reference": attrs.get("reference", ""),
-                "duplicate_of": attrs.get("duplicate_of"),
-                "engine": attrs.get("precision") or "",
-                "latency_backend": (attrs.get("latency") or {}).get("backend", ""),
-                "latency_threads": (attrs.get("latency") or {}).get("threads"),
-                "seconds": (attrs.get("seconds") or {}).get("total"),
+                "reference": record.reference,
+                "repeat_of": record.repeat_of,
+                "engine": measured.precision or "",
+                "latency_backend": measured.latency.get("backend", ""),
+                "latency_threads": measured.latency.get("threads"),
+                "seconds": record.seconds.get("total"),
             }
         )
     return pd.DataFrame(rows)
@@ -78,7 +81,7 @@ def trials_table(study: optuna.Study) -> pd.DataFrame:
 
 def repeat_count(table: pd.DataFrame) -> int:
     """Rows of :func:`trials_table` that reused an earlier trial's result (not counted as evaluated)."""
-    return int(table["duplicate_of"].notna().sum()) if not table.empty else 0
+    return int(table["repeat_of"].notna().sum()) if not table.empty else 0
 
 
 def front_table(study: optuna.Study) -> pd.DataFrame:
@@ -95,10 +98,16 @@ def front_table(study: optuna.Study) -> pd.DataFrame:
 
 def failures_table(study: optuna.Study) -> pd.DataFrame:
     rows = [
-        {"trial": trial.number, "state": trial.state.name, "reason": trial.user_attrs.get("fail_reason", "")}
+        {"trial": trial.number, "state": trial.state.name, "reason": _reason(trial)}
         for trial in study.get_trials(deepcopy=False, states=(TrialState.FAIL, TrialState.PRUNED))
     ]
     return pd.DataFrame(rows, columns=["trial", "state", "reason"])
+
+
+def _reason(trial: optuna.trial.FrozenTrial) -> str:
+    """Why a trial failed or was pruned; a trial that recorded nothing (one started before it could)
+    still gets a reason."""
+    return TrialRecord.of(trial).fail_reason or f"{trial.state.name.lower()} before it recorded a reason"
 
 
 @dataclass(frozen=True)
@@ -236,7 +245,7 @@ def _exportable_front(study: optuna.Study) -> pd.DataFrame:
 def _exportable_others(study: optuna.Study) -> pd.DataFrame:
     """Completed trials off the front that could still be exported: feasible, compressed, not a repeat."""
     table = trials_table(study)
-    keep = ~table["on_front"] & table["feasible"] & (table["reference"] == "") & table["duplicate_of"].isna()
+    keep = ~table["on_front"] & table["feasible"] & (table["reference"] == "") & table["repeat_of"].isna()
     return table[keep]
 
 

@@ -26,6 +26,7 @@ from pipelines.hybrid import EXPERT_INITS
 from pipelines.models import model_names
 from pipelines.moe import ROUTINGS, VIEWS
 from pipelines.train import PRECISIONS
+from search.record import TrialRecord
 
 __all__ = [
     "SAMPLERS",
@@ -464,7 +465,7 @@ def suggest(trial: Any, space: Space) -> dict:
         ),
         "pruner": trial.suggest_categorical("pruner", list(space.pruner)),
     }
-    if trial.user_attrs.get("reference") and REFERENCE_BITS not in space.bits:
+    if TrialRecord.of(trial).reference and REFERENCE_BITS not in space.bits:
         params["bits"] = REFERENCE_BITS
     else:
         params["bits"] = trial.suggest_categorical("bits", list(space.bits))

@@ -24,7 +24,8 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
 from pipelines.errors import CompressionError, ConfigError, unknown_name
-from search.objective import REJECTED, is_repeat
+from search.objective import REJECTED, is_repeat, reference_missing
+from search.record import TrialRecord
 from search.space import SAMPLERS, SearchConfig, baseline_params, dump_space, load_space
 from search.workspace import study_dir
 
@@ -255,11 +256,14 @@ def run_search(
         record["macs"] / 1e6,
         record["params"],
     )
-    if cfg.study.enqueue_baseline and not study.trials:
-        study.enqueue_trial(  # skip_if_exists: machines started together enqueue it once
+    if cfg.study.enqueue_baseline and reference_missing(study):
+        # A new study, or one whose reference was interrupted: queued again (the interrupted one has the
+        # same parameters, so skip_if_exists, which lets machines started together enqueue it once, is
+        # only for a new study).
+        study.enqueue_trial(
             baseline_params(cfg.space),
-            user_attrs={"reference": "baseline (no pruning, fp32, 1 expert)"},
-            skip_if_exists=True,
+            user_attrs=TrialRecord(reference="baseline (no pruning, fp32, 1 expert)").user_attrs(),
+            skip_if_exists=not study.trials,
         )
     done = len(evaluated_trials(study))
     if done >= cfg.study.trials:
@@ -277,7 +281,8 @@ def run_search(
 
 
 def _worker_loop(cfg: SearchConfig, study: optuna.Study, data, teachers, folder: Path, progress) -> None:
-    from search.objective import Objective, TrialContext
+    from search.evaluation import TrialContext
+    from search.objective import Objective
 
     context = TrialContext(cfg, data, teachers[0], folder, distill_from=teachers)
     objective = Objective(context, target_trials=cfg.study.trials)
@@ -406,7 +411,7 @@ def _rejected_in_a_row(study: optuna.Study) -> list[str]:
     """Reasons of the trailing run of trials rejected before training by a budget (surplus trials skipped)."""
     reasons: list[str] = []
     for trial in reversed(study.get_trials(deepcopy=False)):
-        reason = trial.user_attrs.get("fail_reason", "")
+        reason = TrialRecord.of(trial).fail_reason
         if trial.state == TrialState.PRUNED and reason.startswith(REJECTED):
             reasons.append(reason)
         elif trial.state == TrialState.PRUNED or trial.state == TrialState.RUNNING:
@@ -433,22 +438,21 @@ class _Progress:
         self._tqdm = tqdm
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        if trial.state == TrialState.COMPLETE and is_repeat(trial):
+        record = TrialRecord.of(trial)
+        if trial.state == TrialState.COMPLETE and record.is_repeat:
             self._tqdm.write(
-                f"trial {trial.number}: same configuration as trial {trial.user_attrs['duplicate_of']}; "
-                "result reused (not counted)"
+                f"trial {trial.number}: same configuration as trial {record.repeat_of}; result reused (not counted)"
             )
         elif trial.state == TrialState.COMPLETE:
             self._bar.update(1)
             accuracy, mmacs, latency = trial.values
-            seconds = trial.user_attrs.get("seconds", {})
-            stages = ", ".join(f"{key} {value:.0f}s" for key, value in seconds.items())
+            stages = ", ".join(f"{key} {value:.0f}s" for key, value in record.seconds.items())
             self._tqdm.write(
                 f"trial {trial.number}: val {accuracy:.4f}  {mmacs:.2f} MMACs  {latency:.3f} ms  "
-                f"[{_describe(trial.user_attrs.get('config', trial.params))}]  ({stages})"
+                f"[{_describe(record.parameters(trial.params))}]  ({stages})"
             )
         else:
-            reason = trial.user_attrs.get("fail_reason", trial.state.name)
+            reason = record.fail_reason or trial.state.name
             self._tqdm.write(f"trial {trial.number}: {trial.state.name} - {reason}")
 
     def close(self) -> None:

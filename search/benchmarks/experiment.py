@@ -51,10 +51,11 @@ from pipelines.measure import count_macs, measure_latency, packed_size_bytes
 from pipelines.models import build_model
 from pipelines.train import evaluate, train
 from search.baseline import baseline_key, get_teachers, teacher_recipe
+from search.evaluation import TrialContext, estimate_cost, train_and_measure
 from search.export import bundle_accuracy, find_candidate, routing_lines
-from search.objective import TrialContext, estimate_cost, evaluate_config
 from search.pareto import trials_table
 from search.pool import run_pinned
+from search.record import TrialRecord
 from search.space import setup_fingerprint
 from search.study import load_data, load_study
 from search.workspace import baseline_dir, resolve_study_dir
@@ -79,9 +80,12 @@ def _compressed_row(ctx: TrialContext, params: dict, seed: int, folder: Path, th
             bundle, data.val.images[:1].numpy(), threads=threads, batch=1, repeats=100, warmup=5
         )["latency"]["median_ms"]
     else:
-        record = evaluate_config(ctx, params, ctx.cfg.export, folder, seed=seed, threads=threads, repeats=100)
+        record = train_and_measure(
+            ctx, params, ctx.cfg.export, folder, seed=seed, threads=threads, repeats=100
+        )
         bundle = load_bundle(folder / "bundle", threads=threads)
-        latency = record["latency_ms"]
+        latency = record.measurement.latency_ms
+    measured = record.measurement
     test_images, test_labels = data.test.images.numpy(), data.test.labels.numpy()
     views = {}
     if bundle.views > 1:  # the same deployed models with one plain pass: what the views add
@@ -91,12 +95,12 @@ def _compressed_row(ctx: TrialContext, params: dict, seed: int, folder: Path, th
     return {
         "test": [bundle_accuracy(bundle, test_images, test_labels)],
         **views,
-        "val": [record["val_accuracy"]],
-        "mmacs": record["mmacs"],
-        "size_kb": record["size_kb"],
+        "val": [measured.val_accuracy],
+        "mmacs": measured.mmacs,
+        "size_kb": measured.size_kb,
         "latency_ms": [latency],
         "params": params,
-        "routing_per_class": record.get("routing_per_class"),  # validation, first choice
+        "routing_per_class": measured.routing_per_class,  # validation, first choice
         "from": str(folder) if prepared is not None else "trained in this run",
     }
 
@@ -166,7 +170,7 @@ class _Setup:
 def _setup(study_folder: Path, trial_number: int) -> _Setup:
     cfg, study = load_study(study_folder)
     trial = next((t for t in study.trials if t.number == trial_number), None)
-    if trial is None or "config" not in trial.user_attrs and not trial.params:
+    if trial is None or TrialRecord.of(trial).config is None and not trial.params:
         raise SystemExit(f"--trial {trial_number}: no such completed trial in {study_folder}.")
     data = load_data(cfg)
     teachers, _ = get_teachers(cfg, data, study_folder.parent)  # cached by the search: loaded, not trained
@@ -178,15 +182,15 @@ def _setup(study_folder: Path, trial_number: int) -> _Setup:
     if not singles.empty:
         single_trial = int(singles.iloc[0]["trial"])
         single = next(t for t in study.trials if t.number == single_trial)
-        single_params = dict(single.user_attrs.get("config") or single.params)
+        single_params = TrialRecord.of(single).parameters(single.params)
     return _Setup(
         cfg=cfg,
         ctx=TrialContext(cfg, data, teachers[0], study_folder, distill_from=teachers),
-        params=dict(trial.user_attrs.get("config") or trial.params),
+        params=TrialRecord.of(trial).parameters(trial.params),
         single_trial=single_trial,
         single_params=single_params,
         configs={
-            t.number: dict(t.user_attrs.get("config") or t.params)
+            t.number: TrialRecord.of(t).parameters(t.params)
             for t in study.trials
             if t.state == TrialState.COMPLETE
         },

@@ -1,0 +1,269 @@
+"""The torch side of a trial, without Optuna: train a configuration's model, measure a trained model.
+
+Training (:func:`train_model`) compresses the teacher with the configuration; measuring (:func:`measure`)
+saves a trained model with the trial's inference settings (test-time views), deploys it to ONNX Runtime
+and records accuracy, MACs, size and latency of what is deployed. The two are separate because one
+trained model is measured under several inference settings (:mod:`search.model_cache`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipelines.compress.prune import PruneConfig
+from pipelines.compress.quantize import QuantizeConfig
+from pipelines.data import Dataset
+from pipelines.deploy import agreement, deploy_moe, load_bundle, measure_moe_latency
+from pipelines.errors import CompressionError
+from pipelines.hybrid import HybridConfig, StageBudget, compress_hybrid
+from pipelines.measure import count_macs, count_params, packed_size_bytes
+from pipelines.moe import Gate, MoEConfig, moe_description, routing_table
+from pipelines.serialize import save_checkpoint
+from pipelines.train import TrainConfig, ensemble_logits, evaluate
+from search.model_cache import TrainedModel
+from search.record import Measurement, Training, TrialRecord
+from search.space import Budget, SearchConfig, stable_hash
+
+__all__ = [
+    "TrialContext",
+    "stage_budget",
+    "hybrid_config",
+    "estimate_cost",
+    "train_model",
+    "measure",
+    "train_and_measure",
+]
+
+log = logging.getLogger("hycomp")
+
+
+@dataclass
+class TrialContext:
+    cfg: SearchConfig
+    data: Dataset
+    teacher: nn.Module  # the fp32 model that is compressed (pruned into the experts)
+    study_folder: Path
+    distill_from: list[nn.Module] | None = None  # every teacher of ``kd_targets: ensemble``; None: [teacher]
+    _ensembles: dict[str, Dataset] = field(default_factory=dict, repr=False)
+
+    def setup(self) -> str:
+        """What shapes a trained model besides its configuration, budget and seed: the data (not where it
+        lives), the model section and the teachers (the baseline section and how many distil)."""
+        settings = self.cfg.to_dict()
+        data = {key: value for key, value in settings["data"].items() if key not in ("root", "download")}
+        teachers = len(self.distill_from or [self.teacher])
+        return stable_hash(
+            {"data": data, "model": settings["model"], "baseline": settings["baseline"], "teachers": teachers}
+        )
+
+    def training_data(self, budget: Budget) -> Dataset:
+        """The dataset a budget trains on. With ``kd_targets: ensemble`` its train split carries the
+        teachers' logits averaged over the symmetries of ``budget.augment`` and over the teachers (computed
+        once per process, about a minute per teacher for BloodMNIST on 2 cores), which the students distil
+        from instead of running a teacher at each step."""
+        if budget.kd_targets == "online":
+            return self.data
+        if budget.augment not in self._ensembles:
+            started = time.perf_counter()
+            teachers = self.distill_from or [self.teacher]
+            logits = torch.stack(
+                [ensemble_logits(teacher, self.data.train, budget.augment) for teacher in teachers]
+            ).mean(dim=0)
+            self._ensembles[budget.augment] = replace(
+                self.data, train=self.data.train.with_teacher_logits(logits)
+            )
+            log.info(
+                "distillation targets: %d teacher(s) averaged over the %s views of the train split (%.0f s)",
+                len(teachers),
+                budget.augment,
+                time.perf_counter() - started,
+            )
+        return self._ensembles[budget.augment]
+
+
+def stage_budget(budget: Budget, seed: int) -> StageBudget:
+    return StageBudget(
+        finetune_epochs=budget.finetune_epochs,
+        gate_epochs=budget.gate_epochs,
+        moe_epochs=budget.moe_epochs,
+        qat_epochs=budget.qat_epochs,
+        train=TrainConfig(
+            lr=budget.lr,
+            batch_size=budget.batch_size,
+            kd_alpha=budget.kd_alpha,
+            kd_temperature=budget.kd_temperature,
+            label_smoothing=budget.label_smoothing,
+            augment=budget.augment,
+            subset=budget.subset,
+            seed=seed,
+            precision=budget.precision,
+        ),
+    )
+
+
+def hybrid_config(params: dict, channel_multiple: int = 8) -> HybridConfig:
+    return HybridConfig(
+        prune=PruneConfig(
+            sparsity=float(params["sparsity"]), pruner=params["pruner"], channel_multiple=channel_multiple
+        ),
+        quantize=QuantizeConfig(bits=int(params["bits"]), method=params.get("quantizer", "qat")),
+        moe=MoEConfig(
+            num_experts=int(params["num_experts"]),
+            top_k=min(int(params["top_k"]), int(params["num_experts"])),
+            gate_size=int(params["gate_size"]),
+            routing=params.get("routing", "class-groups"),
+            views=int(params.get("views", 1)),  # a space without test-time views: one view
+        ),
+        expert_init=params.get("expert_init", "copies"),  # a space without this parameter: copies
+    )
+
+
+def estimate_cost(ctx: TrialContext, params: dict) -> dict:
+    """MACs and packed size of a configuration before any training (prune + speedup only, ~1 s)."""
+    from pipelines.compress.prune import prune
+
+    cfg = hybrid_config(params, ctx.cfg.model.channel_multiple)
+    example = ctx.data.val.images[:2]
+    expert = prune(ctx.teacher, cfg.prune, example).model
+    bits = cfg.quantize.bits
+    expert_macs, gate_macs = count_macs(expert, example), 0
+    size = cfg.moe.num_experts * packed_size_bytes(expert, bits)
+    if cfg.moe.num_experts > 1:  # a one-expert MoE skips its gate
+        gate = Gate(ctx.data.channels, cfg.moe.num_experts, cfg.moe.gate_size)
+        gate_macs = count_macs(gate, example)
+        size += packed_size_bytes(gate, min(bits, 8) if bits < 32 else 32)
+    per_view = gate_macs + cfg.moe.top_k * expert_macs
+    return {"mmacs": cfg.moe.views * per_view / 1e6, "size_kb": size / 1024}
+
+
+def train_model(ctx: TrialContext, params: dict, budget: Budget, seed: int) -> TrainedModel:
+    """Compress the teacher with ``params`` at ``budget``: the trained model and what training reported."""
+    hybrid = hybrid_config(params, ctx.cfg.model.channel_multiple)
+    result = compress_hybrid(
+        ctx.teacher,
+        ctx.training_data(budget),
+        hybrid,
+        stage_budget(budget, seed),
+        seed=seed,
+        sources=ctx.distill_from,
+    )
+    data = ctx.data
+    description = moe_description(
+        ctx.cfg.model.arch,
+        ctx.cfg.model.width,
+        data.channels,
+        data.num_classes,
+        result.moe,
+        hybrid.moe.gate_size,
+    )
+    return TrainedModel(
+        moe=result.moe,
+        description={**description, "bits_by_layer": result.bits_by_layer},
+        training=Training(
+            expert_params=result.expert_params,
+            achieved_sparsity=result.achieved_sparsity,
+            class_assignment=result.class_assignment,
+            stage_val_accuracy=result.stage_accuracy,
+        ),
+        seconds=dict(result.seconds),
+    )
+
+
+def measure(
+    ctx: TrialContext,
+    params: dict,
+    model: TrainedModel,
+    folder: Path,
+    seed: int,
+    threads: int,
+    repeats: int,
+) -> tuple[Measurement, dict[str, float]]:
+    """Save ``model`` with the inference settings of ``params`` (test-time views) to ``folder`` (checkpoint +
+    ONNX bundle) and measure the deployed engine. Returns the measurement and its seconds per step."""
+    data = ctx.data
+    hybrid = hybrid_config(params, ctx.cfg.model.channel_multiple)
+    moe = model.moe
+    moe.views = hybrid.moe.views
+    bits_by_layer = model.description.get("bits_by_layer", {})
+    seconds: dict[str, float] = {}
+    started = time.perf_counter()
+    torch_val = evaluate(moe, data.val)
+    if not math.isfinite(torch_val):
+        raise CompressionError("validation accuracy is not finite")
+    description = moe_description(
+        ctx.cfg.model.arch, ctx.cfg.model.width, data.channels, data.num_classes, moe, hybrid.moe.gate_size
+    )
+    if folder.exists():
+        shutil.rmtree(folder)
+    save_checkpoint(moe, folder / "model", {**description, "bits_by_layer": bits_by_layer})
+    int8 = hybrid.quantize.bits < 32
+    calibration = data.train.subset(min(1.0, 512 / max(1, len(data.train))), seed=seed).images
+    manifest = deploy_moe(
+        moe,
+        folder / "bundle",
+        calibration,
+        int8=int8,
+        extra_manifest={
+            "dataset": data.name,
+            "class_names": data.class_names,
+            "mean": data.mean,
+            "std": data.std,
+            "params": dict(params),
+        },
+    )
+    bundle = load_bundle(folder / "bundle", threads=threads)
+    seconds["deploy"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    val_images = data.val.images.numpy()
+    logits = np.concatenate(
+        [bundle(val_images[index : index + 256]) for index in range(0, len(val_images), 256)]
+    )
+    deployed_val = float((logits.argmax(axis=1) == data.val.labels.numpy()).mean())
+    agree = agreement(moe, bundle, data.val.images[:512])
+    timing = measure_moe_latency(bundle, val_images[:1], threads=threads, batch=1, repeats=repeats, warmup=5)
+    macs = count_macs(moe, data.val.images)  # routed: gate + the experts each val image (and view) used
+    size = packed_size_bytes(moe, lambda name: bits_by_layer.get(name, 32), skip=moe.idle_parts)
+    seconds["measure"] = time.perf_counter() - started
+    table = routing_table(moe, data.val, data.num_classes)
+    measurement = Measurement(
+        val_accuracy=deployed_val,
+        val_accuracy_torch=torch_val,
+        mmacs=macs / 1e6,
+        latency_ms=timing["latency"]["median_ms"],
+        latency=timing["latency"],
+        routing_share=timing["routing_share"],
+        size_kb=size / 1024,
+        params=count_params(moe),
+        bits=hybrid.quantize.bits,
+        precision=manifest.get("precision"),
+        top1_agreement_with_torch=agree["top1_agreement"],
+        routing_per_class=table.tolist(),
+        effective_top_k=hybrid.moe.top_k,
+    )
+    return measurement, seconds
+
+
+def train_and_measure(
+    ctx: TrialContext, params: dict, budget: Budget, folder: Path, seed: int, threads: int, repeats: int
+) -> TrialRecord:
+    """Train ``params`` at ``budget`` (no cache) and measure it into ``folder``: the record of that run."""
+    started = time.perf_counter()
+    model = train_model(ctx, params, budget, seed)
+    measurement, seconds = measure(ctx, params, model, folder, seed, threads, repeats)
+    return TrialRecord(
+        config=dict(params),
+        trained=True,
+        training=model.training,
+        measurement=measurement,
+        seconds={**model.seconds, **seconds, "total": time.perf_counter() - started},
+    )

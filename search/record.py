@@ -1,0 +1,141 @@
+"""What one trial records, as one typed value: written to and read from an Optuna trial here only.
+
+A trial's user attributes hold a single JSON entry (``RECORD_KEY``): the :class:`TrialRecord` as a dict
+with its format version. Every reader goes through :meth:`TrialRecord.of`, so a study written by an
+older hycomp (flat string keys, no version) is refused with a clear error instead of being misread.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
+
+from pipelines.errors import ConfigError
+
+__all__ = [
+    "RECORD_VERSION",
+    "RECORD_KEY",
+    "INTERRUPTED",
+    "KILLED",
+    "Training",
+    "Measurement",
+    "TrialRecord",
+]
+
+RECORD_VERSION = 1
+RECORD_KEY = "hycomp_record"
+
+INTERRUPTED = "interrupted (Ctrl-C)"
+# Recorded when a trial starts and replaced when it ends: a trial whose process dies keeps this reason.
+KILLED = "worker killed while running this trial; retried"
+
+
+@dataclass(frozen=True)
+class Training:
+    """What training a configuration's model produced (shared by every trial that uses that model)."""
+
+    expert_params: int
+    achieved_sparsity: float
+    class_assignment: list | None
+    stage_val_accuracy: dict[str, float]
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """What measuring a trained model under a trial's inference settings gives (deployed engine)."""
+
+    val_accuracy: float  # top-1 of the deployed engine
+    val_accuracy_torch: float
+    mmacs: float
+    latency_ms: float
+    latency: dict[str, Any]  # the full latency statistics, with backend, threads and versions
+    routing_share: float
+    size_kb: float
+    params: int
+    bits: int
+    precision: str | None
+    top1_agreement_with_torch: float
+    routing_per_class: list[list[int]]
+    effective_top_k: int
+
+    @property
+    def objectives(self) -> tuple[float, float, float]:
+        return self.val_accuracy, self.mmacs, self.latency_ms
+
+
+@dataclass(frozen=True)
+class TrialRecord:
+    """Everything a trial records. Fields fill in as the trial runs; an enqueued trial starts with
+    ``reference`` or ``queued_by`` only."""
+
+    config: dict[str, Any] | None = None  # the configuration suggest() returned (effective_top_k included)
+    reference: str = ""  # non-empty for the enqueued uncompressed reference point
+    queued_by: int | None = None  # the trial whose trained model queued this one with other test-time views
+    model: str = ""  # the model cache key (what determines the trained weights)
+    trained: bool = False  # this trial trained its model (False: the model came from the cache)
+    repeat_of: int | None = None  # same configuration and inference settings: that trial's result reused
+    training: Training | None = None
+    measurement: Measurement | None = None
+    seconds: dict[str, float] = field(default_factory=dict)  # what this trial spent, per stage and total
+    fail_reason: str = ""
+
+    @property
+    def is_repeat(self) -> bool:
+        return self.repeat_of is not None
+
+    @property
+    def interrupted(self) -> bool:
+        return self.fail_reason in (INTERRUPTED, KILLED)
+
+    def parameters(self, trial_params: dict[str, Any]) -> dict[str, Any]:
+        """The configuration (``trial_params``, Optuna's, where the trial recorded none)."""
+        return dict(self.config if self.config is not None else trial_params)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"version": RECORD_VERSION, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str) -> TrialRecord:
+        """The record ``data`` (written by :meth:`to_dict`); ``where`` names it in the error."""
+        version = data.get("version") if isinstance(data, dict) else None
+        if version != RECORD_VERSION:
+            raise ConfigError(
+                f"{where}: record format {version!r}, this hycomp reads {RECORD_VERSION}: the study was made by "
+                "an older hycomp. Re-run `hycomp search` into a new study name (study.name)."
+            )
+        values = {key: value for key, value in data.items() if key != "version"}
+        unknown = set(values) - {item.name for item in fields(cls)}
+        if unknown:
+            raise ConfigError(f"{where}: unknown record fields {sorted(unknown)}; re-run `hycomp search`.")
+        if values.get("training") is not None:
+            values["training"] = Training(**values["training"])
+        if values.get("measurement") is not None:
+            values["measurement"] = Measurement(**values["measurement"])
+        return cls(**values)
+
+    def user_attrs(self) -> dict[str, Any]:
+        """The user attributes that hold this record (for ``study.enqueue_trial(user_attrs=...)``)."""
+        return {RECORD_KEY: self.to_dict()}
+
+    def write(self, trial: Any) -> TrialRecord:
+        """Store this record on a running ``optuna.Trial``; returns it, for chaining."""
+        trial.set_user_attr(RECORD_KEY, self.to_dict())
+        return self
+
+    def update(self, trial: Any, **changes: Any) -> TrialRecord:
+        """This record with ``changes``, stored on ``trial``."""
+        return replace(self, **changes).write(trial)
+
+    @classmethod
+    def of(cls, trial: Any) -> TrialRecord:
+        """The record of a trial (running or frozen). A trial with no user attributes (one that never
+        started) has an empty record; one with attributes but no record is from an older hycomp."""
+        attrs = trial.user_attrs
+        if RECORD_KEY not in attrs:
+            if attrs:
+                raise ConfigError(
+                    f"trial {trial.number}: no {RECORD_KEY!r} record (it has {sorted(attrs)[:4]}): the study "
+                    "was made by an older hycomp. Re-run `hycomp search` into a new study name (study.name)."
+                )
+            return cls()
+        return cls.from_dict(attrs[RECORD_KEY], f"trial {trial.number}")
