@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["write_synthetic_medmnist", "synthetic_images"]
+__all__ = ["write_synthetic_medmnist", "synthetic_images", "recorded"]
 
 _SPLITS = ("train", "val", "test")
 
@@ -64,3 +64,40 @@ def write_synthetic_medmnist(
     path = folder / f"{name}.npz"
     np.savez_compressed(path, **arrays)
     return path
+
+
+def recorded(
+    *, size_kb: float = 10.0, reference: str = "", repeat_of: int | None = None, config: dict | None = None
+) -> dict:
+    """The user attributes of a measured trial (``search.record.TrialRecord``) with made-up numbers, for
+    studies built from known points without training; the objectives are the trial's own values."""
+    from search.record import Measurement, Training, TrialRecord
+
+    measurement = Measurement(
+        val_accuracy=0.9,
+        val_accuracy_torch=0.9,
+        mmacs=1.0,
+        latency_ms=0.1,
+        latency={"backend": "onnxruntime-int8", "threads": 1, "median_ms": 0.1},
+        routing_share=0.1,
+        size_kb=size_kb,
+        params=1000,
+        bits=8,
+        precision="int8",
+        top1_agreement_with_torch=1.0,
+        routing_per_class=[],
+        effective_top_k=1,
+    )
+    training = Training(
+        expert_params=500, achieved_sparsity=0.5, class_assignment=None, stage_val_accuracy={}
+    )
+    record = TrialRecord(
+        config=config,
+        reference=reference,
+        repeat_of=repeat_of,
+        trained=repeat_of is None,
+        training=training,
+        measurement=measurement,
+        seconds={"total": 1.0},
+    )
+    return record.user_attrs()

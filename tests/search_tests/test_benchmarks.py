@@ -11,12 +11,13 @@ from optuna.distributions import CategoricalDistribution
 from optuna.trial import create_trial
 
 from search.benchmarks.samplers import accuracy_macs_hypervolume
+from tests.helpers import recorded
 
 
 def _study(points: list[tuple[float, float, float]], repeat_of_first: bool = False) -> optuna.Study:
     study = optuna.create_study(directions=["maximize", "minimize", "minimize"])
     for index, values in enumerate(points):
-        attrs = {"duplicate_of": 0} if repeat_of_first and index == len(points) - 1 else {}
+        attrs = recorded(repeat_of=0 if repeat_of_first and index == len(points) - 1 else None)
         study.add_trial(
             create_trial(
                 values=list(values),

@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from search.cli import main
+from search.record import TrialRecord
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -48,20 +49,21 @@ def test_search_runs_and_records_everything(searched: dict) -> None:
     assert (folder / "config.yaml").exists() and (folder / "study.db").exists()
     study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{folder / 'study.db'}")
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    assert len([t for t in complete if "duplicate_of" not in t.user_attrs]) == 3
+    records = {t.number: TrialRecord.of(t) for t in complete}
+    assert len([t for t in complete if not records[t.number].is_repeat]) == 3
     assert study.metric_names == ["val_accuracy", "mmacs", "latency_ms"]
-    reference = study.trials[0]
-    config = reference.user_attrs["config"]
-    assert config["sparsity"] == 0.0 and config["bits"] == 32 and reference.user_attrs["reference"]
+    reference = records[0]
+    assert reference.config["sparsity"] == 0.0 and reference.config["bits"] == 32 and reference.reference
     for trial in complete:
-        attrs = trial.user_attrs
+        measured = records[trial.number].measurement
         assert 0.0 <= trial.values[0] <= 1.0 and trial.values[1] > 0 and trial.values[2] > 0
-        for key in ("params", "size_kb", "achieved_sparsity", "seconds", "latency", "routing_share"):
-            assert key in attrs
-        assert attrs["latency"]["batch"] == 1 and attrs["latency"]["threads"] == 1
-        assert "onnxruntime" in attrs["latency"]["backend"]
+        assert trial.values == list(measured.objectives)
+        assert measured.params > 0 and measured.size_kb > 0 and 0.0 <= measured.routing_share <= 1.0
+        assert records[trial.number].seconds["total"] > 0
+        assert measured.latency["batch"] == 1 and measured.latency["threads"] == 1
+        assert "onnxruntime" in measured.latency["backend"]
     sampled = [t for t in complete if t.number > 0]
-    assert all(t.user_attrs["achieved_sparsity"] > 0.1 for t in sampled)
+    assert all(records[t.number].training.achieved_sparsity > 0.1 for t in sampled)
     # compressed trials really compute less than the uncompressed reference
     assert min(t.values[1] for t in sampled) < reference.values[1]
 
@@ -69,12 +71,17 @@ def test_search_runs_and_records_everything(searched: dict) -> None:
 @pytest.mark.slow
 def test_rerun_resumes_without_new_work(searched: dict) -> None:
     study_db = searched["folder"] / "study.db"
-    before = study_db.stat().st_mtime_ns
+    artifacts = [searched["folder"] / "trials", searched["folder"] / "models"]
+
+    def written() -> dict:  # every file a trial writes (models, bundles), with when it was last written
+        return {path: path.stat().st_mtime_ns for root in artifacts for path in root.rglob("*")}
+
+    before = written()
     before_trials = len(optuna.load_study(study_name="tiny", storage=f"sqlite:///{study_db}").trials)
     assert main(["search", "--space", str(searched["space"]), "--no-progress"]) == 0
     study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{study_db}")
     assert len(study.trials) == before_trials
-    assert study_db.stat().st_mtime_ns >= before
+    assert before and written() == before, "a resumed search that has nothing to do rewrote trial files"
 
 
 @pytest.mark.slow

@@ -1,4 +1,5 @@
-"""The objective: a configuration sampled again reuses the earlier result instead of retraining."""
+"""The objective: a model is trained once (the model cache), a configuration measured before reuses that result,
+only compression errors fail a trial, and an interrupted trial says so and its reference is queued again."""
 
 from __future__ import annotations
 
@@ -7,72 +8,13 @@ from pathlib import Path
 
 import optuna
 import pytest
-import torch
 import yaml
-from optuna.distributions import CategoricalDistribution
-from optuna.trial import TrialState, create_trial
+from optuna.trial import TrialState
 
 from search.cli import main
-from search.objective import _same_config, _same_model
+from search.record import INTERRUPTED, TrialRecord
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _config(**overrides) -> dict:
-    config = {
-        "sparsity": 0.5,
-        "pruner": "l1",
-        "bits": 8,
-        "quantizer": "qat",
-        "num_experts": 2,
-        "top_k": 1,
-        "gate_size": 4,
-        "routing": "class-groups",
-        "effective_top_k": 1,
-    }
-    return {**config, **overrides}
-
-
-def _study_with(*configs: dict) -> optuna.Study:
-    study = optuna.create_study(directions=["maximize", "minimize", "minimize"])
-    for config in configs:
-        study.add_trial(
-            create_trial(
-                values=[0.9, 1.0, 0.1],
-                params={"pruner": config["pruner"]},
-                distributions={"pruner": CategoricalDistribution(["l1", "l2"])},
-                user_attrs={"config": config},
-            )
-        )
-    return study
-
-
-def test_same_config_finds_the_earlier_trial() -> None:
-    study = _study_with(_config(pruner="l2"), _config())
-    trial = study.ask()
-    assert _same_config(trial, _config()).number == 1
-    assert _same_config(trial, _config(sparsity=0.6)) is None
-    assert _same_config(trial, _config(bits=4)) is None
-
-
-def test_top_k_counts_only_through_its_clipped_value() -> None:
-    """One expert with top_k 2 runs exactly as one expert with top_k 1."""
-    study = _study_with(_config(num_experts=1, top_k=1, effective_top_k=1))
-    trial = study.ask()
-    assert _same_config(trial, _config(num_experts=1, top_k=2, effective_top_k=1)) is not None
-    assert _same_config(trial, _config(num_experts=2, top_k=2, effective_top_k=2)) is None
-
-
-def test_a_single_expert_ignores_what_only_a_gate_uses() -> None:
-    """Without a gate, gate size, routing and expert origin change nothing: not worth a second trial."""
-    single = _config(num_experts=1, effective_top_k=1)
-    study = _study_with(single)
-    trial = study.ask()
-    assert _same_config(trial, {**single, "gate_size": 16, "routing": "learned", "expert_init": "teachers"})
-    assert _same_config(trial, {**single, "sparsity": 0.6, "gate_size": 16}) is None
-    two = _study_with(_config(expert_init="copies"))
-    assert _same_config(two.ask(), _config(expert_init="teachers")) is None
-    assert _same_config(two.ask(), _config(gate_size=16, expert_init="copies")) is None
 
 
 def _one_point_space(folder: Path, data_root: Path, name: str, **space) -> Path:
@@ -96,17 +38,6 @@ def _one_point_space(folder: Path, data_root: Path, name: str, **space) -> Path:
     return path
 
 
-def test_views_change_the_configuration_but_not_the_model() -> None:
-    """Test-time views are inference only: a trial that differs only in them is measured on the trained
-    model of the earlier trial, not trained again (and not a repeat: its objectives differ)."""
-    study = _study_with(_config(views=1))
-    trial = study.ask()
-    assert _same_config(trial, _config(views=2)) is None
-    assert _same_model(trial, _config(views=2)).number == 0
-    assert _same_model(trial, _config(views=2, bits=4)) is None
-    assert _same_model(_study_with(_config()).ask(), _config(views=4)).number == 0  # older trials: no views
-
-
 @pytest.mark.slow
 def test_a_views_trial_measures_the_trained_model_again(
     tmp_path: Path, synthetic_root: Path, monkeypatch
@@ -119,18 +50,18 @@ def test_a_views_trial_measures_the_trained_model_again(
     assert main(["search", "--space", str(space), "--no-progress"]) == 0
     folder = tmp_path / "results" / "views"
     study = optuna.load_study(study_name="views", storage=f"sqlite:///{folder / 'study.db'}")
-    trials = [
-        t for t in study.get_trials(states=(TrialState.COMPLETE,)) if "duplicate_of" not in t.user_attrs
-    ]
-    by_views = {t.user_attrs["config"]["views"]: t for t in trials}
+    trials = [t for t in study.get_trials(states=(TrialState.COMPLETE,)) if not TrialRecord.of(t).is_repeat]
+    records = {TrialRecord.of(t).config["views"]: TrialRecord.of(t) for t in trials}
+    by_views = {TrialRecord.of(t).config["views"]: t for t in trials}
     assert sorted(by_views) == [1, 2]
-    first, second = sorted(trials, key=lambda t: t.number)
-    assert "model_of" not in first.user_attrs and second.user_attrs["model_of"] == first.number
-    assert second.user_attrs["views_of"] == first.number  # queued by the first trial, not sampled
-    assert "finetune" not in second.user_attrs["seconds"]  # measured, not trained
-    assert by_views[2].user_attrs["mmacs"] == pytest.approx(2 * by_views[1].user_attrs["mmacs"], rel=1e-6)
-    assert by_views[2].user_attrs["size_kb"] == pytest.approx(by_views[1].user_attrs["size_kb"])
-    assert by_views[2].user_attrs["achieved_sparsity"] == by_views[1].user_attrs["achieved_sparsity"]
+    first, second = (TrialRecord.of(t) for t in sorted(trials, key=lambda t: t.number))
+    assert first.trained and not second.trained and first.model == second.model
+    assert second.queued_by == min(t.number for t in trials)  # queued by the first trial, not sampled
+    assert "finetune" in first.seconds and "finetune" not in second.seconds  # measured, not trained
+    assert [path.name for path in (folder / "models").iterdir()] == [first.model]  # one training
+    assert records[2].measurement.mmacs == pytest.approx(2 * records[1].measurement.mmacs, rel=1e-6)
+    assert records[2].measurement.size_kb == pytest.approx(records[1].measurement.size_kb)
+    assert records[2].training == records[1].training
     number = by_views[2].number
     assert main(["export", str(folder), "--trial", str(number)]) == 0
     bundle = folder / "export" / f"trial_{number}" / "bundle"
@@ -151,13 +82,16 @@ def test_a_views_trial_measures_the_trained_model_again(
     ]
     assert main(command) == 0
     candidates = folder / "export" / "candidates"
-    records = {
-        views: json.loads((candidates / f"trial_{trial.number}" / "candidate.json").read_text())
+    saved = {
+        views: json.loads((candidates / f"trial_{trial.number}" / "candidate.json").read_text())["record"]
         for views, trial in by_views.items()
     }
-    assert "finetune" in records[1]["seconds"] and "finetune" not in records[2]["seconds"]
-    assert records[2]["mmacs"] == pytest.approx(2 * records[1]["mmacs"], rel=1e-6)
-    assert records[2]["achieved_sparsity"] == records[1]["achieved_sparsity"]
+    full = {views: TrialRecord.from_dict(record, "candidate") for views, record in saved.items()}
+    assert full[1].trained != full[2].trained and full[1].model == full[2].model  # one training
+    trained, measured = (full[1], full[2]) if full[1].trained else (full[2], full[1])
+    assert "finetune" in trained.seconds and "finetune" not in measured.seconds
+    assert full[2].measurement.mmacs == pytest.approx(2 * full[1].measurement.mmacs, rel=1e-6)
+    assert full[2].training == full[1].training
 
 
 @pytest.mark.slow
@@ -178,9 +112,10 @@ def test_a_repeated_configuration_is_not_trained_again(
     folder = tmp_path / "results" / "one-point"
     study = optuna.load_study(study_name="one-point", storage=f"sqlite:///{folder / 'study.db'}")
     first, *repeats = study.get_trials(states=(TrialState.COMPLETE,))
-    assert len(repeats) == MAX_REPEATS and "duplicate_of" not in first.user_attrs
+    assert len(repeats) == MAX_REPEATS and not TrialRecord.of(first).is_repeat
     second = repeats[0]
-    assert all(trial.user_attrs["duplicate_of"] == first.number for trial in repeats)
+    assert all(TrialRecord.of(trial).repeat_of == first.number for trial in repeats)
+    assert all(TrialRecord.of(trial).measurement == TrialRecord.of(first).measurement for trial in repeats)
     assert all(trial.values == first.values for trial in repeats)
     assert sorted(path.name for path in (folder / "trials").iterdir()) == [f"trial_{first.number}"]
 
@@ -214,12 +149,12 @@ def test_a_compute_budget_rejects_configurations_before_training(
     study = optuna.load_study(study_name="budget", storage=f"sqlite:///{folder / 'study.db'}")
     rejected = study.get_trials(states=(TrialState.PRUNED,))
     complete = study.get_trials(states=(TrialState.COMPLETE,))
-    assert rejected and rejected[0].user_attrs.get("reference"), "the 2.5-MMACs reference breaks a 1.6 budget"
+    assert rejected and TrialRecord.of(rejected[0]).reference, "the 2.5-MMACs reference breaks a 1.6 budget"
     for trial in rejected:
-        assert trial.user_attrs["fail_reason"].startswith("rejected before training: mmacs")
-        assert "constraints.max_mmacs 1.6" in trial.user_attrs["fail_reason"]
+        assert TrialRecord.of(trial).fail_reason.startswith("rejected before training: mmacs")
+        assert "constraints.max_mmacs 1.6" in TrialRecord.of(trial).fail_reason
         assert not (folder / "trials" / f"trial_{trial.number}").exists(), "nothing was trained"
-    assert len([t for t in complete if "duplicate_of" not in t.user_attrs]) == 2
+    assert len([t for t in complete if not TrialRecord.of(t).is_repeat]) == 2
     assert all(
         t.values[1] <= 1.6 and t.constraints == {"mmacs": pytest.approx(t.values[1] - 1.6)} for t in complete
     )
@@ -243,34 +178,61 @@ def test_an_unreachable_budget_stops_with_a_clear_message(
     assert not (folder / "trials").exists() or not any((folder / "trials").iterdir())
 
 
-def test_ensemble_targets_are_computed_once_per_augment(tiny_data, tmp_path: Path) -> None:
-    from pipelines.models import build_model
-    from search.objective import TrialContext
-    from search.space import Budget, parse_space
+def _interrupting(monkeypatch, error: BaseException) -> None:
+    """The next training raises ``error`` from inside the compression stage."""
+    import search.evaluation as evaluation
 
-    teacher = build_model("resnet8", tiny_data.channels, tiny_data.num_classes, 0.25).eval()
-    context = TrialContext(parse_space({}), tiny_data, teacher, tmp_path)
-    assert context.training_data(Budget(kd_targets="online")) is tiny_data
-    ensemble = context.training_data(Budget(kd_targets="ensemble", augment="d4"))
-    assert ensemble.train.teacher_logits.shape == (len(tiny_data.train), tiny_data.num_classes)
-    assert ensemble.val is tiny_data.val and tiny_data.train.teacher_logits is None  # data left as it was
-    assert context.training_data(Budget(kd_targets="ensemble", augment="d4")) is ensemble  # cached
-    flips = context.training_data(Budget(kd_targets="ensemble", augment="flips"))
-    assert not torch.allclose(flips.train.teacher_logits, ensemble.train.teacher_logits)
+    def stage(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(evaluation, "compress_hybrid", stage)
 
 
-def test_ensemble_targets_average_every_teacher(tiny_data, tmp_path: Path) -> None:
-    from pipelines.models import build_model
-    from pipelines.train import ensemble_logits
-    from search.objective import TrialContext
-    from search.space import Budget, parse_space
+@pytest.mark.slow
+def test_an_interrupted_reference_says_so_and_is_queued_again(
+    tmp_path: Path, synthetic_root: Path, monkeypatch, capsys
+) -> None:
+    """Ctrl-C during trial 0 of a new study (the uncompressed reference): the trial fails with the reason
+    "interrupted"; the resumed study queues the reference again and completes it; the front lists a reason
+    for every failed trial."""
+    monkeypatch.setenv("HYCOMP_RESULTS", str(tmp_path / "results"))
+    space = _one_point_space(tmp_path, synthetic_root, "ctrl-c")
+    mapping = yaml.safe_load(space.read_text())
+    mapping["study"].update(enqueue_baseline=True, trials=1)
+    space.write_text(yaml.safe_dump(mapping))
+    folder = tmp_path / "results" / "ctrl-c"
+    with monkeypatch.context() as patch:
+        _interrupting(patch, KeyboardInterrupt())
+        assert main(["search", "--space", str(space), "--no-progress"]) == 130
+    study = optuna.load_study(study_name="ctrl-c", storage=f"sqlite:///{folder / 'study.db'}")
+    (interrupted,) = study.trials
+    record = TrialRecord.of(interrupted)
+    assert interrupted.state == TrialState.FAIL and record.reference and record.fail_reason == INTERRUPTED
 
-    teachers = []
-    for seed in (0, 1):
-        torch.manual_seed(seed)
-        teachers.append(build_model("resnet8", tiny_data.channels, tiny_data.num_classes, 0.25).eval())
-    context = TrialContext(parse_space({}), tiny_data, teachers[0], tmp_path, distill_from=teachers)
-    targets = context.training_data(Budget(kd_targets="ensemble", augment="flips")).train.teacher_logits
-    each = [ensemble_logits(teacher, tiny_data.train, "flips") for teacher in teachers]
-    assert torch.allclose(targets, (each[0] + each[1]) / 2, atol=1e-5)
-    assert not torch.allclose(targets, each[0], atol=1e-3)
+    assert main(["search", "--space", str(space), "--no-progress"]) == 0
+    study = optuna.load_study(study_name="ctrl-c", storage=f"sqlite:///{folder / 'study.db'}")
+    references = [t for t in study.trials if TrialRecord.of(t).reference]
+    assert [t.state for t in references] == [TrialState.FAIL, TrialState.COMPLETE]
+    assert TrialRecord.of(references[1]).config["sparsity"] == 0.0  # the uncompressed point itself
+    capsys.readouterr()
+    assert main(["front", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert INTERRUPTED in out
+
+
+@pytest.mark.slow
+def test_a_bug_in_a_stage_stops_the_search_instead_of_failing_the_trial(
+    tmp_path: Path, synthetic_root: Path, monkeypatch
+) -> None:
+    """Only a compression stage's own errors (CompressionError) fail a trial; a ValueError from a stage is a
+    bug: it surfaces, and the trial records it."""
+    monkeypatch.setenv("HYCOMP_RESULTS", str(tmp_path / "results"))
+    space = _one_point_space(tmp_path, synthetic_root, "bug")
+    _interrupting(monkeypatch, ValueError("a programming error"))
+    with pytest.raises(ValueError, match="a programming error"):
+        main(["search", "--space", str(space), "--no-progress"])
+    folder = tmp_path / "results" / "bug"
+    study = optuna.load_study(study_name="bug", storage=f"sqlite:///{folder / 'study.db'}")
+    (failed,) = study.trials
+    assert failed.state == TrialState.FAIL
+    assert TrialRecord.of(failed).fail_reason == "unexpected ValueError: a programming error"

@@ -8,6 +8,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 
 from pipelines.errors import ConfigError
 from search.pareto import front_table, pick_candidates, pick_trial, trials_table
+from tests.helpers import recorded
 
 DISTRIBUTIONS = {
     "sparsity": FloatDistribution(0.0, 0.9),
@@ -46,11 +47,7 @@ def make_study(points=POINTS, constraint=None, reference_first: bool = False) ->
             },
             distributions=DISTRIBUTIONS,
             values=[accuracy, mmacs, latency],
-            user_attrs={
-                "size_kb": size,
-                "latency": {"backend": "onnxruntime-int8", "threads": 1},
-                "reference": "baseline" if reference_first and index == 0 else "",
-            },
+            user_attrs=recorded(size_kb=size, reference="baseline" if reference_first and index == 0 else ""),
             system_attrs=system_attrs,
         )
         study.add_trial(trial)

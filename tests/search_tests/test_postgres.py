@@ -24,6 +24,7 @@ import pytest
 from optuna.trial import TrialState
 
 from search.cli import main
+from search.record import TrialRecord
 from tests.search_tests.test_workers import check_exact_count, write_cheap_space
 
 REPO = Path(__file__).resolve().parents[2]
@@ -210,9 +211,9 @@ def test_two_machines_reach_exactly_the_target(shared_study: dict) -> None:
         assert code == 0, err[-2000:]
     study = _load(shared_study["url"])
     # each machine keeps the artifacts of the trials it trained; together they hold every trained trial
-    # (a trial that reused an identical earlier result, ``duplicate_of``, trained nothing and has none)
+    # (a trial that reused an identical earlier result, a repeat, trained nothing and has none)
     complete = [trial for trial in study.trials if trial.state == TrialState.COMPLETE]
-    trained = {trial.number for trial in complete if "duplicate_of" not in trial.user_attrs}
+    trained = {trial.number for trial in complete if not TrialRecord.of(trial).is_repeat}
     per_machine = [
         {
             trial.number

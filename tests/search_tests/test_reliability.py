@@ -19,6 +19,7 @@ from optuna.trial import TrialState
 
 from pipelines.errors import CompressionError, UntrustedFileError
 from search.cli import main
+from search.record import KILLED, TrialRecord
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -41,9 +42,9 @@ def load(folder: Path, name: str) -> optuna.Study:
 
 @pytest.mark.slow
 def test_crashing_trial_fails_alone(tmp_path: Path, synthetic_root: Path, monkeypatch, capsys) -> None:
-    import search.objective as objective
+    import search.evaluation as evaluation
 
-    real = objective.compress_hybrid
+    real = evaluation.compress_hybrid
     calls = {"count": 0}
 
     def flaky(teacher, data, cfg, budget, seed=0, sources=None):
@@ -54,7 +55,7 @@ def test_crashing_trial_fails_alone(tmp_path: Path, synthetic_root: Path, monkey
             )
         return real(teacher, data, cfg, budget, seed=seed, sources=sources)
 
-    monkeypatch.setattr(objective, "compress_hybrid", flaky)
+    monkeypatch.setattr(evaluation, "compress_hybrid", flaky)
     monkeypatch.setenv("HYCOMP_RESULTS", str(tmp_path / "results"))
     space = write_space(tmp_path, synthetic_root, "crash", trials=2)
     assert main(["search", "--space", str(space), "--no-progress"]) == 0
@@ -62,7 +63,7 @@ def test_crashing_trial_fails_alone(tmp_path: Path, synthetic_root: Path, monkey
     states = [t.state for t in study.trials]
     assert states.count(TrialState.COMPLETE) == 2 and states.count(TrialState.FAIL) == 1
     failed = next(t for t in study.trials if t.state == TrialState.FAIL)
-    assert "EmptyLayerError" in failed.user_attrs["fail_reason"]
+    assert "EmptyLayerError" in TrialRecord.of(failed).fail_reason
     capsys.readouterr()
     assert main(["front", str(tmp_path / "results" / "crash")]) == 0
     out = capsys.readouterr().out
@@ -92,7 +93,7 @@ def test_nan_loss_is_a_failed_trial_not_a_crash(
     study = load(tmp_path / "results", "nan")
     failed = [t for t in study.trials if t.state == TrialState.FAIL]
     assert len(failed) == len(study.trials) == 5
-    assert all("diverged" in t.user_attrs.get("fail_reason", "") for t in failed)
+    assert all("diverged" in TrialRecord.of(t).fail_reason for t in failed)
 
 
 def _search_process(space: Path, results: Path, env_extra: dict | None = None) -> subprocess.Popen:
@@ -147,7 +148,7 @@ def test_ctrl_c_marks_running_trial_and_resumes(tmp_path: Path, synthetic_root: 
     study = load(results, "interrupt")
     complete = [t.number for t in study.trials if t.state == TrialState.COMPLETE]
     evaluated = [
-        t for t in study.trials if t.state == TrialState.COMPLETE and "duplicate_of" not in t.user_attrs
+        t for t in study.trials if t.state == TrialState.COMPLETE and not TrialRecord.of(t).is_repeat
     ]
     assert len(evaluated) == 3 and set(kept) <= set(complete)
 
@@ -172,7 +173,8 @@ def test_sigkill_mid_trial_resumes_and_retries(tmp_path: Path, synthetic_root: P
     by_number = {t.number: t for t in study.trials}
     assert by_number[killed.number].state == TrialState.FAIL
     complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
-    assert len([t for t in complete if "duplicate_of" not in t.user_attrs]) == 3
+    assert len([t for t in complete if not TrialRecord.of(t).is_repeat]) == 3
+    assert TrialRecord.of(by_number[killed.number]).fail_reason == KILLED
     # Optuna's retry callback re-ran the killed configuration
     retried = [t for t in complete if t.system_attrs.get("failed_trial") == killed.number]
     assert retried and retried[0].params == killed.params

@@ -8,6 +8,7 @@ import optuna
 import pytest
 
 from pipelines.errors import ConfigError
+from search.record import TrialRecord
 from search.space import SearchConfig, baseline_params, dump_space, load_space, parse_space, suggest
 
 REPO = Path(__file__).resolve().parents[2]
@@ -115,7 +116,7 @@ def test_baseline_reference_is_uncompressed() -> None:
     assert params["sparsity"] == 0.0 and params["num_experts"] == 1
     assert "bits" not in params  # 32 is not a searched choice, so it is not enqueued as a parameter
     study = optuna.create_study(directions=["maximize", "minimize", "minimize"])
-    study.enqueue_trial(params, user_attrs={"reference": "baseline"})
+    study.enqueue_trial(params, user_attrs=TrialRecord(reference="baseline").user_attrs())
     trial = study.ask()
     config = suggest(trial, space)
     assert config["bits"] == 32 and config["sparsity"] == 0.0 and config["num_experts"] == 1

@@ -11,6 +11,7 @@ import yaml
 from optuna.trial import TrialState
 
 from search.cli import main
+from search.record import TrialRecord
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -24,18 +25,6 @@ CHEAP_TRIAL = {
     "qat_epochs": 0.05,
 }
 SURPLUS_REASON = "not needed"
-RECORD_KEYS = (
-    "config",
-    "val_accuracy",
-    "mmacs",
-    "latency_ms",
-    "latency",
-    "size_kb",
-    "params",
-    "achieved_sparsity",
-    "seconds",
-    "stage_val_accuracy",
-)
 
 
 def write_cheap_space(folder: Path, data_root: Path, name: str, trials: int) -> Path:
@@ -63,31 +52,32 @@ def check_exact_count(study: optuna.Study, target: int, *trials_folders: Path) -
         states
     )
     complete = [trial for trial in trials if trial.state == TrialState.COMPLETE]
-    assert len([trial for trial in complete if "duplicate_of" not in trial.user_attrs]) == target, states
+    records = {trial.number: TrialRecord.of(trial) for trial in trials}
+    assert len([trial for trial in complete if not records[trial.number].is_repeat]) == target, states
     for trial in complete:
-        attrs = trial.user_attrs
-        missing = [key for key in RECORD_KEYS if key not in attrs]
-        assert missing == [], f"trial {trial.number} lacks user attrs {missing}"
-        assert SURPLUS_REASON not in attrs.get("fail_reason", "")
-        assert trial.values == pytest.approx([attrs["val_accuracy"], attrs["mmacs"], attrs["latency_ms"]])
+        record = records[trial.number]
+        assert record.config and record.training and record.measurement and record.seconds, trial.number
+        assert record.fail_reason == ""
+        assert trial.values == pytest.approx(list(record.measurement.objectives))
         # a trial that reused an identical earlier trial's result has its model in that trial's folder
-        owner = attrs.get("duplicate_of", trial.number)
+        owner = trial.number if record.repeat_of is None else record.repeat_of
         bundles = [folder / f"trial_{owner}" / "bundle" / "manifest.json" for folder in trials_folders]
         assert any(bundle.exists() for bundle in bundles), f"trial {trial.number} left no bundle"
     pruned = [trial for trial in trials if trial.state == TrialState.PRUNED]
     for trial in pruned:
         # the space has no constraints, so the only reason to prune is a worker that lost the race
-        assert SURPLUS_REASON in trial.user_attrs.get("fail_reason", ""), trial.user_attrs
-        assert "config" not in trial.user_attrs, "a surplus trial must stop before doing any work"
+        assert SURPLUS_REASON in records[trial.number].fail_reason, trial.user_attrs
+        assert records[trial.number].config is None, "a surplus trial must stop before doing any work"
     for trial in trials:
         if trial.state == TrialState.FAIL:
-            assert trial.user_attrs.get("fail_reason"), f"trial {trial.number} failed without a reason"
+            assert records[trial.number].fail_reason, f"trial {trial.number} failed without a reason"
 
 
 def test_a_trial_beyond_the_target_is_pruned_as_surplus(tmp_path: Path) -> None:
     """The race the workers can lose, played in order: with the target 2, trial 0 complete and trial 1
     running (worker A), a trial that worker B started anyway (2) stops at once as PRUNED "not needed"."""
-    from search.objective import DIRECTIONS, Objective, TrialContext
+    from search.evaluation import TrialContext
+    from search.objective import DIRECTIONS, Objective
     from search.space import parse_space
 
     study = optuna.create_study(directions=list(DIRECTIONS))
@@ -98,7 +88,7 @@ def test_a_trial_beyond_the_target_is_pruned_as_surplus(tmp_path: Path) -> None:
     surplus = study.trials[-1]
     assert (running.number, surplus.number) == (1, 2)
     assert surplus.state == TrialState.PRUNED
-    assert SURPLUS_REASON in surplus.user_attrs["fail_reason"] and surplus.params == {}
+    assert SURPLUS_REASON in TrialRecord.of(surplus).fail_reason and surplus.params == {}
     assert study.trials[1].state == TrialState.RUNNING  # the trial that won the race is untouched
     assert not (tmp_path / "trials").exists()
 
