@@ -107,7 +107,8 @@ def failures_table(study: optuna.Study) -> pd.DataFrame:
 def _reason(trial: optuna.trial.FrozenTrial) -> str:
     """Why a trial failed or was pruned; a trial that recorded nothing (one started before it could)
     still gets a reason."""
-    return TrialRecord.of(trial).fail_reason or f"{trial.state.name.lower()} before it recorded a reason"
+    stopped = "failed" if trial.state == TrialState.FAIL else "pruned"
+    return TrialRecord.of(trial).fail_reason or f"{stopped} before it recorded a reason"
 
 
 @dataclass(frozen=True)
