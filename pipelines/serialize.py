@@ -1,9 +1,11 @@
 """Save and load models without pickling code.
 
 A pruned model's architecture differs from its builder's (ModelSpeedup shrinks layers), so a checkpoint
-is three files: the builder's name and arguments plus the shape of every Conv2d / Linear / BatchNorm2d
-(``*.json``), the state_dict (``*.pt``, loaded with ``torch.load(weights_only=True)``), and the
-state_dict's SHA-256 recorded in the json. A file that does not match its recorded hash is refused.
+is three files: a description (the model's :class:`~pipelines.models.ModelSpec` and the dataset shape it
+was built for, :func:`describe_model`) plus the shape of every Conv2d / Linear / BatchNorm2d (``*.json``),
+the state_dict (``*.pt``, loaded with ``torch.load(weights_only=True)``), and the state_dict's SHA-256
+recorded in the json. A file that does not match its recorded hash, or was written in another format
+version, is refused.
 """
 
 from __future__ import annotations
@@ -16,10 +18,21 @@ import torch
 from torch import nn
 
 from pipelines.errors import UntrustedFileError
+from pipelines.models import ModelSpec
 
-__all__ = ["describe_layers", "resize_layers", "save_checkpoint", "load_checkpoint", "sha256_file"]
+__all__ = [
+    "FORMAT_VERSION",
+    "describe_layers",
+    "describe_model",
+    "resize_layers",
+    "rebuild_model",
+    "build_described",
+    "save_checkpoint",
+    "load_checkpoint",
+    "sha256_file",
+]
 
-_FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the description holds a ModelSpec (any model family), not a registry name
 
 
 def describe_layers(model: nn.Module) -> dict[str, dict]:
@@ -79,6 +92,35 @@ def resize_layers(model: nn.Module, layers: dict[str, dict]) -> nn.Module:
     return model
 
 
+def describe_model(spec: ModelSpec, in_channels: int, num_classes: int, image_size: int) -> dict:
+    """What :func:`rebuild_model` needs besides the layer shapes and weights (JSON-able)."""
+    return {
+        "kind": "model",
+        "model": spec.to_dict(),
+        "in_channels": in_channels,
+        "num_classes": num_classes,
+        "image_size": image_size,
+    }
+
+
+def build_described(description: dict) -> nn.Module:
+    """The unpruned architecture of a :func:`describe_model` description (untrained; the spec's own
+    checkpoint file is not read: the saved weights replace it)."""
+    try:
+        spec = ModelSpec.from_dict(description["model"])
+        shape = (description["in_channels"], description["num_classes"], description["image_size"])
+    except (KeyError, TypeError) as error:
+        raise UntrustedFileError(f"a checkpoint's model description lacks {error}; re-create it.") from error
+    return spec.build(*shape, with_checkpoint=False)
+
+
+def rebuild_model(description: dict, layers: dict[str, dict], state: dict[str, torch.Tensor]) -> nn.Module:
+    """A (pruned) model from a checkpoint: ``rebuild_model(*load_checkpoint(path))``; in eval mode."""
+    model = resize_layers(build_described(description), layers)
+    model.load_state_dict(state)
+    return model.eval()
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -94,7 +136,7 @@ def save_checkpoint(model: nn.Module, path: str | Path, description: dict) -> No
     weights = path.with_suffix(".pt")
     torch.save(model.state_dict(), weights)
     meta = {
-        "format_version": _FORMAT_VERSION,
+        "format_version": FORMAT_VERSION,
         "description": description,
         "layers": describe_layers(model),
         "sha256": sha256_file(weights),
@@ -117,8 +159,15 @@ def load_checkpoint(path: str | Path) -> tuple[dict, dict, dict[str, torch.Tenso
     try:
         meta = json.loads(meta_path.read_text())
         recorded = meta["sha256"]
-    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        version = meta.get("format_version")
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:
         raise UntrustedFileError(f"{meta_path} is not a hycomp checkpoint description ({error}).") from error
+    if version != FORMAT_VERSION:
+        raise UntrustedFileError(
+            f"{meta_path} is a checkpoint of format version {version}; this hycomp reads version "
+            f"{FORMAT_VERSION}. Delete it and re-run the command that wrote it (a cached teacher is "
+            "retrained, a trial re-run)."
+        )
     actual = sha256_file(weights)
     if actual != recorded:
         raise UntrustedFileError(
