@@ -36,7 +36,8 @@ FORMAT_VERSION = 2  # 2: the description holds a ModelSpec (any model family), n
 
 
 def describe_layers(model: nn.Module) -> dict[str, dict]:
-    """Constructor arguments of every Conv2d, Linear and BatchNorm2d, by qualified name."""
+    """Constructor arguments of every layer whose shape pruning can change (Conv2d, Linear, BatchNorm,
+    InstanceNorm, GroupNorm, PReLU), by qualified name."""
     layers: dict[str, dict] = {}
     for name, module in model.named_modules():
         if isinstance(module, nn.Conv2d):
@@ -57,9 +58,29 @@ def describe_layers(model: nn.Module) -> dict[str, dict]:
                 "out_features": module.out_features,
                 "bias": module.bias is not None,
             }
-        elif isinstance(module, nn.BatchNorm2d):
-            layers[name] = {"type": "BatchNorm2d", "num_features": module.num_features}
+        elif isinstance(module, nn.BatchNorm2d | nn.BatchNorm1d | nn.InstanceNorm2d):
+            layers[name] = {
+                "type": type(module).__name__,
+                "num_features": module.num_features,
+                "eps": module.eps,
+                "momentum": module.momentum,
+                "affine": module.affine,
+                "track_running_stats": module.track_running_stats,
+            }
+        elif isinstance(module, nn.GroupNorm):
+            layers[name] = {
+                "type": "GroupNorm",
+                "num_groups": module.num_groups,
+                "num_channels": module.num_channels,
+                "eps": module.eps,
+                "affine": module.affine,
+            }
+        elif isinstance(module, nn.PReLU):
+            layers[name] = {"type": "PReLU", "num_parameters": module.num_parameters}
     return layers
+
+
+_NORMS = {"BatchNorm2d": nn.BatchNorm2d, "BatchNorm1d": nn.BatchNorm1d, "InstanceNorm2d": nn.InstanceNorm2d}
 
 
 def _make_layer(spec: dict) -> nn.Module:
@@ -76,8 +97,18 @@ def _make_layer(spec: dict) -> nn.Module:
         )
     if kind == "Linear":
         return nn.Linear(spec["in_features"], spec["out_features"], bias=spec["bias"])
-    if kind == "BatchNorm2d":
-        return nn.BatchNorm2d(spec["num_features"])
+    if kind in _NORMS:
+        return _NORMS[kind](
+            spec["num_features"],
+            eps=spec["eps"],
+            momentum=spec["momentum"],
+            affine=spec["affine"],
+            track_running_stats=spec["track_running_stats"],
+        )
+    if kind == "GroupNorm":
+        return nn.GroupNorm(spec["num_groups"], spec["num_channels"], eps=spec["eps"], affine=spec["affine"])
+    if kind == "PReLU":
+        return nn.PReLU(spec["num_parameters"])
     raise UntrustedFileError(f"layer type {kind!r} in an architecture description is not supported.")
 
 
