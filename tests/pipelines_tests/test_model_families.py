@@ -8,12 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from pipelines.compress.prune import PruneConfig
 from pipelines.compress.quantize import QuantizeConfig
 from pipelines.data import Dataset
 from pipelines.deploy import agreement, deploy_moe, load_bundle
 from pipelines.hybrid import HybridConfig, StageBudget, compress_hybrid
+from pipelines.measure import count_macs
 from pipelines.models import ModelSpec
 from pipelines.moe import MoEConfig, moe_description, rebuild_moe
 from pipelines.serialize import load_checkpoint, save_checkpoint
@@ -60,9 +62,14 @@ def test_family_runs_every_stage(family: str, tiny_data: Dataset, tmp_path: Path
     result = compress_hybrid(teacher, tiny_data, cfg, BUDGET, seed=0)
     moe = result.moe.eval()
 
-    # Channels physically removed, every stage evaluated.
+    # Channels physically removed (and counted so), every stage evaluated.
+    example = tiny_data.val.images[:2]
     for expert in moe.experts:
         assert _conv_channels(expert) < _conv_channels(teacher)
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            expert(example)
+        assert count_macs(expert, example) == counter.get_total_flops() // 2 // 2
+        assert count_macs(expert, example) < count_macs(teacher, example)
     assert result.expert_params < result.params_before
     assert set(result.stage_accuracy) == {"pruned", "finetuned", "moe", "quantized"}
 

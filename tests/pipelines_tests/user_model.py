@@ -97,6 +97,8 @@ class SplitNet(nn.Module):
         self.conv1 = nn.Conv2d(in_channels, 16, 3, padding=1)
         self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
         self.fc = nn.Linear(16, num_classes)
+        with torch.no_grad():  # L1 pruning keeps these six: the two halves lose unequal numbers of channels
+            self.conv1.weight[:6] *= 10
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         kept, processed = torch.chunk(self.conv1(x), 2, dim=1)
