@@ -1,9 +1,11 @@
 """Measurements on the physically compressed model: MACs, parameters, packed size and latency.
 
 Conventions (written into every report):
-- MACs: multiply-accumulates of Conv2d and Linear layers for ONE input, counted on the modules as they
-  are (after ModelSpeedup, so pruned channels are really gone). FLOPs = 2 x MACs. BatchNorm, ReLU,
-  pooling and residual adds are not counted (they are folded or negligible).
+- MACs: multiply-accumulates of convolutions (any groups: depthwise and grouped convs count
+  ``in_channels / groups`` inputs per output) and Linear layers for ONE input, counted on the modules as
+  they are (after ModelSpeedup, so pruned channels are really gone). FLOPs = 2 x MACs. BatchNorm,
+  activations, pooling, residual adds and squeeze-excite multiplies are not counted (folded or
+  elementwise; the convs and Linears of a squeeze-excite block are).
 - Packed size: conv/linear weights at their bit-width, plus one fp32 scale and one fp32 bias per output
   channel (BatchNorm folds into them). Sub-byte weights are counted packed (e.g. two 4-bit weights per
   byte), even though the int8 engine executes them as int8.
@@ -37,17 +39,21 @@ __all__ = [
 
 
 def count_macs(model: nn.Module, example_input: torch.Tensor) -> int:
-    """MACs of Conv2d/Linear layers per input, measured by running ``model`` on ``example_input``.
+    """MACs of convolution and Linear layers per input, measured by running ``model`` on ``example_input``.
 
     Only layers that actually execute are counted, so for a Mixture-of-Experts the result is gate +
     the experts the routing chose, averaged over the batch.
     """
     total = 0
 
-    def conv_hook(module: nn.Conv2d, inputs, output) -> None:
+    def conv_hook(module: nn.modules.conv._ConvNd, inputs, output) -> None:
         nonlocal total
-        kernel = module.kernel_size[0] * module.kernel_size[1]
-        total += output.numel() * (module.in_channels // module.groups) * kernel
+        total += output.numel() * (module.in_channels // module.groups) * math.prod(module.kernel_size)
+
+    def transposed_hook(module: nn.modules.conv._ConvTransposeNd, inputs, output) -> None:
+        nonlocal total  # each input element is spread over out_channels / groups x kernel outputs
+        kernel = math.prod(module.kernel_size)
+        total += inputs[0].numel() * (module.out_channels // module.groups) * kernel
 
     def linear_hook(module: nn.Linear, inputs, output) -> None:
         nonlocal total
@@ -55,7 +61,9 @@ def count_macs(model: nn.Module, example_input: torch.Tensor) -> int:
 
     handles = []
     for module in model.modules():
-        if isinstance(module, nn.Conv2d):
+        if isinstance(module, nn.modules.conv._ConvTransposeNd):
+            handles.append(module.register_forward_hook(transposed_hook))
+        elif isinstance(module, nn.modules.conv._ConvNd):
             handles.append(module.register_forward_hook(conv_hook))
         elif isinstance(module, nn.Linear):
             handles.append(module.register_forward_hook(linear_hook))
@@ -86,9 +94,10 @@ def packed_size_bytes(
     bits_of = weight_bits if callable(weight_bits) else (lambda _name: weight_bits)
     total_bits = 0
     for name, module in model.named_modules():
-        if isinstance(module, nn.Conv2d | nn.Linear) and not name.startswith(skip):
+        if isinstance(module, nn.modules.conv._ConvNd | nn.Linear) and not name.startswith(skip):
             bits = bits_of(name)
-            out_channels = module.weight.shape[0]
+            transposed = isinstance(module, nn.modules.conv._ConvTransposeNd)
+            out_channels = module.out_channels if transposed else module.weight.shape[0]
             total_bits += module.weight.numel() * bits
             total_bits += out_channels * 32  # bias (own or folded from BatchNorm)
             if bits < 32:

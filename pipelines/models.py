@@ -1,6 +1,16 @@
-"""Model registry: small named builders that adapt to a dataset's channels and classes.
+"""Models: what to compress, given as a :class:`ModelSpec`, and the registry of built-in ResNets.
 
-``MODELS`` is a plain dict: name -> builder(in_channels, num_classes, width) -> nn.Module.
+``ModelSpec.arch`` names one of three sources, each adapted to the dataset's channels and classes:
+
+- a registry name (``MODELS``, a plain dict: name -> builder(in_channels, num_classes, width));
+- ``torchvision:<builder>`` (``TORCHVISION_BUILDERS``), untrained; ``small_input`` swaps the stem for
+  small images the way CIFAR variants do, so a 28x28 input is not pooled away before the first block;
+- ``module.path:callable`` for the user's own code, imported from the working directory or installed.
+
+A spec round-trips through JSON (``to_dict`` / ``from_dict``): checkpoints of compressed models record it
+and rebuild the architecture from it before resizing the pruned layers.
+
+Registry models:
 
 - ``resnet18``: ResNet-18 with a CIFAR-style stem (3x3 conv, stride 1, no max-pool) suited to 28x28 /
   32x32 inputs: 11.2 M params, about 0.43 GMACs at 28x28. Strong, slow on a CPU.
@@ -13,14 +23,31 @@ for NNI's ModelSpeedup and exports to ONNX.
 
 from __future__ import annotations
 
+import importlib
+import inspect
+import json
+import os
+import sys
 from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from pipelines.errors import ConfigError, unknown_name
 
-__all__ = ["MODELS", "build_model", "model_names", "BasicBlock", "ResNet"]
+__all__ = [
+    "MODELS",
+    "build_model",
+    "model_names",
+    "BasicBlock",
+    "ResNet",
+    "ModelSpec",
+    "SMALL_INPUT_BELOW",
+    "TORCHVISION_BUILDERS",
+    "load_state_dict_file",
+]
 
 
 class BasicBlock(nn.Module):
@@ -117,3 +144,319 @@ def build_model(name: str, in_channels: int, num_classes: int, width: float = 1.
             f"model: in_channels={in_channels}, num_classes={num_classes}; need >= 1 channel and >= 2 classes."
         )
     return MODELS[name](in_channels, num_classes, width)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# ModelSpec: registry, torchvision or user models
+
+TORCHVISION_PREFIX = "torchvision:"
+SMALL_INPUT_BELOW = 64  # ``small_input: auto`` swaps the stem for images smaller than this (pixels)
+
+# torchvision classification builders whose stem we know how to adapt, by family.
+TORCHVISION_BUILDERS: dict[str, str] = {
+    **{
+        name: "resnet"
+        for name in (
+            "resnet18",
+            "resnet34",
+            "resnet50",
+            "resnet101",
+            "resnet152",
+            "resnext50_32x4d",
+            "resnext101_32x8d",
+            "resnext101_64x4d",
+            "wide_resnet50_2",
+            "wide_resnet101_2",
+        )
+    },
+    **{
+        name: "vgg"
+        for name in ("vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn", "vgg19", "vgg19_bn")
+    },
+    "mobilenet_v2": "mobilenet",
+    "mobilenet_v3_small": "mobilenet",
+    "mobilenet_v3_large": "mobilenet",
+    **{f"efficientnet_b{index}": "mobilenet" for index in range(8)},
+    **{f"efficientnet_v2_{size}": "mobilenet" for size in ("s", "m", "l")},
+}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What model to compress; validates itself. ``build`` makes it for a dataset.
+
+    - ``arch``: a registry name (``resnet20``), ``torchvision:<builder>`` or ``module.path:callable``.
+    - ``width``: channel multiplier of registry models (others: scale through ``kwargs``, e.g.
+      ``{"width_mult": 0.5}`` for MobileNets).
+    - ``small_input``: ``True`` / ``False`` / ``"auto"`` (images under ``SMALL_INPUT_BELOW`` px): torchvision
+      models get a stride-1 stem without max-pool. Registry models are small-input models already.
+    - ``kwargs``: keyword arguments of the torchvision builder or the user's callable (JSON values).
+    - ``exclude``: module names (and everything under them) that pruning leaves untouched.
+    - ``checkpoint``: a state_dict file of trained fp32 weights to start from.
+
+    Example: ``ModelSpec("torchvision:mobilenet_v2", small_input="auto").build(1, 10, 28)``.
+    """
+
+    arch: str
+    width: float = 1.0
+    small_input: bool | str = "auto"
+    kwargs: dict = field(default_factory=dict)
+    exclude: tuple[str, ...] = ()
+    checkpoint: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.arch, str) or not self.arch:
+            raise ConfigError(
+                f"model.arch: {self.arch!r} is not a model name; use a registry name "
+                f"({', '.join(model_names())}), torchvision:<builder> or module.path:callable."
+            )
+        if self.kind == "registry" and self.arch not in MODELS:
+            raise ConfigError(
+                f"model.arch: unknown value {self.arch!r}. Use a registry name ({', '.join(model_names())}), "
+                "torchvision:<builder> (e.g. torchvision:resnet18) or module.path:callable for your own code."
+            )
+        if self.kind == "torchvision" and self.builder not in TORCHVISION_BUILDERS:
+            raise unknown_name(
+                "model.arch", self.arch, [TORCHVISION_PREFIX + name for name in TORCHVISION_BUILDERS]
+            )
+        if self.kind == "callable":
+            module_name, _, attribute = self.arch.rpartition(":")
+            if not module_name or not attribute.isidentifier():
+                raise ConfigError(
+                    f"model.arch: {self.arch!r} is not module.path:callable; write e.g. mypackage.nets:build_net."
+                )
+        if isinstance(self.width, bool) or not isinstance(self.width, int | float):
+            raise ConfigError(f"model.width: {self.width!r} is not a number; use a multiplier such as 0.5.")
+        if not 0.0625 <= self.width <= 8.0:
+            raise ConfigError(
+                f"model.width: {self.width} is out of range; use a multiplier between 0.0625 and 8."
+            )
+        if self.kind != "registry" and self.width != 1.0:
+            raise ConfigError(
+                f"model.width: {self.width} applies to registry models only; {self.arch!r} takes its size "
+                "from model.kwargs (e.g. width_mult for MobileNets). Remove model.width."
+            )
+        if isinstance(self.small_input, str) and self.small_input.lower() in ("true", "false", "auto"):
+            normalised = {"true": True, "false": False}.get(self.small_input.lower(), "auto")
+            object.__setattr__(self, "small_input", normalised)
+        if not (isinstance(self.small_input, bool) or self.small_input == "auto"):
+            raise ConfigError(f"model.small_input: {self.small_input!r} is not one of true, false, auto.")
+        if not isinstance(self.kwargs, dict) or not all(isinstance(key, str) for key in self.kwargs):
+            raise ConfigError(f"model.kwargs: {self.kwargs!r} is not a mapping of names to values.")
+        try:
+            json.dumps(self.kwargs)
+        except (TypeError, ValueError) as error:
+            raise ConfigError(
+                f"model.kwargs: {self.kwargs!r} holds a value that is not plain data ({error})."
+            ) from error
+        if self.kind == "registry" and self.kwargs:
+            raise ConfigError(
+                f"model.kwargs: registry model {self.arch!r} takes no keyword arguments; remove model.kwargs "
+                "(use model.width to scale it)."
+            )
+        if isinstance(self.exclude, str) or not all(isinstance(name, str) and name for name in self.exclude):
+            raise ConfigError(f"model.exclude: {self.exclude!r} is not a list of module names.")
+        object.__setattr__(self, "exclude", tuple(self.exclude))
+        if self.checkpoint is not None and (not isinstance(self.checkpoint, str) or not self.checkpoint):
+            raise ConfigError(f"model.checkpoint: {self.checkpoint!r} is not a file path.")
+
+    @property
+    def kind(self) -> str:
+        """``registry``, ``torchvision`` or ``callable``."""
+        if self.arch.startswith(TORCHVISION_PREFIX):
+            return "torchvision"
+        return "callable" if ":" in self.arch else "registry"
+
+    @property
+    def builder(self) -> str:
+        """The torchvision builder's name (``resnet18`` of ``torchvision:resnet18``)."""
+        return self.arch.removeprefix(TORCHVISION_PREFIX)
+
+    def uses_small_input(self, image_size: int) -> bool:
+        """Whether ``build`` swaps in the small-image stem for images of ``image_size`` pixels."""
+        if self.small_input == "auto":
+            return image_size < SMALL_INPUT_BELOW
+        return bool(self.small_input)
+
+    def build(
+        self, in_channels: int, num_classes: int, image_size: int, *, with_checkpoint: bool = True
+    ) -> nn.Module:
+        """The model for images of ``in_channels`` x ``image_size`` x ``image_size`` and ``num_classes``;
+        with the weights of ``checkpoint`` when one is set and ``with_checkpoint``."""
+        if in_channels < 1 or num_classes < 2:
+            raise ConfigError(
+                f"model: in_channels={in_channels}, num_classes={num_classes}; need >= 1 channel and >= 2 classes."
+            )
+        if self.kind == "registry":
+            model = build_model(self.arch, in_channels, num_classes, self.width)
+        elif self.kind == "torchvision":
+            model = _torchvision_model(self, in_channels, num_classes, image_size)
+        else:
+            model = _user_model(self, in_channels, num_classes)
+        if self.checkpoint is not None and with_checkpoint:
+            model.load_state_dict(load_state_dict_file(self.checkpoint, model))
+        return model
+
+    def to_dict(self) -> dict:
+        """JSON-able fields; ``ModelSpec.from_dict(spec.to_dict()) == spec``."""
+        return {**asdict(self), "exclude": list(self.exclude)}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> ModelSpec:
+        if not isinstance(values, dict) or "arch" not in values:
+            raise ConfigError(f"model: {values!r} is not a model description (it needs an arch).")
+        unknown = sorted(set(values) - {"arch", "width", "small_input", "kwargs", "exclude", "checkpoint"})
+        if unknown:
+            raise ConfigError(
+                f"model: unknown field(s) {unknown}; valid: arch, width, small_input, kwargs, exclude, checkpoint."
+            )
+        values = dict(values)
+        if "exclude" in values and isinstance(values["exclude"], list):
+            values["exclude"] = tuple(values["exclude"])
+        return cls(**values)
+
+
+def _replace_conv(conv: nn.Conv2d, in_channels: int, kernel: int, stride: int, padding: int) -> nn.Conv2d:
+    """A fresh conv with ``conv``'s output channels and bias, He-initialised like torchvision's stems."""
+    replacement = nn.Conv2d(
+        in_channels, conv.out_channels, kernel, stride, padding, bias=conv.bias is not None
+    )
+    nn.init.kaiming_normal_(replacement.weight, mode="fan_out", nonlinearity="relu")
+    if replacement.bias is not None:
+        nn.init.zeros_(replacement.bias)
+    return replacement
+
+
+def _torchvision_model(spec: ModelSpec, in_channels: int, num_classes: int, image_size: int) -> nn.Module:
+    import torchvision
+
+    small = spec.uses_small_input(image_size)
+    try:
+        model = torchvision.models.get_model(
+            spec.builder, weights=None, num_classes=num_classes, **spec.kwargs
+        )
+    except TypeError as error:
+        raise ConfigError(
+            f"model.kwargs: {spec.kwargs!r} is not accepted by torchvision's {spec.builder} ({error}). "
+            "Remove or rename the keyword."
+        ) from error
+    family = TORCHVISION_BUILDERS[spec.builder]
+    if family == "resnet":
+        stem = model.conv1
+        if small:
+            model.conv1 = _replace_conv(stem, in_channels, 3, 1, 1)
+            model.maxpool = nn.Identity()
+        elif in_channels != stem.in_channels:
+            model.conv1 = _replace_conv(stem, in_channels, 7, 2, 3)
+    elif family == "vgg":
+        stem = model.features[0]
+        if in_channels != stem.in_channels:
+            model.features[0] = _replace_conv(stem, in_channels, 3, 1, 1)
+        if small:
+            # Five 2x2 pools take 28 px to nothing: drop the last one, pool globally and give the
+            # classifier 512-wide hidden layers (the CIFAR VGG head) instead of 4096 on a 7x7 map.
+            pools = [index for index, layer in enumerate(model.features) if isinstance(layer, nn.MaxPool2d)]
+            model.features[pools[-1]] = nn.Identity()
+            model.avgpool = nn.AdaptiveAvgPool2d(1)
+            channels = model.classifier[0].in_features // 49
+            model.classifier[0] = nn.Linear(channels, 512)
+            model.classifier[3] = nn.Linear(512, 512)
+            model.classifier[6] = nn.Linear(512, num_classes)
+            for layer in (model.classifier[0], model.classifier[3], model.classifier[6]):
+                nn.init.normal_(layer.weight, 0, 0.01)
+                nn.init.zeros_(layer.bias)
+    else:  # MobileNetV2/V3 and EfficientNet: features[0][0] is the stem conv
+        stem = model.features[0][0]
+        stride = 1 if small else stem.stride[0]
+        if small or in_channels != stem.in_channels:
+            model.features[0][0] = _replace_conv(
+                stem, in_channels, stem.kernel_size[0], stride, stem.padding[0]
+            )
+    return model
+
+
+def _user_model(spec: ModelSpec, in_channels: int, num_classes: int) -> nn.Module:
+    module_name, _, attribute = spec.arch.rpartition(":")
+    working_directory = os.getcwd()
+    if working_directory not in sys.path:
+        sys.path.insert(0, working_directory)  # the user's code lives beside their study, not installed
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as error:
+        raise ConfigError(
+            f"model.arch: {spec.arch!r}: cannot import {module_name!r} ({type(error).__name__}: {error}). "
+            f"Run from the folder that holds it (working directory {working_directory}) or install it."
+        ) from error
+    factory = getattr(module, attribute, None)
+    if not callable(factory):
+        raise ConfigError(
+            f"model.arch: {spec.arch!r}: module {module_name!r} has no callable {attribute!r}. "
+            "Name a function or nn.Module class defined in it."
+        )
+    arguments = dict(spec.kwargs)
+    try:
+        parameters = inspect.signature(factory).parameters
+    except (TypeError, ValueError):  # builtins without a signature: pass only the kwargs
+        parameters = {}
+    takes_any = any(parameter.kind is inspect.Parameter.VAR_KEYWORD for parameter in parameters.values())
+    for name, value in (("in_channels", in_channels), ("num_classes", num_classes)):
+        if (name in parameters or takes_any) and name not in arguments:
+            arguments[name] = value
+    try:
+        model = factory(**arguments)
+    except TypeError as error:
+        raise ConfigError(
+            f"model.kwargs: {spec.arch!r} rejected the arguments {sorted(arguments)} ({error}). "
+            "Fix model.kwargs to match its signature."
+        ) from error
+    if not isinstance(model, nn.Module):
+        raise ConfigError(
+            f"model.arch: {spec.arch!r} returned {type(model).__name__}, not a torch nn.Module. "
+            "Point it at a function or class that returns the network."
+        )
+    return model
+
+
+def load_state_dict_file(path: str | Path, model: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors of the state_dict file ``path`` (``model.checkpoint``), checked against ``model``:
+    a missing, unexpected or wrongly shaped key is a ConfigError naming the first one."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(
+            f"model.checkpoint: {str(path)!r} does not exist. Give the path of a state_dict file."
+        )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # pickled code or a corrupt file
+        raise ConfigError(
+            f"model.checkpoint: {str(path)!r} is not a plain tensor file ({type(error).__name__}). "
+            "Save it with torch.save(model.state_dict(), path)."
+        ) from error
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]  # the common {"state_dict": ..., "epoch": ...} wrapping
+    if not isinstance(state, dict) or not all(isinstance(value, torch.Tensor) for value in state.values()):
+        raise ConfigError(
+            f"model.checkpoint: {str(path)!r} does not hold a state_dict (a mapping of names to tensors). "
+            "Save it with torch.save(model.state_dict(), path)."
+        )
+    expected = model.state_dict()
+    missing = [key for key in expected if key not in state]
+    unexpected = [key for key in state if key not in expected]
+    if missing:
+        raise ConfigError(
+            f"model.checkpoint: {str(path)!r} lacks {missing[0]!r} ({len(missing)} key(s) missing) that the "
+            "model has. Check that model.arch, model.kwargs and the dataset's channels/classes match the "
+            "weights."
+        )
+    if unexpected:
+        raise ConfigError(
+            f"model.checkpoint: {str(path)!r} has {unexpected[0]!r} ({len(unexpected)} unexpected key(s)) that "
+            "the model lacks. Check that model.arch and model.kwargs match the weights."
+        )
+    for key, value in expected.items():
+        if state[key].shape != value.shape:
+            raise ConfigError(
+                f"model.checkpoint: {str(path)!r} holds {key!r} of shape {tuple(state[key].shape)}, the model "
+                f"needs {tuple(value.shape)}. Check the dataset's channels and classes and model.kwargs."
+            )
+    return state

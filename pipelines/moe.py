@@ -33,6 +33,7 @@ from torch import nn
 
 from pipelines.data import Split, symmetry_views
 from pipelines.errors import ConfigError
+from pipelines.models import ModelSpec
 
 __all__ = [
     "MoEConfig",
@@ -337,15 +338,20 @@ def routing_table(moe: MixtureOfExperts, data: Split, num_classes: int) -> torch
 
 
 def moe_description(
-    arch: str, width: float, in_channels: int, num_classes: int, moe: MixtureOfExperts, gate_size: int
+    model: ModelSpec,
+    in_channels: int,
+    num_classes: int,
+    image_size: int,
+    moe: MixtureOfExperts,
+    gate_size: int,
 ) -> dict:
-    """What :func:`rebuild_moe` needs besides the layer shapes and weights."""
+    """What :func:`rebuild_moe` needs besides the layer shapes and weights: the experts' ``model`` spec and
+    the dataset shape they were built for, and the MoE's own settings."""
+    from pipelines.serialize import describe_model
+
     return {
+        **describe_model(model, in_channels, num_classes, image_size),
         "kind": "moe",
-        "arch": arch,
-        "width": width,
-        "in_channels": in_channels,
-        "num_classes": num_classes,
         "num_experts": moe.num_experts,
         "top_k": moe.top_k,
         "gate_size": gate_size,
@@ -358,24 +364,18 @@ def moe_description(
 
 def rebuild_moe(description: dict, layers: dict, state: dict) -> MixtureOfExperts:
     """Rebuild a (pruned) MoE from a checkpoint written with ``serialize.save_checkpoint``."""
-    from pipelines.models import build_model
-    from pipelines.serialize import resize_layers
+    from pipelines.serialize import build_described, resize_layers
 
-    experts = [
-        build_model(
-            description["arch"], description["in_channels"], description["num_classes"], description["width"]
-        )
-        for _ in range(description["num_experts"])
-    ]
+    experts = [build_described(description) for _ in range(description["num_experts"])]
     gate = Gate(description["in_channels"], description["num_experts"], description["gate_size"])
     moe = MixtureOfExperts(
         gate,
         experts,
         description["top_k"],
-        description.get("balance_weight", 0.01),
-        description.get("routing", "learned"),
-        description.get("class_to_expert"),
-        views=description.get("views", 1),  # checkpoints written before test-time views: one view
+        description["balance_weight"],
+        description["routing"],
+        description["class_to_expert"],
+        views=description["views"],
     )
     resize_layers(moe, layers)
     moe.load_state_dict(state)

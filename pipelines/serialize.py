@@ -1,9 +1,11 @@
 """Save and load models without pickling code.
 
 A pruned model's architecture differs from its builder's (ModelSpeedup shrinks layers), so a checkpoint
-is three files: the builder's name and arguments plus the shape of every Conv2d / Linear / BatchNorm2d
-(``*.json``), the state_dict (``*.pt``, loaded with ``torch.load(weights_only=True)``), and the
-state_dict's SHA-256 recorded in the json. A file that does not match its recorded hash is refused.
+is three files: a description (the model's :class:`~pipelines.models.ModelSpec` and the dataset shape it
+was built for, :func:`describe_model`) plus the shape of every Conv2d / Linear / BatchNorm2d (``*.json``),
+the state_dict (``*.pt``, loaded with ``torch.load(weights_only=True)``), and the state_dict's SHA-256
+recorded in the json. A file that does not match its recorded hash, or was written in another format
+version, is refused.
 """
 
 from __future__ import annotations
@@ -16,14 +18,26 @@ import torch
 from torch import nn
 
 from pipelines.errors import UntrustedFileError
+from pipelines.models import ModelSpec
 
-__all__ = ["describe_layers", "resize_layers", "save_checkpoint", "load_checkpoint", "sha256_file"]
+__all__ = [
+    "FORMAT_VERSION",
+    "describe_layers",
+    "describe_model",
+    "resize_layers",
+    "rebuild_model",
+    "build_described",
+    "save_checkpoint",
+    "load_checkpoint",
+    "sha256_file",
+]
 
-_FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the description holds a ModelSpec (any model family), not a registry name
 
 
 def describe_layers(model: nn.Module) -> dict[str, dict]:
-    """Constructor arguments of every Conv2d, Linear and BatchNorm2d, by qualified name."""
+    """Constructor arguments of every layer whose shape pruning can change (Conv2d, Linear, BatchNorm,
+    InstanceNorm, GroupNorm, PReLU), by qualified name."""
     layers: dict[str, dict] = {}
     for name, module in model.named_modules():
         if isinstance(module, nn.Conv2d):
@@ -44,9 +58,29 @@ def describe_layers(model: nn.Module) -> dict[str, dict]:
                 "out_features": module.out_features,
                 "bias": module.bias is not None,
             }
-        elif isinstance(module, nn.BatchNorm2d):
-            layers[name] = {"type": "BatchNorm2d", "num_features": module.num_features}
+        elif isinstance(module, nn.BatchNorm2d | nn.BatchNorm1d | nn.InstanceNorm2d):
+            layers[name] = {
+                "type": type(module).__name__,
+                "num_features": module.num_features,
+                "eps": module.eps,
+                "momentum": module.momentum,
+                "affine": module.affine,
+                "track_running_stats": module.track_running_stats,
+            }
+        elif isinstance(module, nn.GroupNorm):
+            layers[name] = {
+                "type": "GroupNorm",
+                "num_groups": module.num_groups,
+                "num_channels": module.num_channels,
+                "eps": module.eps,
+                "affine": module.affine,
+            }
+        elif isinstance(module, nn.PReLU):
+            layers[name] = {"type": "PReLU", "num_parameters": module.num_parameters}
     return layers
+
+
+_NORMS = {"BatchNorm2d": nn.BatchNorm2d, "BatchNorm1d": nn.BatchNorm1d, "InstanceNorm2d": nn.InstanceNorm2d}
 
 
 def _make_layer(spec: dict) -> nn.Module:
@@ -63,8 +97,18 @@ def _make_layer(spec: dict) -> nn.Module:
         )
     if kind == "Linear":
         return nn.Linear(spec["in_features"], spec["out_features"], bias=spec["bias"])
-    if kind == "BatchNorm2d":
-        return nn.BatchNorm2d(spec["num_features"])
+    if kind in _NORMS:
+        return _NORMS[kind](
+            spec["num_features"],
+            eps=spec["eps"],
+            momentum=spec["momentum"],
+            affine=spec["affine"],
+            track_running_stats=spec["track_running_stats"],
+        )
+    if kind == "GroupNorm":
+        return nn.GroupNorm(spec["num_groups"], spec["num_channels"], eps=spec["eps"], affine=spec["affine"])
+    if kind == "PReLU":
+        return nn.PReLU(spec["num_parameters"])
     raise UntrustedFileError(f"layer type {kind!r} in an architecture description is not supported.")
 
 
@@ -77,6 +121,35 @@ def resize_layers(model: nn.Module, layers: dict[str, dict]) -> nn.Module:
             raise UntrustedFileError(f"architecture description names layer {name!r}, which the model lacks.")
         setattr(parent, child, _make_layer(spec))
     return model
+
+
+def describe_model(spec: ModelSpec, in_channels: int, num_classes: int, image_size: int) -> dict:
+    """What :func:`rebuild_model` needs besides the layer shapes and weights (JSON-able)."""
+    return {
+        "kind": "model",
+        "model": spec.to_dict(),
+        "in_channels": in_channels,
+        "num_classes": num_classes,
+        "image_size": image_size,
+    }
+
+
+def build_described(description: dict) -> nn.Module:
+    """The unpruned architecture of a :func:`describe_model` description (untrained; the spec's own
+    checkpoint file is not read: the saved weights replace it)."""
+    try:
+        spec = ModelSpec.from_dict(description["model"])
+        shape = (description["in_channels"], description["num_classes"], description["image_size"])
+    except (KeyError, TypeError) as error:
+        raise UntrustedFileError(f"a checkpoint's model description lacks {error}; re-create it.") from error
+    return spec.build(*shape, with_checkpoint=False)
+
+
+def rebuild_model(description: dict, layers: dict[str, dict], state: dict[str, torch.Tensor]) -> nn.Module:
+    """A (pruned) model from a checkpoint: ``rebuild_model(*load_checkpoint(path))``; in eval mode."""
+    model = resize_layers(build_described(description), layers)
+    model.load_state_dict(state)
+    return model.eval()
 
 
 def sha256_file(path: Path) -> str:
@@ -94,7 +167,7 @@ def save_checkpoint(model: nn.Module, path: str | Path, description: dict) -> No
     weights = path.with_suffix(".pt")
     torch.save(model.state_dict(), weights)
     meta = {
-        "format_version": _FORMAT_VERSION,
+        "format_version": FORMAT_VERSION,
         "description": description,
         "layers": describe_layers(model),
         "sha256": sha256_file(weights),
@@ -117,8 +190,15 @@ def load_checkpoint(path: str | Path) -> tuple[dict, dict, dict[str, torch.Tenso
     try:
         meta = json.loads(meta_path.read_text())
         recorded = meta["sha256"]
-    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        version = meta.get("format_version")
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:
         raise UntrustedFileError(f"{meta_path} is not a hycomp checkpoint description ({error}).") from error
+    if version != FORMAT_VERSION:
+        raise UntrustedFileError(
+            f"{meta_path} is a checkpoint of format version {version}; this hycomp reads version "
+            f"{FORMAT_VERSION}. Delete it and re-run the command that wrote it (a cached teacher is "
+            "retrained, a trial re-run)."
+        )
     actual = sha256_file(weights)
     if actual != recorded:
         raise UntrustedFileError(

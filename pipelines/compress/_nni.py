@@ -27,6 +27,7 @@ QUANTIZER_METHODS: tuple[str, ...] = ("qat", "ptq")
 _QUIET_LOGGER = logging.getLogger("hycomp.nni")
 _QUIET_LOGGER.setLevel(logging.ERROR)
 _QUIET_LOGGER.propagate = False
+_QUIET_LOGGER.addHandler(logging.NullHandler())  # else logging's last-resort handler prints its errors
 
 
 @contextlib.contextmanager
@@ -54,9 +55,16 @@ def _pruner_classes() -> dict[str, type]:
 PRUNER_CLASSES: tuple[str, ...] = ("l1", "l2", "fpgm")
 
 
-def layer_ratios(model: nn.Module, sparsity: float, channel_multiple: int = 1) -> dict[str, float]:
+def _excluded(name: str, exclude: tuple[str, ...]) -> bool:
+    return any(name == prefix or name.startswith(prefix + ".") for prefix in exclude)
+
+
+def layer_ratios(
+    model: nn.Module, sparsity: float, channel_multiple: int = 1, exclude: tuple[str, ...] = ()
+) -> dict[str, float]:
     """Per-Conv2d sparse ratio so that each layer keeps a multiple of ``channel_multiple`` output
     channels (at least one multiple), as close as possible to keeping ``1 - sparsity`` of them.
+    Convs named in ``exclude`` (or under a module named there) are left out.
 
     Inference kernels are much faster on aligned channel counts: on this CPU a ResNet-20 pruned to
     (10, 21, 42) channels ran int8 at 0.23 ms, slower than the unpruned (16, 32, 64) at 0.17 ms, while
@@ -64,7 +72,7 @@ def layer_ratios(model: nn.Module, sparsity: float, channel_multiple: int = 1) -
     """
     ratios = {}
     for name, module in model.named_modules():
-        if not isinstance(module, nn.Conv2d):
+        if not isinstance(module, nn.Conv2d) or _excluded(name, exclude):
             continue
         channels = module.out_channels
         keep = channels * (1.0 - sparsity)
@@ -77,21 +85,40 @@ def layer_ratios(model: nn.Module, sparsity: float, channel_multiple: int = 1) -
 
 
 def prune_and_speedup(
-    model: nn.Module, pruner: str, sparsity: float, example_input: torch.Tensor, channel_multiple: int = 1
+    model: nn.Module,
+    pruner: str,
+    sparsity: float,
+    example_input: torch.Tensor,
+    channel_multiple: int = 1,
+    exclude: tuple[str, ...] = (),
 ) -> nn.Module:
     """Mask Conv2d output channels with the named NNI pruner (dependency groups on, per-layer ratios
-    from :func:`layer_ratios`), then let ModelSpeedup physically remove them. Returns the same module
-    object, shrunk.
+    from :func:`layer_ratios`, ``exclude`` left out), then let ModelSpeedup physically remove them.
+    Returns the same module object, shrunk.
     """
+    try:
+        graph = torch.fx.symbolic_trace(model)
+    except Exception as error:
+        raise CompressionError(
+            f"NNI pruning needs a torch.fx-traceable model, and tracing failed: {type(error).__name__}: "
+            f"{error}. Make the forward free of data-dependent control flow, or prune with sparsity 0."
+        ) from error
+    grouped = _grouped_conv_layers(model, graph)
+    exclude = tuple(exclude) + tuple(grouped)
     with quiet():
         from nni.compression.speedup import ModelSpeedup
         from nni.compression.utils import auto_set_denpendency_group_ids
 
-        ratios = layer_ratios(model, sparsity, channel_multiple)
+        ratios = layer_ratios(model, sparsity, channel_multiple, exclude)
         if not ratios:
             raise CompressionError(
                 f"sparsity {sparsity} with channel multiple {channel_multiple} removes no channel from any "
-                "layer. Raise the sparsity or lower the channel multiple."
+                "layer. Raise the sparsity or lower the channel multiple"
+                + (
+                    f"; grouped convs and their inputs stay unpruned ({', '.join(grouped[:4])})."
+                    if grouped
+                    else "."
+                )
             )
         config_list = [{"op_names": [name], "sparse_ratio": ratio} for name, ratio in ratios.items()]
         try:
@@ -107,13 +134,111 @@ def prune_and_speedup(
                 "The model has no Conv2d to prune."
             )
         try:
-            graph = torch.fx.symbolic_trace(model)
-            ModelSpeedup(
-                model, example_input, masks, graph_module=graph, logger=_QUIET_LOGGER
-            ).speedup_model()
+            with _innermost_module(model) as failing:
+                ModelSpeedup(
+                    model, example_input, masks, graph_module=graph, logger=_QUIET_LOGGER
+                ).speedup_model()
         except Exception as error:
-            raise CompressionError(f"NNI ModelSpeedup failed: {type(error).__name__}: {error}") from error
+            raise _speedup_error(model, graph, failing, error, "ModelSpeedup") from error
+    try:
+        with _innermost_module(model) as failing, torch.no_grad():
+            model(example_input)
+    except Exception as error:
+        raise _speedup_error(model, graph, failing, error, "the pruned model") from error
     return model
+
+
+def _grouped_conv_layers(model: nn.Module, graph: torch.fx.GraphModule) -> list[str]:
+    """Grouped (not depthwise) convs and the convs feeding them: NNI's L1/L2/FPGM masks remove channels
+    unevenly across groups, which its speedup refuses (``UnBalancedGroupError``); they stay unpruned."""
+    names: list[str] = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d) and 1 < module.groups < module.in_channels:
+            names.append(name)
+            names.extend(_producers(graph, name)[0])
+    return names
+
+
+def _producers(graph: torch.fx.GraphModule, module_name: str) -> tuple[list[str], list[str]]:
+    """The Conv2d modules whose outputs reach ``module_name``'s input, and the operators in between."""
+    modules = dict(graph.named_modules())
+
+    def inside(node: torch.fx.Node) -> bool:
+        stack = node.meta.get("nn_module_stack", {})
+        return node.target == module_name or module_name in stack
+
+    members = [node for node in graph.graph.nodes if inside(node)]
+    convs: list[str] = []
+    operators: list[str] = []
+    pending = [source for node in members for source in node.all_input_nodes if not inside(source)]
+    seen: set = set()
+    while pending:
+        node = pending.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if node.op == "call_module" and isinstance(modules.get(node.target), nn.Conv2d):
+            convs.append(str(node.target))
+            continue
+        if node.op in ("call_function", "call_method"):
+            operators.append(getattr(node.target, "__name__", str(node.target)))
+        elif node.op == "call_module":
+            operators.append(type(modules[node.target]).__name__)
+        pending.extend(node.all_input_nodes)
+    return sorted(set(convs)), sorted(set(operators))
+
+
+@contextlib.contextmanager
+def _innermost_module(model: nn.Module) -> Iterator[list[str]]:
+    """Yields a list that, when the block raises, holds the qualified name of the innermost module that
+    was running (``""``: the error was outside any submodule)."""
+    running: list[str] = []
+    failing: list[str] = []
+
+    def enter(name: str):
+        def hook(module, inputs):
+            running.append(name)
+
+        return hook
+
+    def leave(module, inputs, output):
+        running.pop()
+
+    handles = []
+    for name, module in model.named_modules():
+        if name:
+            handles.append(module.register_forward_pre_hook(enter(name)))
+            handles.append(module.register_forward_hook(leave))
+    try:
+        yield failing
+    except Exception:
+        failing.append(running[-1] if running else "")
+        raise
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _speedup_error(
+    model: nn.Module, graph: torch.fx.GraphModule, failing: list[str], error: Exception, stage: str
+) -> CompressionError:
+    """A CompressionError naming the module where NNI's channel removal broke, the operators through
+    which its pruned input arrives and the convs to add to ``model.exclude``."""
+    name = failing[0] if failing else ""
+    if not name:
+        return CompressionError(
+            f"NNI could not remove the pruned channels ({stage} failed: {type(error).__name__}: {error}). "
+            "Add the convs feeding the failing operation to model.exclude."
+        )
+    modules = dict(model.named_modules())
+    kind = type(modules[name]).__name__ if name in modules else "module"
+    convs, operators = _producers(graph, name)
+    convs = convs or [name]
+    through = f" through {', '.join(operators)}" if operators else ""
+    return CompressionError(
+        f"NNI 3.0 cannot prune the channels that reach module {name!r} ({kind}){through}: {stage} failed with "
+        f"{type(error).__name__}: {error}. Add {', '.join(repr(conv) for conv in convs)} to model.exclude."
+    )
 
 
 def quantize_weights(

@@ -13,7 +13,7 @@ from pipelines.compress._nni import PRUNER_CLASSES, prune_and_speedup
 from pipelines.errors import CompressionError, ConfigError, unknown_name
 from pipelines.measure import count_params
 
-__all__ = ["PruneConfig", "PruneResult", "prune", "PRUNERS"]
+__all__ = ["PruneConfig", "PruneResult", "prune", "PRUNERS", "check_exclude"]
 
 PRUNERS: tuple[str, ...] = PRUNER_CLASSES
 
@@ -25,8 +25,12 @@ class PruneConfig:
     sparsity: float
     pruner: str = "l1"
     channel_multiple: int = 8  # keep multiples of this many channels per layer (1 = exact ratio)
+    exclude: tuple[str, ...] = ()  # module names left unpruned (``model.exclude``, ModelSpec.exclude)
 
     def __post_init__(self) -> None:
+        if isinstance(self.exclude, str) or not all(isinstance(name, str) and name for name in self.exclude):
+            raise ConfigError(f"model.exclude: {self.exclude!r} is not a list of module names.")
+        object.__setattr__(self, "exclude", tuple(self.exclude))
         if not 1 <= self.channel_multiple <= 64:
             raise ConfigError(
                 f"prune.channel_multiple: {self.channel_multiple} is out of range; use 1 (off) to 64."
@@ -53,10 +57,11 @@ class PruneResult:
 def prune(model: nn.Module, cfg: PruneConfig, example_input: torch.Tensor) -> PruneResult:
     """Return a pruned copy of ``model`` (the input is left untouched)."""
     started = time.perf_counter()
+    check_exclude(model, cfg.exclude)
     pruned = copy.deepcopy(model).eval()
     before = count_params(pruned)
     if cfg.sparsity > 0:
-        prune_and_speedup(pruned, cfg.pruner, cfg.sparsity, example_input, cfg.channel_multiple)
+        prune_and_speedup(pruned, cfg.pruner, cfg.sparsity, example_input, cfg.channel_multiple, cfg.exclude)
         after = count_params(pruned)
         if after >= before:
             raise CompressionError(
@@ -67,3 +72,16 @@ def prune(model: nn.Module, cfg: PruneConfig, example_input: torch.Tensor) -> Pr
         if not torch.isfinite(output).all():
             raise CompressionError("the pruned model produces NaN/inf outputs.")
     return PruneResult(pruned, before, count_params(pruned), time.perf_counter() - started)
+
+
+def check_exclude(model: nn.Module, exclude: tuple[str, ...]) -> None:
+    """A ConfigError for a ``model.exclude`` name that matches no module of ``model`` (NNI would ignore it)."""
+    names = [name for name, _ in model.named_modules() if name]
+    known = set(names)
+    for name in exclude:
+        if name not in known:
+            convs = [name for name, module in model.named_modules() if isinstance(module, nn.Conv2d)]
+            raise ConfigError(
+                f"model.exclude: {name!r} names no module of the model. Use qualified module names as "
+                f"model.named_modules() gives them, e.g. {', '.join(repr(conv) for conv in convs[:3])}."
+            )

@@ -17,7 +17,7 @@ from pipelines.measure import (
     packed_size_bytes,
     torch_runner,
 )
-from pipelines.models import build_model
+from pipelines.models import ModelSpec, build_model
 from pipelines.moe import MoEConfig, build_moe
 
 
@@ -51,6 +51,36 @@ def test_model_macs_agree_with_torch_flop_counter() -> None:
         model(example)
     # FlopCounterMode counts FLOPs = 2 x MACs of convs and matmuls over the whole batch.
     assert count_macs(model, example) == counter.get_total_flops() // 2 // 2
+
+
+FAMILY_SPECS = [
+    ModelSpec("torchvision:resnet18", small_input=True),
+    ModelSpec("torchvision:resnet50", small_input=False),
+    ModelSpec("torchvision:vgg11_bn", small_input=True),
+    ModelSpec("torchvision:mobilenet_v2", small_input=True, kwargs={"width_mult": 0.25}),
+    ModelSpec("torchvision:mobilenet_v3_small", small_input=True, kwargs={"width_mult": 0.25}),
+    ModelSpec("torchvision:efficientnet_b0", small_input=False),
+    ModelSpec("tests.pipelines_tests.user_model:build_net"),
+    ModelSpec("tests.pipelines_tests.user_model:GroupedNet"),
+]
+
+
+@pytest.mark.parametrize("spec", FAMILY_SPECS, ids=lambda spec: spec.arch.rpartition(":")[2])
+def test_every_family_counts_every_conv_and_linear(spec: ModelSpec) -> None:
+    """Depthwise, grouped, squeeze-excite 1x1 convs and Linear layers: torch's own FLOP counter
+    (2 x MACs of every conv and matmul it dispatches) agrees, and packed size covers every weight."""
+    model = spec.build(3, 8, 28).eval()
+    example = torch.randn(2, 3, 28, 28)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(example)
+    assert count_macs(model, example) == counter.get_total_flops() // 2 // 2
+    # fp32 packed size: every weight of the state_dict (matrices and kernels), 4 bytes, plus one fp32 bias
+    # per output channel of each conv / linear.
+    weights = [
+        value for key, value in model.state_dict().items() if key.endswith("weight") and value.ndim >= 2
+    ]
+    assert packed_size_bytes(model, 32) == 4 * sum(weight.numel() + weight.shape[0] for weight in weights)
+    assert packed_size_bytes(model, 8) == sum(weight.numel() + 8 * weight.shape[0] for weight in weights)
 
 
 def test_count_macs_leaves_the_model_as_it_was() -> None:

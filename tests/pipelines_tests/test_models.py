@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from pipelines.errors import ConfigError
-from pipelines.measure import count_params
-from pipelines.models import MODELS, build_model, model_names
+from pipelines.measure import count_macs, count_params
+from pipelines.models import MODELS, ModelSpec, build_model, model_names
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -105,3 +105,151 @@ def test_same_seed_builds_same_weights() -> None:
     torch.manual_seed(4)
     second = build_model("resnet8", 3, 8).state_dict()
     assert all(torch.equal(first[key], second[key]) for key in first)
+
+
+# ModelSpec: registry, torchvision and user models -------------------------------------------------------
+
+USER = "tests.pipelines_tests.user_model"
+
+
+def test_registry_spec_builds_the_same_weights_as_the_registry() -> None:
+    torch.manual_seed(3)
+    direct = build_model("resnet20", 3, 8, 0.5).state_dict()
+    torch.manual_seed(3)
+    spec = ModelSpec("resnet20", width=0.5).build(3, 8, 28).state_dict()
+    assert direct.keys() == spec.keys() and all(torch.equal(direct[key], spec[key]) for key in direct)
+
+
+@pytest.mark.parametrize(
+    ("builder", "kwargs"),
+    [
+        ("resnet18", {}),
+        ("resnet50", {}),
+        ("vgg11_bn", {}),
+        ("mobilenet_v2", {"width_mult": 0.25}),
+        ("mobilenet_v3_small", {"width_mult": 0.25}),
+        ("efficientnet_b0", {}),
+    ],
+)
+def test_torchvision_builders_adapt_to_channels_classes_and_small_inputs(builder: str, kwargs: dict) -> None:
+    small = ModelSpec(f"torchvision:{builder}", small_input=True, kwargs=kwargs).build(1, 7, 28).eval()
+    large = ModelSpec(f"torchvision:{builder}", small_input=False, kwargs=kwargs).build(1, 7, 28).eval()
+    first = next(module for module in small.modules() if isinstance(module, nn.Conv2d))
+    assert first.in_channels == 1
+    with torch.no_grad():
+        assert small(torch.randn(2, 1, 28, 28)).shape == (2, 7)
+    if builder.startswith("vgg"):  # one pool fewer, a global pool and a 512-wide head instead of 7x7x4096
+        pools = [sum(isinstance(layer, nn.MaxPool2d) for layer in model.features) for model in (small, large)]
+        assert pools == [4, 5]
+    else:  # the small-input stem keeps more resolution: more MACs for the same image
+        example = torch.randn(2, 1, 28, 28)
+        assert count_macs(small, example) > count_macs(large, example)
+    if builder.startswith("resnet"):
+        assert small.conv1.kernel_size == (3, 3) and small.conv1.stride == (1, 1)
+        assert isinstance(small.maxpool, nn.Identity)
+    elif builder.startswith("vgg"):
+        assert isinstance(small.avgpool, nn.AdaptiveAvgPool2d) and small.classifier[0].in_features == 512
+    else:
+        assert small.features[0][0].stride == (1, 1) and large.features[0][0].stride == (2, 2)
+
+
+@pytest.mark.parametrize(("size", "small"), [(28, True), (32, True), (63, True), (64, False), (224, False)])
+def test_auto_small_input_is_for_images_under_64_pixels(size: int, small: bool) -> None:
+    spec = ModelSpec("torchvision:resnet18")
+    assert spec.small_input == "auto" and spec.uses_small_input(size) is small
+
+
+def test_unknown_torchvision_builder_lists_the_valid_ones() -> None:
+    with pytest.raises(ConfigError) as caught:
+        ModelSpec("torchvision:resnet19")
+    message = str(caught.value)
+    assert "model.arch" in message and "'torchvision:resnet19'" in message
+    assert "torchvision:mobilenet_v3_small" in message and "torchvision:efficientnet_b0" in message
+
+
+def test_user_callable_gets_channels_classes_and_kwargs() -> None:
+    model = ModelSpec(f"{USER}:build_net", kwargs={"width": 8}).build(1, 5, 28)
+    assert model.stem[0].in_channels == 1 and model.stem[0].out_channels == 8
+    assert model.head[-1].out_features == 5
+
+
+@pytest.mark.parametrize(
+    ("spec", "fragment"),
+    [
+        (ModelSpec("no_such_package.nets:build"), "cannot import 'no_such_package.nets'"),
+        (ModelSpec(f"{USER}:missing"), "has no callable 'missing'"),
+        (ModelSpec(f"{USER}:not_a_model"), "not a torch nn.Module"),
+        (ModelSpec(f"{USER}:build_net", kwargs={"depth": 3}), "model.kwargs"),
+    ],
+)
+def test_bad_user_callables_are_config_errors_naming_the_fix(spec: ModelSpec, fragment: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        spec.build(3, 5, 28)
+    assert fragment in str(caught.value) and spec.arch in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [
+        ({"arch": "resnet9"}, "model.arch"),
+        ({"arch": "not a module:"}, "model.arch"),
+        ({"arch": "torchvision:resnet18", "width": 0.5}, "model.width"),
+        ({"arch": "resnet8", "small_input": "sometimes"}, "model.small_input"),
+        ({"arch": "resnet8", "kwargs": {"depth": 3}}, "model.kwargs"),
+        ({"arch": f"{USER}:build_net", "kwargs": {"layer": object()}}, "model.kwargs"),
+        ({"arch": "resnet8", "exclude": "conv1"}, "model.exclude"),
+    ],
+)
+def test_bad_specs_are_config_errors(fields: dict, field: str) -> None:
+    with pytest.raises(ConfigError, match=field):
+        ModelSpec(**fields)
+
+
+def test_spec_round_trips_through_json() -> None:
+    import json
+
+    spec = ModelSpec(
+        "torchvision:mobilenet_v2",
+        small_input="true",
+        kwargs={"width_mult": 0.5},
+        exclude=["features.1"],
+        checkpoint="weights.pt",
+    )
+    assert spec.small_input is True and spec.exclude == ("features.1",)
+    assert ModelSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+
+
+def test_checkpoint_start_loads_the_users_weights(tmp_path) -> None:
+    trained = ModelSpec("torchvision:mobilenet_v3_small", kwargs={"width_mult": 0.25}).build(3, 4, 28)
+    path = tmp_path / "weights.pt"
+    torch.save(trained.state_dict(), path)
+    spec = ModelSpec("torchvision:mobilenet_v3_small", kwargs={"width_mult": 0.25}, checkpoint=str(path))
+    loaded = spec.build(3, 4, 28).state_dict()
+    assert all(torch.equal(value, loaded[key]) for key, value in trained.state_dict().items())
+    fresh = spec.build(3, 4, 28, with_checkpoint=False).state_dict()
+    assert not all(torch.equal(value, fresh[key]) for key, value in trained.state_dict().items())
+
+
+class _Pickled:
+    """Code in a checkpoint must not load (weights_only)."""
+
+
+def test_bad_checkpoints_name_the_first_bad_key(tmp_path) -> None:
+    state = build_model("resnet8", 3, 4, 0.5).state_dict()
+    cases = {
+        "missing": (
+            {key: value for key, value in state.items() if key != "conv1.weight"},
+            "lacks 'conv1.weight'",
+        ),
+        "unexpected": ({**state, "extra.weight": torch.zeros(1)}, "has 'extra.weight'"),
+        "shape": ({**state, "fc.weight": torch.zeros(3, 32)}, "'fc.weight' of shape (3, 32)"),
+        "pickled": ({"conv1.weight": _Pickled()}, "not a plain tensor file"),
+    }
+    for name, (payload, fragment) in cases.items():
+        path = tmp_path / f"{name}.pt"
+        torch.save(payload, path)
+        with pytest.raises(ConfigError) as caught:
+            ModelSpec("resnet8", width=0.5, checkpoint=str(path)).build(3, 4, 28)
+        assert "model.checkpoint" in str(caught.value) and fragment in str(caught.value), name
+    with pytest.raises(ConfigError, match="does not exist"):
+        ModelSpec("resnet8", checkpoint=str(tmp_path / "absent.pt")).build(3, 4, 28)

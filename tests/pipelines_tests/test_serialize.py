@@ -10,10 +10,19 @@ import torch
 
 from pipelines.compress.prune import PruneConfig, prune
 from pipelines.errors import UntrustedFileError
-from pipelines.models import build_model
-from pipelines.serialize import describe_layers, load_checkpoint, resize_layers, save_checkpoint, sha256_file
+from pipelines.models import ModelSpec, build_model
+from pipelines.serialize import (
+    FORMAT_VERSION,
+    describe_layers,
+    describe_model,
+    load_checkpoint,
+    rebuild_model,
+    resize_layers,
+    save_checkpoint,
+    sha256_file,
+)
 
-DESCRIPTION = {"arch": "resnet8", "in_channels": 3, "num_classes": 8, "width": 0.5}
+DESCRIPTION = describe_model(ModelSpec("resnet8", width=0.5), 3, 8, 28)
 
 
 class NotATensor:
@@ -34,13 +43,7 @@ def pruned_model() -> torch.nn.Module:
 
 
 def _rebuild(path: Path) -> torch.nn.Module:
-    description, layers, state = load_checkpoint(path)
-    model = build_model(
-        description["arch"], description["in_channels"], description["num_classes"], description["width"]
-    )
-    resize_layers(model, layers)
-    model.load_state_dict(state)  # strict: every key and shape must match
-    return model.eval()
+    return rebuild_model(*load_checkpoint(path))  # strict load: every key and shape must match
 
 
 def test_pruned_model_round_trips_exactly(tmp_path: Path, pruned_model: torch.nn.Module) -> None:
@@ -58,7 +61,8 @@ def test_description_and_hash_are_recorded(tmp_path: Path, pruned_model: torch.n
     meta = json.loads((tmp_path / "model.json").read_text())
     assert meta["description"] == DESCRIPTION
     assert meta["sha256"] == sha256_file(tmp_path / "model.pt")
-    assert meta["format_version"] == 1
+    assert meta["format_version"] == FORMAT_VERSION
+    assert ModelSpec.from_dict(meta["description"]["model"]) == ModelSpec("resnet8", width=0.5)
     # The pruned shapes are recorded, not the builder's: conv1 of resnet8 at width 0.5 has 8 channels.
     assert meta["layers"]["conv1"]["out_channels"] == pruned_model.conv1.out_channels < 8
 
@@ -82,7 +86,14 @@ def test_describe_layers_records_constructor_arguments() -> None:
         "bias": False,
     }
     assert layers["fc"] == {"type": "Linear", "in_features": 32, "out_features": 5, "bias": True}
-    assert layers["bn1"] == {"type": "BatchNorm2d", "num_features": 8}
+    assert layers["bn1"] == {
+        "type": "BatchNorm2d",
+        "num_features": 8,
+        "eps": 1e-5,
+        "momentum": 0.1,
+        "affine": True,
+        "track_running_stats": True,
+    }
 
 
 def test_resize_layers_refuses_unknown_layers() -> None:
@@ -118,7 +129,7 @@ def test_swapped_state_dict_is_refused(tmp_path: Path, pruned_model: torch.nn.Mo
 def test_pickled_objects_are_refused_even_with_matching_hash(tmp_path: Path) -> None:
     weights = tmp_path / "model.pt"
     torch.save({"weight": torch.zeros(2), "payload": NotATensor()}, weights)
-    meta = {"format_version": 1, "description": {}, "layers": {}, "sha256": sha256_file(weights)}
+    meta = {"format_version": FORMAT_VERSION, "description": {}, "layers": {}, "sha256": sha256_file(weights)}
     (tmp_path / "model.json").write_text(json.dumps(meta))
     with pytest.raises(UntrustedFileError, match="not a plain tensor file"):
         load_checkpoint(tmp_path / "model")
@@ -154,3 +165,28 @@ def test_json_without_hash_is_refused(tmp_path: Path, pruned_model: torch.nn.Mod
     (tmp_path / "model.json").write_text(json.dumps({"description": DESCRIPTION}))
     with pytest.raises(UntrustedFileError, match="not a hycomp checkpoint"):
         load_checkpoint(tmp_path / "model")
+
+
+def test_checkpoint_of_an_older_format_names_the_fix(tmp_path: Path, pruned_model: torch.nn.Module) -> None:
+    save_checkpoint(pruned_model, tmp_path / "model", DESCRIPTION)
+    meta = json.loads((tmp_path / "model.json").read_text())
+    meta["format_version"] = 1  # a registry name + width, before ModelSpec descriptions
+    (tmp_path / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(UntrustedFileError, match="format version 1.*re-run the command"):
+        load_checkpoint(tmp_path / "model")
+
+
+def test_pruned_norm_layers_of_a_user_model_round_trip(tmp_path: Path) -> None:
+    """GroupNorm, InstanceNorm and PReLU shrink with the convs before them; the checkpoint records them."""
+    from pipelines.compress.prune import PruneConfig, prune
+
+    spec = ModelSpec("tests.pipelines_tests.user_model:NormsNet")
+    torch.manual_seed(0)
+    model = spec.build(3, 4, 16).eval()
+    example = torch.randn(2, 3, 16, 16)
+    pruned = prune(model, PruneConfig(sparsity=0.5, channel_multiple=1), example).model
+    assert pruned.norm.num_channels == pruned.conv1.out_channels < 16
+    save_checkpoint(pruned, tmp_path / "model", describe_model(spec, 3, 4, 16))
+    rebuilt = _rebuild(tmp_path / "model")
+    with torch.no_grad():
+        assert torch.equal(rebuilt(example), pruned(example))

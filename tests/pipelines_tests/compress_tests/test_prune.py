@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 from pipelines.compress.prune import PRUNERS, PruneConfig, prune
-from pipelines.errors import ConfigError
+from pipelines.errors import CompressionError, ConfigError
 from pipelines.measure import count_macs, count_params
-from pipelines.models import build_model
+from pipelines.models import ModelSpec, build_model
 
 EXAMPLE = torch.randn(2, 3, 28, 28)
 
@@ -125,3 +125,51 @@ def test_channel_multiple_keeps_aligned_channel_counts(sparsity: float) -> None:
     assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in model.parameters())
     exact = prune(model, PruneConfig(sparsity, "l1", channel_multiple=1), torch.randn(2, 3, 28, 28)).model
     assert exact.conv1.out_channels == round(16 * (1 - sparsity))
+
+
+# model.exclude and what NNI cannot prune ---------------------------------------------------------------
+
+USER = "tests.pipelines_tests.user_model"
+
+
+def test_excluded_modules_keep_their_channels() -> None:
+    model = build_model("resnet8", 3, 8, 1.0).eval()
+    example = torch.randn(2, 3, 28, 28)
+    cfg = PruneConfig(sparsity=0.5, channel_multiple=1, exclude=("layers.2",))
+    pruned = prune(model, cfg, example).model
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d) and name.startswith("layers.2."):
+            assert pruned.get_submodule(name).out_channels == module.out_channels, name
+    assert pruned.conv1.out_channels < model.conv1.out_channels
+
+
+def test_exclude_that_matches_nothing_is_a_config_error() -> None:
+    model = build_model("resnet8", 3, 8, 0.5)
+    with pytest.raises(ConfigError, match="model.exclude: 'layer9' names no module.*'conv1'"):
+        prune(model, PruneConfig(sparsity=0.5, exclude=("layer9",)), torch.randn(2, 3, 28, 28))
+
+
+@pytest.mark.parametrize(
+    ("callable_name", "module", "operator"),
+    [("ScaledNet", "'scale' (ChannelScale)", ""), ("SplitNet", "'conv2' (Conv2d)", "through chunk")],
+)
+def test_what_nni_cannot_prune_names_module_operator_and_fix(
+    callable_name: str, module: str, operator: str
+) -> None:
+    spec = ModelSpec(f"{USER}:{callable_name}")
+    model = spec.build(3, 4, 16).eval()
+    example = torch.randn(2, 3, 16, 16)
+    with pytest.raises(CompressionError) as caught:
+        prune(model, PruneConfig(sparsity=0.5, channel_multiple=1), example)
+    message = str(caught.value)
+    assert module in message and operator in message and "Add 'conv1' to model.exclude" in message
+    # The fix works: excluding the named conv prunes the rest.
+    result = prune(model, PruneConfig(sparsity=0.5, channel_multiple=1, exclude=("conv1",)), example)
+    assert result.params_after < result.params_before
+
+
+def test_grouped_convs_and_their_inputs_stay_unpruned() -> None:
+    model = ModelSpec(f"{USER}:GroupedNet").build(3, 4, 16).eval()
+    pruned = prune(model, PruneConfig(sparsity=0.5, channel_multiple=1), torch.randn(2, 3, 16, 16)).model
+    assert (pruned.conv1.out_channels, pruned.grouped.out_channels) == (16, 16)
+    assert pruned.conv3.out_channels == 16 and pruned.grouped.groups == 4
