@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import tempfile
 import time
 from functools import partial
 from pathlib import Path
@@ -110,11 +111,8 @@ def export_trial(
     trial = next((t for t in study.get_trials(deepcopy=False) if t.number == trial_number), None)
     if trial is None or trial.state != optuna.trial.TrialState.COMPLETE:
         raise ConfigError(f"--trial: {trial_number} is not a completed trial of study {study.study_name!r}.")
-    target = out or study_folder / "export" / f"trial_{trial_number}{'_retrained' if retrain else ''}"
-    if target.exists() and not force:
-        raise ConfigError(
-            f"export folder {target} already exists. Pass --force to overwrite it, or --out DIR."
-        )
+    target = out or default_target(study_folder, trial_number, retrain)
+    check_target(target, study_folder, force)
     recorded = TrialRecord.of(trial)
     # A trial that reused an identical earlier trial's result has its model in that trial's folder.
     owner = trial_number if recorded.repeat_of is None else recorded.repeat_of
@@ -126,9 +124,8 @@ def export_trial(
         )
     started = time.perf_counter()
     data, teachers, baseline = _loaded(cfg, study_folder)
-    staging = target.with_name(target.name + ".partial")
-    if staging.exists():
-        shutil.rmtree(staging)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f"{target.name}.partial-", dir=target.parent))
     threads = cfg.measure.latency_threads
     params = recorded.parameters(trial.params)
     try:
@@ -144,7 +141,6 @@ def export_trial(
             )
         else:  # the files of the trial, or of its full-budget retraining, copied as they are
             source, record = prepared or (source, recorded)
-            staging.mkdir(parents=True)
             for name in ("model.pt", "model.json"):
                 shutil.copy2(source / name, staging / name)
             shutil.copytree(source / "bundle", staging / "bundle")
@@ -163,6 +159,7 @@ def export_trial(
         # The test split is read here, once, for the exported model only.
         test_images, test_labels = data.test.images.numpy(), data.test.labels.numpy()
         report = {
+            "kind": EXPORT_KIND,
             "study": study.study_name,
             "trial": trial_number,
             "picked_because": reason or f"trial {trial_number}",
@@ -222,14 +219,58 @@ def export_trial(
         (staging / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
         (staging / "report.json").write_text(json.dumps(report, indent=2))
         (staging / "report.md").write_text(render_report(report))
+        check_target(target, study_folder, force)  # again: the folder may have changed meanwhile
         if target.exists():
-            shutil.rmtree(target)
+            shutil.rmtree(target)  # an earlier export (checked just above) or an empty folder
         staging.rename(target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     report["folder"] = str(target)
     return report
+
+
+EXPORT_KIND = "hycomp-export"  # report.json's "kind": what marks a folder as an export hycomp wrote
+EXPORT_ENTRIES = frozenset({"config.yaml", "model.pt", "model.json", "bundle", "report.json", "report.md"})
+
+
+def default_target(study_folder: Path, trial_number: int, retrain: bool) -> Path:
+    """Where an export goes without ``--out``: ``export/trial_<n>`` (``_retrained`` at the full budget)."""
+    return study_folder / "export" / f"trial_{trial_number}{'_retrained' if retrain else ''}"
+
+
+def _written_by_export(folder: Path) -> bool:
+    """True when ``folder`` holds an export hycomp wrote and nothing else (so replacing it loses nothing)."""
+    try:
+        report = json.loads((folder / "report.json").read_text())
+        entries = {entry.name for entry in folder.iterdir()}
+    except (OSError, ValueError):
+        return False
+    return isinstance(report, dict) and report.get("kind") == EXPORT_KIND and entries <= EXPORT_ENTRIES
+
+
+def check_target(target: Path, study_folder: Path, force: bool) -> None:
+    """Refuse an export folder whose replacement would delete what hycomp did not write: ``--force``
+    replaces an earlier export, never the study folder, a folder holding it, or anyone's other files."""
+    resolved, study = target.resolve(), study_folder.resolve()
+    if resolved == study or study.is_relative_to(resolved):
+        raise ConfigError(
+            f"--out: {str(target)!r} is the study folder or holds it; an export there would replace the study. "
+            f"Pass a new folder, e.g. --out {study_folder / 'export' / 'mine'}."
+        )
+    if not target.exists() or (target.is_dir() and not any(target.iterdir())):
+        return
+    if not target.is_dir():
+        raise ConfigError(f"--out: {str(target)!r} is a file; pass a folder that does not exist yet.")
+    if not _written_by_export(target):
+        raise ConfigError(
+            f"--out: {str(target)!r} already exists and is not an export hycomp wrote (or holds other files); "
+            "--force replaces only hycomp's own exports. Pass a new or empty folder."
+        )
+    if not force:
+        raise ConfigError(
+            f"export folder {target} already exists. Pass --force to replace that export, or --out DIR."
+        )
 
 
 def _loaded(cfg: SearchConfig, study_folder: Path) -> tuple[Dataset, list, dict]:
@@ -338,6 +379,8 @@ def export_best(
     """Retrain every candidate (:func:`search.pareto.pick_candidates`) at the full budget, ``jobs`` at a
     time, and export the one with the best full-budget validation accuracy (fewer MACs among equals).
     The test split is read only for the exported one. Returns its report."""
+    for pick in picks:  # before any retraining: a refused target must not cost minutes
+        check_target(out or default_target(study_folder, pick.trial, True), study_folder, force)
     trials = {t.number: t for t in study.get_trials(deepcopy=False)}
     folder = study_folder / "export" / "candidates"
     fingerprint = setup_fingerprint(cfg)

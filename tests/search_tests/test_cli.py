@@ -154,6 +154,16 @@ def test_export_errors(searched: dict, capsys) -> None:
     assert "--trial: 99" in err and "Traceback" not in err
     assert main(["export", str(folder), "--pick", "best"]) == 2
     assert "--pick" in capsys.readouterr().err
+    # --force never deletes what hycomp did not write: the study folder, its parent, a user's folder
+    user = folder.parent / "user_folder"
+    user.mkdir(exist_ok=True)
+    (user / "keep.txt").write_text("mine")
+    before = sorted(str(path) for path in folder.parent.rglob("*"))
+    for out in (folder, folder.parent, user):
+        assert main(["export", str(folder), "--trial", "1", "--force", "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert "--out" in err and str(out) in err and "Traceback" not in err
+    assert sorted(str(path) for path in folder.parent.rglob("*")) == before
 
 
 @pytest.mark.slow

@@ -1,0 +1,80 @@
+"""Export's folder rule: ``--force`` replaces an export hycomp wrote and nothing else."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pipelines.errors import ConfigError
+from search.export import EXPORT_KIND, check_target, default_target
+
+
+def _tree(root: Path) -> list[str]:
+    return sorted(str(path.relative_to(root)) for path in root.rglob("*"))
+
+
+def _study(tmp_path: Path) -> Path:
+    study = tmp_path / "results" / "mystudy"
+    (study / "trials" / "trial_0").mkdir(parents=True)
+    (study / "study.db").write_text("db")
+    (study / "config.yaml").write_text("study: {}")
+    return study
+
+
+def _export(folder: Path, *extra: str) -> Path:
+    (folder / "bundle").mkdir(parents=True)
+    (folder / "report.json").write_text(json.dumps({"kind": EXPORT_KIND}))
+    (folder / "model.pt").write_text("weights")
+    for name in extra:
+        (folder / name).write_text("the user's own file")
+    return folder
+
+
+def test_a_new_or_empty_folder_is_accepted(tmp_path: Path) -> None:
+    study = _study(tmp_path)
+    check_target(tmp_path / "new", study, force=False)
+    (tmp_path / "empty").mkdir()
+    check_target(tmp_path / "empty", study, force=False)
+    check_target(default_target(study, 3, retrain=True), study, force=False)
+    assert default_target(study, 3, retrain=True).name == "trial_3_retrained"
+
+
+def test_an_earlier_export_needs_force_and_force_replaces_it(tmp_path: Path) -> None:
+    study = _study(tmp_path)
+    earlier = _export(study / "export" / "trial_1")
+    with pytest.raises(ConfigError, match="--force"):
+        check_target(earlier, study, force=False)
+    check_target(earlier, study, force=True)  # allowed: hycomp wrote every entry
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_the_study_folder_or_a_folder_holding_it_is_refused(tmp_path: Path, force: bool) -> None:
+    study = _study(tmp_path)
+    before = _tree(tmp_path)
+    for target in (study, study.parent, tmp_path, study / ".." / study.name):
+        with pytest.raises(ConfigError, match=r"--out: .*study folder.*Pass a new folder"):
+            check_target(target, study, force=force)
+    assert _tree(tmp_path) == before
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_folders_hycomp_did_not_write_are_refused_even_with_force(tmp_path: Path, force: bool) -> None:
+    study = _study(tmp_path)
+    unrelated = tmp_path / "photos"
+    unrelated.mkdir()
+    (unrelated / "holiday.jpg").write_text("jpeg")
+    mixed = _export(tmp_path / "mixed", "notes.txt")  # an export the user added a file to
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    (fake / "report.json").write_text("{not json")
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("text")
+    before = _tree(tmp_path)
+    for target in (unrelated, mixed, fake):
+        with pytest.raises(ConfigError, match="not an export hycomp wrote.*Pass a new or empty folder"):
+            check_target(target, study, force=force)
+    with pytest.raises(ConfigError, match="is a file"):
+        check_target(a_file, study, force=force)
+    assert _tree(tmp_path) == before
