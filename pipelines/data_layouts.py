@@ -107,6 +107,14 @@ def _check_labels(raw_labels: np.ndarray, key: str, source: str, count: int, num
     return labels
 
 
+def _largest_label(labels: np.ndarray) -> int:
+    """The largest label, 0 for none or for labels that are not numbers (their check reports them)."""
+    labels = np.asarray(labels)
+    if labels.size == 0 or labels.dtype.kind not in "iuf" or not np.all(np.isfinite(labels)):
+        return 0
+    return int(labels.max())
+
+
 def _check_images(raw: np.ndarray, key: str, source: str) -> np.ndarray:
     images = np.asarray(raw)
     if images.ndim == 3:
@@ -176,10 +184,14 @@ def read_npz(
             f"data file unreadable: {path} ({type(error).__name__}: {error}). It is truncated or not an npz; "
             "copy or export it again (train/val/test _images and _labels arrays, saved with np.savez)."
         ) from error
-    has_val = [key in arrays for key in ("val_images", "val_labels")]
-    required = ["train_images", "train_labels", "test_images", "test_labels"]
-    if any(has_val):
-        required += ["val_images", "val_labels"]
+    with_val = [key in arrays for key in ("val_images", "val_labels")]
+    present = SPLITS if all(with_val) else ("train", "test")
+    required = [
+        f"{split}_{kind}"
+        for split in SPLITS
+        if split in present or any(with_val)
+        for kind in ("images", "labels")
+    ]
     for key in required:
         if key not in arrays:
             raise DataError(
@@ -189,11 +201,8 @@ def read_npz(
     if class_names is None and "class_names" in arrays:
         class_names = [str(name) for name in np.asarray(arrays["class_names"]).reshape(-1)]
     if class_names is None:
-        top = max(
-            int(np.max(arrays[f"{split}_labels"], initial=0)) for split in SPLITS if has_val or split != "val"
-        )
+        top = max(_largest_label(arrays[f"{split}_labels"]) for split in present)
         class_names = [str(index) for index in range(top + 1)]
-    present = SPLITS if all(has_val) else ("train", "test")
     images, labels = {}, {}
     for split in present:
         images[split] = _check_images(arrays[f"{split}_images"], f"{split}_images", source)
@@ -201,7 +210,7 @@ def read_npz(
             arrays[f"{split}_labels"], f"{split}_labels", source, len(images[split]), len(class_names)
         )
     seed = None
-    if not all(has_val):
+    if not all(with_val):
         seed = split_seed
         (images["train"], labels["train"]), (images["val"], labels["val"]) = _cut_validation(
             images["train"], labels["train"], class_names, source, val_fraction, split_seed
