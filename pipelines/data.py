@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipelines.data_layouts import VAL_FRACTION, RawSplits, read_image_folder, read_npz
+from pipelines.data_layouts import VAL_FRACTION, RawSplits, read_image_folder, read_npz, resize_splits
 from pipelines.errors import ConfigError, DataError, unknown_name
 
 __all__ = [
@@ -318,13 +318,13 @@ def load_dataset(
     key = name.lower()
     if not 0.0 < val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction: {val_fraction} is out of range; use a value in (0, 1).")
+    if key in USER_LAYOUTS and size < 8:
+        raise ConfigError(f"data.size: {size} is too small; use 8 or more pixels.")
     if key == "folder":
         if root is None:
             raise ConfigError(
                 "data.root: required for dataset 'folder'; set it to the folder that holds train/."
             )
-        if size < 8:
-            raise ConfigError(f"data.size: {size} is too small; use 8 or more pixels.")
         raw = read_image_folder(root, size, val_fraction, split_seed)
         return _make_dataset(Path(root).expanduser().resolve().name, raw)
     if key == "npz":
@@ -332,7 +332,7 @@ def load_dataset(
             raise ConfigError("data.path: required for dataset 'npz'; set it to the .npz file.")
         raw = read_npz(path, val_fraction=val_fraction, split_seed=split_seed)
         if raw.image_size != size:
-            raw = _resized(raw, size)
+            raw = resize_splits(raw, size)
         return _make_dataset(Path(path).stem, raw)
     root_path = Path(root).expanduser() if root is not None else default_data_root()
     if key == "cifar10":
@@ -389,20 +389,6 @@ def _load_medmnist(key: str, name: str, root: Path, size: int, download: bool, v
             f"ones. The file belongs to another size; replace it with MedMNIST's {filename}."
         )
     return _make_dataset(key, raw)
-
-
-def _resized(raw: RawSplits, size: int) -> RawSplits:
-    """Every split resized to ``size`` x ``size`` (antialiased bilinear), still uint8."""
-    if size < 8:
-        raise ConfigError(f"data.size: {size} is too small; use 8 or more pixels.")
-    images = {}
-    for split, pixels in raw.images.items():
-        tensor = torch.from_numpy(pixels).permute(0, 3, 1, 2).float()
-        tensor = torch.nn.functional.interpolate(
-            tensor, size=(size, size), mode="bilinear", antialias=True, align_corners=False
-        )
-        images[split] = tensor.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    return RawSplits(images, raw.labels, raw.class_names, raw.source, raw.split_seed)
 
 
 def _download_medmnist(info: dict, key: str, size: int, root: Path) -> None:

@@ -21,10 +21,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from pipelines.errors import DataError
 
-__all__ = ["RawSplits", "read_image_folder", "read_npz", "stratified_holdout", "VAL_FRACTION", "SPLITS"]
+__all__ = [
+    "RawSplits",
+    "read_image_folder",
+    "read_npz",
+    "resize_splits",
+    "stratified_holdout",
+    "VAL_FRACTION",
+    "SPLITS",
+]
 
 SPLITS = ("train", "val", "test")
 VAL_FRACTION = 0.1  # of each class's training images, held out when the data has no validation split
@@ -321,3 +330,15 @@ def _stack(images: list[np.ndarray], grey: bool) -> np.ndarray:
     return np.stack(
         [np.repeat(image[..., None], 3, axis=2) if image.ndim == 2 else image for image in images]
     )
+
+
+def resize_splits(raw: RawSplits, size: int) -> RawSplits:
+    """Every split resized to ``size`` x ``size`` (antialiased bilinear), still uint8."""
+    images = {}
+    for split, pixels in raw.images.items():
+        tensor = torch.from_numpy(pixels).permute(0, 3, 1, 2).float()
+        tensor = torch.nn.functional.interpolate(
+            tensor, size=(size, size), mode="bilinear", antialias=True, align_corners=False
+        )
+        images[split] = tensor.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return RawSplits(images, raw.labels, raw.class_names, raw.source, raw.split_seed)
