@@ -1,9 +1,11 @@
-"""Datasets as in-memory tensors: any 2-D MedMNIST dataset (through the `medmnist` package) and CIFAR-10
-(through torchvision's loader).
+"""Datasets as in-memory tensors: any 2-D MedMNIST dataset (through the `medmnist` package), CIFAR-10
+(through torchvision's loader), and a user's own data: an image folder or an npz file in MedMNIST's
+layout (:mod:`pipelines.data_layouts` reads and checks those).
 
 Splits are the published ones. The search scores on ``val``; ``test`` is read only to report an exported
 model. CIFAR-10 has no published validation split: the last 5,000 training images (a fixed slice) are
-held out as ``val``.
+held out as ``val``; user data without one gets a stratified split cut from train with a recorded seed.
+A :class:`Dataset` carries a fingerprint of its pixels and labels, for cache keys.
 
 Example::
 
@@ -23,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipelines.data_layouts import VAL_FRACTION, RawSplits, read_image_folder, read_npz, resize_splits
 from pipelines.errors import ConfigError, DataError, unknown_name
 
 __all__ = [
@@ -35,13 +38,21 @@ __all__ = [
     "default_data_root",
     "md5sum",
     "symmetry_views",
+    "MEDMNIST_SIZES",
+    "USER_LAYOUTS",
 ]
 
-# Training augmentations: every one is a random crop (reflect-pad 2) plus a group of symmetries.
-# "flips": horizontal and vertical flips (4 views). "d4": flips and transposes, all 8 rotations and
-# reflections of the square (for data without an orientation, such as cells under a microscope).
-AUGMENTS = ("none", "flips", "d4")
-AUGMENT_VIEWS = {"none": 1, "flips": 4, "d4": 8}  # how many symmetric views each augmentation trains on
+# Training augmentations: "none" trains on the images as they are; every other one is a random crop
+# (reflect-pad 2) plus a group of symmetries. "crop": no symmetry. "hflip": horizontal flips (2 views, for
+# data whose up and down differ, such as photographs). "flips": horizontal and vertical flips (4 views).
+# "d4": flips and transposes, all 8 rotations and reflections of the square (for data without an
+# orientation, such as cells under a microscope). Each group is the first views of symmetry_views' d4
+# order, so a group's views are also its test-time and ensemble views.
+AUGMENTS = ("none", "crop", "hflip", "flips", "d4")
+AUGMENT_VIEWS = {"none": 1, "crop": 1, "hflip": 2, "flips": 4, "d4": 8}  # symmetric views of each group
+
+MEDMNIST_SIZES = (28, 64, 128, 224)  # the image sizes medmnist publishes (files <flag>_<size>.npz above 28)
+USER_LAYOUTS = ("folder", "npz")  # load_dataset names for a user's own data (pipelines.data_layouts)
 
 CIFAR10_VAL_SIZE = 5000
 _CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -136,7 +147,7 @@ class Split:
             index = order[start : start + batch_size]
             images = self.images[index]
             if augment != "none":
-                images = _augment(images, generator, transpose=augment == "d4")
+                images = _augment(images, generator, views=AUGMENT_VIEWS[augment])
             if with_targets:
                 yield images, self.labels[index], self.teacher_logits[index]
             else:
@@ -144,23 +155,30 @@ class Split:
 
 
 def symmetry_views(images: torch.Tensor, augment: str) -> list[torch.Tensor]:
-    """Every symmetry of ``augment``'s group applied to ``images``: 1 view (none), 4 (flips) or 8 (d4)."""
+    """Every symmetry of ``augment``'s group applied to ``images``: 1 view (none, crop), 2 (hflip), 4 (flips)
+    or 8 (d4)."""
+    if augment == "auto":
+        raise ConfigError(
+            "augment: 'auto' has no views of its own; resolve it first with "
+            "pipelines.symmetry_probe.resolve_augment (the probe picks crop, hflip, flips or d4)."
+        )
     if augment not in AUGMENTS:
         raise unknown_name("augment", augment, AUGMENTS)
     views = [images]
-    if augment == "none":
+    if augment in ("none", "crop"):
         return views
+    if augment == "hflip":
+        return [images, images.flip(-1)]
     views += [images.flip(-1), images.flip(-2), images.flip(-1).flip(-2)]
     if augment == "d4":
         views += [view.transpose(-1, -2) for view in views]
     return views
 
 
-def _augment(
-    images: torch.Tensor, generator: torch.Generator, pad: int = 2, transpose: bool = False
-) -> torch.Tensor:
-    """Per-sample random crop (reflect-pad by ``pad``), horizontal and vertical flips and, with
-    ``transpose``, transposes (square images), vectorized."""
+def _augment(images: torch.Tensor, generator: torch.Generator, pad: int = 2, views: int = 4) -> torch.Tensor:
+    """Per-sample random crop (reflect-pad by ``pad``) plus the symmetries of the group of ``views``
+    (:data:`AUGMENT_VIEWS`): horizontal flips from 2, vertical flips from 4, transposes at 8 (square
+    images), vectorized. The random draws are the same for every group, so a seed crops alike."""
     batch, _, height, width = images.shape
     padded = torch.nn.functional.pad(images, (pad, pad, pad, pad), mode="reflect")
     dy = torch.randint(0, 2 * pad + 1, (batch,), generator=generator)
@@ -172,9 +190,11 @@ def _augment(
     out = padded[batch_index, channel_index, rows, cols]
     flip_h = torch.rand(batch, generator=generator) < 0.5
     flip_v = torch.rand(batch, generator=generator) < 0.5
-    out[flip_h] = out[flip_h].flip(-1)
-    out[flip_v] = out[flip_v].flip(-2)
-    if transpose and height == width:
+    if views >= 2:
+        out[flip_h] = out[flip_h].flip(-1)
+    if views >= 4:
+        out[flip_v] = out[flip_v].flip(-2)
+    if views >= 8 and height == width:
         swap = torch.rand(batch, generator=generator) < 0.5
         out[swap] = out[swap].transpose(-1, -2)
     return out
@@ -195,6 +215,8 @@ class Dataset:
     mean: list[float] = field(default_factory=list)
     std: list[float] = field(default_factory=list)
     source: str = ""
+    fingerprint: str = ""  # sha256 of the pixels, labels and class names of every split (for cache keys)
+    split_seed: int | None = None  # seed of a validation split cut from train; None: the data had one
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -229,51 +251,39 @@ def _channel_stats(train_images: np.ndarray, channels: int) -> tuple[list[float]
     return pixels.mean(axis=0).tolist(), std.tolist()
 
 
-def _make_dataset(
-    name: str,
-    arrays: dict[str, tuple[np.ndarray, np.ndarray]],
-    channels: int,
-    class_names: list[str],
-    source: str,
-) -> Dataset:
-    train_images = arrays["train"][0]
-    if train_images.ndim == 3:
-        train_images = train_images[..., None]
-    if train_images.ndim != 4 or train_images.shape[1] != train_images.shape[2]:
-        raise DataError(
-            f"{source}: train images have shape {tuple(arrays['train'][0].shape)}, expected "
-            "(N, H, W) or (N, H, W, C) with square images. The file is not a MedMNIST 2-D dataset."
+def _fingerprint(raw: RawSplits) -> str:
+    """sha256 over every split's pixels and labels (with their shapes) and the class names."""
+    digest = hashlib.sha256()
+    digest.update("\n".join(raw.class_names).encode())
+    for split in ("train", "val", "test"):
+        images, labels = raw.images[split], raw.labels[split]
+        digest.update(f"{split}:{images.shape}:{labels.shape}".encode())
+        digest.update(np.ascontiguousarray(images).data)
+        digest.update(np.ascontiguousarray(labels, dtype=np.int64).data)
+    return digest.hexdigest()
+
+
+def _make_dataset(name: str, raw: RawSplits) -> Dataset:
+    """Normalize checked arrays with the train split's per-channel statistics."""
+    mean, std = _channel_stats(raw.images["train"], raw.channels)
+    splits = {
+        split: Split(
+            _to_tensor(raw.images[split], raw.channels, mean, std, raw.image_size),
+            torch.from_numpy(raw.labels[split]),
         )
-    if train_images.shape[3] != channels:
-        raise DataError(
-            f"{source}: train images have {train_images.shape[3]} channel(s), but {name} has {channels} "
-            f"({'grey' if channels == 1 else 'colour'} images). "
-            "The file belongs to another dataset; replace it."
-        )
-    image_size = int(train_images.shape[1])
-    mean, std = _channel_stats(train_images, channels)
-    splits = {}
-    for split, (images, labels) in arrays.items():
-        labels = np.asarray(labels).reshape(-1).astype(np.int64)
-        if len(labels) != len(images):
-            raise DataError(f"{source}: {split} has {len(images)} images but {len(labels)} labels.")
-        if labels.size and (labels.min() < 0 or labels.max() >= len(class_names)):
-            raise DataError(
-                f"{source}: {split} labels span {labels.min()}..{labels.max()}, outside the "
-                f"{len(class_names)} classes of {name}. The file belongs to another dataset."
-            )
-        splits[split] = Split(
-            _to_tensor(np.asarray(images), channels, mean, std, image_size), torch.from_numpy(labels)
-        )
+        for split in ("train", "val", "test")
+    }
     return Dataset(
         name=name,
-        num_classes=len(class_names),
-        channels=channels,
-        image_size=image_size,
-        class_names=class_names,
+        num_classes=len(raw.class_names),
+        channels=raw.channels,
+        image_size=raw.image_size,
+        class_names=list(raw.class_names),
         mean=mean,
         std=std,
-        source=source,
+        source=raw.source,
+        fingerprint=_fingerprint(raw),
+        split_seed=raw.split_seed,
         **splits,
     )
 
@@ -284,17 +294,53 @@ def load_dataset(
     size: int = 28,
     download: bool = False,
     verify_md5: bool = True,
+    *,
+    path: str | os.PathLike | None = None,
+    val_fraction: float = VAL_FRACTION,
+    split_seed: int = 0,
 ) -> Dataset:
     """Load a dataset by name into memory.
 
-    ``name`` is a MedMNIST 2-D flag (``bloodmnist``, ``pathmnist``, …) or ``cifar10``. ``root`` defaults
-    to :func:`default_data_root`. A MedMNIST file is checked against the md5 that medmnist's INFO records
-    (``verify_md5=False`` skips this, e.g. for test fixtures).
+    ``name`` is a MedMNIST 2-D flag (``bloodmnist``, ``pathmnist``, …), ``cifar10``, or one of the user
+    layouts (:data:`USER_LAYOUTS`):
+
+    - ``folder``: ``root`` is a folder of ``train/<class>/*``, ``test/<class>/*`` and optionally
+      ``val/<class>/*`` images, resized to ``size``;
+    - ``npz``: ``path`` is an npz file in MedMNIST's layout (resized to ``size`` if its images differ).
+
+    Without a validation split, ``val_fraction`` of each class is cut from train with ``split_seed``
+    (recorded in ``Dataset.split_seed``). ``root`` of a MedMNIST flag or CIFAR-10 defaults to
+    :func:`default_data_root`; ``size`` is one of :data:`MEDMNIST_SIZES` there. A MedMNIST file is checked
+    against the md5 that medmnist's INFO records (``verify_md5=False`` skips this, e.g. for test fixtures).
+
+    Example: ``load_dataset("npz", path="../shared/data/mnist.npz")``.
     """
     key = name.lower()
+    if not 0.0 < val_fraction < 1.0:
+        raise ConfigError(f"data.val_fraction: {val_fraction} is out of range; use a value in (0, 1).")
+    if key in USER_LAYOUTS and size < 8:
+        raise ConfigError(f"data.size: {size} is too small; use 8 or more pixels.")
+    if key == "folder":
+        if root is None:
+            raise ConfigError(
+                "data.root: required for dataset 'folder'; set it to the folder that holds train/."
+            )
+        raw = read_image_folder(root, size, val_fraction, split_seed)
+        return _make_dataset(Path(root).expanduser().resolve().name, raw)
+    if key == "npz":
+        if path is None:
+            raise ConfigError("data.path: required for dataset 'npz'; set it to the .npz file.")
+        raw = read_npz(path, val_fraction=val_fraction, split_seed=split_seed)
+        if raw.image_size != size:
+            raw = resize_splits(raw, size)
+        return _make_dataset(Path(path).stem, raw)
     root_path = Path(root).expanduser() if root is not None else default_data_root()
     if key == "cifar10":
         return _load_cifar10(root_path, download)
+    return _load_medmnist(key, name, root_path, size, download, verify_md5)
+
+
+def _load_medmnist(key: str, name: str, root: Path, size: int, download: bool, verify_md5: bool) -> Dataset:
     infos = _medmnist_info()
     if key not in infos:
         raise unknown_name("dataset", name, dataset_names())
@@ -304,11 +350,16 @@ def load_dataset(
             f"dataset: {name!r} is a {info.get('task')} task; hycomp searches single-label "
             "classifiers. Pick a multi-class MedMNIST dataset such as bloodmnist or pathmnist."
         )
+    if size not in MEDMNIST_SIZES:
+        raise ConfigError(
+            f"data.size: {size} is not a size MedMNIST publishes for {key}. Valid sizes: "
+            f"{', '.join(map(str, MEDMNIST_SIZES))}."
+        )
     suffix = "" if size == 28 else f"_{size}"
     filename = f"{key}{suffix}.npz"
-    path = root_path / filename
+    path = root / filename
     if not path.exists() and download:
-        _download_medmnist(info, key, size, root_path)
+        _download_medmnist(info, key, size, root)
     if not path.exists():
         raise DataError(
             f"data file not found: {path}. Put {filename} (from MedMNIST: "
@@ -323,18 +374,21 @@ def load_dataset(
                 f"data file corrupt: {path} has md5 {actual}, medmnist expects {expected_md5}. "
                 "Replace the file with an intact copy (or re-download it)."
             )
-    try:
-        npz = np.load(path, allow_pickle=False)
-        arrays = {
-            split: (npz[f"{split}_images"], npz[f"{split}_labels"]) for split in ("train", "val", "test")
-        }
-    except (KeyError, ValueError, OSError) as error:
-        raise DataError(
-            f"data file unreadable: {path} ({error}). Expected a MedMNIST npz with train/val/test "
-            "_images and _labels arrays; replace the file."
-        ) from error
     class_names = [info["label"][str(index)] for index in range(len(info["label"]))]
-    return _make_dataset(key, arrays, int(info["n_channels"]), class_names, str(path))
+    raw = read_npz(path, class_names=class_names)
+    channels = int(info["n_channels"])
+    if raw.channels != channels:
+        raise DataError(
+            f"{path}: train images have {raw.channels} channel(s), but {key} has {channels} "
+            f"({'grey' if channels == 1 else 'colour'} images). "
+            "The file belongs to another dataset; replace it."
+        )
+    if raw.image_size != size:
+        raise DataError(
+            f"{path}: images are {raw.image_size}x{raw.image_size}, but {filename} should hold {size}x{size} "
+            f"ones. The file belongs to another size; replace it with MedMNIST's {filename}."
+        )
+    return _make_dataset(key, raw)
 
 
 def _download_medmnist(info: dict, key: str, size: int, root: Path) -> None:
@@ -361,9 +415,19 @@ def _load_cifar10(root: Path, download: bool) -> Dataset:
             "or pass --download on a machine with network."
         ) from error
     train_images, train_labels = np.asarray(train.data), np.asarray(train.targets)
-    arrays = {
-        "train": (train_images[:-CIFAR10_VAL_SIZE], train_labels[:-CIFAR10_VAL_SIZE]),
-        "val": (train_images[-CIFAR10_VAL_SIZE:], train_labels[-CIFAR10_VAL_SIZE:]),
-        "test": (np.asarray(test.data), np.asarray(test.targets)),
-    }
-    return _make_dataset("cifar10", arrays, 3, list(_CIFAR10_CLASSES), str(root / "cifar-10-batches-py"))
+    train_labels = train_labels.astype(np.int64)
+    raw = RawSplits(
+        images={
+            "train": train_images[:-CIFAR10_VAL_SIZE],
+            "val": train_images[-CIFAR10_VAL_SIZE:],
+            "test": np.asarray(test.data),
+        },
+        labels={
+            "train": train_labels[:-CIFAR10_VAL_SIZE],
+            "val": train_labels[-CIFAR10_VAL_SIZE:],
+            "test": np.asarray(test.targets, dtype=np.int64),
+        },
+        class_names=list(_CIFAR10_CLASSES),
+        source=str(root / "cifar-10-batches-py"),
+    )
+    return _make_dataset("cifar10", raw)

@@ -26,8 +26,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipelines.data import AUGMENTS, Split, symmetry_views
+from pipelines.data import AUGMENTS as GROUP_AUGMENTS
+from pipelines.data import Split, symmetry_views
+from pipelines.data_layouts import stratified_holdout
 from pipelines.errors import CompressionError, ConfigError, unknown_name
+from pipelines.symmetry_probe import ProbeConfig, SymmetryProbe, probe_symmetries
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +45,13 @@ __all__ = [
     "native_bf16",
     "step_loss",
     "PRECISIONS",
+    "AUGMENTS",
 ]
 
 PRECISIONS = ("fp32", "bf16")
+# A symmetry group of pipelines.data.AUGMENTS, or "auto": the symmetry probe picks the group before training.
+AUGMENTS = (*GROUP_AUGMENTS, "auto")
+PROBE_HOLDOUT = 0.2  # of the training split, scored by the probe when train() resolves "auto" itself
 
 
 @dataclass(frozen=True)
@@ -57,7 +64,9 @@ class TrainConfig:
     weight_decay: float = 5e-4
     momentum: float = 0.9
     label_smoothing: float = 0.1
-    augment: str = "flips"  # none | flips | d4 (pipelines.data.AUGMENTS)
+    augment: str = (
+        "flips"  # none | crop | hflip | flips | d4 | auto (AUGMENTS; auto: pipelines.symmetry_probe)
+    )
     schedule: str = "onecycle"  # onecycle | cosine | constant
     kd_alpha: float = 0.0
     kd_temperature: float = 4.0
@@ -102,6 +111,8 @@ class TrainReport:
     seconds: float  # of this call (a resumed run counts only the steps it trained)
     final_loss: float
     resumed_at: int = 0  # the step a ``checkpoint`` resumed from (0: trained from the start)
+    augment: str = ""  # the augmentation trained with (``auto`` resolved)
+    probe: SymmetryProbe | None = None  # the probe that resolved ``augment: auto``, if it ran here
 
 
 def distillation_loss(
@@ -197,6 +208,10 @@ def train(
     one. It is read only if it was written by the same ``cfg`` on a split of the same size, else training
     starts over; the caller deletes it once the model is kept.
 
+    ``cfg.augment == "auto"`` runs the symmetry probe (:mod:`pipelines.symmetry_probe`) on a stratified
+    holdout of ``data`` first; the report carries its record. A caller that trains several models on one
+    dataset resolves it once instead (``resolve_augment``) and passes the chosen group.
+
     Raises :class:`CompressionError` when the loss becomes NaN/inf (the trial fails with that reason).
     """
     torch.manual_seed(cfg.seed)
@@ -205,6 +220,12 @@ def train(
         raise ConfigError(
             f"train: the training split has {len(split)} sample(s); need at least 2 (BatchNorm)."
         )
+    probe = None
+    if cfg.augment == "auto":
+        probe = _probe_split(split, cfg.seed)
+        log.info("train: %s", probe.summary())
+        cfg = cfg.replace(augment=probe.augment)
+        torch.manual_seed(cfg.seed)
     steps_per_epoch = math.ceil(len(split) / cfg.batch_size)
     total_steps = max(1, int(round(cfg.epochs * steps_per_epoch)))
     if optimizer is None:
@@ -254,8 +275,26 @@ def train(
             _save_progress(checkpoint, identity, model, optimizer, scheduler, (done, epoch, loss_value))
     model.eval()
     return TrainReport(
-        steps=done, seconds=time.perf_counter() - started, final_loss=loss_value, resumed_at=resumed_at
+        steps=done,
+        seconds=time.perf_counter() - started,
+        final_loss=loss_value,
+        resumed_at=resumed_at,
+        augment=cfg.augment,
+        probe=probe,
     )
+
+
+def _probe_split(split: Split, seed: int) -> SymmetryProbe:
+    """The symmetry probe trained on most of ``split`` and scored on a stratified holdout of it."""
+    kept, held = stratified_holdout(split.labels.numpy(), PROBE_HOLDOUT, seed)
+    if len(held) == 0:
+        raise ConfigError(
+            "train.augment: auto needs at least 2 samples of some class to probe; pick a group."
+        )
+    fit = Split(split.images[torch.from_numpy(kept)], split.labels[torch.from_numpy(kept)])
+    scored = Split(split.images[torch.from_numpy(held)], split.labels[torch.from_numpy(held)])
+    classes = int(split.labels.max()) + 1
+    return probe_symmetries(fit, scored, classes, ProbeConfig(seed=seed))
 
 
 def _save_progress(path: Path, identity: str, model, optimizer, scheduler, position: tuple) -> None:

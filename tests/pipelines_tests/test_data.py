@@ -377,3 +377,48 @@ def test_cifar10_val_is_the_last_training_images(tmp_path: Path, monkeypatch: py
 def test_missing_cifar10_is_a_data_error(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="cifar-10-batches-py"):
         load_dataset("cifar10", tmp_path)
+
+
+# --- sizes and fingerprints --------------------------------------------------------------------------------
+
+
+def test_unpublished_medmnist_size_lists_the_valid_ones(synthetic_root: Path) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_dataset("bloodmnist", synthetic_root, size=32, verify_md5=False)
+    assert "data.size: 32" in str(caught.value) and "28, 64, 128, 224" in str(caught.value)
+
+
+def test_a_medmnist_file_of_another_size_is_refused(tmp_path: Path) -> None:
+    source = write_synthetic_medmnist(tmp_path, sizes=(64, 16, 16))
+    source.rename(tmp_path / "bloodmnist_64.npz")  # 28 px images under the 64 px name
+    with pytest.raises(DataError, match="bloodmnist_64.npz should hold 64x64"):
+        load_dataset("bloodmnist", tmp_path, size=64, verify_md5=False)
+
+
+def test_fingerprint_is_stable_and_follows_the_content(tiny_data: Dataset, tmp_path: Path) -> None:
+    assert len(tiny_data.fingerprint) == 64 and tiny_data.split_seed is None
+    again = load_dataset("bloodmnist", tiny_data.source.rsplit("/", 1)[0], verify_md5=False)
+    assert again.fingerprint == tiny_data.fingerprint
+    write_synthetic_medmnist(tmp_path, seed=1)
+    assert load_dataset("bloodmnist", tmp_path, verify_md5=False).fingerprint != tiny_data.fingerprint
+
+
+def test_crop_and_hflip_augment_only_their_group(tiny_data: Dataset) -> None:
+    torch.manual_seed(0)
+    images = torch.randn(64, 1, 6, 6)
+    split = Split(images, torch.zeros(64, dtype=torch.long))
+    ((cropped, _),) = split.batches(64, augment="crop", seed=3)
+    ((flipped, _),) = split.batches(64, augment="hflip", seed=3)
+    for index in range(64):
+        centre = cropped[index, 0, 2:4, 2:4]
+        assert any(  # a shifted copy of the image itself, never a mirrored one
+            torch.equal(centre, images[index, 0, 2 + dy : 4 + dy, 2 + dx : 4 + dx])
+            for dy in (-2, -1, 0, 1, 2)
+            for dx in (-2, -1, 0, 1, 2)
+        )
+    mirrored = sum(not torch.equal(flipped[index], cropped[index]) for index in range(64))
+    assert mirrored > 16  # the same crops (same seed), about half of them mirrored
+    for index in range(64):  # each is its crop, or that crop mirrored left-right
+        assert torch.equal(flipped[index], cropped[index]) or torch.equal(
+            flipped[index], cropped[index].flip(-1)
+        )
