@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipelines import symmetry
 from pipelines.data_layouts import VAL_FRACTION, RawSplits, read_image_folder, read_npz, resize_splits
 from pipelines.errors import ConfigError, DataError, unknown_name
 
@@ -164,15 +165,7 @@ def symmetry_views(images: torch.Tensor, augment: str) -> list[torch.Tensor]:
         )
     if augment not in AUGMENTS:
         raise unknown_name("augment", augment, AUGMENTS)
-    views = [images]
-    if augment in ("none", "crop"):
-        return views
-    if augment == "hflip":
-        return [images, images.flip(-1)]
-    views += [images.flip(-1), images.flip(-2), images.flip(-1).flip(-2)]
-    if augment == "d4":
-        views += [view.transpose(-1, -2) for view in views]
-    return views
+    return symmetry.views(images, AUGMENT_VIEWS[augment])
 
 
 def _augment(images: torch.Tensor, generator: torch.Generator, pad: int = 2, views: int = 4) -> torch.Tensor:

@@ -16,7 +16,7 @@ Experts start as copies of one compressed model, or as different compressed mode
 ``pipelines.hybrid``, ``expert_init``); the gate is warm-started on the class groups.
 
 Test-time views (``MoEConfig.views``): in eval mode the MoE averages its logits over the first ``views``
-symmetries of :func:`pipelines.data.symmetry_views` (identity, horizontal flip, vertical flip, both, then
+symmetries of :mod:`pipelines.symmetry` (identity, horizontal flip, vertical flip, both, then
 their transposes), each routed on its own. It costs ``views`` times the MACs and latency of one pass and
 is counted so (``count_macs`` runs the eval forward); training is unchanged (one view per sample).
 """
@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipelines.data import Split, symmetry_views
+from pipelines import symmetry
+from pipelines.data import Split
 from pipelines.errors import ConfigError
 from pipelines.models import ModelSpec
 
@@ -44,8 +45,6 @@ __all__ = [
     "warm_start_gate",
     "teacher_similarity",
     "ROUTINGS",
-    "VIEWS",
-    "check_views",
     "routing_table",
 ]
 
@@ -58,7 +57,7 @@ class MoEConfig:
     balance_weight: float = 0.01  # learned routing: weight of the load-balancing term
     routing: str = "class-groups"
     gate_loss_weight: float = 1.0  # class-groups routing: weight of the gate's cross-entropy
-    views: int = 1  # test-time symmetry views averaged in eval mode (VIEWS); each costs one more pass
+    views: int = 1  # test-time symmetry views averaged in eval mode (pipelines.symmetry.VIEWS); each costs one more pass
 
     def __post_init__(self) -> None:
         if not 1 <= self.num_experts <= 16:
@@ -76,18 +75,10 @@ class MoEConfig:
             raise ConfigError(
                 f"moe.routing: unknown value {self.routing!r}. Valid values: {', '.join(ROUTINGS)}."
             )
-        check_views(self.views, "moe.views")
+        symmetry.check_views(self.views, "moe.views")
 
 
 ROUTINGS = ("class-groups", "learned")
-VIEWS = (1, 2, 4, 8)  # first n of the 8 symmetries of a square image (pipelines.data.symmetry_views)
-
-
-def check_views(views: object, field: str) -> int:
-    """``views`` if it is a number of test-time views (``VIEWS``); else a ConfigError naming ``field``."""
-    if views not in VIEWS:
-        raise ConfigError(f"{field}: {views!r} is not a number of test-time views; use one of {list(VIEWS)}.")
-    return int(views)
 
 
 class Gate(nn.Module):
@@ -123,7 +114,7 @@ class MixtureOfExperts(nn.Module):
         views: int = 1,
     ) -> None:
         super().__init__()
-        self.views = check_views(views, "views")
+        self.views = symmetry.check_views(views, "views")
         self.gate = gate
         self.experts = nn.ModuleList(experts)
         self.top_k = top_k
@@ -158,7 +149,7 @@ class MixtureOfExperts(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.views > 1 and not self.training:
             # Test-time views: one batch of views x samples, each routed on its own; logits averaged.
-            stacked = torch.cat(symmetry_views(x, "d4")[: self.views])
+            stacked = torch.cat(symmetry.views(x, self.views))
             return self._routed(stacked).view(self.views, x.shape[0], -1).mean(dim=0)
         return self._routed(x)
 

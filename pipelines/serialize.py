@@ -10,7 +10,6 @@ version, is refused.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import torch
 from torch import nn
 
 from pipelines.errors import UntrustedFileError
+from pipelines.files import sha256_file
 from pipelines.models import ModelSpec
 
 __all__ = [
@@ -29,7 +29,6 @@ __all__ = [
     "build_described",
     "save_checkpoint",
     "load_checkpoint",
-    "sha256_file",
 ]
 
 FORMAT_VERSION = 2  # 2: the description holds a ModelSpec (any model family), not a registry name
@@ -150,14 +149,6 @@ def rebuild_model(description: dict, layers: dict[str, dict], state: dict[str, t
     model = resize_layers(build_described(description), layers)
     model.load_state_dict(state)
     return model.eval()
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def save_checkpoint(model: nn.Module, path: str | Path, description: dict) -> None:

@@ -13,9 +13,10 @@ import torch
 from torch import nn
 
 from pipelines.data import Dataset
-from pipelines.measure import count_macs, count_params, measure_latency, packed_size_bytes, torch_runner
+from pipelines.measure import count_macs, count_params, packed_size_bytes, torch_runner
 from pipelines.models import build_model
 from pipelines.serialize import load_checkpoint, resize_layers, save_checkpoint
+from pipelines.timing import measure_latency
 from pipelines.train import TrainConfig, evaluate, predict_logits, train
 from search.space import SearchConfig, stable_hash
 from search.workspace import baseline_dir

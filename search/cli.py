@@ -402,14 +402,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
-    import optuna
+    if args.command != "predict":  # predict runs on ONNX Runtime alone: no Optuna, no torch
+        import optuna
 
-    from search.study import quiet_warnings
+        from search.study import quiet_warnings
 
-    # A failed trial's reason is logged once by the objective (and kept in the study); Optuna would repeat
-    # it with a full traceback, which only --verbose shows.
-    optuna.logging.set_verbosity(optuna.logging.WARNING if args.verbose else optuna.logging.ERROR)
-    quiet_warnings()
+        # A failed trial's reason is logged once by the objective (and kept in the study); Optuna would
+        # repeat it with a full traceback, which only --verbose shows.
+        optuna.logging.set_verbosity(optuna.logging.WARNING if args.verbose else optuna.logging.ERROR)
+        quiet_warnings()
     from pipelines.errors import HycompError
 
     try:
@@ -425,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
             "failed; a teacher in training keeps its last finished epoch. Re-run the same command to resume.",
             file=sys.stderr,
         )
-        return 130
+        return 2
 
 
 if __name__ == "__main__":

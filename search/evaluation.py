@@ -22,7 +22,8 @@ from torch import nn
 from pipelines.compress.prune import PruneConfig
 from pipelines.compress.quantize import QuantizeConfig
 from pipelines.data import Dataset
-from pipelines.deploy import agreement, deploy_moe, load_bundle, measure_moe_latency
+from pipelines.deploy.bundle import agreement, deploy_moe
+from pipelines.deploy.runtime import load_bundle, measure_moe_latency
 from pipelines.errors import CompressionError
 from pipelines.hybrid import HybridConfig, StageBudget, compress_hybrid
 from pipelines.measure import count_macs, count_params, packed_size_bytes
@@ -245,7 +246,7 @@ def measure(
         size_kb=size / 1024,
         params=count_params(moe),
         bits=hybrid.quantize.bits,
-        precision=manifest.get("precision"),
+        precision=manifest.precision,
         top1_agreement_with_torch=agree["top1_agreement"],
         routing_per_class=table.tolist(),
         effective_top_k=hybrid.moe.top_k,

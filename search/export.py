@@ -33,18 +33,16 @@ import optuna
 import yaml
 
 from pipelines.data import Dataset
-from pipelines.deploy import (
-    OrtModel,
-    agreement,
-    export_onnx,
-    load_bundle,
-    measure_moe_latency,
-    quantize_onnx_int8,
-)
+from pipelines.deploy.bundle import agreement
+from pipelines.deploy.int8 import quantize_onnx_int8
+from pipelines.deploy.manifest import Manifest
+from pipelines.deploy.onnx import export_onnx
+from pipelines.deploy.runtime import OrtModel, load_bundle, measure_moe_latency
 from pipelines.errors import ConfigError, HycompError
-from pipelines.measure import measure_latency, torch_runner
+from pipelines.measure import torch_runner
 from pipelines.moe import rebuild_moe
 from pipelines.serialize import load_checkpoint
+from pipelines.timing import measure_latency
 from pipelines.train import evaluate
 from search.baseline import get_teachers
 from search.evaluation import TrialContext, measure, train_and_measure, train_model
@@ -437,9 +435,9 @@ def export_best(
     )
 
 
-def _weight_grid_totals(manifest: dict | None) -> dict[str, int] | None:
+def _weight_grid_totals(manifest: Manifest | None) -> dict[str, int] | None:
     """Weight tensors the int8 engine holds exactly on NNI's grid / rounds to its own, over all files."""
-    per_file = (manifest or {}).get("weight_grid") or {}
+    per_file = manifest.weight_grid if manifest is not None else {}
     if not per_file:
         return None
     return {key: sum(counts.get(key, 0) for counts in per_file.values()) for key in ("exact", "rounded")}

@@ -24,7 +24,8 @@ from pipelines.data import AUGMENT_VIEWS, AUGMENTS, dataset_names
 from pipelines.errors import ConfigError, unknown_name
 from pipelines.hybrid import EXPERT_INITS
 from pipelines.models import model_names
-from pipelines.moe import ROUTINGS, VIEWS
+from pipelines.moe import ROUTINGS
+from pipelines.symmetry import VIEWS
 from pipelines.train import PRECISIONS
 from search.record import TrialRecord
 

@@ -40,15 +40,12 @@ import numpy as np
 import torch
 from optuna.trial import TrialState
 
-from pipelines.deploy import (
-    OrtModel,
-    export_onnx,
-    load_bundle,
-    measure_moe_latency,
-    quantize_onnx_int8,
-)
-from pipelines.measure import count_macs, measure_latency, packed_size_bytes
+from pipelines.deploy.int8 import quantize_onnx_int8
+from pipelines.deploy.onnx import export_onnx
+from pipelines.deploy.runtime import OrtModel, load_bundle, measure_moe_latency
+from pipelines.measure import count_macs, packed_size_bytes
 from pipelines.models import build_model
+from pipelines.timing import measure_latency
 from pipelines.train import evaluate, train
 from search.baseline import baseline_key, get_teachers, teacher_recipe
 from search.evaluation import TrialContext, estimate_cost, train_and_measure

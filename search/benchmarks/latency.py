@@ -22,8 +22,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipelines.deploy import OrtModel, export_onnx, load_bundle, measure_moe_latency, quantize_onnx_int8
-from pipelines.measure import measure_latency, torch_runner
+from pipelines.deploy.int8 import quantize_onnx_int8
+from pipelines.deploy.onnx import export_onnx
+from pipelines.deploy.runtime import OrtModel, load_bundle, measure_moe_latency
+from pipelines.measure import torch_runner
+from pipelines.timing import measure_latency
 from search.baseline import load_teacher
 from search.pareto import trials_table
 from search.study import load_data, load_study

@@ -33,7 +33,7 @@ import optuna
 from optuna.trial import TrialState
 
 from pipelines.errors import CompressionError
-from pipelines.measure import cpu_description
+from pipelines.timing import cpu_description
 from search.baseline import get_baseline
 from search.objective import DIRECTIONS, OBJECTIVES, is_repeat
 from search.space import SearchConfig, load_space
@@ -238,7 +238,7 @@ def run(
                 flush=True,
             )
             rows.append(row)
-    from pipelines.measure import measure_latency
+    from pipelines.timing import measure_latency
 
     versions = measure_latency(lambda: None, backend="-", threads=1, batch=1, repeats=1, warmup=0).versions
     settings = {

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from pipelines.measure import cpu_description, measure_latency
 from pipelines.models import build_model
+from pipelines.timing import cpu_description, measure_latency
 from pipelines.train import PRECISIONS, TrainConfig, make_step, native_bf16, step_loss
 
 __all__ = ["run", "main"]

@@ -9,16 +9,10 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from pipelines.measure import (
-    LatencyStats,
-    count_macs,
-    count_params,
-    measure_latency,
-    packed_size_bytes,
-    torch_runner,
-)
+from pipelines.measure import count_macs, count_params, packed_size_bytes, torch_runner
 from pipelines.models import ModelSpec, build_model
 from pipelines.moe import MoEConfig, build_moe
+from pipelines.timing import LatencyStats, measure_latency
 
 
 @pytest.mark.parametrize(

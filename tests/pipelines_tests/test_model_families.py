@@ -13,7 +13,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from pipelines.compress.prune import PruneConfig
 from pipelines.compress.quantize import QuantizeConfig
 from pipelines.data import Dataset
-from pipelines.deploy import agreement, deploy_moe, load_bundle
+from pipelines.deploy.bundle import agreement, deploy_moe
+from pipelines.deploy.runtime import load_bundle
 from pipelines.hybrid import HybridConfig, StageBudget, compress_hybrid
 from pipelines.measure import count_macs
 from pipelines.models import ModelSpec

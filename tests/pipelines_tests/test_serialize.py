@@ -10,6 +10,7 @@ import torch
 
 from pipelines.compress.prune import PruneConfig, prune
 from pipelines.errors import UntrustedFileError
+from pipelines.files import sha256_file
 from pipelines.models import ModelSpec, build_model
 from pipelines.serialize import (
     FORMAT_VERSION,
@@ -19,7 +20,6 @@ from pipelines.serialize import (
     rebuild_model,
     resize_layers,
     save_checkpoint,
-    sha256_file,
 )
 
 DESCRIPTION = describe_model(ModelSpec("resnet8", width=0.5), 3, 8, 28)

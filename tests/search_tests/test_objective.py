@@ -203,7 +203,7 @@ def test_an_interrupted_reference_says_so_and_is_queued_again(
     folder = tmp_path / "results" / "ctrl-c"
     with monkeypatch.context() as patch:
         _interrupting(patch, KeyboardInterrupt())
-        assert main(["search", "--space", str(space), "--no-progress"]) == 130
+        assert main(["search", "--space", str(space), "--no-progress"]) == 2
     study = optuna.load_study(study_name="ctrl-c", storage=f"sqlite:///{folder / 'study.db'}")
     (interrupted,) = study.trials
     record = TrialRecord.of(interrupted)

@@ -135,7 +135,7 @@ def test_ctrl_c_marks_running_trial_and_resumes(tmp_path: Path, synthetic_root: 
     time.sleep(1.0)
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=120)
-    assert process.returncode == 130, err
+    assert process.returncode == 2, err
     assert "interrupted" in err and "Re-run the same command to resume" in err and "Traceback" not in err
     study = load(results, "interrupt")
     assert any(t.state == TrialState.FAIL for t in study.trials)
@@ -200,7 +200,8 @@ def test_pickled_code_is_refused(tmp_path: Path) -> None:
     """A .pt whose hash was updated to match but which carries pickled code still does not load."""
     import pickle
 
-    from pipelines.serialize import load_checkpoint, sha256_file
+    from pipelines.files import sha256_file
+    from pipelines.serialize import load_checkpoint
 
     class Evil:
         def __reduce__(self):

@@ -1,0 +1,10 @@
+"""Deployment on a real int8 engine, one job per module:
+
+- :mod:`.onnx`: torch -> ONNX export (dynamic batch).
+- :mod:`.int8`: ONNX Runtime static QDQ int8 quantization that carries NNI's weight grid exactly.
+- :mod:`.manifest`: the bundle's typed, integrity-checked ``manifest.json``.
+- :mod:`.bundle`: writes a MoE as a bundle folder; torch-vs-engine agreement.
+- :mod:`.runtime`: runs a bundle with ONNX Runtime and numpy alone (no torch), and times it.
+
+Nothing is imported here, so ``pipelines.deploy.runtime`` loads without torch.
+"""

@@ -1,0 +1,142 @@
+"""Writes a Mixture-of-Experts as a deployable bundle (ONNX gate + experts, their int8 twins, a sealed
+manifest) and checks how closely the engine reproduces the torch model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipelines.deploy.int8 import quantize_with_grid
+from pipelines.deploy.manifest import Manifest, file_names
+from pipelines.deploy.onnx import export_onnx
+from pipelines.deploy.runtime import OrtModel, OrtMoE
+from pipelines.errors import ConfigError, DataError
+from pipelines.files import sha256_file
+from pipelines.moe import MixtureOfExperts
+
+__all__ = ["MIN_EXPERT_CALIBRATION", "agreement", "deploy_moe"]
+
+# An expert calibrated on fewer routed images than this gets all calibration images instead: a handful
+# of samples gives activation ranges that clip the inputs it will meet later.
+MIN_EXPERT_CALIBRATION = 32
+_DESCRIBED = ("dataset", "class_names", "mean", "std", "params")  # extra_manifest keys with typed fields
+_RESERVED = {
+    "format_version",
+    "kind",
+    "top_k",
+    "num_experts",
+    "input_shape",
+    "files",
+    "precision",
+    "calibration",
+    "weight_grid",
+    "views",
+    "metadata",
+    "manifest_sha256",
+}
+
+
+def deploy_moe(
+    moe: MixtureOfExperts,
+    folder: Path,
+    calibration_images: torch.Tensor,
+    *,
+    int8: bool = True,
+    extra_manifest: dict | None = None,
+) -> Manifest:
+    """Write ``moe`` as a bundle: ``gate.onnx``, ``expert_<i>.onnx`` and, with ``int8``, their ``*.int8.onnx``
+    twins, plus ``manifest.json`` (:class:`~pipelines.deploy.manifest.Manifest`); ``extra_manifest`` may
+    give dataset, class_names, mean, std and params, and other JSON values kept as metadata. Returns the
+    manifest.
+
+    The int8 gate is calibrated on all ``calibration_images``; each int8 expert on the images the torch
+    gate routes to it (any of its top-k slots), or on all of them when fewer than
+    ``MIN_EXPERT_CALIBRATION`` are routed there.
+    """
+    folder = Path(folder)
+    extra_manifest = dict(extra_manifest or {})
+    clashes = sorted(_RESERVED & extra_manifest.keys())
+    if clashes:
+        raise ConfigError(f"extra_manifest: keys {clashes} are written by deploy_moe; rename them.")
+    described = {key: extra_manifest.pop(key) for key in _DESCRIBED if key in extra_manifest}
+    if (
+        not isinstance(calibration_images, torch.Tensor)
+        or calibration_images.ndim != 4
+        or len(calibration_images) == 0
+    ):
+        raise DataError("calibration_images: expected a non-empty (N, C, H, W) tensor.")
+    calibration_images = calibration_images.detach().cpu().float()
+    folder.mkdir(parents=True, exist_ok=True)
+    was_training = moe.training
+    moe.eval()
+    try:
+        example = calibration_images[:2]
+        fp32_gate, fp32_experts = file_names(moe.num_experts, "fp32")
+        export_onnx(moe.gate, example, folder / fp32_gate)
+        for expert, name in zip(moe.experts, fp32_experts, strict=True):
+            export_onnx(expert, example, folder / name)
+        written = [fp32_gate, *fp32_experts]
+        calibration: dict[str, int] = {}
+        weight_grid: dict[str, dict[str, int]] = {}
+        if int8:
+            int8_gate, int8_experts = file_names(moe.num_experts, "int8")
+            # The gate is a few percent of the MoE's MACs: all its 8-bit weights are held exactly.
+            grid = quantize_with_grid(folder / fp32_gate, folder / int8_gate, calibration_images, "all")
+            weight_grid[int8_gate] = {key: len(names) for key, names in grid.items()}
+            calibration[int8_gate] = len(calibration_images)
+            with torch.no_grad():
+                _, chosen, _ = moe.route(calibration_images)
+            for expert_id, (fp32_name, int8_name) in enumerate(zip(fp32_experts, int8_experts, strict=True)):
+                routed = calibration_images[(chosen == expert_id).any(dim=1)]
+                images = routed if len(routed) >= MIN_EXPERT_CALIBRATION else calibration_images
+                grid = quantize_with_grid(folder / fp32_name, folder / int8_name, images, "first")
+                weight_grid[int8_name] = {key: len(names) for key, names in grid.items()}
+                calibration[int8_name] = len(images)
+            written += [int8_gate, *int8_experts]
+    finally:
+        moe.train(was_training)
+    manifest = Manifest(
+        top_k=moe.top_k,
+        num_experts=moe.num_experts,
+        views=moe.views,
+        input_shape=tuple(calibration_images.shape[1:]),
+        files={name: sha256_file(folder / name) for name in written},
+        precision="int8" if int8 else "fp32",
+        calibration=calibration,
+        weight_grid=weight_grid,
+        dataset=described.get("dataset"),
+        class_names=tuple(described["class_names"]) if described.get("class_names") else None,
+        mean=tuple(described["mean"]) if described.get("mean") else None,
+        std=tuple(described["std"]) if described.get("std") else None,
+        params=described.get("params", {}),
+        metadata=extra_manifest,
+    )
+    manifest.write(folder)
+    return manifest
+
+
+def agreement(
+    torch_model: nn.Module, ort_model: OrtModel | OrtMoE, images: torch.Tensor, batch_size: int = 256
+) -> dict:
+    """How closely ``ort_model`` reproduces ``torch_model`` (eval mode) on ``images``:
+    ``{"max_abs_diff": largest logit difference, "top1_agreement": fraction of equal argmax}``."""
+    images = torch.as_tensor(images).detach().cpu().float()
+    if images.ndim != 4 or len(images) == 0:
+        raise DataError(f"images: expected a non-empty (N, C, H, W) tensor, got shape {tuple(images.shape)}.")
+    was_training = torch_model.training
+    torch_model.eval()
+    max_abs_diff, agreeing = 0.0, 0
+    try:
+        with torch.no_grad():
+            for start in range(0, len(images), batch_size):
+                chunk = images[start : start + batch_size]
+                expected = torch_model(chunk).numpy()
+                actual = ort_model(chunk.numpy())
+                max_abs_diff = max(max_abs_diff, float(np.abs(expected - actual).max()))
+                agreeing += int((expected.argmax(axis=1) == actual.argmax(axis=1)).sum())
+    finally:
+        torch_model.train(was_training)
+    return {"max_abs_diff": max_abs_diff, "top1_agreement": agreeing / len(images)}

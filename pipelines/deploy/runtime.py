@@ -1,0 +1,264 @@
+"""Runs a deployed bundle with ONNX Runtime and numpy alone (no torch): one session per ONNX file, the
+MoE's routing in numpy, and the latency of the whole call with the shared harness.
+
+Example::
+
+    bundle = load_bundle(Path("bundle"), threads=2)
+    logits = bundle(images)  # float32 (B, C, H, W), normalized as the manifest says
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from pipelines import symmetry
+from pipelines.deploy.manifest import PRECISIONS, Manifest, file_names, read_manifest, verified
+from pipelines.errors import ConfigError, DataError, unknown_name
+from pipelines.timing import measure_latency
+
+__all__ = ["OrtModel", "OrtMoE", "as_array", "backend_label", "load_bundle", "measure_moe_latency"]
+
+QUANTIZED_OPS = frozenset(
+    {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger"}
+)
+
+
+def as_array(images: Any) -> np.ndarray:
+    """Contiguous float32 (B, C, H, W) array from an array or a torch tensor (without importing torch)."""
+    if hasattr(images, "detach"):
+        images = images.detach().cpu().numpy()
+    array = np.ascontiguousarray(images, dtype=np.float32)
+    if array.ndim != 4:
+        raise DataError(
+            f"images: expected a (batch, channels, height, width) array, got shape {array.shape}."
+        )
+    return array
+
+
+class OrtModel:
+    """One ONNX Runtime CPU session: ``threads`` intra-op threads, one inter-op thread, sequential.
+
+    Example: ``logits = OrtModel(Path("model.int8.onnx"), threads=2)(images)``.
+    """
+
+    def __init__(self, path: Path, threads: int = 1) -> None:
+        path = Path(path)
+        if not isinstance(threads, int) or threads < 1:
+            raise ConfigError(f"threads: {threads!r} must be a positive integer (the intra-op thread count).")
+        if not path.exists():
+            raise DataError(f"ONNX model {path} does not exist.")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3  # errors only
+        self.path = path
+        self.threads = threads
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.input_name = self.session.get_inputs()[0].name
+        self.output_name = self.session.get_outputs()[0].name
+        graph = onnx.load(str(path), load_external_data=False).graph
+        self.precision = "int8" if any(node.op_type in QUANTIZED_OPS for node in graph.node) else "fp32"
+
+    @property
+    def num_outputs(self) -> int | None:
+        """Size of the output's last dimension (classes or experts), when the file states it."""
+        size = self.session.get_outputs()[0].shape[-1]
+        return size if isinstance(size, int) else None
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        """float32 (B, C, H, W) -> logits (B, classes)."""
+        return self.session.run([self.output_name], {self.input_name: as_array(images)})[0]
+
+    def __repr__(self) -> str:
+        return f"OrtModel({str(self.path)!r}, threads={self.threads}, precision={self.precision!r})"
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return shifted / shifted.sum(axis=1, keepdims=True)
+
+
+class OrtMoE:
+    """A Mixture-of-Experts served by ONNX Runtime alone; matches ``MixtureOfExperts.forward`` in eval mode.
+
+    Each call runs the gate on the whole batch, then each used expert once on the samples routed to it.
+    With ``views`` > 1 the batch is first expanded into that many symmetric views (the order of
+    :mod:`pipelines.symmetry`) and the logits of a sample's views are averaged.
+    ``last_timing`` holds the seconds of the last call: ``experts`` (expert sessions only),
+    ``gate_and_routing`` (everything else: gate, softmax, top-k, gathering and combining) and ``total``.
+    """
+
+    def __init__(self, gate: OrtModel, experts: list[OrtModel], top_k: int, views: int = 1) -> None:
+        if not experts:
+            raise ConfigError("experts: the list is empty; an OrtMoE needs at least one expert.")
+        if not 1 <= top_k <= len(experts):
+            raise ConfigError(f"top_k: {top_k} must be between 1 and the number of experts ({len(experts)}).")
+        gate_outputs = gate.num_outputs
+        if gate_outputs is not None and gate_outputs != len(experts):
+            raise ConfigError(
+                f"gate: it scores {gate_outputs} experts but {len(experts)} experts were given."
+            )
+        symmetry.check_views(views, "views")
+        self.gate = gate
+        self.experts = list(experts)
+        self.top_k = top_k
+        self.views = views
+        self.last_timing: dict[str, float] = {}
+        self.manifest: Manifest | None = None  # set by load_bundle
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.experts)
+
+    @property
+    def precision(self) -> str:
+        """``int8`` or ``fp32`` when all sessions agree, else ``mixed``."""
+        kinds = {model.precision for model in (self.gate, *self.experts)}
+        return kinds.pop() if len(kinds) == 1 else "mixed"
+
+    @property
+    def threads(self) -> int:
+        """The intra-op thread count of the sessions (``ConfigError`` if they differ)."""
+        counts = {model.threads for model in (self.gate, *self.experts)}
+        if len(counts) != 1:
+            raise ConfigError(
+                f"OrtMoE sessions use different thread counts {sorted(counts)}; load them alike."
+            )
+        return counts.pop()
+
+    def route(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(chosen expert ids (B, k) int64, best first; combine weights (B, k) float32, rows sum to 1)."""
+        probabilities = softmax(self.gate(images))
+        # A stable sort of -p gives torch.topk's order (descending, lowest index first on ties).
+        chosen = np.argsort(-probabilities, axis=1, kind="stable")[:, : self.top_k]
+        top_values = np.take_along_axis(probabilities, chosen, axis=1)
+        weights = (top_values / top_values.sum(axis=1, keepdims=True)).astype(np.float32)
+        return chosen.astype(np.int64), weights
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        """float32 (B, C, H, W) -> combined logits (B, classes), averaged over the test-time views."""
+        started = time.perf_counter()
+        images = as_array(images)
+        if self.views == 1 or len(images) == 0:
+            return self._routed(images, started)
+        stacked = np.ascontiguousarray(np.concatenate(symmetry.views(images, self.views)))
+        output = self._routed(stacked, started)
+        return output.reshape(self.views, len(images), -1).mean(axis=0)
+
+    def _routed(self, images: np.ndarray, started: float) -> np.ndarray:
+        if self.num_experts == 1:  # the gate has one choice: skip it, as MixtureOfExperts.forward does
+            output = self.experts[0](images)
+            total = time.perf_counter() - started
+            self.last_timing = {"gate_and_routing": 0.0, "experts": total, "total": total}
+            return output
+        chosen, weights = self.route(images)
+        expert_seconds = 0.0
+        output: np.ndarray | None = None
+        for expert_id, expert in enumerate(self.experts):
+            rows, slots = np.nonzero(chosen == expert_id)
+            if rows.size == 0:
+                continue
+            batch = images[rows]
+            tick = time.perf_counter()
+            expert_out = expert(batch)
+            expert_seconds += time.perf_counter() - tick
+            if output is None:
+                output = np.zeros((len(images), expert_out.shape[1]), dtype=np.float32)
+            # top-k picks distinct experts, so a row appears at most once per expert: plain += is safe.
+            output[rows] += expert_out * weights[rows, slots][:, None]
+        total = time.perf_counter() - started
+        self.last_timing = {
+            "gate_and_routing": total - expert_seconds,
+            "experts": expert_seconds,
+            "total": total,
+        }
+        if output is None:  # an empty batch: no expert ran
+            output = np.zeros((0, self.experts[0].num_outputs or 0), dtype=np.float32)
+        return output
+
+    def __repr__(self) -> str:
+        return (
+            f"OrtMoE(num_experts={self.num_experts}, top_k={self.top_k}, views={self.views}, "
+            f"precision={self.precision!r})"
+        )
+
+
+def backend_label(model: OrtModel | OrtMoE) -> str:
+    """e.g. ``onnxruntime-int8 (CPUExecutionProvider)``."""
+    return f"onnxruntime-{model.precision} (CPUExecutionProvider)"
+
+
+def measure_moe_latency(
+    bundle: OrtMoE | OrtModel,
+    images: np.ndarray,
+    *,
+    threads: int,
+    batch: int,
+    repeats: int = 30,
+    warmup: int = 5,
+) -> dict:
+    """Latency of ``bundle`` on the first ``batch`` of ``images`` with the shared harness, plus the median
+    share of each call spent outside the experts (gate and routing).
+
+    ``threads`` must equal the thread count the sessions were created with (it is recorded, not set).
+    A plain :class:`OrtModel` (a single CNN) is timed the same way; its ``routing_share`` is ``None``.
+    Returns ``{"latency": LatencyStats.as_dict(), "routing_share": float | None}``.
+    """
+    if batch < 1:
+        raise ConfigError(f"batch: {batch} must be >= 1.")
+    session_threads = bundle.threads
+    if threads != session_threads:
+        raise ConfigError(
+            f"threads: {threads} differs from the {session_threads} thread(s) the sessions were created with; "
+            f"load the bundle with threads={threads} or pass threads={session_threads}."
+        )
+    array = as_array(images)
+    if len(array) < batch:
+        raise DataError(f"images: batch {batch} needs at least {batch} images, got {len(array)}.")
+    array = np.ascontiguousarray(array[:batch])
+    shares: list[float] = []
+
+    def run() -> object:
+        output = bundle(array)
+        if isinstance(bundle, OrtMoE):
+            timing = bundle.last_timing
+            shares.append(timing["gate_and_routing"] / timing["total"] if timing["total"] > 0 else 0.0)
+        return output
+
+    stats = measure_latency(
+        run, backend=backend_label(bundle), threads=threads, batch=batch, warmup=warmup, repeats=repeats
+    )
+    routing_share = float(np.median(shares[warmup:])) if shares else None
+    return {"latency": stats.as_dict(), "routing_share": routing_share}
+
+
+def load_bundle(folder: Path, threads: int = 1, precision: str | None = None) -> OrtMoE:
+    """Load a bundle written by :func:`pipelines.deploy.bundle.deploy_moe` after checking its manifest and
+    every ONNX file against its SHA-256. ``precision`` picks ``fp32`` or ``int8`` files (default: the
+    manifest's). Example: ``bundle = load_bundle(Path("bundle"), threads=2)``."""
+    folder = Path(folder)
+    if precision is not None and precision not in PRECISIONS:
+        raise unknown_name("precision", precision, PRECISIONS)
+    manifest = read_manifest(folder)
+    chosen = precision or manifest.precision
+    gate_name, expert_names = file_names(manifest.num_experts, chosen)
+    if chosen != manifest.precision and any(
+        name not in manifest.files for name in (gate_name, *expert_names)
+    ):
+        raise ConfigError(
+            f"precision: the bundle in {folder} has no {chosen} files (it was deployed as "
+            f"{manifest.precision}); load it with precision={manifest.precision!r} or re-deploy."
+        )
+    gate = OrtModel(verified(folder, gate_name, manifest), threads)
+    experts = [OrtModel(verified(folder, name, manifest), threads) for name in expert_names]
+    bundle = OrtMoE(gate, experts, manifest.top_k, manifest.views)
+    bundle.manifest = manifest
+    return bundle
