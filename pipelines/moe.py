@@ -44,10 +44,14 @@ __all__ = [
     "warm_start_gate",
     "teacher_similarity",
     "ROUTINGS",
+    "DEFAULT_ROUTING",
     "VIEWS",
     "check_views",
     "routing_table",
 ]
+
+ROUTINGS = ("class-groups", "learned")
+DEFAULT_ROUTING = "class-groups"  # one default for MoEConfig, MixtureOfExperts and old checkpoints
 
 
 @dataclass(frozen=True)
@@ -56,7 +60,7 @@ class MoEConfig:
     top_k: int = 1
     gate_size: int = 8  # channels of the gate's first conv (second conv has twice as many)
     balance_weight: float = 0.01  # learned routing: weight of the load-balancing term
-    routing: str = "class-groups"
+    routing: str = DEFAULT_ROUTING
     gate_loss_weight: float = 1.0  # class-groups routing: weight of the gate's cross-entropy
     views: int = 1  # test-time symmetry views averaged in eval mode (VIEWS); each costs one more pass
 
@@ -79,7 +83,6 @@ class MoEConfig:
         check_views(self.views, "moe.views")
 
 
-ROUTINGS = ("class-groups", "learned")
 VIEWS = (1, 2, 4, 8)  # first n of the 8 symmetries of a square image (pipelines.data.symmetry_views)
 
 
@@ -117,7 +120,7 @@ class MixtureOfExperts(nn.Module):
         experts: list[nn.Module],
         top_k: int,
         balance_weight: float = 0.01,
-        routing: str = "learned",
+        routing: str = DEFAULT_ROUTING,
         class_to_expert: list[int] | None = None,
         gate_loss_weight: float = 1.0,
         views: int = 1,

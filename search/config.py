@@ -1,8 +1,8 @@
-"""Search spaces are data: a YAML file validated by one schema into frozen dataclasses.
+"""The search configuration: a YAML file validated by one schema into typed, frozen sections.
 
-Unknown keys, wrong types and out-of-range values raise :class:`ConfigError` naming the field (as a
-dotted path), the value and the fix. ``suggest`` turns the validated space into Optuna suggestions,
-keeping numbers numeric (``suggest_float(low, high, step)``) so samplers see their order.
+Unknown keys, wrong types and out-of-range values raise :class:`ConfigError` naming the field as the user
+wrote it (a dotted path), the value and the fix. Ranges are checked once, by the pipelines' own config types
+(``TrainConfig``, ``PruneConfig``, ``MoEConfig``, ``ModelSpec`` ...); this module renames their fields.
 """
 
 from __future__ import annotations
@@ -12,30 +12,34 @@ import hashlib
 import json
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from pipelines.compress.prune import PRUNERS
-from pipelines.compress.quantize import BITS, QUANTIZER_METHODS
-from pipelines.data import AUGMENT_VIEWS, AUGMENTS, dataset_names
+from pipelines.compress.prune import PruneConfig
+from pipelines.compress.quantize import QuantizeConfig
+from pipelines.data import AUGMENT_VIEWS, dataset_names
 from pipelines.errors import ConfigError, unknown_name
-from pipelines.hybrid import EXPERT_INITS
-from pipelines.models import model_names
-from pipelines.moe import ROUTINGS, VIEWS
-from pipelines.train import PRECISIONS
-from search.record import TrialRecord
+from pipelines.hybrid import DEFAULT_EXPERT_INIT, HybridConfig, StageBudget
+from pipelines.models import ModelSpec
+from pipelines.moe import DEFAULT_ROUTING, MoEConfig, check_views
+from pipelines.serialize import sha256_file
+from pipelines.train import TrainConfig
 
 __all__ = [
     "SAMPLERS",
     "SearchConfig",
-    "load_space",
-    "parse_space",
-    "dump_space",
-    "suggest",
-    "baseline_params",
+    "ModelSettings",
+    "BaselineSettings",
+    "Budget",
+    "Space",
+    "load_config",
+    "parse_config",
+    "dump_config",
+    "stable_hash",
     "setup_fingerprint",
 ]
 
@@ -85,9 +89,38 @@ class DataSettings:
 
 @dataclass(frozen=True)
 class ModelSettings:
+    """The model to compress (the fields of :class:`pipelines.models.ModelSpec`) and how pruning rounds."""
+
     arch: str = "resnet20"
     width: float = 1.0
+    small_input: bool | str = "auto"  # true | false | auto: small-image stem for torchvision models
+    kwargs: dict = field(default_factory=dict)  # keyword arguments of a torchvision builder or callable
+    exclude: tuple[str, ...] = ()  # module names pruning leaves untouched
+    checkpoint: str | None = None  # trained fp32 weights (a state_dict file): the teacher, not trained
     channel_multiple: int = 8  # pruned layers keep multiples of this many channels (1 = exact ratio)
+
+    @property
+    def spec(self) -> ModelSpec:
+        return ModelSpec(
+            arch=self.arch,
+            width=self.width,
+            small_input=self.small_input,
+            kwargs=dict(self.kwargs),
+            exclude=self.exclude,
+            checkpoint=self.checkpoint,
+        )
+
+    def identity(self) -> dict:
+        """The spec as plain data, with a checkpoint's content (sha256) beside its path: a cache key."""
+        identity = self.spec.to_dict()
+        if self.checkpoint is not None:
+            path = Path(self.checkpoint)
+            if not path.is_file():
+                raise ConfigError(
+                    f"model.checkpoint: {self.checkpoint!r} does not exist. Give the path of a state_dict file."
+                )
+            identity["checkpoint_sha256"] = sha256_file(path)
+        return identity
 
 
 @dataclass(frozen=True)
@@ -106,6 +139,20 @@ class BaselineSettings:
     teachers: int = (
         1  # students distil from this many teachers (seeds seed, seed+1, ...); the first is pruned
     )
+
+    def train_config(self) -> TrainConfig:
+        """How the fp32 teacher is trained."""
+        return TrainConfig(
+            epochs=self.epochs,
+            lr=self.lr,
+            batch_size=self.batch_size,
+            weight_decay=self.weight_decay,
+            label_smoothing=self.label_smoothing,
+            schedule=self.schedule,
+            augment=self.augment,
+            seed=self.seed,
+            precision=self.precision,
+        )
 
 
 @dataclass(frozen=True)
@@ -128,6 +175,26 @@ class Budget:
         "online"  # online: teacher on each batch | ensemble: teacher averaged over augment's views
     )
 
+    def stage_budget(self, seed: int) -> StageBudget:
+        """The pipelines' budget of one compression run at this budget."""
+        return StageBudget(
+            finetune_epochs=self.finetune_epochs,
+            gate_epochs=self.gate_epochs,
+            moe_epochs=self.moe_epochs,
+            qat_epochs=self.qat_epochs,
+            train=TrainConfig(
+                lr=self.lr,
+                batch_size=self.batch_size,
+                kd_alpha=self.kd_alpha,
+                kd_temperature=self.kd_temperature,
+                label_smoothing=self.label_smoothing,
+                augment=self.augment,
+                subset=self.subset,
+                seed=seed,
+                precision=self.precision,
+            ),
+        )
+
 
 @dataclass(frozen=True)
 class Space:
@@ -138,8 +205,8 @@ class Space:
     num_experts: IntRange = field(default_factory=lambda: IntRange(1, 4))
     top_k: IntRange = field(default_factory=lambda: IntRange(1, 2))
     gate_size: tuple[int, ...] = (4, 8, 16)
-    routing: tuple[str, ...] = ("class-groups",)  # class-groups | learned (see pipelines/moe.py)
-    expert_init: tuple[str, ...] = ("copies",)  # copies | teachers (see pipelines/hybrid.py)
+    routing: tuple[str, ...] = (DEFAULT_ROUTING,)  # class-groups | learned (see pipelines/moe.py)
+    expert_init: tuple[str, ...] = (DEFAULT_EXPERT_INIT,)  # copies | teachers (see pipelines/hybrid.py)
     views: tuple[int, ...] = (
         1,
     )  # test-time symmetry views averaged per input: 1 | 2 | 4 | 8 (pipelines/moe.py)
@@ -178,6 +245,11 @@ class SearchConfig:
     def to_dict(self) -> dict:
         return _plain(asdict(self))
 
+    def model_identity(self) -> dict:
+        """The model section as a cache key: the spec (a checkpoint by its content too) and the channel
+        multiple that sets the pruned shapes."""
+        return {**self.model.identity(), "channel_multiple": self.model.channel_multiple}
+
     def replace(self, **sections: Any) -> SearchConfig:
         """A copy with sections updated from plain mappings, re-validated (``replace(study={"trials": 3})``)."""
         merged = self.to_dict()
@@ -186,7 +258,7 @@ class SearchConfig:
                 merged[section] = {**merged[section], **values}
             else:
                 merged[section] = values
-        return parse_space(merged)
+        return parse_config(merged)
 
 
 def _plain(value: Any) -> Any:
@@ -267,9 +339,15 @@ def _build(cls: type, mapping: Any, path: str) -> Any:
             raise ConfigError(
                 f"{where}: unknown key. Valid keys{' of ' + path if path else ''}: {', '.join(names)}."
             )
+    defaults = {item.name: item.default for item in dataclasses.fields(cls)}
     values = {
-        key: _convert(value, hints[key], f"{path}.{key}" if path else key) for key, value in mapping.items()
+        # an empty list is allowed where the default is empty (model.exclude: [])
+        key: value
+        if value == [] and defaults[key] == ()
+        else _convert(value, hints[key], f"{path}.{key}" if path else key)
+        for key, value in mapping.items()
     }
+    values = {key: tuple(value) if value == [] else value for key, value in values.items()}
     return cls(**values)
 
 
@@ -278,8 +356,21 @@ def _check_range(path: str, value: Any, low: float, high: float) -> None:
         raise ConfigError(f"{path}: {value} is out of range; use a value in [{low}, {high}].")
 
 
+def _checked(build: Callable[[], Any], names: dict[str, str]) -> Any:
+    """``build()`` (a pipelines config that checks itself), its ConfigError renamed to the user's fields:
+    ``names`` maps the pipelines' field (``train.lr``) or prefix (``train.``) to the user's."""
+    try:
+        return build()
+    except ConfigError as error:
+        message = str(error)
+        for theirs, ours in names.items():
+            if message.startswith(theirs):
+                message = ours + message[len(theirs) :]
+                break
+        raise ConfigError(message) from None
+
+
 def _validate(cfg: SearchConfig) -> None:
-    space = cfg.space
     if cfg.study.trials < 1:
         raise ConfigError(f"study.trials: {cfg.study.trials} must be a positive number of trials (e.g. 8).")
     if not cfg.study.name or any(char in cfg.study.name for char in '/\\:*?"<>| '):
@@ -294,32 +385,24 @@ def _validate(cfg: SearchConfig) -> None:
         raise ConfigError(
             f"data.size: {cfg.data.size} is not a MedMNIST size; use 28, 64, 128 or 224 (32 for CIFAR-10)."
         )
-    if cfg.model.arch not in model_names():
-        raise unknown_name("model.arch", cfg.model.arch, model_names())
-    _check_range("model.width", cfg.model.width, 0.0625, 8.0)
-    _check_range("model.channel_multiple", cfg.model.channel_multiple, 1, 64)
-    if cfg.baseline.augment not in AUGMENTS:
-        raise unknown_name("baseline.augment", cfg.baseline.augment, AUGMENTS)
-    if cfg.baseline.precision not in PRECISIONS:
-        raise unknown_name("baseline.precision", cfg.baseline.precision, PRECISIONS)
+    spec = cfg.model.spec  # ModelSpec checks arch, width, small_input, kwargs, exclude, checkpoint
+    _checked(
+        lambda: PruneConfig(0.0, channel_multiple=cfg.model.channel_multiple, exclude=spec.exclude),
+        {"prune.channel_multiple": "model.channel_multiple"},
+    )
+    _checked(cfg.baseline.train_config, {"train.": "baseline."})
     for prefix, budget in (("trial", cfg.trial), ("export", cfg.export)):
-        if budget.augment not in AUGMENTS:
-            raise unknown_name(f"{prefix}.augment", budget.augment, AUGMENTS)
-        if budget.precision not in PRECISIONS:
-            raise unknown_name(f"{prefix}.precision", budget.precision, PRECISIONS)
+        _checked(
+            lambda budget=budget: budget.stage_budget(0), {"train.": f"{prefix}.", "budget.": f"{prefix}."}
+        )
         if budget.kd_targets not in KD_TARGETS:
             raise unknown_name(f"{prefix}.kd_targets", budget.kd_targets, KD_TARGETS)
-        _check_range(f"{prefix}.subset", budget.subset, 0.01, 1.0)
-        _check_range(f"{prefix}.kd_alpha", budget.kd_alpha, 0.0, 1.0)
-        for name in ("finetune_epochs", "moe_epochs", "qat_epochs", "gate_epochs"):
-            _check_range(f"{prefix}.{name}", getattr(budget, name), 0.0, 1000.0)
-        if budget.qat_epochs <= 0:
-            raise ConfigError(
-                f"{prefix}.qat_epochs: {budget.qat_epochs} must be > 0 (QAT needs steps to learn scales)."
-            )
-        _check_range(f"{prefix}.lr", budget.lr, 1e-6, 10.0)
-    _check_range("baseline.epochs", cfg.baseline.epochs, 0.01, 1000.0)
     _check_range("baseline.teachers", cfg.baseline.teachers, 1, 8)
+    if cfg.model.checkpoint is not None and cfg.baseline.teachers > 1:
+        raise ConfigError(
+            f"baseline.teachers: {cfg.baseline.teachers} teachers need different seeds, but model.checkpoint gives "
+            "one set of weights. Set baseline.teachers: 1, or remove model.checkpoint to train the teachers."
+        )
     if cfg.baseline.teachers > 1:
         for prefix, budget in (("trial", cfg.trial), ("export", cfg.export)):
             if budget.kd_targets != "ensemble":
@@ -328,63 +411,7 @@ def _validate(cfg: SearchConfig) -> None:
                     f"is {cfg.baseline.teachers}. Set {prefix}.kd_targets: ensemble (the teachers' averaged "
                     "logits) or baseline.teachers: 1."
                 )
-    sparsity = space.sparsity
-    _check_range("space.sparsity.low", sparsity.low, 0.0, 0.95)
-    _check_range("space.sparsity.high", sparsity.high, 0.0, 0.95)
-    if sparsity.low > sparsity.high:
-        raise ConfigError(f"space.sparsity: low {sparsity.low} > high {sparsity.high}; swap them.")
-    if sparsity.step is not None and sparsity.step <= 0:
-        raise ConfigError(f"space.sparsity.step: {sparsity.step} must be > 0 or null.")
-    for pruner in space.pruner:
-        if pruner not in PRUNERS:
-            raise unknown_name("space.pruner", pruner, PRUNERS)
-    for bits in space.bits:
-        if bits not in BITS:
-            raise ConfigError(
-                f"space.bits: {bits} is not supported; use values from {', '.join(map(str, BITS))}."
-            )
-    for name, lowest, highest in (("num_experts", 1, 16), ("top_k", 1, 16)):
-        rng = getattr(space, name)
-        _check_range(f"space.{name}.low", rng.low, lowest, highest)
-        _check_range(f"space.{name}.high", rng.high, lowest, highest)
-        if rng.low > rng.high:
-            raise ConfigError(f"space.{name}: low {rng.low} > high {rng.high}; swap them.")
-    if space.top_k.low > space.num_experts.high:
-        raise ConfigError(
-            f"space.top_k.low: {space.top_k.low} exceeds space.num_experts.high ({space.num_experts.high}); "
-            "top_k must not exceed the number of experts. Lower top_k.low or raise num_experts.high."
-        )
-    for method in space.quantizer:
-        if method not in QUANTIZER_METHODS:
-            raise unknown_name("space.quantizer", method, QUANTIZER_METHODS)
-    for routing in space.routing:
-        if routing not in ROUTINGS:
-            raise unknown_name("space.routing", routing, ROUTINGS)
-    for init in space.expert_init:
-        if init not in EXPERT_INITS:
-            raise unknown_name("space.expert_init", init, EXPERT_INITS)
-    if "teachers" in space.expert_init and cfg.baseline.teachers < 2:
-        raise ConfigError(
-            f"space.expert_init: 'teachers' prunes each expert from a different teacher, but baseline.teachers "
-            f"is {cfg.baseline.teachers}. Set baseline.teachers: 2 (or more), or remove 'teachers' from "
-            "space.expert_init."
-        )
-    for gate_size in space.gate_size:
-        _check_range("space.gate_size", gate_size, 1, 256)
-    for views in space.views:
-        if views not in VIEWS:
-            raise ConfigError(
-                f"space.views: {views} is not a number of test-time views; use values from "
-                f"{', '.join(map(str, VIEWS))}."
-            )
-        for prefix, budget in (("trial", cfg.trial), ("export", cfg.export)):
-            seen = AUGMENT_VIEWS[budget.augment]
-            if views > seen:
-                raise ConfigError(
-                    f"space.views: {views} averages symmetric views the students never trained on "
-                    f"({prefix}.augment: {budget.augment} covers {seen}). Use views up to {seen}, or set "
-                    f"{prefix}.augment: d4 (all 8)."
-                )
+    _validate_space(cfg)
     _check_range("measure.latency_threads", cfg.measure.latency_threads, 1, 256)
     _check_range("measure.latency_repeats", cfg.measure.latency_repeats, 1, 100000)
     for name in ("max_latency_ms", "max_size_kb", "max_mmacs"):
@@ -395,14 +422,81 @@ def _validate(cfg: SearchConfig) -> None:
         _check_range("constraints.min_accuracy", cfg.constraints.min_accuracy, 0.0, 1.0)
 
 
-def parse_space(mapping: Any) -> SearchConfig:
+def _validate_space(cfg: SearchConfig) -> None:
+    """Every value the space can suggest is one the pipelines' configs accept."""
+    space = cfg.space
+    sparsity = space.sparsity
+    for end in ("low", "high"):
+        _checked(
+            lambda end=end: PruneConfig(getattr(sparsity, end)), {"prune.sparsity": f"space.sparsity.{end}"}
+        )
+    if sparsity.low > sparsity.high:
+        raise ConfigError(f"space.sparsity: low {sparsity.low} > high {sparsity.high}; swap them.")
+    if sparsity.step is not None and sparsity.step <= 0:
+        raise ConfigError(f"space.sparsity.step: {sparsity.step} must be > 0 or null.")
+    for pruner in space.pruner:
+        _checked(lambda pruner=pruner: PruneConfig(0.0, pruner=pruner), {"prune.pruner": "space.pruner"})
+    for bits in space.bits:
+        _checked(lambda bits=bits: QuantizeConfig(bits=bits), {"quantize.bits": "space.bits"})
+    for method in space.quantizer:
+        _checked(lambda method=method: QuantizeConfig(method=method), {"quantize.method": "space.quantizer"})
+    for end in ("low", "high"):
+        _checked(
+            lambda end=end: MoEConfig(num_experts=getattr(space.num_experts, end), top_k=1),
+            {"moe.num_experts": f"space.num_experts.{end}"},
+        )
+    if space.num_experts.low > space.num_experts.high:
+        raise ConfigError(
+            f"space.num_experts: low {space.num_experts.low} > high {space.num_experts.high}; swap them."
+        )
+    # top_k is clipped to the sampled number of experts, so only its lowest value must fit the largest MoE
+    _checked(
+        lambda: MoEConfig(num_experts=space.num_experts.high, top_k=space.top_k.low),
+        {"moe.top_k": "space.top_k.low"},
+    )
+    _checked(
+        lambda: MoEConfig(num_experts=max(space.top_k.high, 1), top_k=space.top_k.high),
+        {"moe.num_experts": "space.top_k.high", "moe.top_k": "space.top_k.high"},
+    )
+    if space.top_k.low > space.top_k.high:
+        raise ConfigError(f"space.top_k: low {space.top_k.low} > high {space.top_k.high}; swap them.")
+    for gate_size in space.gate_size:
+        _checked(
+            lambda gate_size=gate_size: MoEConfig(gate_size=gate_size), {"moe.gate_size": "space.gate_size"}
+        )
+    for routing in space.routing:
+        _checked(lambda routing=routing: MoEConfig(routing=routing), {"moe.routing": "space.routing"})
+    for init in space.expert_init:
+        _checked(
+            lambda init=init: HybridConfig(PruneConfig(0.0), QuantizeConfig(), MoEConfig(), expert_init=init),
+            {"expert_init": "space.expert_init"},
+        )
+    if "teachers" in space.expert_init and cfg.baseline.teachers < 2:
+        raise ConfigError(
+            f"space.expert_init: 'teachers' prunes each expert from a different teacher, but baseline.teachers "
+            f"is {cfg.baseline.teachers}. Set baseline.teachers: 2 (or more), or remove 'teachers' from "
+            "space.expert_init."
+        )
+    for views in space.views:
+        check_views(views, "space.views")
+        for prefix, budget in (("trial", cfg.trial), ("export", cfg.export)):
+            seen = AUGMENT_VIEWS[budget.augment]
+            if views > seen:
+                raise ConfigError(
+                    f"space.views: {views} averages symmetric views the students never trained on "
+                    f"({prefix}.augment: {budget.augment} covers {seen}). Use views up to {seen}, or set "
+                    f"{prefix}.augment: d4 (all 8)."
+                )
+
+
+def parse_config(mapping: Any) -> SearchConfig:
     """Validate a mapping (parsed YAML) into a :class:`SearchConfig`."""
     cfg = _build(SearchConfig, mapping, "")
     _validate(cfg)
     return cfg
 
 
-def load_space(path: str | Path) -> SearchConfig:
+def load_config(path: str | Path) -> SearchConfig:
     path = Path(path)
     if not path.exists():
         raise ConfigError(
@@ -417,12 +511,12 @@ def load_space(path: str | Path) -> SearchConfig:
             f"{path}: malformed YAML{where}: {getattr(error, 'problem', error)}. Fix the syntax."
         ) from None
     try:
-        return parse_space(mapping)
+        return parse_config(mapping)
     except ConfigError as error:
         raise ConfigError(f"{path}: {error}") from None
 
 
-def dump_space(cfg: SearchConfig) -> str:
+def dump_config(cfg: SearchConfig) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
 
 
@@ -434,75 +528,12 @@ def setup_fingerprint(cfg: SearchConfig) -> str:
     """What shapes a full-budget model besides its trial configuration and seed: dataset, model (its channel
     multiple sets the pruned shapes), teachers and the export budget. Where the data lives does not count.
     A saved full-budget result is reused only under the same fingerprint."""
-    settings = parse_space(cfg.to_dict()).to_dict()  # parsed values: 15 and 15.0 epochs are one budget
+    settings = parse_config(cfg.to_dict()).to_dict()  # parsed values: 15 and 15.0 epochs are one budget
     data = {key: value for key, value in settings["data"].items() if key not in ("root", "download")}
     return stable_hash(
-        {"data": data, **{section: settings[section] for section in ("model", "baseline", "export")}}
+        {
+            "data": data,
+            "model": cfg.model_identity(),
+            **{section: settings[section] for section in ("baseline", "export")},
+        }
     )
-
-
-# --------------------------------------------------------------------------------------------- optuna
-
-
-GATE_ONLY = ("gate_size", "routing", "expert_init")  # parameters a single expert (no gate) ignores
-INFERENCE_ONLY = ("views",)  # parameters that change inference only: a trained model is measured again
-
-
-def suggest(trial: Any, space: Space) -> dict:
-    """Sample one configuration. ``top_k`` is drawn from its own fixed range and then clipped to the
-    sampled number of experts (a fixed range keeps the samplers' model of the space consistent); the
-    value actually used is recorded as ``effective_top_k``.
-
-    The enqueued reference trial (user attribute ``reference``) may hold values outside the space
-    (sparsity 0, fp32): Optuna accepts fixed numeric values out of range, but not categorical values
-    outside their choices, so a reference bit-width outside ``space.bits`` is used without suggesting it.
-    """
-    sparsity = space.sparsity
-    params = {
-        # rounded: a stepped float comes back as e.g. 0.6000000000000001, which reports would show
-        "sparsity": round(
-            trial.suggest_float("sparsity", sparsity.low, sparsity.high, step=sparsity.step), 6
-        ),
-        "pruner": trial.suggest_categorical("pruner", list(space.pruner)),
-    }
-    if TrialRecord.of(trial).reference and REFERENCE_BITS not in space.bits:
-        params["bits"] = REFERENCE_BITS
-    else:
-        params["bits"] = trial.suggest_categorical("bits", list(space.bits))
-    params["quantizer"] = trial.suggest_categorical("quantizer", list(space.quantizer))
-    params["num_experts"] = trial.suggest_int(
-        "num_experts", space.num_experts.low, space.num_experts.high, step=space.num_experts.step
-    )
-    params["top_k"] = trial.suggest_int("top_k", space.top_k.low, space.top_k.high, step=space.top_k.step)
-    params["gate_size"] = trial.suggest_categorical("gate_size", list(space.gate_size))
-    params["routing"] = trial.suggest_categorical("routing", list(space.routing))
-    if space.expert_init != ("copies",):  # a one-choice space adds no parameter: older studies still match
-        params["expert_init"] = trial.suggest_categorical("expert_init", list(space.expert_init))
-    if space.views != (1,):
-        params["views"] = trial.suggest_categorical("views", list(space.views))
-    params["effective_top_k"] = min(params["top_k"], params["num_experts"])
-    return params
-
-
-REFERENCE_BITS = 32
-
-
-def baseline_params(space: Space) -> dict:
-    """The uncompressed reference point enqueued first: no pruning, fp32 weights, one expert."""
-    params = {
-        "sparsity": 0.0,
-        "pruner": space.pruner[0],
-        "bits": REFERENCE_BITS,
-        "num_experts": 1,
-        "top_k": 1,
-        "gate_size": min(space.gate_size),
-        "routing": space.routing[0],
-        "quantizer": space.quantizer[0],
-    }
-    if space.expert_init != ("copies",):
-        params["expert_init"] = space.expert_init[0]
-    if space.views != (1,):
-        params["views"] = min(space.views)
-    if REFERENCE_BITS not in space.bits:
-        del params["bits"]  # not a valid categorical choice: suggest() fills it in for the reference
-    return params
