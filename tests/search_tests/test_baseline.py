@@ -9,38 +9,38 @@ import torch
 import yaml
 
 from search.baseline import baseline_key, get_teachers, teacher_recipe
-from search.space import dump_space, load_space, parse_space
+from search.space import dump_config, load_config, parse_config
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def test_key_changes_with_the_recipe_only() -> None:
-    default = parse_space({})
-    assert baseline_key(default) == baseline_key(parse_space({"study": {"trials": 99}}))
+    default = parse_config({})
+    assert baseline_key(default) == baseline_key(parse_config({"study": {"trials": 99}}))
     keys = {
-        baseline_key(parse_space({"baseline": change}))
+        baseline_key(parse_config({"baseline": change}))
         for change in ({}, {"augment": "d4"}, {"augment": "none"}, {"epochs": 3}, {"seed": 1})
     }
     assert len(keys) == 5
-    assert teacher_recipe(parse_space({"baseline": {"augment": "d4"}})).augment == "d4"
+    assert teacher_recipe(parse_config({"baseline": {"augment": "d4"}})).augment == "d4"
 
 
 def test_cached_teachers_keep_the_keys_they_were_cached_under() -> None:
     """The 40-epoch fp32 teachers (40 min a core) were cached before `baseline.augment` (crops + flips)
     and `baseline.precision` existed; their recipes are unchanged, so their keys must be too or every
     user retrains them. bf16 is another recipe (other numerics): another key."""
-    mapping = yaml.safe_load(dump_space(load_space(REPO / "search_spaces" / "bloodmnist.yaml")))
+    mapping = yaml.safe_load(dump_config(load_config(REPO / "search_spaces" / "bloodmnist.yaml")))
     mapping["baseline"].update(epochs=40, precision="fp32", augment="flips")
-    assert baseline_key(parse_space(mapping)) == "bloodmnist-resnet20-b9f99b96bc5b"
+    assert baseline_key(parse_config(mapping)) == "bloodmnist-resnet20-b9f99b96bc5b"
     mapping["baseline"]["augment"] = "d4"
-    assert baseline_key(parse_space(mapping)) == "bloodmnist-resnet20-8c89f98a1366"
+    assert baseline_key(parse_config(mapping)) == "bloodmnist-resnet20-8c89f98a1366"
     mapping["baseline"]["precision"] = "bf16"
-    assert baseline_key(parse_space(mapping)) != "bloodmnist-resnet20-8c89f98a1366"
+    assert baseline_key(parse_config(mapping)) != "bloodmnist-resnet20-8c89f98a1366"
 
 
 def test_a_teacher_ensemble_caches_each_member_and_records_its_accuracy(tiny_data, tmp_path: Path) -> None:
     ensemble = {"kd_targets": "ensemble"}
-    cfg = parse_space(
+    cfg = parse_config(
         {
             "model": {"arch": "resnet8", "width": 0.25},
             "baseline": {"epochs": 0.5, "teachers": 2},
@@ -64,7 +64,7 @@ def test_a_teacher_ensemble_caches_each_member_and_records_its_accuracy(tiny_dat
     again, _ = get_teachers(cfg, tiny_data, tmp_path)
     assert torch.equal(next(again[1].parameters()), second)
     one, single_record = get_teachers(
-        parse_space(
+        parse_config(
             {
                 "model": {"arch": "resnet8", "width": 0.25},
                 "baseline": {"epochs": 0.5},
@@ -135,7 +135,7 @@ def test_an_interrupted_teacher_resumes_from_its_last_epoch(tiny_data, tmp_path:
     from pipelines.train import train
     from search.baseline import get_baseline
 
-    cfg = parse_space(
+    cfg = parse_config(
         {
             "model": {"arch": "resnet8", "width": 0.25},
             "baseline": {"epochs": 2},

@@ -222,10 +222,10 @@ def test_pickled_code_is_refused(tmp_path: Path) -> None:
 
 
 def test_same_seed_same_first_trials(tmp_path: Path) -> None:
-    from search.space import parse_space, suggest
+    from search.space import parse_config, suggest
     from search.study import make_sampler
 
-    cfg = parse_space({"study": {"sampler": {"name": "tpe", "seed": 7}}})
+    cfg = parse_config({"study": {"sampler": {"name": "tpe", "seed": 7}}})
 
     def first_params() -> list[dict]:
         study = optuna.create_study(
@@ -245,16 +245,16 @@ def test_a_study_refuses_to_resume_under_another_teacher_or_trial_budget(tmp_pat
     """Its finished trials were scored under the old teacher and budget: mixing would rank incomparable
     numbers. The export budget only affects exports, so changing it resumes."""
     from pipelines.errors import ConfigError
-    from search.space import parse_space
+    from search.space import parse_config
     from search.study import _write_config
 
-    _write_config(parse_space({}), tmp_path)
-    _write_config(parse_space({"export": {"finetune_epochs": 9}, "study": {"trials": 30}}), tmp_path)
+    _write_config(parse_config({}), tmp_path)
+    _write_config(parse_config({"export": {"finetune_epochs": 9}, "study": {"trials": 30}}), tmp_path)
     for change, named in (
         ({"baseline": {"seed": 3}}, "baseline"),
         ({"trial": {"finetune_epochs": 9}}, "trial"),
         ({"space": {"bits": [8]}, "trial": {"lr": 0.01}}, "space, trial"),
     ):
         with pytest.raises(ConfigError) as caught:
-            _write_config(parse_space(change), tmp_path)
+            _write_config(parse_config(change), tmp_path)
         assert f"with a different {named}." in str(caught.value) and "study.name" in str(caught.value)

@@ -9,23 +9,23 @@ import pytest
 
 from pipelines.errors import ConfigError
 from search.record import TrialRecord
-from search.space import SearchConfig, baseline_params, dump_space, load_space, parse_space, suggest
+from search.space import SearchConfig, baseline_params, dump_config, load_config, parse_config, suggest
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("name", ["bloodmnist.yaml", "tiny.yaml"])
 def test_shipped_spaces_validate(name: str) -> None:
-    cfg = load_space(REPO / "search_spaces" / name)
+    cfg = load_config(REPO / "search_spaces" / name)
     assert isinstance(cfg, SearchConfig)
     assert cfg.study.trials >= 1
 
 
 def test_dump_round_trips() -> None:
-    cfg = load_space(REPO / "search_spaces" / "bloodmnist.yaml")
+    cfg = load_config(REPO / "search_spaces" / "bloodmnist.yaml")
     import yaml
 
-    assert parse_space(yaml.safe_load(dump_space(cfg))) == cfg
+    assert parse_config(yaml.safe_load(dump_config(cfg))) == cfg
 
 
 @pytest.mark.parametrize(
@@ -75,7 +75,7 @@ def test_dump_round_trips() -> None:
 )
 def test_bad_values_name_field_value_and_fix(mapping: dict, expected: list[str]) -> None:
     with pytest.raises(ConfigError) as caught:
-        parse_space(mapping)
+        parse_config(mapping)
     message = str(caught.value)
     for fragment in expected:
         assert fragment in message, f"{fragment!r} not in {message!r}"
@@ -85,16 +85,16 @@ def test_malformed_yaml_names_the_line(tmp_path: Path) -> None:
     path = tmp_path / "bad.yaml"
     path.write_text("study:\n  name: x\n  trials: [1, 2\nspace: {}\n")
     with pytest.raises(ConfigError, match=r"malformed YAML at line \d+"):
-        load_space(path)
+        load_config(path)
 
 
 def test_missing_space_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
-        load_space(tmp_path / "nope.yaml")
+        load_config(tmp_path / "nope.yaml")
 
 
 def test_suggest_keeps_numbers_numeric_and_clips_top_k() -> None:
-    cfg = parse_space({"space": {"num_experts": {"low": 1, "high": 2}, "top_k": {"low": 2, "high": 2}}})
+    cfg = parse_config({"space": {"num_experts": {"low": 1, "high": 2}, "top_k": {"low": 2, "high": 2}}})
     study = optuna.create_study(
         directions=["maximize", "minimize", "minimize"], sampler=optuna.samplers.RandomSampler(seed=0)
     )
@@ -111,7 +111,7 @@ def test_suggest_keeps_numbers_numeric_and_clips_top_k() -> None:
 
 
 def test_baseline_reference_is_uncompressed() -> None:
-    space = parse_space({}).space
+    space = parse_config({}).space
     params = baseline_params(space)
     assert params["sparsity"] == 0.0 and params["num_experts"] == 1
     assert "bits" not in params  # 32 is not a searched choice, so it is not enqueued as a parameter
@@ -129,7 +129,7 @@ def test_baseline_reference_is_uncompressed() -> None:
 
 
 def test_replace_revalidates() -> None:
-    cfg = parse_space({})
+    cfg = parse_config({})
     assert cfg.replace(study={"trials": 3}).study.trials == 3
     with pytest.raises(ConfigError, match="study.trials"):
         cfg.replace(study={"trials": 0})
@@ -137,17 +137,17 @@ def test_replace_revalidates() -> None:
 
 def test_unknown_quantizer_and_routing_are_named() -> None:
     with pytest.raises(ConfigError, match=r"space.quantizer: unknown value 'lsq'. Valid values: ptq, qat"):
-        parse_space({"space": {"quantizer": ["lsq"]}})
+        parse_config({"space": {"quantizer": ["lsq"]}})
     with pytest.raises(ConfigError, match=r"space.routing: unknown value 'random'"):
-        parse_space({"space": {"routing": ["random"]}})
+        parse_config({"space": {"routing": ["random"]}})
 
 
 def test_expert_init_is_a_parameter_only_when_there_is_a_choice() -> None:
     """The default one-choice space adds no parameter (studies made before it still compare equal)."""
     study = optuna.create_study(directions=["maximize", "minimize", "minimize"])
-    assert "expert_init" not in suggest(study.ask(), parse_space({}).space)
+    assert "expert_init" not in suggest(study.ask(), parse_config({}).space)
     two = {"teachers": 2}, {"kd_targets": "ensemble"}
-    cfg = parse_space(
+    cfg = parse_config(
         {
             "baseline": two[0],
             "trial": two[1],
@@ -163,8 +163,8 @@ def test_expert_init_is_a_parameter_only_when_there_is_a_choice() -> None:
 
 def test_views_are_a_parameter_only_when_there_is_a_choice() -> None:
     study = optuna.create_study(directions=["maximize", "minimize", "minimize"])
-    assert "views" not in suggest(study.ask(), parse_space({}).space)
-    cfg = parse_space({"space": {"views": [2, 1, 4]}})
+    assert "views" not in suggest(study.ask(), parse_config({}).space)
+    cfg = parse_config({"space": {"views": [2, 1, 4]}})
     trial = study.ask()
     assert suggest(trial, cfg.space)["views"] in (1, 2, 4)
     assert isinstance(trial.distributions["views"], optuna.distributions.CategoricalDistribution)
