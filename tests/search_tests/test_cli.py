@@ -251,7 +251,7 @@ def test_front_on_unknown_folder_exits_2(tmp_path: Path, capsys) -> None:
 
 def test_front_without_study_db_asks_for_the_storage(tmp_path: Path, capsys) -> None:
     """A folder whose search ran on --storage URL: say so, and do not create an empty study.db."""
-    from search.space import dump_config, load_config
+    from search.config import dump_config, load_config
 
     folder = tmp_path / "remote"
     folder.mkdir()
@@ -287,8 +287,9 @@ def test_report_renders(searched: dict, capsys) -> None:
 
 
 def test_front_export_report_on_an_empty_study_exit_2(tmp_path: Path, capsys) -> None:
-    from search.space import dump_config, load_config
-    from search.study import default_storage, make_storage, open_study
+    from search.config import dump_config, load_config
+    from search.storage import default_storage, make_storage
+    from search.study import open_study
 
     folder = tmp_path / "empty"
     folder.mkdir()

@@ -9,8 +9,8 @@ import torch
 
 def test_ensemble_targets_are_computed_once_per_augment(tiny_data, tmp_path: Path) -> None:
     from pipelines.models import build_model
+    from search.config import Budget, parse_config
     from search.evaluation import TrialContext
-    from search.space import Budget, parse_config
 
     teacher = build_model("resnet8", tiny_data.channels, tiny_data.num_classes, 0.25).eval()
     context = TrialContext(parse_config({}), tiny_data, teacher, tmp_path)
@@ -26,8 +26,8 @@ def test_ensemble_targets_are_computed_once_per_augment(tiny_data, tmp_path: Pat
 def test_ensemble_targets_average_every_teacher(tiny_data, tmp_path: Path) -> None:
     from pipelines.models import build_model
     from pipelines.train import ensemble_logits
+    from search.config import Budget, parse_config
     from search.evaluation import TrialContext
-    from search.space import Budget, parse_config
 
     teachers = []
     for seed in (0, 1):

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import torch
 
+from search.config import Budget
 from search.model_cache import ModelCache, TrainedModel, inference_settings, model_key
 from search.record import Training
-from search.space import Budget
 
 BUDGET = Budget()
 
