@@ -86,16 +86,25 @@ def test_rejections_in_a_row_raise_a_config_error_naming_the_budget() -> None:
 
 
 def test_repeats_and_timeout_stop_the_study_quietly() -> None:
+    """Inside study.optimize (where Optuna's callbacks run): repeats stop the study after MAX_REPEATS, an
+    expired timeout after the trial that ran past it."""
+
+    def objective(trial: optuna.Trial) -> list[float]:
+        if trial.number > 0:  # every later trial repeats trial 0
+            for key, value in TrialRecord(repeat_of=0).user_attrs().items():
+                trial.set_user_attr(key, value)
+        return [0.5, 1.0, 1.0]
+
     study = optuna.create_study(directions=DIRECTIONS)
     rule = MaxRepeats(trials=2)
-    assert rule.limit == MAX_REPEATS
-    first = _add(study, TrialState.COMPLETE)
-    for _ in range(MAX_REPEATS - 1):
-        rule(study, _add(study, TrialState.COMPLETE, TrialRecord(repeat_of=first.number)))
-    assert not rule.stopped
-    rule(study, _add(study, TrialState.COMPLETE, TrialRecord(repeat_of=first.number)))
-    assert rule.stopped
+    assert rule.limit == MAX_REPEATS and not rule.stopped
+    study.optimize(objective, n_trials=3 * MAX_REPEATS, callbacks=[rule])
+    assert rule.stopped and len(study.trials) == MAX_REPEATS + 1
+
     assert not Timeout(None).stopped and not Timeout(10).stopped
     expired = Timeout(0.0)
     expired.deadline -= 1
     assert expired.stopped
+    study = optuna.create_study(directions=DIRECTIONS)
+    study.optimize(lambda trial: [0.5, 1.0, 1.0], n_trials=5, callbacks=[expired])
+    assert len(study.trials) == 1
