@@ -198,7 +198,7 @@ def test_pickled_code_is_refused(tmp_path: Path) -> None:
     """A .pt whose hash was updated to match but which carries pickled code still does not load."""
     import pickle
 
-    from pipelines.serialize import load_checkpoint, sha256_file
+    from pipelines.serialize import FORMAT_VERSION, load_checkpoint, sha256_file
 
     class Evil:
         def __reduce__(self):
@@ -208,7 +208,7 @@ def test_pickled_code_is_refused(tmp_path: Path) -> None:
     (tmp_path / "model.json").write_text(
         json.dumps(
             {
-                "format_version": 1,
+                "format_version": FORMAT_VERSION,
                 "description": {},
                 "layers": {},
                 "sha256": sha256_file(tmp_path / "model.pt"),
