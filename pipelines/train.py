@@ -68,7 +68,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         ranges = {  # field: (ok, the range in words)
             "epochs": (0 < self.epochs <= 1000, "> 0 and <= 1000"),
-            "lr": (1e-6 <= self.lr <= 10, "in [1e-06, 10]"),
+            "lr": (self.lr > 0, "> 0"),
             "batch_size": (self.batch_size >= 2, ">= 2 (BatchNorm cannot train on one sample)"),
             "weight_decay": (self.weight_decay >= 0, ">= 0"),
             "label_smoothing": (0 <= self.label_smoothing < 1, "in [0, 1)"),

@@ -390,6 +390,9 @@ def _validate(cfg: SearchConfig) -> None:
         lambda: PruneConfig(0.0, channel_multiple=cfg.model.channel_multiple, exclude=spec.exclude),
         {"prune.channel_multiple": "model.channel_multiple"},
     )
+    # a search's learning rates stay in a range that trains (the pipelines accept any positive one)
+    for prefix, section in (("baseline", cfg.baseline), ("trial", cfg.trial), ("export", cfg.export)):
+        _check_range(f"{prefix}.lr", section.lr, 1e-6, 10.0)
     _checked(cfg.baseline.train_config, {"train.": "baseline."})
     for prefix, budget in (("trial", cfg.trial), ("export", cfg.export)):
         _checked(

@@ -72,7 +72,7 @@ def test_dump_round_trips() -> None:
         ({"space": {"bitz": [4]}}, ["space.bitz", "unknown key", "bits"]),
         ({"study": {"trials": "many"}}, ["study.trials", "many", "integer"]),
         # ranges are checked by the pipelines' configs; the message names the user's field
-        ({"baseline": {"lr": 0}}, ["baseline.lr", "0", "[1e-06, 10]"]),
+        ({"baseline": {"lr": 0}}, ["baseline.lr", "0", "[1e-06, 10.0]"]),
         ({"export": {"subset": 0.001}}, ["export.subset", "0.001", "[0.01, 1]"]),
         ({"trial": {"qat_epochs": 0}}, ["trial.qat_epochs", "must be > 0"]),
         ({"trial": {"moe_epochs": 2000}}, ["trial.moe_epochs", "2000", "[0, 1000]"]),
