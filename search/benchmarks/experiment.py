@@ -263,7 +263,7 @@ def _reusable(
     saved: list[dict], tasks: list[tuple[str, int]], identity: dict[str, object], fingerprint: str
 ) -> list[dict]:
     """The entries of an earlier run (``REPORT.seeds.json``) that answer one of ``tasks``: same row, same
-    seed, same setup (:func:`search.space.setup_fingerprint`), and the same configuration (compressed rows) or control width.
+    seed, same setup (:func:`search.config.setup_fingerprint`), and the same configuration (compressed rows) or control width.
     Nothing else is trusted."""
     kept = []
     for entry in saved if isinstance(saved, list) else []:
