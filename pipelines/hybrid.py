@@ -32,7 +32,17 @@ from pipelines.errors import ConfigError, unknown_name
 from pipelines.moe import MixtureOfExperts, MoEConfig, build_moe, warm_start_gate
 from pipelines.train import TrainConfig, evaluate, train
 
-__all__ = ["EXPERT_INITS", "HybridConfig", "StageBudget", "HybridResult", "compress_hybrid"]
+__all__ = [
+    "EXPERT_INITS",
+    "DEFAULT_EXPERT_INIT",
+    "HybridConfig",
+    "StageBudget",
+    "HybridResult",
+    "compress_hybrid",
+]
+
+EXPERT_INITS = ("copies", "teachers")
+DEFAULT_EXPERT_INIT = "copies"  # what a configuration without expert_init gets
 
 
 @dataclass(frozen=True)
@@ -40,14 +50,11 @@ class HybridConfig:
     prune: PruneConfig
     quantize: QuantizeConfig
     moe: MoEConfig
-    expert_init: str = "copies"  # copies | teachers (EXPERT_INITS)
+    expert_init: str = DEFAULT_EXPERT_INIT  # copies | teachers (EXPERT_INITS)
 
     def __post_init__(self) -> None:
         if self.expert_init not in EXPERT_INITS:
             raise unknown_name("expert_init", self.expert_init, EXPERT_INITS)
-
-
-EXPERT_INITS = ("copies", "teachers")
 
 
 @dataclass(frozen=True)
@@ -59,6 +66,16 @@ class StageBudget:
     moe_epochs: float = 2.0
     qat_epochs: float = 0.5
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=0.02, kd_alpha=0.7))
+
+    def __post_init__(self) -> None:
+        for name in ("finetune_epochs", "gate_epochs", "moe_epochs", "qat_epochs"):
+            value = getattr(self, name)
+            if not 0 <= value <= 1000:
+                raise ConfigError(f"budget.{name}: {value} is out of range; use a value in [0, 1000].")
+        if self.qat_epochs <= 0:
+            raise ConfigError(
+                f"budget.qat_epochs: {self.qat_epochs} must be > 0 (QAT needs steps to learn scales)."
+            )
 
 
 @dataclass

@@ -45,8 +45,12 @@ __all__ = [
     "warm_start_gate",
     "teacher_similarity",
     "ROUTINGS",
+    "DEFAULT_ROUTING",
     "routing_table",
 ]
+
+ROUTINGS = ("class-groups", "learned")
+DEFAULT_ROUTING = "class-groups"  # one default for MoEConfig, MixtureOfExperts and old checkpoints
 
 
 @dataclass(frozen=True)
@@ -55,7 +59,7 @@ class MoEConfig:
     top_k: int = 1
     gate_size: int = 8  # channels of the gate's first conv (second conv has twice as many)
     balance_weight: float = 0.01  # learned routing: weight of the load-balancing term
-    routing: str = "class-groups"
+    routing: str = DEFAULT_ROUTING
     gate_loss_weight: float = 1.0  # class-groups routing: weight of the gate's cross-entropy
     views: int = 1  # test-time symmetry views averaged in eval mode (pipelines.symmetry.VIEWS); each costs one more pass
 
@@ -76,9 +80,6 @@ class MoEConfig:
                 f"moe.routing: unknown value {self.routing!r}. Valid values: {', '.join(ROUTINGS)}."
             )
         symmetry.check_views(self.views, "moe.views")
-
-
-ROUTINGS = ("class-groups", "learned")
 
 
 class Gate(nn.Module):
@@ -108,7 +109,7 @@ class MixtureOfExperts(nn.Module):
         experts: list[nn.Module],
         top_k: int,
         balance_weight: float = 0.01,
-        routing: str = "learned",
+        routing: str = DEFAULT_ROUTING,
         class_to_expert: list[int] | None = None,
         gate_loss_weight: float = 1.0,
         views: int = 1,

@@ -75,22 +75,20 @@ class TrainConfig:
     precision: str = "fp32"  # fp32 | bf16: autocast forward passes on channels-last batches (module doc)
 
     def __post_init__(self) -> None:
-        checks = {
-            "epochs": self.epochs > 0,
-            "lr": self.lr > 0,
-            "batch_size": self.batch_size >= 2,  # BatchNorm cannot train on one sample
-            "weight_decay": self.weight_decay >= 0,
-            "label_smoothing": 0 <= self.label_smoothing < 1,
-            "kd_alpha": 0 <= self.kd_alpha <= 1,
-            "kd_temperature": self.kd_temperature > 0,
-            "subset": 0 < self.subset <= 1,
+        ranges = {  # field: (ok, the range in words)
+            "epochs": (0 < self.epochs <= 1000, "> 0 and <= 1000"),
+            "lr": (self.lr > 0, "> 0"),
+            "batch_size": (self.batch_size >= 2, ">= 2 (BatchNorm cannot train on one sample)"),
+            "weight_decay": (self.weight_decay >= 0, ">= 0"),
+            "label_smoothing": (0 <= self.label_smoothing < 1, "in [0, 1)"),
+            "kd_alpha": (0 <= self.kd_alpha <= 1, "in [0, 1]"),
+            "kd_temperature": (self.kd_temperature > 0, "> 0"),
+            "subset": (0.01 <= self.subset <= 1, "in [0.01, 1]"),
         }
-        for field_name, ok in checks.items():
+        for field_name, (ok, allowed) in ranges.items():
             if not ok:
                 raise ConfigError(
-                    f"train.{field_name}: value {getattr(self, field_name)!r} is out of range "
-                    "(epochs, lr, kd_temperature > 0; batch_size >= 2; 0 <= kd_alpha <= 1; 0 < subset <= 1; "
-                    "0 <= label_smoothing < 1)."
+                    f"train.{field_name}: {getattr(self, field_name)!r} is out of range; use a value {allowed}."
                 )
         if self.augment not in AUGMENTS:
             raise unknown_name("train.augment", self.augment, AUGMENTS)

@@ -25,9 +25,9 @@ log = logging.getLogger("hycomp")
 
 
 def _load_cfg(args: argparse.Namespace):
-    from search.space import load_space
+    from search.config import load_config
 
-    cfg = load_space(args.space)
+    cfg = load_config(args.space)
     overrides: dict = {}
     data: dict = {}
     if getattr(args, "data_root", None):
@@ -308,8 +308,7 @@ class BaselineCommand:
 
     def take_action(self, args: argparse.Namespace) -> int:
         from pipelines.errors import ConfigError
-        from search.baseline import get_teachers
-        from search.study import load_data
+        from search.setup import get_teachers, load_data
 
         if args.jobs < 1:
             raise ConfigError(f"--jobs: {args.jobs} must be >= 1.")
@@ -405,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command != "predict":  # predict runs on ONNX Runtime alone: no Optuna, no torch
         import optuna
 
-        from search.study import quiet_warnings
+        from search.workers import quiet_warnings
 
         # A failed trial's reason is logged once by the objective (and kept in the study); Optuna would
         # repeat it with a full traceback, which only --verbose shows.

@@ -25,18 +25,17 @@ from pipelines.data import Dataset
 from pipelines.deploy.bundle import agreement, deploy_moe
 from pipelines.deploy.runtime import load_bundle, measure_moe_latency
 from pipelines.errors import CompressionError
-from pipelines.hybrid import HybridConfig, StageBudget, compress_hybrid
+from pipelines.hybrid import DEFAULT_EXPERT_INIT, HybridConfig, compress_hybrid
 from pipelines.measure import count_macs, count_params, packed_size_bytes
-from pipelines.moe import Gate, MoEConfig, moe_description, routing_table
+from pipelines.moe import DEFAULT_ROUTING, Gate, MoEConfig, moe_description, routing_table
 from pipelines.serialize import save_checkpoint
-from pipelines.train import TrainConfig, ensemble_logits, evaluate
+from pipelines.train import ensemble_logits, evaluate
+from search.config import Budget, ModelSettings, SearchConfig, stable_hash
 from search.model_cache import TrainedModel
 from search.record import Measurement, Training, TrialRecord
-from search.space import Budget, SearchConfig, stable_hash
 
 __all__ = [
     "TrialContext",
-    "stage_budget",
     "hybrid_config",
     "estimate_cost",
     "train_model",
@@ -63,7 +62,12 @@ class TrialContext:
         data = {key: value for key, value in settings["data"].items() if key not in ("root", "download")}
         teachers = len(self.distill_from or [self.teacher])
         return stable_hash(
-            {"data": data, "model": settings["model"], "baseline": settings["baseline"], "teachers": teachers}
+            {
+                "data": data,
+                "model": self.cfg.model_identity(),
+                "baseline": settings["baseline"],
+                "teachers": teachers,
+            }
         )
 
     def training_data(self, budget: Budget) -> Dataset:
@@ -91,40 +95,34 @@ class TrialContext:
         return self._ensembles[budget.augment]
 
 
-def stage_budget(budget: Budget, seed: int) -> StageBudget:
-    return StageBudget(
-        finetune_epochs=budget.finetune_epochs,
-        gate_epochs=budget.gate_epochs,
-        moe_epochs=budget.moe_epochs,
-        qat_epochs=budget.qat_epochs,
-        train=TrainConfig(
-            lr=budget.lr,
-            batch_size=budget.batch_size,
-            kd_alpha=budget.kd_alpha,
-            kd_temperature=budget.kd_temperature,
-            label_smoothing=budget.label_smoothing,
-            augment=budget.augment,
-            subset=budget.subset,
-            seed=seed,
-            precision=budget.precision,
-        ),
-    )
-
-
-def hybrid_config(params: dict, channel_multiple: int = 8) -> HybridConfig:
+def hybrid_config(params: dict, model: ModelSettings) -> HybridConfig:
+    """The pipelines' configuration of a trial's parameters; a parameter the space does not search (a
+    one-choice ``routing``, ``expert_init`` or ``views``) takes the pipelines' default."""
     return HybridConfig(
         prune=PruneConfig(
-            sparsity=float(params["sparsity"]), pruner=params["pruner"], channel_multiple=channel_multiple
+            sparsity=float(params["sparsity"]),
+            pruner=params["pruner"],
+            channel_multiple=model.channel_multiple,
+            exclude=model.exclude,
         ),
-        quantize=QuantizeConfig(bits=int(params["bits"]), method=params.get("quantizer", "qat")),
+        quantize=QuantizeConfig(
+            bits=int(params["bits"]), method=params.get("quantizer", QuantizeConfig.method)
+        ),
         moe=MoEConfig(
             num_experts=int(params["num_experts"]),
             top_k=min(int(params["top_k"]), int(params["num_experts"])),
             gate_size=int(params["gate_size"]),
-            routing=params.get("routing", "class-groups"),
-            views=int(params.get("views", 1)),  # a space without test-time views: one view
+            routing=params.get("routing", DEFAULT_ROUTING),
+            views=int(params.get("views", MoEConfig.views)),
         ),
-        expert_init=params.get("expert_init", "copies"),  # a space without this parameter: copies
+        expert_init=params.get("expert_init", DEFAULT_EXPERT_INIT),
+    )
+
+
+def _description(ctx: TrialContext, moe, gate_size: int) -> dict:
+    data = ctx.data
+    return moe_description(
+        ctx.cfg.model.spec, data.channels, data.num_classes, data.image_size, moe, gate_size
     )
 
 
@@ -132,7 +130,7 @@ def estimate_cost(ctx: TrialContext, params: dict) -> dict:
     """MACs and packed size of a configuration before any training (prune + speedup only, ~1 s)."""
     from pipelines.compress.prune import prune
 
-    cfg = hybrid_config(params, ctx.cfg.model.channel_multiple)
+    cfg = hybrid_config(params, ctx.cfg.model)
     example = ctx.data.val.images[:2]
     expert = prune(ctx.teacher, cfg.prune, example).model
     bits = cfg.quantize.bits
@@ -148,24 +146,16 @@ def estimate_cost(ctx: TrialContext, params: dict) -> dict:
 
 def train_model(ctx: TrialContext, params: dict, budget: Budget, seed: int) -> TrainedModel:
     """Compress the teacher with ``params`` at ``budget``: the trained model and what training reported."""
-    hybrid = hybrid_config(params, ctx.cfg.model.channel_multiple)
+    hybrid = hybrid_config(params, ctx.cfg.model)
     result = compress_hybrid(
         ctx.teacher,
         ctx.training_data(budget),
         hybrid,
-        stage_budget(budget, seed),
+        budget.stage_budget(seed),
         seed=seed,
         sources=ctx.distill_from,
     )
-    data = ctx.data
-    description = moe_description(
-        ctx.cfg.model.arch,
-        ctx.cfg.model.width,
-        data.channels,
-        data.num_classes,
-        result.moe,
-        hybrid.moe.gate_size,
-    )
+    description = _description(ctx, result.moe, hybrid.moe.gate_size)
     return TrainedModel(
         moe=result.moe,
         description={**description, "bits_by_layer": result.bits_by_layer},
@@ -191,7 +181,7 @@ def measure(
     """Save ``model`` with the inference settings of ``params`` (test-time views) to ``folder`` (checkpoint +
     ONNX bundle) and measure the deployed engine. Returns the measurement and its seconds per step."""
     data = ctx.data
-    hybrid = hybrid_config(params, ctx.cfg.model.channel_multiple)
+    hybrid = hybrid_config(params, ctx.cfg.model)
     moe = model.moe
     moe.views = hybrid.moe.views
     bits_by_layer = model.description.get("bits_by_layer", {})
@@ -200,9 +190,7 @@ def measure(
     torch_val = evaluate(moe, data.val)
     if not math.isfinite(torch_val):
         raise CompressionError("validation accuracy is not finite")
-    description = moe_description(
-        ctx.cfg.model.arch, ctx.cfg.model.width, data.channels, data.num_classes, moe, hybrid.moe.gate_size
-    )
+    description = _description(ctx, moe, hybrid.moe.gate_size)
     if folder.exists():
         shutil.rmtree(folder)
     save_checkpoint(moe, folder / "model", {**description, "bits_by_layer": bits_by_layer})

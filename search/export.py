@@ -44,13 +44,12 @@ from pipelines.moe import rebuild_moe
 from pipelines.serialize import load_checkpoint
 from pipelines.timing import measure_latency
 from pipelines.train import evaluate
-from search.baseline import get_teachers
+from search.config import SearchConfig, setup_fingerprint
 from search.evaluation import TrialContext, measure, train_and_measure, train_model
 from search.model_cache import ModelCache, model_key
 from search.pool import run_pinned
 from search.record import RECORD_VERSION, TrialRecord
-from search.space import SearchConfig, setup_fingerprint
-from search.study import load_data
+from search.setup import get_teachers, load_data
 
 __all__ = ["export_trial", "export_best", "find_candidate", "bundle_accuracy"]
 

@@ -16,8 +16,9 @@ from pathlib import Path
 
 from pipelines.moe import MixtureOfExperts, rebuild_moe
 from pipelines.serialize import load_checkpoint, save_checkpoint
+from search.config import Budget, stable_hash
 from search.record import Training
-from search.space import GATE_ONLY, INFERENCE_ONLY, Budget, stable_hash
+from search.space import GATE_ONLY, INFERENCE_ONLY
 
 __all__ = ["TrainedModel", "ModelCache", "model_key", "inference_settings"]
 

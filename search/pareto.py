@@ -13,6 +13,8 @@ import pandas as pd
 from optuna.trial import TrialState
 
 from pipelines.errors import ConfigError
+from pipelines.hybrid import DEFAULT_EXPERT_INIT
+from pipelines.moe import DEFAULT_ROUTING
 from search.record import TrialRecord
 from search.space import GATE_ONLY
 
@@ -31,7 +33,10 @@ _COLUMNS = {
 }
 
 
-GATE_DEFAULTS = {"routing": "class-groups", "expert_init": "copies"}  # trials of studies before these existed
+GATE_DEFAULTS = {
+    "routing": DEFAULT_ROUTING,
+    "expert_init": DEFAULT_EXPERT_INIT,
+}  # trials of studies before these existed
 
 
 def _feasible(trial: optuna.trial.FrozenTrial) -> bool:

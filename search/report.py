@@ -9,6 +9,7 @@ from pathlib import Path
 
 import optuna
 
+from search.config import SearchConfig, dump_config
 from search.pareto import (
     display_columns,
     failures_table,
@@ -18,7 +19,6 @@ from search.pareto import (
     trials_table,
 )
 from search.plots import plot_front_png
-from search.space import SearchConfig, dump_space
 
 __all__ = ["write_report"]
 
@@ -98,7 +98,7 @@ def write_report(cfg: SearchConfig, study: optuna.Study, folder: Path) -> tuple[
         lines.append("")
     failures = failures_table(study)
     lines += ["## Failed or rejected trials", "", _markdown_table(failures)]
-    lines += ["## Search settings", "", "```yaml", dump_space(cfg).rstrip(), "```", ""]
+    lines += ["## Search settings", "", "```yaml", dump_config(cfg).rstrip(), "```", ""]
     markdown = "\n".join(lines)
     md_path = folder / "report.md"
     md_path.write_text(markdown)
@@ -112,7 +112,7 @@ def write_report(cfg: SearchConfig, study: optuna.Study, folder: Path) -> tuple[
         "<h2>Failed or rejected trials</h2>",
         failures.to_html(index=False) if not failures.empty else "<p>none</p>",
         "<h2>Search settings</h2>",
-        f"<pre>{html.escape(dump_space(cfg))}</pre>",
+        f"<pre>{html.escape(dump_config(cfg))}</pre>",
     ]
     html_path.write_text(
         "<!doctype html><meta charset='utf-8'><title>hycomp report</title>" + "\n".join(body)

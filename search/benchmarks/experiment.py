@@ -33,29 +33,31 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from optuna.trial import TrialState
+from torch import nn
 
 from pipelines.deploy.int8 import quantize_onnx_int8
 from pipelines.deploy.onnx import export_onnx
 from pipelines.deploy.runtime import OrtModel, load_bundle, measure_moe_latency
 from pipelines.measure import count_macs, packed_size_bytes
-from pipelines.models import build_model
+from pipelines.models import ModelSpec
 from pipelines.timing import measure_latency
 from pipelines.train import evaluate, train
-from search.baseline import baseline_key, get_teachers, teacher_recipe
+from search.baseline import record_path, teacher_recipe
+from search.config import setup_fingerprint
 from search.evaluation import TrialContext, estimate_cost, train_and_measure
 from search.export import bundle_accuracy, find_candidate, routing_lines
 from search.pareto import trials_table
 from search.pool import run_pinned
 from search.record import TrialRecord
-from search.space import setup_fingerprint
-from search.study import load_data, load_study
-from search.workspace import baseline_dir, resolve_study_dir
+from search.setup import load_data, trial_context
+from search.study import load_study
+from search.workspace import resolve_study_dir
 
 
 def _summary(values: list[float]) -> str:
@@ -108,12 +110,12 @@ def _latency(values: list[float]) -> str:
     return f"{statistics.median(values):.3f} ({min(values):.3f}-{max(values):.3f})"
 
 
-def _width_for_macs(arch: str, data, target_macs: float) -> float:
-    """The width multiplier whose ``arch`` has MACs per input closest to ``target_macs`` (bisection on the
+def _width_for_macs(spec: ModelSpec, data, target_macs: float) -> float:
+    """The width multiplier whose model (``spec`` at that width) has MACs per input closest to ``target_macs`` (bisection on the
     measured count: channels are whole numbers, so MACs grow with width squared only roughly)."""
 
     def macs(width: float) -> float:
-        return count_macs(build_model(arch, data.channels, data.num_classes, width), data.val.images[:2])
+        return count_macs(_at_width(spec, data, width), data.val.images[:2])
 
     low, high = 0.0625, 8.0
     for _ in range(30):
@@ -125,11 +127,16 @@ def _width_for_macs(arch: str, data, target_macs: float) -> float:
     return min((low, high), key=lambda width: abs(macs(width) - target_macs))
 
 
+def _at_width(spec: ModelSpec, data, width: float) -> nn.Module:
+    """The untrained model of ``spec`` scaled to ``width`` (registry models only: ModelSpec says so)."""
+    return replace(spec, width=width, checkpoint=None).build(data.channels, data.num_classes, data.image_size)
+
+
 def _control_row(cfg, data, width: float, seed: int, scratch: Path, threads: int) -> dict:
     """One seed of the "no search" control: ``arch`` at ``width`` trained from scratch with the teacher's
     own recipe (epochs, schedule, augmentation), no pruning and no distillation, deployed int8."""
     torch.manual_seed(seed)
-    model = build_model(cfg.model.arch, data.channels, data.num_classes, width)
+    model = _at_width(cfg.model.spec, data, width)
     train(model, data.train, teacher_recipe(cfg).replace(seed=seed))
     fp32 = export_onnx(model, data.val.images[:1], scratch / f"control-{seed}.onnx")
     int8 = quantize_onnx_int8(fp32, scratch / f"control-{seed}.int8.onnx", data.train.images[:512])
@@ -170,7 +177,7 @@ def _setup(study_folder: Path, trial_number: int) -> _Setup:
     if trial is None or TrialRecord.of(trial).config is None and not trial.params:
         raise SystemExit(f"--trial {trial_number}: no such completed trial in {study_folder}.")
     data = load_data(cfg)
-    teachers, _ = get_teachers(cfg, data, study_folder.parent)  # cached by the search: loaded, not trained
+    context, _ = trial_context(cfg, data, study_folder)  # teachers cached by the search: loaded, not trained
     table = trials_table(study)
     singles = table[(table["num_experts"] == 1) & (table["sparsity"] > 0)].sort_values(
         "val_accuracy", ascending=False
@@ -182,7 +189,7 @@ def _setup(study_folder: Path, trial_number: int) -> _Setup:
         single_params = TrialRecord.of(single).parameters(single.params)
     return _Setup(
         cfg=cfg,
-        ctx=TrialContext(cfg, data, teachers[0], study_folder, distill_from=teachers),
+        ctx=context,
         params=TrialRecord.of(trial).parameters(trial.params),
         single_trial=single_trial,
         single_params=single_params,
@@ -234,7 +241,7 @@ def _control_width(study_folder: Path, trial_number: int) -> float:
     speedup, no training), so the control does not wait for the exported row's training."""
     setup = _setup(study_folder, trial_number)
     target = estimate_cost(setup.ctx, setup.params)["mmacs"] * 1e6
-    return _width_for_macs(setup.cfg.model.arch, setup.ctx.data, target)
+    return _width_for_macs(setup.cfg.model.spec, setup.ctx.data, target)
 
 
 def _identity(study_folder: Path, trial_number: int, name: str) -> object:
@@ -253,7 +260,7 @@ def _reusable(
     saved: list[dict], tasks: list[tuple[str, int]], identity: dict[str, object], fingerprint: str
 ) -> list[dict]:
     """The entries of an earlier run (``REPORT.seeds.json``) that answer one of ``tasks``: same row, same
-    seed, same setup (:func:`search.space.setup_fingerprint`), and the same configuration (compressed rows) or control width.
+    seed, same setup (:func:`search.config.setup_fingerprint`), and the same configuration (compressed rows) or control width.
     Nothing else is trusted."""
     kept = []
     for entry in saved if isinstance(saved, list) else []:
@@ -404,8 +411,7 @@ def run(
     setup = _setup(study_folder, trial_number)
     rows = _merge(done, seeds, names, trial_number if setup.single_trial == trial_number else None)
     cfg, study = load_study(study_folder)  # the report needs the study, not the data: the seeds loaded it
-    teacher_folder = baseline_dir(baseline_key(cfg), study_folder.parent)
-    baseline = json.loads((teacher_folder / "baseline.json").read_text())
+    baseline = json.loads(record_path(cfg, study_folder.parent).read_text())
     teacher_row = {
         "test": [baseline["test_accuracy"]],
         "mmacs": baseline["macs"] / 1e6,

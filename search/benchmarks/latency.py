@@ -27,10 +27,11 @@ from pipelines.deploy.onnx import export_onnx
 from pipelines.deploy.runtime import OrtModel, load_bundle, measure_moe_latency
 from pipelines.measure import torch_runner
 from pipelines.timing import measure_latency
-from search.baseline import load_teacher
+from search.baseline import load_teacher, teacher_folder
 from search.pareto import trials_table
-from search.study import load_data, load_study
-from search.workspace import baseline_dir, resolve_study_dir
+from search.setup import load_data
+from search.study import load_study
+from search.workspace import resolve_study_dir
 
 THREADS = (1, 2)
 BATCHES = (1, 64)
@@ -57,9 +58,7 @@ def _row(name: str, backend: str, stats: dict, reference: dict | None, share: fl
 def run(study_folder: Path, exports: list[Path] | None, out: Path) -> Path:
     cfg, study = load_study(study_folder)
     data = load_data(cfg)
-    from search.baseline import baseline_key
-
-    teacher = load_teacher(baseline_dir(baseline_key(cfg), study_folder.parent))
+    teacher = load_teacher(teacher_folder(cfg, study_folder.parent))
     if not exports:
         manifests = sorted((study_folder / "export").glob("trial_*/bundle/manifest.json"))
         if not manifests:

@@ -35,9 +35,10 @@ from optuna.trial import TrialState
 from pipelines.errors import CompressionError
 from pipelines.timing import cpu_description
 from search.baseline import get_baseline
+from search.config import SearchConfig, load_config
 from search.objective import DIRECTIONS, OBJECTIVES, is_repeat
-from search.space import SearchConfig, load_space
-from search.study import completed_trials, evaluated_trials, load_data, run_search
+from search.setup import load_data
+from search.study import completed_trials, evaluated_trials, run_search
 
 __all__ = ["run", "main"]
 
@@ -289,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     if args.trials < 2:
         parser.error("--trials: use at least 2 completed trials per study")
-    cfg = load_space(args.space)
+    cfg = load_config(args.space)
     overrides: dict = {"data": {"root": args.data_root}}
     if args.subset is not None:
         overrides["trial"] = {"subset": args.subset}

@@ -89,21 +89,21 @@ def test_experiment_routing_table_comes_from_the_first_seed_that_recorded_one() 
 
 def test_experiment_runs_the_pairs_that_train_longest_first() -> None:
     from search.benchmarks.experiment import CONTROL, MOE, _longest_first
-    from search.space import parse_space
+    from search.config import parse_config
 
     tasks = [(MOE, 0), (MOE, 1), ("trial 6", 1), (CONTROL, 0), (CONTROL, 1)]
-    cfg = parse_space({"baseline": {"epochs": 80}, "export": {"finetune_epochs": 24, "moe_epochs": 14}})
+    cfg = parse_config({"baseline": {"epochs": 80}, "export": {"finetune_epochs": 24, "moe_epochs": 14}})
     assert _longest_first(tasks, cfg) == [(CONTROL, 0), (CONTROL, 1), (MOE, 0), (MOE, 1), ("trial 6", 1)]
-    short_teacher = parse_space({"baseline": {"epochs": 10}, "export": {"finetune_epochs": 24}})
+    short_teacher = parse_config({"baseline": {"epochs": 10}, "export": {"finetune_epochs": 24}})
     assert _longest_first(tasks, short_teacher) == tasks  # compressed rows train more epochs here
 
 
 def test_experiment_reuses_only_saved_results_of_the_same_row_seed_setup_and_configuration() -> None:
     from search.benchmarks.experiment import CONTROL, MOE, _reusable
-    from search.space import parse_space, setup_fingerprint
+    from search.config import parse_config, setup_fingerprint
 
     config = {"sparsity": 0.35, "num_experts": 1}
-    cfg = parse_space({})
+    cfg = parse_config({})
     setup = setup_fingerprint(cfg)
     saved = [
         {"row": MOE, "seed": 0, "setup": setup, "params": config, "test": [0.9]},

@@ -261,11 +261,11 @@ def test_front_on_unknown_folder_exits_2(tmp_path: Path, capsys) -> None:
 
 def test_front_without_study_db_asks_for_the_storage(tmp_path: Path, capsys) -> None:
     """A folder whose search ran on --storage URL: say so, and do not create an empty study.db."""
-    from search.space import dump_space, load_space
+    from search.config import dump_config, load_config
 
     folder = tmp_path / "remote"
     folder.mkdir()
-    (folder / "config.yaml").write_text(dump_space(load_space(REPO / "search_spaces" / "tiny.yaml")))
+    (folder / "config.yaml").write_text(dump_config(load_config(REPO / "search_spaces" / "tiny.yaml")))
     assert main(["front", str(folder)]) == 2
     err = capsys.readouterr().err
     assert "no study.db" in err and "--storage" in err
@@ -297,13 +297,14 @@ def test_report_renders(searched: dict, capsys) -> None:
 
 
 def test_front_export_report_on_an_empty_study_exit_2(tmp_path: Path, capsys) -> None:
-    from search.space import dump_space, load_space
-    from search.study import default_storage, make_storage, open_study
+    from search.config import dump_config, load_config
+    from search.storage import default_storage, make_storage
+    from search.study import open_study
 
     folder = tmp_path / "empty"
     folder.mkdir()
-    cfg = load_space(REPO / "search_spaces" / "tiny.yaml")
-    (folder / "config.yaml").write_text(dump_space(cfg))
+    cfg = load_config(REPO / "search_spaces" / "tiny.yaml")
+    (folder / "config.yaml").write_text(dump_config(cfg))
     open_study(cfg, make_storage(default_storage(folder)))
     before = sorted(path.name for path in folder.iterdir())
     for argv in (["front", str(folder)], ["export", str(folder), "--pick", "knee"], ["report", str(folder)]):

@@ -9,11 +9,11 @@ import torch
 
 def test_ensemble_targets_are_computed_once_per_augment(tiny_data, tmp_path: Path) -> None:
     from pipelines.models import build_model
+    from search.config import Budget, parse_config
     from search.evaluation import TrialContext
-    from search.space import Budget, parse_space
 
     teacher = build_model("resnet8", tiny_data.channels, tiny_data.num_classes, 0.25).eval()
-    context = TrialContext(parse_space({}), tiny_data, teacher, tmp_path)
+    context = TrialContext(parse_config({}), tiny_data, teacher, tmp_path)
     assert context.training_data(Budget(kd_targets="online")) is tiny_data
     ensemble = context.training_data(Budget(kd_targets="ensemble", augment="d4"))
     assert ensemble.train.teacher_logits.shape == (len(tiny_data.train), tiny_data.num_classes)
@@ -26,14 +26,14 @@ def test_ensemble_targets_are_computed_once_per_augment(tiny_data, tmp_path: Pat
 def test_ensemble_targets_average_every_teacher(tiny_data, tmp_path: Path) -> None:
     from pipelines.models import build_model
     from pipelines.train import ensemble_logits
+    from search.config import Budget, parse_config
     from search.evaluation import TrialContext
-    from search.space import Budget, parse_space
 
     teachers = []
     for seed in (0, 1):
         torch.manual_seed(seed)
         teachers.append(build_model("resnet8", tiny_data.channels, tiny_data.num_classes, 0.25).eval())
-    context = TrialContext(parse_space({}), tiny_data, teachers[0], tmp_path, distill_from=teachers)
+    context = TrialContext(parse_config({}), tiny_data, teachers[0], tmp_path, distill_from=teachers)
     targets = context.training_data(Budget(kd_targets="ensemble", augment="flips")).train.teacher_logits
     each = [ensemble_logits(teacher, tiny_data.train, "flips") for teacher in teachers]
     assert torch.allclose(targets, (each[0] + each[1]) / 2, atol=1e-5)

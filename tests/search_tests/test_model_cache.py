@@ -6,9 +6,9 @@ from pathlib import Path
 
 import torch
 
+from search.config import Budget
 from search.model_cache import ModelCache, TrainedModel, inference_settings, model_key
 from search.record import Training
-from search.space import Budget
 
 BUDGET = Budget()
 
@@ -67,14 +67,14 @@ def test_views_change_inference_not_the_model() -> None:
 
 
 def _trained(seed: int) -> TrainedModel:
-    from pipelines.models import build_model
+    from pipelines.models import ModelSpec, build_model
     from pipelines.moe import MoEConfig, build_moe, moe_description
 
     torch.manual_seed(seed)
     moe = build_moe(
         build_model("resnet8", 3, 4, 0.25), 3, MoEConfig(num_experts=2, top_k=1, gate_size=4), seed
     )
-    description = moe_description("resnet8", 0.25, 3, 4, moe, 4)
+    description = moe_description(ModelSpec("resnet8", width=0.25), 3, 4, 28, moe, 4)
     training = Training(expert_params=10, achieved_sparsity=0.0, class_assignment=None, stage_val_accuracy={})
     return TrainedModel(moe, {**description, "bits_by_layer": {}}, training, {"finetune": 1.0})
 

@@ -101,7 +101,7 @@ def test_a_repeated_configuration_is_not_trained_again(
     """A one-point space: later trials reuse the first's result and do not count toward the target; the
     search stops once the sampler has proposed the evaluated point MAX_REPEATS times; the front lists the
     point once; exporting a repeat uses the first trial's saved model."""
-    from search.study import MAX_REPEATS
+    from search.stopping import MAX_REPEATS
 
     monkeypatch.setenv("HYCOMP_RESULTS", str(tmp_path / "results"))
     space = _one_point_space(tmp_path, synthetic_root, "one-point")
@@ -164,7 +164,7 @@ def test_a_compute_budget_rejects_configurations_before_training(
 def test_an_unreachable_budget_stops_with_a_clear_message(
     tmp_path: Path, synthetic_root: Path, monkeypatch, capsys
 ) -> None:
-    from search.study import MAX_REJECTIONS
+    from search.stopping import MAX_REJECTIONS
 
     monkeypatch.setenv("HYCOMP_RESULTS", str(tmp_path / "results"))
     space = _tiny_space(tmp_path, synthetic_root, "impossible", trials=2)

@@ -266,7 +266,7 @@ def test_fresh_database_opened_at_once(postgres_url: str) -> None:
     """Machines started together on an empty database all open it (one creates the tables)."""
     import threading
 
-    from search.study import make_storage
+    from search.storage import make_storage
 
     url = _fresh_database(postgres_url, "race")
     barrier = threading.Barrier(4)
@@ -289,7 +289,7 @@ def test_fresh_database_opened_at_once(postgres_url: str) -> None:
 
 def test_bare_postgresql_url_opens(postgres_url: str) -> None:
     """The URL form the README documents, with only the dev extra's driver installed."""
-    from search.study import make_storage
+    from search.storage import make_storage
 
     url = postgres_url.replace("postgresql+psycopg2://", "postgresql://")
     optuna.create_study(study_name="bare-url", storage=make_storage(url))

@@ -181,14 +181,12 @@ def test_sigkill_mid_trial_resumes_and_retries(tmp_path: Path, synthetic_root: P
 
 
 def test_tampered_teacher_is_refused(tmp_path: Path, tiny_data) -> None:
-    from pipelines.models import build_model
-    from pipelines.serialize import save_checkpoint
+    from pipelines.models import ModelSpec
+    from pipelines.serialize import describe_model, save_checkpoint
     from search.baseline import load_teacher
 
-    model = build_model("resnet8", 3, 8, 0.5)
-    save_checkpoint(
-        model, tmp_path / "teacher", {"arch": "resnet8", "width": 0.5, "in_channels": 3, "num_classes": 8}
-    )
+    spec = ModelSpec("resnet8", width=0.5)
+    save_checkpoint(spec.build(3, 8, 28), tmp_path / "teacher", describe_model(spec, 3, 8, 28))
     assert load_teacher(tmp_path) is not None
     data = (tmp_path / "teacher.pt").read_bytes()
     (tmp_path / "teacher.pt").write_bytes(data[:-10] + bytes(10))
@@ -201,7 +199,7 @@ def test_pickled_code_is_refused(tmp_path: Path) -> None:
     import pickle
 
     from pipelines.files import sha256_file
-    from pipelines.serialize import load_checkpoint
+    from pipelines.serialize import FORMAT_VERSION, load_checkpoint
 
     class Evil:
         def __reduce__(self):
@@ -211,7 +209,7 @@ def test_pickled_code_is_refused(tmp_path: Path) -> None:
     (tmp_path / "model.json").write_text(
         json.dumps(
             {
-                "format_version": 1,
+                "format_version": FORMAT_VERSION,
                 "description": {},
                 "layers": {},
                 "sha256": sha256_file(tmp_path / "model.pt"),
@@ -220,42 +218,3 @@ def test_pickled_code_is_refused(tmp_path: Path) -> None:
     )
     with pytest.raises(UntrustedFileError, match="not a plain tensor file"):
         load_checkpoint(tmp_path / "model")
-
-
-def test_same_seed_same_first_trials(tmp_path: Path) -> None:
-    from search.space import parse_space, suggest
-    from search.study import make_sampler
-
-    cfg = parse_space({"study": {"sampler": {"name": "tpe", "seed": 7}}})
-
-    def first_params() -> list[dict]:
-        study = optuna.create_study(
-            directions=["maximize", "minimize", "minimize"], sampler=make_sampler(cfg)
-        )
-        params = []
-        for index in range(4):
-            trial = study.ask()
-            params.append(suggest(trial, cfg.space))
-            study.tell(trial, [0.5 + 0.01 * index, 10.0 - index, 1.0])
-        return params
-
-    assert first_params() == first_params()
-
-
-def test_a_study_refuses_to_resume_under_another_teacher_or_trial_budget(tmp_path: Path) -> None:
-    """Its finished trials were scored under the old teacher and budget: mixing would rank incomparable
-    numbers. The export budget only affects exports, so changing it resumes."""
-    from pipelines.errors import ConfigError
-    from search.space import parse_space
-    from search.study import _write_config
-
-    _write_config(parse_space({}), tmp_path)
-    _write_config(parse_space({"export": {"finetune_epochs": 9}, "study": {"trials": 30}}), tmp_path)
-    for change, named in (
-        ({"baseline": {"seed": 3}}, "baseline"),
-        ({"trial": {"finetune_epochs": 9}}, "trial"),
-        ({"space": {"bits": [8]}, "trial": {"lr": 0.01}}, "space, trial"),
-    ):
-        with pytest.raises(ConfigError) as caught:
-            _write_config(parse_space(change), tmp_path)
-        assert f"with a different {named}." in str(caught.value) and "study.name" in str(caught.value)

@@ -76,14 +76,14 @@ def check_exact_count(study: optuna.Study, target: int, *trials_folders: Path) -
 def test_a_trial_beyond_the_target_is_pruned_as_surplus(tmp_path: Path) -> None:
     """The race the workers can lose, played in order: with the target 2, trial 0 complete and trial 1
     running (worker A), a trial that worker B started anyway (2) stops at once as PRUNED "not needed"."""
+    from search.config import parse_config
     from search.evaluation import TrialContext
     from search.objective import DIRECTIONS, Objective
-    from search.space import parse_space
 
     study = optuna.create_study(directions=list(DIRECTIONS))
     study.add_trial(optuna.trial.create_trial(values=[0.5, 1.0, 0.1], state=TrialState.COMPLETE))
     running = study.ask()
-    context = TrialContext(parse_space({}), data=None, teacher=None, study_folder=tmp_path)
+    context = TrialContext(parse_config({}), data=None, teacher=None, study_folder=tmp_path)
     study.optimize(Objective(context, target_trials=2), n_trials=1)
     surplus = study.trials[-1]
     assert (running.number, surplus.number) == (1, 2)
@@ -140,10 +140,12 @@ def test_workers_on_a_journal_file(
 def test_workers_of_one_study_do_not_propose_the_same_configurations() -> None:
     # Each worker process builds its own sampler. With one seed, the workers' first (random start-up)
     # proposals were identical, so two processes trained the same configuration side by side.
-    from search.space import load_space, suggest
-    from search.study import make_sampler, worker_config
+    from search.config import load_config
+    from search.space import suggest
+    from search.study import make_sampler
+    from search.workers import worker_config
 
-    cfg = load_space(REPO / "search_spaces" / "bloodmnist.yaml")
+    cfg = load_config(REPO / "search_spaces" / "bloodmnist.yaml")
     assert worker_config(cfg, 0) is cfg  # one worker: the study's own seed, unchanged
     proposals = []
     for index in range(2):

@@ -1,0 +1,543 @@
+"""The search configuration: a YAML file validated by one schema into typed, frozen sections.
+
+Unknown keys, wrong types and out-of-range values raise :class:`ConfigError` naming the field as the user
+wrote it (a dotted path), the value and the fix. Ranges are checked once, by the pipelines' own config types
+(``TrainConfig``, ``PruneConfig``, ``MoEConfig``, ``ModelSpec`` ...); this module renames their fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipelines.compress.prune import PruneConfig
+from pipelines.compress.quantize import QuantizeConfig
+from pipelines.data import AUGMENT_VIEWS, dataset_names
+from pipelines.errors import ConfigError, unknown_name
+from pipelines.files import sha256_file
+from pipelines.hybrid import DEFAULT_EXPERT_INIT, HybridConfig, StageBudget
+from pipelines.models import ModelSpec
+from pipelines.moe import DEFAULT_ROUTING, MoEConfig
+from pipelines.symmetry import check_views
+from pipelines.train import TrainConfig
+
+__all__ = [
+    "SAMPLERS",
+    "SearchConfig",
+    "ModelSettings",
+    "BaselineSettings",
+    "Budget",
+    "Space",
+    "load_config",
+    "parse_config",
+    "dump_config",
+    "stable_hash",
+    "setup_fingerprint",
+]
+
+SAMPLERS: tuple[str, ...] = ("tpe", "nsga2", "gp", "random")
+KD_TARGETS: tuple[str, ...] = ("online", "ensemble")  # see TrialContext.training_data
+
+
+@dataclass(frozen=True)
+class IntRange:
+    low: int
+    high: int
+    step: int = 1
+
+
+@dataclass(frozen=True)
+class FloatRange:
+    low: float
+    high: float
+    step: float | None = None
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    name: str = "tpe"
+    seed: int | None = 0
+    options: dict = field(default_factory=dict)  # passed to the Optuna sampler as keyword arguments
+
+
+@dataclass(frozen=True)
+class StudySettings:
+    name: str = "hycomp"
+    trials: int = 8
+    sampler: SamplerSettings = field(default_factory=SamplerSettings)
+    storage: str | None = None  # default: sqlite:///results/<name>/study.db
+    enqueue_baseline: bool = True
+    timeout_minutes: float | None = None
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    dataset: str = "bloodmnist"
+    root: str | None = None
+    size: int = 28
+    download: bool = False
+    verify_md5: bool = True
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """The model to compress (the fields of :class:`pipelines.models.ModelSpec`) and how pruning rounds."""
+
+    arch: str = "resnet20"
+    width: float = 1.0
+    small_input: bool | str = "auto"  # true | false | auto: small-image stem for torchvision models
+    kwargs: dict = field(default_factory=dict)  # keyword arguments of a torchvision builder or callable
+    exclude: tuple[str, ...] = ()  # module names pruning leaves untouched
+    checkpoint: str | None = None  # trained fp32 weights (a state_dict file): the teacher, not trained
+    channel_multiple: int = 8  # pruned layers keep multiples of this many channels (1 = exact ratio)
+
+    @property
+    def spec(self) -> ModelSpec:
+        return ModelSpec(
+            arch=self.arch,
+            width=self.width,
+            small_input=self.small_input,
+            kwargs=dict(self.kwargs),
+            exclude=self.exclude,
+            checkpoint=self.checkpoint,
+        )
+
+    def identity(self) -> dict:
+        """The spec as plain data, with a checkpoint's content (sha256) beside its path: a cache key."""
+        identity = self.spec.to_dict()
+        if self.checkpoint is not None:
+            path = Path(self.checkpoint)
+            if not path.is_file():
+                raise ConfigError(
+                    f"model.checkpoint: {self.checkpoint!r} does not exist. Give the path of a state_dict file."
+                )
+            identity["checkpoint_sha256"] = sha256_file(path)
+        return identity
+
+
+@dataclass(frozen=True)
+class BaselineSettings:
+    """Training of the fp32 teacher (cached, keyed by dataset, arch and these settings)."""
+
+    epochs: float = 15
+    lr: float = 0.1
+    batch_size: int = 128
+    weight_decay: float = 5e-4
+    label_smoothing: float = 0.1
+    schedule: str = "onecycle"
+    augment: str = "flips"  # none | flips | d4 (crop + symmetries; pipelines.data.AUGMENTS)
+    precision: str = "fp32"  # fp32 | bf16 (pipelines.train: autocast training, 2.5x faster on AMX CPUs)
+    seed: int = 0
+    teachers: int = (
+        1  # students distil from this many teachers (seeds seed, seed+1, ...); the first is pruned
+    )
+
+    def train_config(self) -> TrainConfig:
+        """How the fp32 teacher is trained."""
+        return TrainConfig(
+            epochs=self.epochs,
+            lr=self.lr,
+            batch_size=self.batch_size,
+            weight_decay=self.weight_decay,
+            label_smoothing=self.label_smoothing,
+            schedule=self.schedule,
+            augment=self.augment,
+            seed=self.seed,
+            precision=self.precision,
+        )
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Training budget of one trial's stages (multi-fidelity: trials cheap, export at full budget)."""
+
+    subset: float = 1.0
+    finetune_epochs: float = 3.0
+    moe_epochs: float = 2.0
+    qat_epochs: float = 0.5
+    gate_epochs: float = 1.0
+    lr: float = 0.05
+    batch_size: int = 128
+    kd_alpha: float = 0.7
+    kd_temperature: float = 4.0
+    label_smoothing: float = 0.1
+    augment: str = "flips"  # none | flips | d4
+    precision: str = "fp32"  # fp32 | bf16 (pipelines.train)
+    kd_targets: str = (
+        "online"  # online: teacher on each batch | ensemble: teacher averaged over augment's views
+    )
+
+    def stage_budget(self, seed: int) -> StageBudget:
+        """The pipelines' budget of one compression run at this budget."""
+        return StageBudget(
+            finetune_epochs=self.finetune_epochs,
+            gate_epochs=self.gate_epochs,
+            moe_epochs=self.moe_epochs,
+            qat_epochs=self.qat_epochs,
+            train=TrainConfig(
+                lr=self.lr,
+                batch_size=self.batch_size,
+                kd_alpha=self.kd_alpha,
+                kd_temperature=self.kd_temperature,
+                label_smoothing=self.label_smoothing,
+                augment=self.augment,
+                subset=self.subset,
+                seed=seed,
+                precision=self.precision,
+            ),
+        )
+
+
+@dataclass(frozen=True)
+class Space:
+    sparsity: FloatRange = field(default_factory=lambda: FloatRange(0.3, 0.8, 0.05))
+    pruner: tuple[str, ...] = ("l1", "l2", "fpgm")
+    bits: tuple[int, ...] = (4, 6, 8)
+    quantizer: tuple[str, ...] = ("qat",)  # qat | ptq
+    num_experts: IntRange = field(default_factory=lambda: IntRange(1, 4))
+    top_k: IntRange = field(default_factory=lambda: IntRange(1, 2))
+    gate_size: tuple[int, ...] = (4, 8, 16)
+    routing: tuple[str, ...] = (DEFAULT_ROUTING,)  # class-groups | learned (see pipelines/moe.py)
+    expert_init: tuple[str, ...] = (DEFAULT_EXPERT_INIT,)  # copies | teachers (see pipelines/hybrid.py)
+    views: tuple[int, ...] = (
+        1,
+    )  # test-time symmetry views averaged per input: 1 | 2 | 4 | 8 (pipelines/moe.py)
+
+
+@dataclass(frozen=True)
+class MeasureSettings:
+    latency_threads: int = 1
+    latency_repeats: int = 30
+    int8_engine: bool = True  # trials are timed on ONNX Runtime int8 (fp32 for 32-bit trials)
+
+
+@dataclass(frozen=True)
+class Constraints:
+    max_latency_ms: float | None = None
+    max_size_kb: float | None = None
+    min_accuracy: float | None = None
+    max_mmacs: float | None = None
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    study: StudySettings = field(default_factory=StudySettings)
+    data: DataSettings = field(default_factory=DataSettings)
+    model: ModelSettings = field(default_factory=ModelSettings)
+    baseline: BaselineSettings = field(default_factory=BaselineSettings)
+    trial: Budget = field(default_factory=Budget)
+    export: Budget = field(
+        default_factory=lambda: Budget(subset=1.0, finetune_epochs=6, moe_epochs=6, qat_epochs=2)
+    )
+    space: Space = field(default_factory=Space)
+    measure: MeasureSettings = field(default_factory=MeasureSettings)
+    constraints: Constraints = field(default_factory=Constraints)
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        return _plain(asdict(self))
+
+    def model_identity(self) -> dict:
+        """The model section as a cache key: the spec (a checkpoint by its content too) and the channel
+        multiple that sets the pruned shapes."""
+        return {**self.model.identity(), "channel_multiple": self.model.channel_multiple}
+
+    def replace(self, **sections: Any) -> SearchConfig:
+        """A copy with sections updated from plain mappings, re-validated (``replace(study={"trials": 3})``)."""
+        merged = self.to_dict()
+        for section, values in sections.items():
+            if isinstance(merged.get(section), dict) and isinstance(values, dict):
+                merged[section] = {**merged[section], **values}
+            else:
+                merged[section] = values
+        return parse_config(merged)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(item) for item in value]
+    return value
+
+
+# --------------------------------------------------------------------------------------------- schema
+
+
+def _type_name(annotation: Any) -> str:
+    return getattr(annotation, "__name__", str(annotation)).replace("NoneType", "null")
+
+
+def _convert(value: Any, annotation: Any, path: str) -> Any:
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in args:
+            if option is type(None):
+                continue
+            try:
+                return _convert(value, option, path)
+            except ConfigError as error:
+                errors.append(str(error))
+        raise ConfigError(errors[0] if errors else f"{path}: null is not allowed here.")
+    if dataclasses.is_dataclass(annotation):
+        return _build(annotation, value, path)
+    if origin is tuple:
+        if isinstance(value, str | int | float):
+            value = [value]
+        if not isinstance(value, list | tuple) or not value:
+            raise ConfigError(
+                f"{path}: expected a non-empty list, got {value!r}. Write e.g. `{path.split('.')[-1]}: [a, b]`."
+            )
+        return tuple(_convert(item, args[0], f"{path}[{index}]") for index, item in enumerate(value))
+    if annotation is dict or origin is dict:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {value!r}.")
+        return dict(value)
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true or false, got {value!r}.")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected an integer, got {value!r}.")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{path}: expected a number, got {value!r}.")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {value!r}.")
+        return value
+    raise ConfigError(f"{path}: unsupported type {_type_name(annotation)}")  # pragma: no cover
+
+
+def _build(cls: type, mapping: Any, path: str) -> Any:
+    if mapping is None:
+        mapping = {}
+    if not isinstance(mapping, dict):
+        raise ConfigError(f"{path or 'space file'}: expected a mapping of keys, got {mapping!r}.")
+    hints = typing.get_type_hints(cls)
+    names = [item.name for item in dataclasses.fields(cls)]
+    for key in mapping:
+        if key not in names:
+            where = f"{path}.{key}" if path else str(key)
+            raise ConfigError(
+                f"{where}: unknown key. Valid keys{' of ' + path if path else ''}: {', '.join(names)}."
+            )
+    defaults = {item.name: item.default for item in dataclasses.fields(cls)}
+    values = {
+        # an empty list is allowed where the default is empty (model.exclude: [])
+        key: value
+        if value == [] and defaults[key] == ()
+        else _convert(value, hints[key], f"{path}.{key}" if path else key)
+        for key, value in mapping.items()
+    }
+    values = {key: tuple(value) if value == [] else value for key, value in values.items()}
+    return cls(**values)
+
+
+def _check_range(path: str, value: Any, low: float, high: float) -> None:
+    if not low <= value <= high:
+        raise ConfigError(f"{path}: {value} is out of range; use a value in [{low}, {high}].")
+
+
+def _checked(build: Callable[[], Any], names: dict[str, str]) -> Any:
+    """``build()`` (a pipelines config that checks itself), its ConfigError renamed to the user's fields:
+    ``names`` maps the pipelines' field (``train.lr``) or prefix (``train.``) to the user's."""
+    try:
+        return build()
+    except ConfigError as error:
+        message = str(error)
+        for theirs, ours in names.items():
+            if message.startswith(theirs):
+                message = ours + message[len(theirs) :]
+                break
+        raise ConfigError(message) from None
+
+
+def _validate(cfg: SearchConfig) -> None:
+    if cfg.study.trials < 1:
+        raise ConfigError(f"study.trials: {cfg.study.trials} must be a positive number of trials (e.g. 8).")
+    if not cfg.study.name or any(char in cfg.study.name for char in '/\\:*?"<>| '):
+        raise ConfigError(
+            f"study.name: {cfg.study.name!r} must be a non-empty name without spaces or path characters."
+        )
+    if cfg.study.sampler.name not in SAMPLERS:
+        raise unknown_name("study.sampler.name", cfg.study.sampler.name, SAMPLERS)
+    if cfg.data.dataset not in dataset_names():
+        raise unknown_name("data.dataset", cfg.data.dataset, dataset_names())
+    if cfg.data.size not in (28, 32, 64, 128, 224):
+        raise ConfigError(
+            f"data.size: {cfg.data.size} is not a MedMNIST size; use 28, 64, 128 or 224 (32 for CIFAR-10)."
+        )
+    spec = cfg.model.spec  # ModelSpec checks arch, width, small_input, kwargs, exclude, checkpoint
+    _checked(
+        lambda: PruneConfig(0.0, channel_multiple=cfg.model.channel_multiple, exclude=spec.exclude),
+        {"prune.channel_multiple": "model.channel_multiple"},
+    )
+    # a search's learning rates stay in a range that trains (the pipelines accept any positive one)
+    for prefix, section in (("baseline", cfg.baseline), ("trial", cfg.trial), ("export", cfg.export)):
+        _check_range(f"{prefix}.lr", section.lr, 1e-6, 10.0)
+    _checked(cfg.baseline.train_config, {"train.": "baseline."})
+    for prefix, budget in (("trial", cfg.trial), ("export", cfg.export)):
+        _checked(
+            lambda budget=budget: budget.stage_budget(0), {"train.": f"{prefix}.", "budget.": f"{prefix}."}
+        )
+        if budget.kd_targets not in KD_TARGETS:
+            raise unknown_name(f"{prefix}.kd_targets", budget.kd_targets, KD_TARGETS)
+    _check_range("baseline.teachers", cfg.baseline.teachers, 1, 8)
+    if cfg.model.checkpoint is not None and cfg.baseline.teachers > 1:
+        raise ConfigError(
+            f"baseline.teachers: {cfg.baseline.teachers} teachers need different seeds, but model.checkpoint gives "
+            "one set of weights. Set baseline.teachers: 1, or remove model.checkpoint to train the teachers."
+        )
+    if cfg.baseline.teachers > 1:
+        for prefix, budget in (("trial", cfg.trial), ("export", cfg.export)):
+            if budget.kd_targets != "ensemble":
+                raise ConfigError(
+                    f"{prefix}.kd_targets: {budget.kd_targets!r} distils from one teacher, but baseline.teachers "
+                    f"is {cfg.baseline.teachers}. Set {prefix}.kd_targets: ensemble (the teachers' averaged "
+                    "logits) or baseline.teachers: 1."
+                )
+    _validate_space(cfg)
+    _check_range("measure.latency_threads", cfg.measure.latency_threads, 1, 256)
+    _check_range("measure.latency_repeats", cfg.measure.latency_repeats, 1, 100000)
+    for name in ("max_latency_ms", "max_size_kb", "max_mmacs"):
+        value = getattr(cfg.constraints, name)
+        if value is not None and value <= 0:
+            raise ConfigError(f"constraints.{name}: {value} must be > 0 (or null for no limit).")
+    if cfg.constraints.min_accuracy is not None:
+        _check_range("constraints.min_accuracy", cfg.constraints.min_accuracy, 0.0, 1.0)
+
+
+def _validate_space(cfg: SearchConfig) -> None:
+    """Every value the space can suggest is one the pipelines' configs accept."""
+    space = cfg.space
+    sparsity = space.sparsity
+    for end in ("low", "high"):
+        _checked(
+            lambda end=end: PruneConfig(getattr(sparsity, end)), {"prune.sparsity": f"space.sparsity.{end}"}
+        )
+    if sparsity.low > sparsity.high:
+        raise ConfigError(f"space.sparsity: low {sparsity.low} > high {sparsity.high}; swap them.")
+    if sparsity.step is not None and sparsity.step <= 0:
+        raise ConfigError(f"space.sparsity.step: {sparsity.step} must be > 0 or null.")
+    for pruner in space.pruner:
+        _checked(lambda pruner=pruner: PruneConfig(0.0, pruner=pruner), {"prune.pruner": "space.pruner"})
+    for bits in space.bits:
+        _checked(lambda bits=bits: QuantizeConfig(bits=bits), {"quantize.bits": "space.bits"})
+    for method in space.quantizer:
+        _checked(lambda method=method: QuantizeConfig(method=method), {"quantize.method": "space.quantizer"})
+    for end in ("low", "high"):
+        _checked(
+            lambda end=end: MoEConfig(num_experts=getattr(space.num_experts, end), top_k=1),
+            {"moe.num_experts": f"space.num_experts.{end}"},
+        )
+    if space.num_experts.low > space.num_experts.high:
+        raise ConfigError(
+            f"space.num_experts: low {space.num_experts.low} > high {space.num_experts.high}; swap them."
+        )
+    # top_k is clipped to the sampled number of experts, so only its lowest value must fit the largest MoE
+    _checked(
+        lambda: MoEConfig(num_experts=space.num_experts.high, top_k=space.top_k.low),
+        {"moe.top_k": "space.top_k.low"},
+    )
+    _checked(
+        lambda: MoEConfig(num_experts=max(space.top_k.high, 1), top_k=space.top_k.high),
+        {"moe.num_experts": "space.top_k.high", "moe.top_k": "space.top_k.high"},
+    )
+    if space.top_k.low > space.top_k.high:
+        raise ConfigError(f"space.top_k: low {space.top_k.low} > high {space.top_k.high}; swap them.")
+    for gate_size in space.gate_size:
+        _checked(
+            lambda gate_size=gate_size: MoEConfig(gate_size=gate_size), {"moe.gate_size": "space.gate_size"}
+        )
+    for routing in space.routing:
+        _checked(lambda routing=routing: MoEConfig(routing=routing), {"moe.routing": "space.routing"})
+    for init in space.expert_init:
+        _checked(
+            lambda init=init: HybridConfig(PruneConfig(0.0), QuantizeConfig(), MoEConfig(), expert_init=init),
+            {"expert_init": "space.expert_init"},
+        )
+    if "teachers" in space.expert_init and cfg.baseline.teachers < 2:
+        raise ConfigError(
+            f"space.expert_init: 'teachers' prunes each expert from a different teacher, but baseline.teachers "
+            f"is {cfg.baseline.teachers}. Set baseline.teachers: 2 (or more), or remove 'teachers' from "
+            "space.expert_init."
+        )
+    for views in space.views:
+        check_views(views, "space.views")
+        for prefix, budget in (("trial", cfg.trial), ("export", cfg.export)):
+            seen = AUGMENT_VIEWS[budget.augment]
+            if views > seen:
+                raise ConfigError(
+                    f"space.views: {views} averages symmetric views the students never trained on "
+                    f"({prefix}.augment: {budget.augment} covers {seen}). Use views up to {seen}, or set "
+                    f"{prefix}.augment: d4 (all 8)."
+                )
+
+
+def parse_config(mapping: Any) -> SearchConfig:
+    """Validate a mapping (parsed YAML) into a :class:`SearchConfig`."""
+    cfg = _build(SearchConfig, mapping, "")
+    _validate(cfg)
+    return cfg
+
+
+def load_config(path: str | Path) -> SearchConfig:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(
+            f"--space: file {path} does not exist. Pass a YAML file such as search_spaces/bloodmnist.yaml."
+        )
+    try:
+        mapping = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(
+            f"{path}: malformed YAML{where}: {getattr(error, 'problem', error)}. Fix the syntax."
+        ) from None
+    try:
+        return parse_config(mapping)
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from None
+
+
+def dump_config(cfg: SearchConfig) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def stable_hash(mapping: dict) -> str:
+    return hashlib.sha256(json.dumps(mapping, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def setup_fingerprint(cfg: SearchConfig) -> str:
+    """What shapes a full-budget model besides its trial configuration and seed: dataset, model (its channel
+    multiple sets the pruned shapes), teachers and the export budget. Where the data lives does not count.
+    A saved full-budget result is reused only under the same fingerprint."""
+    settings = parse_config(cfg.to_dict()).to_dict()  # parsed values: 15 and 15.0 epochs are one budget
+    data = {key: value for key, value in settings["data"].items() if key not in ("root", "download")}
+    return stable_hash(
+        {
+            "data": data,
+            "model": cfg.model_identity(),
+            **{section: settings[section] for section in ("baseline", "export")},
+        }
+    )

@@ -1,0 +1,112 @@
+"""What a search needs before its first trial: the data, the fp32 teachers and the trial context.
+
+Every command that trains or measures (search, its worker processes, export, the benchmarks) builds these
+here, from the config alone, so a spawned process rebuilds exactly what its parent had.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pipelines.data import Dataset, load_dataset
+from pipelines.train import predict_logits
+from search.baseline import get_baseline, member_config, record_path, teacher_latency
+from search.config import SearchConfig
+from search.evaluation import TrialContext
+
+__all__ = ["load_data", "get_teachers", "trial_context"]
+
+log = logging.getLogger("hycomp")
+
+
+def load_data(cfg: SearchConfig) -> Dataset:
+    """The dataset a search config names, loaded with its data settings."""
+    return load_dataset(
+        cfg.data.dataset,
+        cfg.data.root,
+        size=cfg.data.size,
+        download=cfg.data.download,
+        verify_md5=cfg.data.verify_md5,
+    )
+
+
+def _train_member(cfg: SearchConfig, root: Path | None, threads: int) -> str:
+    """Worker of :func:`get_teachers` with ``jobs > 1``: train and cache one member (its own data copy)."""
+    _, record = get_baseline(cfg, load_data(cfg), root, threads)
+    return record["key"]
+
+
+def get_teachers(
+    cfg: SearchConfig, data: Dataset, root: Path | None = None, threads: int = 1, jobs: int = 1
+) -> tuple[list[nn.Module], dict]:
+    """The ``baseline.teachers`` fp32 teachers (each trained once and cached, like :func:`get_baseline`).
+
+    The first is the teacher that is compressed; students distil from all of them (``kd_targets:
+    ensemble`` averages their logits). Returns (teachers, record of the first); with more than one, the
+    record's ``ensemble`` entry holds the members' cache keys and the val/test accuracy of their averaged
+    logits (test is reported only, never used to choose).
+
+    ``jobs > 1`` trains the members not cached yet side by side, each process pinned to its share of the
+    CPUs (:func:`search.pool.run_pinned`): with 2 cores, two teachers at one thread each take about the time
+    of one at two threads. Each member is cached as it finishes, so an interrupted run keeps the finished.
+    """
+    members = [member_config(cfg, index) for index in range(cfg.baseline.teachers)]
+    missing = [member for member in members if not record_path(member, root).exists()]
+    parallel = jobs > 1 and len(missing) > 1
+    if parallel:
+        from search.pool import run_pinned
+
+        log.info("baseline: training %d teachers, %d at a time", len(missing), min(jobs, len(missing)))
+        run_pinned(
+            _train_member,
+            [(member, root, threads) for member in missing],
+            jobs,
+            lambda job, key: log.info("baseline: teacher %s cached", key),
+        )
+    teachers, records = [], []
+    for member in members:
+        teacher, record = get_baseline(member, data, root, threads)
+        if parallel and member in missing:
+            # measured while the other members trained beside it: measure again on a quiet machine
+            record["latency"] = teacher_latency(member, teacher, data, threads).as_dict()
+            record_path(member, root).write_text(json.dumps(record, indent=2))
+        teachers.append(teacher)
+        records.append(record)
+    record = dict(records[0])
+    if len(teachers) > 1:
+
+        def accuracy(split) -> float:
+            logits = torch.stack([predict_logits(teacher, split) for teacher in teachers]).mean(dim=0)
+            return float((logits.argmax(dim=1) == split.labels).float().mean())
+
+        record["ensemble"] = {
+            "members": [member["key"] for member in records],
+            "member_test_accuracy": [member["test_accuracy"] for member in records],
+            "val_accuracy": accuracy(data.val),
+            "test_accuracy": accuracy(data.test),
+            "macs": sum(member["macs"] for member in records),
+        }
+        log.info(
+            "teacher ensemble of %d: val %.4f, test %.4f (members' test: %s)",
+            len(teachers),
+            record["ensemble"]["val_accuracy"],
+            record["ensemble"]["test_accuracy"],
+            ", ".join(f"{member['test_accuracy']:.4f}" for member in records),
+        )
+    return teachers, record
+
+
+def trial_context(
+    cfg: SearchConfig, data: Dataset, study_folder: Path, jobs: int = 1
+) -> tuple[TrialContext, dict]:
+    """The context trials of ``cfg`` run in, for the study in ``study_folder`` (teachers cached beside it,
+    trained or loaded ``jobs`` at a time), and the record of the first teacher."""
+    teachers, record = get_teachers(
+        cfg, data, study_folder.parent, threads=cfg.measure.latency_threads, jobs=jobs
+    )
+    return TrialContext(cfg, data, teachers[0], study_folder, distill_from=teachers), record
