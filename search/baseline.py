@@ -42,31 +42,35 @@ def teacher_recipe(cfg: SearchConfig) -> TrainConfig:
     return cfg.baseline.train_config()
 
 
-def baseline_key(cfg: SearchConfig) -> str:
-    """The teacher's cache key: dataset, image size, the whole model spec (a checkpoint by its sha256) and
-    the training recipe."""
+CACHE_FORMAT = 2  # what a cached teacher holds and how it is keyed; older caches are never reused
+
+
+def baseline_key(cfg: SearchConfig, data: Dataset) -> str:
+    """The teacher's cache key: the data's content (pixels, labels, classes), the whole model spec (a
+    checkpoint by its sha256), the training recipe and the cache format."""
     identity = {
-        "dataset": cfg.data.dataset,
-        "size": cfg.data.size,
+        "format": CACHE_FORMAT,
+        "data": data.fingerprint,
         "model": cfg.model.identity(),
         "train": asdict(teacher_recipe(cfg)),
     }
     arch = re.sub(r"[^\w.-]", "-", cfg.model.arch)  # torchvision:resnet18 -> torchvision-resnet18
-    return f"{cfg.data.dataset}-{arch}-{stable_hash(identity)}"
+    name = re.sub(r"[^\w.-]", "-", data.name)
+    return f"{name}-{arch}-{stable_hash(identity)}"
 
 
-def teacher_folder(cfg: SearchConfig, root: Path | None = None) -> Path:
-    """The cache folder of the teacher of ``cfg`` (its ``teacher`` checkpoint and ``baseline.json``)."""
-    return baseline_dir(baseline_key(cfg), root)
+def teacher_folder(cfg: SearchConfig, data: Dataset, root: Path | None = None) -> Path:
+    """The cache folder of the teacher of ``cfg`` on ``data`` (its ``teacher`` checkpoint and ``baseline.json``)."""
+    return baseline_dir(baseline_key(cfg, data), root)
 
 
 def load_teacher(folder: Path) -> nn.Module:
     return rebuild_model(*load_checkpoint(folder / "teacher"))
 
 
-def record_path(cfg: SearchConfig, root: Path | None = None) -> Path:
+def record_path(cfg: SearchConfig, data: Dataset, root: Path | None = None) -> Path:
     """The teacher's ``baseline.json``: it exists once the teacher is cached."""
-    return teacher_folder(cfg, root) / "baseline.json"
+    return teacher_folder(cfg, data, root) / "baseline.json"
 
 
 def teacher_latency(cfg: SearchConfig, model: nn.Module, data: Dataset, threads: int):
@@ -83,7 +87,7 @@ def get_baseline(
     cfg: SearchConfig, data: Dataset, root: Path | None = None, threads: int = 1
 ) -> tuple[nn.Module, dict]:
     """Load the cached teacher for ``cfg`` or train and cache it. Returns (teacher, record)."""
-    record_file = record_path(cfg, root)
+    record_file = record_path(cfg, data, root)
     folder = record_file.parent
     if record_file.exists():
         log.info("baseline: using cached teacher %s", folder)

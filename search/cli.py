@@ -308,15 +308,37 @@ class BaselineCommand:
 
     def take_action(self, args: argparse.Namespace) -> int:
         from pipelines.errors import ConfigError
-        from search.setup import get_teachers, load_data
+        from pipelines.reference_accuracy import reference_accuracy, reference_warning
+        from search.setup import get_teachers, load_data, resolve_augment
 
         if args.jobs < 1:
             raise ConfigError(f"--jobs: {args.jobs} must be >= 1.")
         cfg = _load_cfg(args)
         data = load_data(cfg)
+        cfg, probe = resolve_augment(cfg, data)
         _, record = get_teachers(cfg, data, threads=cfg.measure.latency_threads, jobs=args.jobs)
-        keys = ("key", "arch", "val_accuracy", "test_accuracy", "macs", "params", "train_seconds", "ensemble")
-        print(json.dumps({key: record[key] for key in keys if key in record}, indent=2))
+        keys = (
+            "key",
+            "arch",
+            "source",
+            "val_accuracy",
+            "test_accuracy",
+            "macs",
+            "params",
+            "train_seconds",
+            "ensemble",
+        )
+        summary = {key: record[key] for key in keys if key in record}
+        summary["augment"] = cfg.baseline.augment
+        if probe is not None:
+            summary["augment_probe"] = probe["summary"]
+        published = reference_accuracy(data.name)
+        if published is not None:
+            summary["published_resnet18_28_test_accuracy"] = published  # MedMNIST v2, Yang et al. 2023
+        print(json.dumps(summary, indent=2))
+        warning = reference_warning(data.name, record["test_accuracy"], data.image_size)
+        if warning:
+            print(f"warning: {warning}", file=sys.stderr)
         return 0
 
 

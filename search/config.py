@@ -21,7 +21,7 @@ import yaml
 
 from pipelines.compress.prune import PruneConfig
 from pipelines.compress.quantize import QuantizeConfig
-from pipelines.data import AUGMENT_VIEWS, dataset_names
+from pipelines.data import AUGMENT_VIEWS, MEDMNIST_SIZES, USER_LAYOUTS, dataset_names
 from pipelines.errors import ConfigError, unknown_name
 from pipelines.files import sha256_file
 from pipelines.hybrid import DEFAULT_EXPERT_INIT, HybridConfig, StageBudget
@@ -31,6 +31,7 @@ from pipelines.symmetry import check_views
 from pipelines.train import TrainConfig
 
 __all__ = [
+    "resolved_augment",
     "SAMPLERS",
     "SearchConfig",
     "ModelSettings",
@@ -43,6 +44,8 @@ __all__ = [
     "stable_hash",
     "setup_fingerprint",
 ]
+
+AUTO = "auto"  # an augment the symmetry probe chooses on the data (pipelines.symmetry_probe)
 
 SAMPLERS: tuple[str, ...] = ("tpe", "nsga2", "gp", "random")
 KD_TARGETS: tuple[str, ...] = ("online", "ensemble")  # see TrialContext.training_data
@@ -81,11 +84,16 @@ class StudySettings:
 
 @dataclass(frozen=True)
 class DataSettings:
+    """Which data: a MedMNIST flag or cifar10 (files under ``root``), ``folder`` (``root`` holds
+    train/<class>/, val/<class>/, test/<class>/ images) or ``npz`` (``path``: MedMNIST's array layout)."""
+
     dataset: str = "bloodmnist"
     root: str | None = None
+    path: str | None = None  # the file of ``dataset: npz``
     size: int = 28
     download: bool = False
     verify_md5: bool = True
+    split_seed: int = 0  # seeds the stratified validation split cut from train when the data has none
 
 
 @dataclass(frozen=True)
@@ -134,7 +142,7 @@ class BaselineSettings:
     weight_decay: float = 5e-4
     label_smoothing: float = 0.1
     schedule: str = "onecycle"
-    augment: str = "flips"  # none | flips | d4 (crop + symmetries; pipelines.data.AUGMENTS)
+    augment: str = "auto"  # auto | none | crop | hflip | flips | d4 (pipelines.train.AUGMENTS)
     precision: str = "fp32"  # fp32 | bf16 (pipelines.train: autocast training, 2.5x faster on AMX CPUs)
     seed: int = 0
     teachers: int = (
@@ -170,7 +178,7 @@ class Budget:
     kd_alpha: float = 0.7
     kd_temperature: float = 4.0
     label_smoothing: float = 0.1
-    augment: str = "flips"  # none | flips | d4
+    augment: str = "auto"  # auto | none | crop | hflip | flips | d4 (pipelines.train.AUGMENTS)
     precision: str = "fp32"  # fp32 | bf16 (pipelines.train)
     kd_targets: str = (
         "online"  # online: teacher on each batch | ensemble: teacher averaged over augment's views
@@ -380,12 +388,7 @@ def _validate(cfg: SearchConfig) -> None:
         )
     if cfg.study.sampler.name not in SAMPLERS:
         raise unknown_name("study.sampler.name", cfg.study.sampler.name, SAMPLERS)
-    if cfg.data.dataset not in dataset_names():
-        raise unknown_name("data.dataset", cfg.data.dataset, dataset_names())
-    if cfg.data.size not in (28, 32, 64, 128, 224):
-        raise ConfigError(
-            f"data.size: {cfg.data.size} is not a MedMNIST size; use 28, 64, 128 or 224 (32 for CIFAR-10)."
-        )
+    _validate_data(cfg.data)
     spec = cfg.model.spec  # ModelSpec checks arch, width, small_input, kwargs, exclude, checkpoint
     _checked(
         lambda: PruneConfig(0.0, channel_multiple=cfg.model.channel_multiple, exclude=spec.exclude),
@@ -484,6 +487,8 @@ def _validate_space(cfg: SearchConfig) -> None:
     for views in space.views:
         check_views(views, "space.views")
         for prefix, budget in (("trial", cfg.trial), ("export", cfg.export)):
+            if budget.augment == AUTO:
+                continue  # checked again once the probe has chosen (resolved_augment)
             seen = AUGMENT_VIEWS[budget.augment]
             if views > seen:
                 raise ConfigError(
@@ -491,6 +496,44 @@ def _validate_space(cfg: SearchConfig) -> None:
                     f"({prefix}.augment: {budget.augment} covers {seen}). Use views up to {seen}, or set "
                     f"{prefix}.augment: d4 (all 8)."
                 )
+
+
+def _validate_data(data: DataSettings) -> None:
+    names = [*dataset_names(), *USER_LAYOUTS]
+    if data.dataset not in names:
+        raise unknown_name("data.dataset", data.dataset, names)
+    if data.dataset == "folder" and not data.root:
+        raise ConfigError(
+            "data.root: `dataset: folder` needs the folder holding train/<class>/, val/<class>/ and "
+            "test/<class>/ images; set data.root (or pass --data-root)."
+        )
+    if data.dataset == "npz" and not data.path:
+        raise ConfigError("data.path: `dataset: npz` needs the .npz file (MedMNIST's layout); set data.path.")
+    if data.dataset != "npz" and data.path is not None:
+        raise ConfigError(
+            f"data.path: {data.path!r} is read only with `dataset: npz`; remove it or set that."
+        )
+    if data.dataset in USER_LAYOUTS:
+        _check_range("data.size", data.size, 8, 1024)
+    elif data.dataset == "cifar10":
+        if data.size != 32:
+            raise ConfigError(f"data.size: {data.size}; CIFAR-10 images are 32 px. Use data.size: 32.")
+    elif data.size not in MEDMNIST_SIZES:
+        raise ConfigError(
+            f"data.size: {data.size} is not a size MedMNIST publishes; use one of "
+            f"{', '.join(map(str, MEDMNIST_SIZES))}, or `dataset: npz` / `folder` for your own files (any size)."
+        )
+    if data.split_seed < 0:
+        raise ConfigError(f"data.split_seed: {data.split_seed} must be >= 0.")
+
+
+def resolved_augment(cfg: SearchConfig, augment: str) -> SearchConfig:
+    """``cfg`` with every ``augment: auto`` (baseline, trial, export) replaced by ``augment``, validated again."""
+    mapping = cfg.to_dict()
+    for section in ("baseline", "trial", "export"):
+        if mapping[section]["augment"] == AUTO:
+            mapping[section]["augment"] = augment
+    return parse_config(mapping)
 
 
 def parse_config(mapping: Any) -> SearchConfig:
@@ -528,15 +571,21 @@ def stable_hash(mapping: dict) -> str:
     return hashlib.sha256(json.dumps(mapping, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def setup_fingerprint(cfg: SearchConfig) -> str:
-    """What shapes a full-budget model besides its trial configuration and seed: dataset, model (its channel
-    multiple sets the pruned shapes), teachers and the export budget. Where the data lives does not count.
-    A saved full-budget result is reused only under the same fingerprint."""
+SETUP_FORMAT = 2  # how trained models are keyed; models cached under another format are never reused
+
+
+def setup_fingerprint(cfg: SearchConfig, data_fingerprint: str) -> str:
+    """What shapes a trained model besides its configuration, budget and seed: the data's content
+    (:attr:`pipelines.data.Dataset.fingerprint`; where it lives does not count), the model (its channel
+    multiple sets the pruned shapes), the teachers and the export budget, and the cache format. A saved
+    model or full-budget result is reused only under the same fingerprint."""
     settings = parse_config(cfg.to_dict()).to_dict()  # parsed values: 15 and 15.0 epochs are one budget
-    data = {key: value for key, value in settings["data"].items() if key not in ("root", "download")}
+    data = {key: value for key, value in settings["data"].items() if key not in ("root", "path", "download")}
     return stable_hash(
         {
+            "format": SETUP_FORMAT,
             "data": data,
+            "content": data_fingerprint,
             "model": cfg.model_identity(),
             **{section: settings[section] for section in ("baseline", "export")},
         }

@@ -30,7 +30,7 @@ from pipelines.measure import count_macs, count_params, packed_size_bytes
 from pipelines.moe import DEFAULT_ROUTING, Gate, MoEConfig, moe_description, routing_table
 from pipelines.serialize import save_checkpoint
 from pipelines.train import ensemble_logits, evaluate
-from search.config import Budget, ModelSettings, SearchConfig, stable_hash
+from search.config import Budget, ModelSettings, SearchConfig, setup_fingerprint
 from search.model_cache import TrainedModel
 from search.record import Measurement, Training, TrialRecord
 
@@ -56,19 +56,9 @@ class TrialContext:
     _ensembles: dict[str, Dataset] = field(default_factory=dict, repr=False)
 
     def setup(self) -> str:
-        """What shapes a trained model besides its configuration, budget and seed: the data (not where it
-        lives), the model section and the teachers (the baseline section and how many distil)."""
-        settings = self.cfg.to_dict()
-        data = {key: value for key, value in settings["data"].items() if key not in ("root", "download")}
-        teachers = len(self.distill_from or [self.teacher])
-        return stable_hash(
-            {
-                "data": data,
-                "model": self.cfg.model_identity(),
-                "baseline": settings["baseline"],
-                "teachers": teachers,
-            }
-        )
+        """What shapes a trained model besides its configuration, budget and seed
+        (:func:`search.config.setup_fingerprint` on this context's data)."""
+        return setup_fingerprint(self.cfg, self.data.fingerprint)
 
     def training_data(self, budget: Budget) -> Dataset:
         """The dataset a budget trains on. With ``kd_targets: ensemble`` its train split carries the

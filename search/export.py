@@ -44,7 +44,7 @@ from pipelines.moe import rebuild_moe
 from pipelines.serialize import load_checkpoint
 from pipelines.timing import measure_latency
 from pipelines.train import evaluate
-from search.config import SearchConfig, setup_fingerprint
+from search.config import SearchConfig, stable_hash
 from search.evaluation import TrialContext, measure, train_and_measure, train_model
 from search.model_cache import ModelCache, model_key
 from search.pool import run_pinned
@@ -272,7 +272,7 @@ def check_target(target: Path, study_folder: Path, force: bool) -> None:
 
 def _loaded(cfg: SearchConfig, study_folder: Path) -> tuple[Dataset, list, dict]:
     """(data, teachers, baseline record) of this setup, loaded once per process."""
-    fingerprint = setup_fingerprint(cfg)
+    fingerprint = stable_hash(cfg.to_dict())
     if fingerprint not in _LOADED:
         data = load_data(cfg)
         teachers, baseline = get_teachers(cfg, data, study_folder.parent, threads=cfg.measure.latency_threads)
@@ -296,7 +296,7 @@ def _retrain_candidates(
     export budget: the model is trained once (kept in ``export/models``) and measured with each candidate's
     own views. Runs in a worker process with ``jobs`` > 1. A candidate already there with the same
     configuration and setup is reused, not measured again. Returns {trial: record}."""
-    fingerprint = setup_fingerprint(cfg)
+    fingerprint = _context(cfg, study_folder).setup()
     models = ModelCache(study_folder / "export" / "models")
     records: dict[int, TrialRecord] = {}
     for trial_number, params, folder in members:
@@ -355,7 +355,7 @@ def _saved_candidate(folder: Path, params: dict, fingerprint: str) -> TrialRecor
 def find_candidate(cfg: SearchConfig, study_folder: Path, params: dict) -> tuple[Path, TrialRecord] | None:
     """(folder, record) of a candidate that ``export --candidates`` already retrained at the full budget
     with exactly ``params`` under this setup, at seed ``cfg.seed``; None if there is none."""
-    fingerprint = setup_fingerprint(cfg)
+    fingerprint = _context(cfg, study_folder).setup()
     for record_path in sorted((study_folder / "export" / "candidates").glob("trial_*/candidate.json")):
         saved = _saved_candidate(record_path.parent, params, fingerprint)
         if saved is not None:
@@ -380,7 +380,7 @@ def export_best(
         check_target(out or default_target(study_folder, pick.trial, True), study_folder, force)
     trials = {t.number: t for t in study.get_trials(deepcopy=False)}
     folder = study_folder / "export" / "candidates"
-    fingerprint = setup_fingerprint(cfg)
+    fingerprint = _context(cfg, study_folder).setup()
     groups: dict[str, list[tuple[int, dict, Path]]] = {}  # one training per model (views differ only)
     for pick in picks:
         params = TrialRecord.of(trials[pick.trial]).parameters(trials[pick.trial].params)

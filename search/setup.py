@@ -14,12 +14,14 @@ import torch
 from torch import nn
 
 from pipelines.data import Dataset, load_dataset
+from pipelines.symmetry_probe import resolve_augment as choose_augment
 from pipelines.train import predict_logits
 from search.baseline import get_baseline, member_config, record_path, teacher_latency
-from search.config import SearchConfig
+from search.config import AUTO, SearchConfig, resolved_augment
 from search.evaluation import TrialContext
+from search.workspace import baseline_dir
 
-__all__ = ["load_data", "get_teachers", "trial_context"]
+__all__ = ["load_data", "resolve_augment", "get_teachers", "trial_context"]
 
 log = logging.getLogger("hycomp")
 
@@ -32,7 +34,38 @@ def load_data(cfg: SearchConfig) -> Dataset:
         size=cfg.data.size,
         download=cfg.data.download,
         verify_md5=cfg.data.verify_md5,
+        path=cfg.data.path,
+        split_seed=cfg.data.split_seed,
     )
+
+
+def resolve_augment(
+    cfg: SearchConfig, data: Dataset, root: Path | None = None
+) -> tuple[SearchConfig, dict | None]:
+    """``cfg`` with ``augment: auto`` replaced by the symmetry probe's choice on ``data``, and the probe's
+    record (None when nothing was ``auto``). The probe runs once per dataset and is cached beside the
+    teachers (keyed by the data's content), so workers, export and experiment agree without probing again."""
+    sections = (cfg.baseline.augment, cfg.trial.augment, cfg.export.augment)
+    if AUTO not in sections:
+        return cfg, None
+    cache = baseline_dir("probes", root) / f"{data.fingerprint[:24]}.json"
+    record = None
+    if cache.exists():
+        try:
+            record = json.loads(cache.read_text())
+        except (OSError, ValueError):
+            record = None
+        if not isinstance(record, dict) or not isinstance(record.get("augment"), str):
+            record = None  # a damaged cache file: probe again
+    if record is None:
+        _, probe = choose_augment(AUTO, data)
+        record = {**probe.to_dict(), "summary": probe.summary()}
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        partial = cache.with_suffix(".partial")
+        partial.write_text(json.dumps(record, indent=2))
+        partial.replace(cache)
+    log.info("%s: %s", data.name, record["summary"])
+    return resolved_augment(cfg, record["augment"]), record
 
 
 def _train_member(cfg: SearchConfig, root: Path | None, threads: int) -> str:
@@ -56,7 +89,7 @@ def get_teachers(
     of one at two threads. Each member is cached as it finishes, so an interrupted run keeps the finished.
     """
     members = [member_config(cfg, index) for index in range(cfg.baseline.teachers)]
-    missing = [member for member in members if not record_path(member, root).exists()]
+    missing = [member for member in members if not record_path(member, data, root).exists()]
     parallel = jobs > 1 and len(missing) > 1
     if parallel:
         from search.pool import run_pinned
@@ -74,7 +107,7 @@ def get_teachers(
         if parallel and member in missing:
             # measured while the other members trained beside it: measure again on a quiet machine
             record["latency"] = teacher_latency(member, teacher, data, threads).as_dict()
-            record_path(member, root).write_text(json.dumps(record, indent=2))
+            record_path(member, data, root).write_text(json.dumps(record, indent=2))
         teachers.append(teacher)
         records.append(record)
     record = dict(records[0])

@@ -17,12 +17,13 @@ import torch
 from optuna.trial import TrialState
 
 from pipelines.errors import CompressionError, ConfigError, unknown_name
+from pipelines.reference_accuracy import reference_warning
 from search.config import SAMPLERS, SearchConfig, dump_config, load_config, parse_config
 from search.evaluation import TrialContext
 from search.objective import DIRECTIONS, OBJECTIVES, Objective, is_repeat, reference_missing
 from search.progress import Progress
 from search.record import TrialRecord
-from search.setup import load_data, trial_context
+from search.setup import load_data, resolve_augment, trial_context
 from search.space import baseline_params
 from search.stopping import stop_rules
 from search.storage import default_storage, make_storage
@@ -107,10 +108,14 @@ def evaluated_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     return [trial for trial in completed_trials(study) if not is_repeat(trial)]
 
 
-def _write_config(cfg: SearchConfig, folder: Path) -> None:
+def _write_config(cfg: SearchConfig, folder: Path, probe: dict | None = None) -> None:
+    """Write the study's resolved config (``augment: auto`` replaced by the probe's choice, whose numbers
+    head the file as comments), refusing a study folder whose trials were scored under another setup."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "config.yaml"
     text = dump_config(cfg)
+    if probe is not None:
+        text = f"# {probe['summary']}\n" + text
     if path.exists() and path.read_text() != text:
         previous = load_config(path)
         # What its finished trials were scored under: mixing them with trials scored differently (another
@@ -152,9 +157,12 @@ def run_search(
         raise ConfigError(f"--workers: {workers} must be >= 1.")
     folder = study_dir(cfg.study.name, results)
     data = load_data(cfg)
+    cfg, probe = resolve_augment(
+        cfg, data, results
+    )  # workers, export and experiment read the resolved config
     url = storage_url or cfg.study.storage or default_storage(folder)
     storage = make_storage(url)
-    _write_config(cfg, folder)
+    _write_config(cfg, folder, probe)
     study = open_study(cfg, storage)
     # --workers N trains missing teachers N at a time too, before the workers start
     context, record = trial_context(cfg, data, folder, jobs=workers)
@@ -167,6 +175,9 @@ def run_search(
         record["macs"] / 1e6,
         record["params"],
     )
+    warning = reference_warning(data.name, record["test_accuracy"], data.image_size)
+    if warning:
+        log.warning(warning)
     if cfg.study.enqueue_baseline and reference_missing(study):
         # A new study, or one whose reference was interrupted: queued again (the interrupted one has the
         # same parameters, so skip_if_exists, which lets machines started together enqueue it once, is

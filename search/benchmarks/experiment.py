@@ -44,12 +44,12 @@ from torch import nn
 from pipelines.deploy.int8 import quantize_onnx_int8
 from pipelines.deploy.onnx import export_onnx
 from pipelines.deploy.runtime import OrtModel, load_bundle, measure_moe_latency
+from pipelines.errors import ConfigError
 from pipelines.measure import count_macs, packed_size_bytes
 from pipelines.models import ModelSpec
 from pipelines.timing import measure_latency
 from pipelines.train import evaluate, train
-from search.baseline import record_path, teacher_recipe
-from search.config import setup_fingerprint
+from search.baseline import teacher_recipe
 from search.evaluation import TrialContext, estimate_cost, train_and_measure
 from search.export import bundle_accuracy, find_candidate, routing_lines
 from search.pareto import trials_table
@@ -260,7 +260,7 @@ def _reusable(
     saved: list[dict], tasks: list[tuple[str, int]], identity: dict[str, object], fingerprint: str
 ) -> list[dict]:
     """The entries of an earlier run (``REPORT.seeds.json``) that answer one of ``tasks``: same row, same
-    seed, same setup (:func:`search.config.setup_fingerprint`), and the same configuration (compressed rows) or control width.
+    seed, same setup (:meth:`search.evaluation.TrialContext.setup`), and the same configuration (compressed rows) or control width.
     Nothing else is trusted."""
     kept = []
     for entry in saved if isinstance(saved, list) else []:
@@ -395,7 +395,7 @@ def run(
             "to start the experiment over."
         ) from error
     identity = {name: _identity(study_folder, trial_number, name) for name in names}
-    fingerprint = setup_fingerprint(_setup(study_folder, trial_number).cfg)
+    fingerprint = _setup(study_folder, trial_number).ctx.setup()
     done: list[dict] = _reusable(saved, tasks, identity, fingerprint)
     reused = len(done)
     tasks = [task for task in tasks if task not in [(entry["row"], entry["seed"]) for entry in done]]
@@ -411,7 +411,11 @@ def run(
     setup = _setup(study_folder, trial_number)
     rows = _merge(done, seeds, names, trial_number if setup.single_trial == trial_number else None)
     cfg, study = load_study(study_folder)  # the report needs the study, not the data: the seeds loaded it
-    baseline = json.loads(record_path(cfg, study_folder.parent).read_text())
+    baseline = study.user_attrs.get("baseline")
+    if not baseline:
+        raise ConfigError(
+            f"{study_folder}: the study holds no teacher record; run `hycomp search` on it first."
+        )
     teacher_row = {
         "test": [baseline["test_accuracy"]],
         "mmacs": baseline["macs"] / 1e6,

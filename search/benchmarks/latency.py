@@ -58,7 +58,7 @@ def _row(name: str, backend: str, stats: dict, reference: dict | None, share: fl
 def run(study_folder: Path, exports: list[Path] | None, out: Path) -> Path:
     cfg, study = load_study(study_folder)
     data = load_data(cfg)
-    teacher = load_teacher(teacher_folder(cfg, study_folder.parent))
+    teacher = load_teacher(teacher_folder(cfg, data, study_folder.parent))
     if not exports:
         manifests = sorted((study_folder / "export").glob("trial_*/bundle/manifest.json"))
         if not manifests:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,13 +13,14 @@ from search.baseline import baseline_key, teacher_recipe
 from search.config import dump_config, load_config, parse_config
 
 REPO = Path(__file__).resolve().parents[2]
+DATA = SimpleNamespace(name="bloodmnist", fingerprint="0" * 64)  # what a key reads of a Dataset
 
 
 def test_key_changes_with_the_recipe_only() -> None:
     default = parse_config({})
-    assert baseline_key(default) == baseline_key(parse_config({"study": {"trials": 99}}))
+    assert baseline_key(default, DATA) == baseline_key(parse_config({"study": {"trials": 99}}), DATA)
     keys = {
-        baseline_key(parse_config({"baseline": change}))
+        baseline_key(parse_config({"baseline": change}), DATA)
         for change in ({}, {"augment": "d4"}, {"augment": "none"}, {"epochs": 3}, {"seed": 1})
     }
     assert len(keys) == 5
@@ -30,14 +32,14 @@ def test_the_key_covers_the_whole_model_spec_and_a_checkpoint_by_content(tmp_pat
     recipes (other numerics): other keys. Every field of the model spec, and a checkpoint's bytes, count."""
     mapping = yaml.safe_load(dump_config(load_config(REPO / "search_spaces" / "bloodmnist.yaml")))
     mapping["baseline"].update(epochs=40, precision="fp32", augment="flips")
-    pinned = baseline_key(parse_config(mapping))
-    assert pinned == baseline_key(parse_config(mapping)) and pinned.startswith("bloodmnist-resnet20-")
+    pinned = baseline_key(parse_config(mapping), DATA)
+    assert pinned == baseline_key(parse_config(mapping), DATA) and pinned.startswith("bloodmnist-resnet20-")
     mapping["baseline"]["augment"] = "d4"
-    d4 = baseline_key(parse_config(mapping))
+    d4 = baseline_key(parse_config(mapping), DATA)
     mapping["baseline"]["precision"] = "bf16"
-    assert len({pinned, d4, baseline_key(parse_config(mapping))}) == 3
+    assert len({pinned, d4, baseline_key(parse_config(mapping), DATA)}) == 3
     keys = {
-        baseline_key(parse_config({"model": model}))
+        baseline_key(parse_config({"model": model}), DATA)
         for model in (
             {},
             {"width": 0.5},
@@ -52,9 +54,20 @@ def test_the_key_covers_the_whole_model_spec_and_a_checkpoint_by_content(tmp_pat
     weights = tmp_path / "weights.pt"
     weights.write_bytes(b"one")
     cfg = parse_config({"model": {"checkpoint": str(weights)}})
-    before = baseline_key(cfg)
+    before = baseline_key(cfg, DATA)
     weights.write_bytes(b"two")
-    assert baseline_key(cfg) != before
+    assert baseline_key(cfg, DATA) != before
+
+
+def test_the_key_covers_the_data_content_and_the_cache_format(monkeypatch) -> None:
+    """Other pixels under the same file name (e.g. images of another size) must not reuse a teacher."""
+    import search.baseline as baseline
+
+    cfg = parse_config({})
+    key = baseline_key(cfg, DATA)
+    assert baseline_key(cfg, SimpleNamespace(name="bloodmnist", fingerprint="1" * 64)) != key
+    monkeypatch.setattr(baseline, "CACHE_FORMAT", baseline.CACHE_FORMAT + 1)
+    assert baseline_key(cfg, DATA) != key
 
 
 def test_the_baseline_command_trains_every_teacher_and_prints_the_ensemble(
@@ -101,7 +114,7 @@ def test_an_interrupted_teacher_resumes_from_its_last_epoch(tiny_data, tmp_path:
     monkeypatch.setattr(baseline, "train", interrupted)
     with pytest.raises(KeyboardInterrupt):
         get_baseline(cfg, tiny_data, tmp_path / "resumed")
-    folder = tmp_path / "resumed" / "baselines" / baseline_key(cfg)
+    folder = tmp_path / "resumed" / "baselines" / baseline_key(cfg, tiny_data)
     assert (folder / "progress.pt").exists() and not (folder / "baseline.json").exists()
     monkeypatch.setattr(baseline, "train", train)
     resumed, record = get_baseline(cfg, tiny_data, tmp_path / "resumed")

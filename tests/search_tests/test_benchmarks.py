@@ -104,7 +104,7 @@ def test_experiment_reuses_only_saved_results_of_the_same_row_seed_setup_and_con
 
     config = {"sparsity": 0.35, "num_experts": 1}
     cfg = parse_config({})
-    setup = setup_fingerprint(cfg)
+    setup = setup_fingerprint(cfg, "data")
     saved = [
         {"row": MOE, "seed": 0, "setup": setup, "params": config, "test": [0.9]},
         {"row": MOE, "seed": 1, "setup": setup, "params": {**config, "sparsity": 0.4}, "test": [0.8]},
@@ -129,10 +129,12 @@ def test_experiment_reuses_only_saved_results_of_the_same_row_seed_setup_and_con
     assert _reusable(saved, tasks, {MOE: {**config, "bits": 4}, CONTROL: 0.5}, setup) == []
     # the same configuration under another channel multiple or full budget prunes or trains another model
     for changed in (cfg.replace(model={"channel_multiple": 4}), cfg.replace(export={"finetune_epochs": 30})):
-        assert setup_fingerprint(changed) != setup
-        assert _reusable(saved, tasks, {MOE: config, CONTROL: 0.656}, setup_fingerprint(changed)) == []
+        assert setup_fingerprint(changed, "data") != setup
+        assert (
+            _reusable(saved, tasks, {MOE: config, CONTROL: 0.656}, setup_fingerprint(changed, "data")) == []
+        )
     assert (
-        setup_fingerprint(cfg.replace(data={"root": "/elsewhere"})) == setup
+        setup_fingerprint(cfg.replace(data={"root": "/elsewhere"}), "data") == setup
     )  # where the data lives: same runs
     # an older version's file (one dict of rows per seed) or another shape is ignored, not misread
     assert _reusable([{MOE: {"test": [0.9]}}, "text"], tasks, {MOE: config}, setup) == []

@@ -152,10 +152,17 @@ def test_a_checkpoint_counts_by_its_content(tmp_path: Path) -> None:
     weights = tmp_path / "weights.pt"
     weights.write_bytes(b"first")
     cfg = parse_config({"model": {"checkpoint": str(weights)}})
-    before = setup_fingerprint(cfg)
+    before = setup_fingerprint(cfg, "data")
     assert cfg.model.identity()["checkpoint_sha256"]
     weights.write_bytes(b"second")
-    assert setup_fingerprint(cfg) != before
+    assert setup_fingerprint(cfg, "data") != before
     weights.unlink()
     with pytest.raises(ConfigError, match="model.checkpoint: .* does not exist"):
-        setup_fingerprint(cfg)
+        setup_fingerprint(cfg, "data")
+
+
+def test_the_setup_covers_the_data_content_and_not_its_location() -> None:
+    cfg = parse_config({})
+    assert setup_fingerprint(cfg, "pixels") != setup_fingerprint(cfg, "other pixels")
+    moved = cfg.replace(data={"root": "/elsewhere"})
+    assert setup_fingerprint(moved, "pixels") == setup_fingerprint(cfg, "pixels")

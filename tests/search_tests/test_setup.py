@@ -33,9 +33,9 @@ def test_a_teacher_ensemble_caches_each_member_and_records_its_accuracy(tiny_dat
     teachers, record = get_teachers(cfg, tiny_data, tmp_path)
     assert len(teachers) == 2
     # member 0 is the one-teacher study's teacher (same key); member 1 is the next seed, cached apart
-    assert record["key"] == baseline_key(cfg)
+    assert record["key"] == baseline_key(cfg, tiny_data)
     members = record["ensemble"]["members"]
-    assert members[0] == baseline_key(cfg) and members[1] != members[0]
+    assert members[0] == baseline_key(cfg, tiny_data) and members[1] != members[0]
     assert all((tmp_path / "baselines" / key / "baseline.json").exists() for key in members)
     first, second = (next(t.parameters()) for t in teachers)
     assert not torch.equal(first, second)  # different seeds, different weights
@@ -106,7 +106,7 @@ def test_load_data_and_trial_context(tiny_data, synthetic_root: Path, tmp_path: 
     assert data.name == tiny_data.name and len(data.train) == len(tiny_data.train)
     context, record = trial_context(cfg, data, tmp_path / "context")
     assert context.study_folder == tmp_path / "context" and context.distill_from == [context.teacher]
-    assert record["key"] == baseline_key(cfg) and record["source"] == "trained"
+    assert record["key"] == baseline_key(cfg, tiny_data) and record["source"] == "trained"
     assert (tmp_path / "baselines" / record["key"] / "baseline.json").exists()
 
 
@@ -168,4 +168,43 @@ def test_a_search_starts_from_the_users_checkpoint(synthetic_root: Path, tmp_pat
     assert study.get_trials(states=(TrialState.COMPLETE,))
     # other weights at the same path: another teacher
     weights.write_bytes(b"")
-    assert baseline_key(cfg) != record["key"]
+    assert baseline_key(cfg, tiny_data) != record["key"]
+
+
+def test_augment_auto_is_probed_once_per_dataset_and_resolved_everywhere(
+    synthetic_root: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """`augment: auto` (the default) becomes the probe's group in baseline, trial and export; the probe's
+    record is cached by the data's content, so workers and later commands reuse it without probing."""
+    import search.setup as setup
+    from search.setup import resolve_augment
+
+    cfg = parse_config(
+        {
+            "data": {"dataset": "npz", "path": str(synthetic_root / "bloodmnist.npz")},
+            "trial": {"augment": "d4"},
+        }
+    )
+    assert (cfg.baseline.augment, cfg.trial.augment, cfg.export.augment) == ("auto", "d4", "auto")
+    data = load_data(cfg)
+    assert data.name == "bloodmnist"
+    resolved, probe = resolve_augment(cfg, data, tmp_path)
+    assert probe["augment"] in ("crop", "hflip", "flips", "d4") and "augment auto ->" in probe["summary"]
+    assert resolved.baseline.augment == resolved.export.augment == probe["augment"]
+    assert resolved.trial.augment == "d4"  # an explicit choice is kept
+    cached = list((tmp_path / "baselines" / "probes").glob("*.json"))
+    assert len(cached) == 1
+
+    def no_probe(*args, **kwargs):
+        raise AssertionError("probed again")
+
+    monkeypatch.setattr(setup, "choose_augment", no_probe)
+    again, record = resolve_augment(cfg, data, tmp_path)
+    assert again == resolved and record == probe
+    cached[0].write_text("{broken")  # a damaged cache is probed again, not trusted
+    with pytest.raises(AssertionError, match="probed again"):
+        resolve_augment(cfg, data, tmp_path)
+    explicit = parse_config(
+        {"baseline": {"augment": "d4"}, "trial": {"augment": "d4"}, "export": {"augment": "d4"}}
+    )
+    assert resolve_augment(explicit, data, tmp_path) == (explicit, None)
