@@ -342,6 +342,53 @@ class BaselineCommand:
         return 0
 
 
+class ExperimentCommand:
+    name = "experiment"
+    help = (
+        "the quality experiment: exported model vs best single net vs a plain net of equal MACs, over seeds"
+    )
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("study", help="the study folder (results/<study>)")
+        parser.add_argument("--trial", type=int, required=True, help="the exported trial")
+        parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+        parser.add_argument("--threads", type=int, default=1, help="threads of the latency measurements")
+        parser.add_argument(
+            "--jobs", type=int, default=1, help="(row, seed) pairs run at once, each pinned to its own CPUs"
+        )
+        parser.add_argument("--out", default=None, help="default <study>/experiment/REPORT.md")
+        parser.add_argument(
+            "--also",
+            type=int,
+            nargs="+",
+            default=[],
+            help="more trials to re-run as rows (e.g. the best MoE)",
+        )
+        parser.add_argument(
+            "--report-only",
+            action="store_true",
+            help="write the report from the (row, seed) pairs already saved; run nothing",
+        )
+
+    def take_action(self, args: argparse.Namespace) -> int:
+        from pipelines.errors import ConfigError
+        from search.experiment import run
+        from search.workspace import resolve_study_dir
+
+        for flag, value in (("--jobs", args.jobs), ("--threads", args.threads)):
+            if value < 1:
+                raise ConfigError(f"{flag}: {value} must be >= 1.")
+        if not args.seeds or any(seed < 0 for seed in args.seeds):
+            raise ConfigError(f"--seeds: {args.seeds} must be one or more seeds >= 0.")
+        folder = resolve_study_dir(args.study)
+        out = Path(args.out) if args.out else folder / "experiment" / "REPORT.md"
+        path = run(
+            folder, args.trial, args.seeds, out, args.threads, args.jobs, tuple(args.also), args.report_only
+        )
+        print(path.read_text())
+        return 0
+
+
 class PredictCommand:
     name = "predict"
     help = "classify images with an exported bundle (ONNX Runtime only)"
@@ -398,6 +445,7 @@ COMMANDS = [
     SearchCommand(),
     FrontCommand(),
     ExportCommand(),
+    ExperimentCommand(),
     BaselineCommand(),
     PredictCommand(),
     ReportCommand(),

@@ -41,7 +41,7 @@ def test_points_beyond_the_reference_add_nothing_and_repeats_change_nothing() ->
 
 
 def test_experiment_merges_rows_in_seed_order_whatever_order_they_finished() -> None:
-    from search.benchmarks.experiment import CONTROL, MOE, SINGLE, _merge
+    from search.experiment import CONTROL, MOE, SINGLE, _merge
 
     def entry(row: str, seed: int, test: float) -> dict:
         views = {"test_one_view": [test - 0.01]} if row == MOE else {}  # a row that runs test-time views
@@ -66,7 +66,7 @@ def test_experiment_merges_rows_in_seed_order_whatever_order_they_finished() -> 
 
 
 def test_experiment_routing_table_comes_from_the_first_seed_that_recorded_one() -> None:
-    from search.benchmarks.experiment import _merge
+    from search.experiment import _merge
     from search.export import routing_lines
 
     table = [[5, 0], [1, 7]]  # rows: classes, columns: experts
@@ -88,8 +88,8 @@ def test_experiment_routing_table_comes_from_the_first_seed_that_recorded_one() 
 
 
 def test_experiment_runs_the_pairs_that_train_longest_first() -> None:
-    from search.benchmarks.experiment import CONTROL, MOE, _longest_first
     from search.config import parse_config
+    from search.experiment import CONTROL, MOE, _longest_first
 
     tasks = [(MOE, 0), (MOE, 1), ("trial 6", 1), (CONTROL, 0), (CONTROL, 1)]
     cfg = parse_config({"baseline": {"epochs": 80}, "export": {"finetune_epochs": 24, "moe_epochs": 14}})
@@ -99,8 +99,8 @@ def test_experiment_runs_the_pairs_that_train_longest_first() -> None:
 
 
 def test_experiment_reuses_only_saved_results_of_the_same_row_seed_setup_and_configuration() -> None:
-    from search.benchmarks.experiment import CONTROL, MOE, _reusable
     from search.config import parse_config, setup_fingerprint
+    from search.experiment import CONTROL, MOE, _reusable
 
     config = {"sparsity": 0.35, "num_experts": 1}
     cfg = parse_config({})

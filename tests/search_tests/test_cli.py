@@ -198,7 +198,7 @@ def test_export_retrains_candidates_and_exports_the_best_on_validation(
     assert main([*command, "--force"]) == 0
     assert json.loads((out / "report.json").read_text())["candidates"] == rows  # reused, same numbers
     # the quality experiment's exported row at the study's seed is that model, measured, not retrained
-    from search.benchmarks.experiment import run
+    from search.experiment import run
 
     experiment = run(folder, report["trial"], [0], tmp_path / "REPORT.md")
     saved = json.loads(experiment.with_suffix(".seeds.json").read_text())
@@ -329,8 +329,8 @@ def test_predict_rejects_wrong_image_shape(searched: dict, tmp_path: Path, capsy
 
 @pytest.mark.slow
 def test_quality_experiment_writes_its_report(searched: dict, tmp_path: Path) -> None:
-    """search.benchmarks.experiment on the searched study: every row, seeds, a control of equal MACs, a plot."""
-    from search.benchmarks.experiment import run
+    """search.experiment on the searched study: every row, seeds, a control of equal MACs, a plot."""
+    from search.experiment import run
 
     folder = searched["folder"]
     out = run(folder, 1, [0, 1], tmp_path / "REPORT.md", jobs=2)  # (row, seed) pairs in two processes

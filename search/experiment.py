@@ -1,7 +1,7 @@
 """The quality experiment on a finished study: does the exported MoE beat a plainly trained small net?
 
-    python -m search.benchmarks.experiment results/bloodmnist-resnet20 --trial N [--seeds 0 1 2] \
-        [--jobs 2] [--also M ...] [--report-only] [--out results/bloodmnist/REPORT.md]
+    hycomp experiment results/bloodmnist-resnet20 --trial N [--seeds 0 1 2] \
+        [--jobs 2] [--also M ...] [--report-only] [--out results/bloodmnist-resnet20/experiment/REPORT.md]
 
 ``--jobs 2`` runs two (row, seed) pairs at once, each process pinned to its own share of the CPUs (with 2
 cores: one thread each; small-batch training of these nets gains little from a second thread), the pairs
@@ -24,13 +24,11 @@ each with MACs per input, packed size and batch-1 latency on the int8 engine (ON
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import math
 import os
 import statistics
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, replace
@@ -57,7 +55,6 @@ from search.pool import run_pinned
 from search.record import TrialRecord
 from search.setup import load_data, trial_context
 from search.study import load_study
-from search.workspace import resolve_study_dir
 
 
 def _summary(values: list[float]) -> str:
@@ -175,7 +172,7 @@ def _setup(study_folder: Path, trial_number: int) -> _Setup:
     cfg, study = load_study(study_folder)
     trial = next((t for t in study.trials if t.number == trial_number), None)
     if trial is None or TrialRecord.of(trial).config is None and not trial.params:
-        raise SystemExit(f"--trial {trial_number}: no such completed trial in {study_folder}.")
+        raise ConfigError(f"--trial {trial_number}: no such completed trial in {study_folder}.")
     data = load_data(cfg)
     context, _ = trial_context(cfg, data, study_folder)  # teachers cached by the search: loaded, not trained
     table = trials_table(study)
@@ -211,7 +208,7 @@ def _names(study_folder: Path, trial_number: int, also: tuple[int, ...] = ()) ->
     names = [MOE]
     for number in also:
         if number not in setup.configs:
-            raise SystemExit(f"--also {number}: no such completed trial in {study_folder}.")
+            raise ConfigError(f"--also {number}: no such completed trial in {study_folder}.")
         if number not in (trial_number, setup.single_trial) and f"trial {number}" not in names:
             names.append(f"trial {number}")
     if setup.single_params is not None and setup.single_trial != trial_number:
@@ -390,7 +387,7 @@ def run(
     try:
         saved = json.loads(partial.read_text()) if partial.exists() else []
     except json.JSONDecodeError as error:
-        raise SystemExit(
+        raise ConfigError(
             f"{partial}: not readable JSON ({error}); it holds the results an earlier run saved. Move it away "
             "to start the experiment over."
         ) from error
@@ -401,7 +398,7 @@ def run(
     tasks = [task for task in tasks if task not in [(entry["row"], entry["seed"]) for entry in done]]
     missing, tasks = (tasks, []) if report_only else ([], tasks)
     if report_only and not done:
-        raise SystemExit(f"--report-only: {partial} holds no finished (row, seed) of this experiment yet.")
+        raise ConfigError(f"--report-only: {partial} holds no finished (row, seed) of this experiment yet.")
     run_pinned(
         _row,
         [(study_folder, trial_number, name, seed, threads) for name, seed in tasks],
@@ -424,7 +421,7 @@ def run(
     }
     command = " ".join(
         [
-            "python -m search.benchmarks.experiment",
+            "hycomp experiment",
             str(study_folder),
             "--trial",
             str(trial_number),
@@ -525,41 +522,3 @@ def run(
     out.write_text("\n".join(lines) + "\n")
     out.with_suffix(".json").write_text(json.dumps({"teacher": teacher_row, **rows}, indent=2, default=str))
     return out
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("study")
-    parser.add_argument("--trial", type=int, required=True, help="the exported trial")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--threads", type=int, default=1, help="threads of the latency measurements")
-    parser.add_argument(
-        "--jobs",
-        type=int,
-        default=1,
-        help="(row, seed) pairs run in this many processes, each on its own CPUs",
-    )
-    parser.add_argument("--out", default=None, help="default results/<dataset>/REPORT.md")
-    parser.add_argument(
-        "--also", type=int, nargs="+", default=[], help="more trials to re-run as rows (e.g. the best MoE)"
-    )
-    parser.add_argument(
-        "--report-only",
-        action="store_true",
-        help="write the report from the (row, seed) pairs already saved; run nothing",
-    )
-    args = parser.parse_args()
-    import warnings
-
-    warnings.filterwarnings("ignore")
-    folder = resolve_study_dir(args.study)
-    cfg, _ = load_study(folder)
-    out = Path(args.out) if args.out else Path("results") / cfg.data.dataset / "REPORT.md"
-    path = run(
-        folder, args.trial, args.seeds, out, args.threads, args.jobs, tuple(args.also), args.report_only
-    )
-    print(path.read_text())
-
-
-if __name__ == "__main__":
-    sys.exit(main())
