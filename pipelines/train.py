@@ -64,9 +64,8 @@ class TrainConfig:
     weight_decay: float = 5e-4
     momentum: float = 0.9
     label_smoothing: float = 0.1
-    augment: str = (
-        "flips"  # none | crop | hflip | flips | d4 | auto (AUGMENTS; auto: pipelines.symmetry_probe)
-    )
+    # none | crop | hflip | flips | d4 | auto (AUGMENTS; auto: pipelines.symmetry_probe picks)
+    augment: str = "flips"
     schedule: str = "onecycle"  # onecycle | cosine | constant
     kd_alpha: float = 0.0
     kd_temperature: float = 4.0

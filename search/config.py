@@ -145,9 +145,8 @@ class BaselineSettings:
     augment: str = "auto"  # auto | none | crop | hflip | flips | d4 (pipelines.train.AUGMENTS)
     precision: str = "fp32"  # fp32 | bf16 (pipelines.train: autocast training, 2.5x faster on AMX CPUs)
     seed: int = 0
-    teachers: int = (
-        1  # students distil from this many teachers (seeds seed, seed+1, ...); the first is pruned
-    )
+    # students distil from this many teachers (seeds seed, seed+1, ...); the first is the one pruned
+    teachers: int = 1
 
     def train_config(self) -> TrainConfig:
         """How the fp32 teacher is trained."""
@@ -180,9 +179,8 @@ class Budget:
     label_smoothing: float = 0.1
     augment: str = "auto"  # auto | none | crop | hflip | flips | d4 (pipelines.train.AUGMENTS)
     precision: str = "fp32"  # fp32 | bf16 (pipelines.train)
-    kd_targets: str = (
-        "online"  # online: teacher on each batch | ensemble: teacher averaged over augment's views
-    )
+    # online: the teacher on each batch | ensemble: the teachers averaged over the augment's views
+    kd_targets: str = "online"
 
     def stage_budget(self, seed: int) -> StageBudget:
         """The pipelines' budget of one compression run at this budget."""
