@@ -13,9 +13,8 @@ and rebuild the architecture from it before resizing the pruned layers.
 Registry models:
 
 - ``resnet18``: ResNet-18 with a CIFAR-style stem (3x3 conv, stride 1, no max-pool) suited to 28x28 /
-  32x32 inputs: 11.2 M params, about 0.43 GMACs at 28x28. Strong, slow on a CPU.
+  32x32 inputs (11.2 M params).
 - ``resnet20`` / ``resnet8``: He et al.'s CIFAR ResNets (16-32-64 channels), 0.27 M / 0.08 M params.
-  Trains in minutes on a 2-core CPU.
 
 Each residual block owns its ReLU modules (no module reuse), so the graph traces cleanly with torch.fx
 for NNI's ModelSpeedup and exports to ONNX.

@@ -7,8 +7,8 @@ one expert + gate, not K. Two routing modes (``MoEConfig.routing``):
   classes the teacher confuses into the SAME group (so the gate separates easy groups and an expert
   resolves the fine distinctions). The gate is trained with cross-entropy to predict the group; the
   experts learn from the samples the gate actually sends them. Balanced by construction, and each
-  expert's specialty is readable in the routing table. Measured on BloodMNIST: learned routing
-  collapsed to one expert within two epochs even with a balance term, this mode cannot.
+  expert's specialty is readable in the routing table; unlike learned routing it cannot collapse onto
+  one expert.
 - ``learned``: the gate learns from the task loss (top-1 combine weight ``p / p.detach()``: value 1,
   gradient 1/p) plus a Switch-style load-balancing term.
 

@@ -6,8 +6,7 @@ optimizer and patched training step in).
 
 ``TrainConfig.precision: bf16`` runs each forward pass under CPU autocast (bfloat16 convolutions and
 matmuls, fp32 weights, optimizer and loss) on channels-last batches, which oneDNN executes on AMX or
-AVX512-BF16 units: a ResNet-20 step at batch 128 on one core of a 2-core AMX Xeon takes 290 ms instead
-of 733 (2.5x; 2.4x at half width; ``python -m search.benchmarks.train_step``). Evaluation, calibration
+AVX512-BF16 units (speed: ``python -m search.benchmarks.train_step``). Evaluation, calibration
 and every reported accuracy stay fp32. On a CPU without native bfloat16 the same code runs, emulated and
 slower (:func:`native_bf16` tells).
 """

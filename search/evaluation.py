@@ -62,9 +62,8 @@ class TrialContext:
 
     def training_data(self, budget: Budget) -> Dataset:
         """The dataset a budget trains on. With ``kd_targets: ensemble`` its train split carries the
-        teachers' logits averaged over the symmetries of ``budget.augment`` and over the teachers (computed
-        once per process, about a minute per teacher for BloodMNIST on 2 cores), which the students distil
-        from instead of running a teacher at each step."""
+        teachers' logits averaged over the symmetries of ``budget.augment`` and over the teachers, which
+        the students distil from instead of running a teacher at each step."""
         if budget.kd_targets == "online":
             return self.data
         if budget.augment not in self._ensembles:

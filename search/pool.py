@@ -21,7 +21,7 @@ __all__ = ["run_pinned"]
 
 def _exit_with(parent: int) -> None:
     """Stop this worker when the process that started it is gone: a killed experiment must not leave
-    orphans training for an hour (measured: they halved the speed of the run started after it)."""
+    orphans training for an hour and slowing whatever runs next."""
     while os.getppid() == parent:
         time.sleep(2)
     os._exit(1)

@@ -1,6 +1,6 @@
 """The one place that imports NNI (3.0). Everything NNI-specific, including its quirks, lives here.
 
-Quirks handled (measured on torch 2.14/2.15, see ../shared/NOTES-nni.md):
+Quirks handled (torch 2.14/2.15; ../shared/NOTES-nni.md):
 - ModelSpeedup's own tracer crashes: we pass ``graph_module=torch.fx.symbolic_trace(model)``.
 - Residual-coupled convs must be pruned together: ``auto_set_denpendency_group_ids`` (NNI's spelling).
 - NNI prints coloured logs, resets its logger to INFO in speedup and has a bare print: silenced.
@@ -66,9 +66,8 @@ def layer_ratios(
     channels (at least one multiple), as close as possible to keeping ``1 - sparsity`` of them.
     Convs named in ``exclude`` (or under a module named there) are left out.
 
-    Inference kernels are much faster on aligned channel counts: on this CPU a ResNet-20 pruned to
-    (10, 21, 42) channels ran int8 at 0.23 ms, slower than the unpruned (16, 32, 64) at 0.17 ms, while
-    (16, 24, 48) ran at 0.15 ms. Layers that would keep everything are left out.
+    Inference kernels are faster on channel counts that fit their blocks, so a pruned layer can be slower
+    than an unpruned one with unaligned counts. Layers that would keep everything are left out.
     """
     ratios = {}
     for name, module in model.named_modules():

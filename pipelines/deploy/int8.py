@@ -61,7 +61,7 @@ def quantize_onnx_int8(
     linear layer stays fp32 (see :func:`_classifier_nodes`). Weights that NNI left on a grid of at most
     129 levels (2- to 7-bit, and any coarser) are carried exactly (see :func:`_weight_grid_overrides`).
     ``reduce_range`` keeps weights to [-64, 64]: on AVX2 without VNNI the uint8 x int8 kernels saturate
-    intermediate sums otherwise (accuracy 0.963 -> 0.910 measured; with it no loss, same speed).
+    intermediate sums otherwise (README, "Conventions for the numbers").
     ``wide_weights`` says which layers with 8-bit weights (more levels than that range) are held exactly
     as uint8 weights by slower uint8 x uint8 kernels: ``"first"`` the layers that read the model input,
     ``"all"``, or ``"none"``; the others are rounded to the range.
@@ -152,13 +152,10 @@ def _weight_grid_overrides(
     """Per-channel scales that put each Conv / Gemm weight on ONNX Runtime's weight grid exactly.
 
     Left to itself, the quantizer rescales every channel to its own [-64, 64] grid: NNI's 6-bit levels
-    (multiples of absmax / 31) then land between engine levels and are rounded a second time. On a
-    4-expert 6-bit BloodMNIST MoE (whole val split, same latency), carrying the grid over raised
-    int8-vs-torch agreement from 0.9883 to 0.9947 and engine accuracy from 0.9527 to 0.9550; holding its
-    8-bit gate and first convs exactly too (``wide_weights``) raised them to 0.9977 and 0.9603.
-    8-bit weights (255 levels) fit only uint8 weights, whose uint8 x uint8 kernels ran a fully 8-bit
-    ResNet-20 2.3x slower here (0.62 vs 0.27 ms): they are exact only where ``wide_weights`` says
-    (see :func:`quantize_onnx_int8`) and otherwise left to the quantizer and listed as rounded.
+    (multiples of absmax / 31) then land between engine levels and are rounded a second time, which costs
+    agreement with the torch model. 8-bit weights (255 levels) fit only uint8 weights, whose slower
+    uint8 x uint8 kernels are used only where ``wide_weights`` says (see :func:`quantize_onnx_int8`);
+    elsewhere they are left to the quantizer and listed as rounded.
     Returns (``TensorQuantOverrides`` for ``quantize_static``, names of the rounded weight tensors).
     """
     graph_inputs = {value.name for value in model.graph.input}
@@ -198,9 +195,7 @@ def _weight_grid_overrides(
 def _classifier_nodes(model: onnx.ModelProto) -> list[str]:
     """The last Gemm / MatMul of the graph (the classifier, or the gate's scoring layer), kept in fp32.
 
-    Its uint8 output rounds close logits together and flips the argmax: on a 3-expert top-1 BloodMNIST MoE
-    int8-vs-torch agreement rose from 0.985 to 0.990 with it in fp32, accuracy 0.940 -> 0.943; it is a
-    few hundred MACs.
+    Its uint8 output would round close logits together and flip the argmax; it is a few hundred MACs.
     """
     linear = [node.name for node in model.graph.node if node.op_type in ("Gemm", "MatMul")]
     return linear[-1:]
