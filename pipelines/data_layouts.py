@@ -185,14 +185,22 @@ def read_npz(
     source = str(path)
     if not path.is_file():
         raise DataError(f"data.path: {path} is not a file. Point data.path at an npz in MedMNIST's layout.")
+    key = None
     try:
         with np.load(path, allow_pickle=False) as npz:
-            arrays = {key: npz[key] for key in npz.files}
-    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as error:
+            arrays = {}
+            for key in npz.files:
+                arrays[key] = npz[key]
+    except ValueError as error:
+        if "allow_pickle" not in str(error):
+            raise _unreadable(path, error) from error
+        # An array of Python objects: what numpy makes of a list of images of different sizes.
         raise DataError(
-            f"data file unreadable: {path} ({type(error).__name__}: {error}). It is truncated or not an npz; "
-            "copy or export it again (train/val/test _images and _labels arrays, saved with np.savez)."
+            f"{source}: {key} holds Python objects (images of mixed sizes?), which hycomp does not unpickle. "
+            "Resize every image to one square size and save one uint8 array (N, H, W[, C]) per key."
         ) from error
+    except (OSError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as error:
+        raise _unreadable(path, error) from error
     with_val = [key in arrays for key in ("val_images", "val_labels")]
     present = SPLITS if all(with_val) else ("train", "test")
     required = [
@@ -225,6 +233,13 @@ def read_npz(
             images["train"], labels["train"], class_names, source, val_fraction, split_seed
         )
     return _check_splits(RawSplits(images, labels, list(class_names), source, seed))
+
+
+def _unreadable(path: Path, error: Exception) -> DataError:
+    return DataError(
+        f"data file unreadable: {path} ({type(error).__name__}: {error}). It is truncated or not an npz; "
+        "copy or export it again (train/val/test _images and _labels arrays, saved with np.savez)."
+    )
 
 
 def _class_folders(folder: Path) -> list[Path]:

@@ -2,8 +2,11 @@
 
 A small net is trained briefly on a subset of train with random crops and no symmetry, then scored on
 validation images as they are and under each of the 7 other symmetries of the square. A symmetry that
-costs more than :data:`PROBE_MARGIN` of accuracy changes what an image shows (a mirrored digit, a
-left kidney turned right) and is dropped. The augmentation is the largest group whose every element was
+costs more than :data:`PROBE_MARGIN` of accuracy, or of class-balanced accuracy (mean recall per class,
+so that a small class the symmetry scrambles is not averaged away), changes what an image shows (a
+mirrored digit, a left kidney turned right) and is dropped. A validation split smaller than
+``ProbeConfig.val_samples`` is topped up with training images the probe net did not train on, so a
+small dataset's verdict does not hang on a few dozen images. The augmentation is the largest group whose every element was
 kept: ``d4``, ``flips``, ``hflip``, else ``crop``; groups are closed, so no rejected view comes back as
 a composition of kept ones. A probe whose net barely beats the majority class decides nothing and
 picks ``crop``.
@@ -15,11 +18,13 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from pipelines.data import AUGMENT_VIEWS, AUGMENTS, Dataset, Split, symmetry_views
+from pipelines.data_layouts import stratified_holdout
 from pipelines.errors import ConfigError
 
 __all__ = [
@@ -74,24 +79,28 @@ class SymmetryProbe:
     accuracy: float  # on the validation images as they are
     view_accuracy: dict[str, float]  # per symmetry (D4_ELEMENTS without identity)
     margin: float
-    kept: tuple[str, ...]  # symmetries that cost at most ``margin``
+    kept: tuple[str, ...]  # symmetries that cost at most ``margin`` in both accuracies
     augment: str  # the chosen augmentation: d4 | flips | hflip | crop
     majority: float  # accuracy of always answering the most frequent class
     conclusive: bool  # False: the net did not beat ``majority`` by 2 margins; ``augment`` is crop
     train_samples: int
-    val_samples: int
+    val_samples: int  # validation images scored, training images the net did not see included
     seconds: float
     config: ProbeConfig = field(default_factory=ProbeConfig)
+    balanced_accuracy: float = 0.0  # mean per-class recall on the validation images as they are
+    view_balanced_accuracy: dict[str, float] = field(default_factory=dict)  # per symmetry
 
     def summary(self) -> str:
-        """One line for a log: the choice, then each symmetry's accuracy (kept ones marked +)."""
+        """One line for a log: the choice, then each symmetry's accuracy / balanced accuracy (kept ones
+        marked +)."""
         views = ", ".join(
-            f"{'+' if name in self.kept else '-'}{name} {accuracy:.3f}"
+            f"{'+' if name in self.kept else '-'}{name} {accuracy:.3f}/{self.view_balanced_accuracy[name]:.3f}"
             for name, accuracy in self.view_accuracy.items()
         )
         verdict = "" if self.conclusive else " (inconclusive: the probe net barely beats the majority class)"
         return (
-            f"augment auto -> {self.augment}{verdict}: probe accuracy {self.accuracy:.3f}, margin "
+            f"augment auto -> {self.augment}{verdict}: probe accuracy / balanced accuracy "
+            f"{self.accuracy:.3f}/{self.balanced_accuracy:.3f}, margin "
             f"{self.margin:.3f}; {views} ({self.train_samples} train / {self.val_samples} val images, "
             f"{self.seconds:.1f} s)"
         )
@@ -174,13 +183,42 @@ def _train_probe_net(train: Split, classes: int, config: ProbeConfig) -> nn.Modu
 
 
 @torch.no_grad()
-def _view_accuracies(model: nn.Module, val: Split, batch_size: int = 512) -> list[float]:
-    """Accuracy on each of the 8 D4 views of ``val`` (D4_ELEMENTS order)."""
-    correct = torch.zeros(len(D4_ELEMENTS))
+def _view_accuracies(
+    model: nn.Module, val: Split, classes: int, batch_size: int = 512
+) -> tuple[list[float], list[float]]:
+    """Accuracy and class-balanced accuracy on each of the 8 D4 views of ``val`` (D4_ELEMENTS order)."""
+    correct = torch.zeros(len(D4_ELEMENTS), classes)  # per view and true class
     for images, labels in val.batches(batch_size):
         for index, view in enumerate(symmetry_views(images, "d4")):
-            correct[index] += float((model(view).argmax(dim=1) == labels).sum())
-    return (correct / len(val)).tolist()
+            hits = (model(view).argmax(dim=1) == labels).float()
+            correct[index].index_add_(0, labels, hits)
+    counts = torch.bincount(val.labels, minlength=classes).float()
+    present = counts > 0
+    accuracy = correct.sum(dim=1) / len(val)
+    balanced = (correct[:, present] / counts[present]).mean(dim=1)
+    return accuracy.tolist(), balanced.tolist()
+
+
+def _scored_images(train: Split, val: Split, config: ProbeConfig) -> tuple[Split, Split]:
+    """(what the probe net trains on, what it is scored on): a stratified subset of ``train``, and ``val``
+    topped up to ``config.val_samples`` with training images outside that subset when it is smaller."""
+    labels = train.labels.numpy()
+    shortfall = config.val_samples - len(val)
+    train_count = min(config.train_samples, len(train))
+    if shortfall > 0 and train_count > len(train) - shortfall:
+        # Every training image would be trained on: keep back up to a fifth of them for scoring.
+        train_count = max(train_count - shortfall, len(train) - len(train) // 5)
+    held_out = 1.0 - train_count / len(train)
+    if held_out <= 0:
+        return train, val
+    fit_index, spare_index = stratified_holdout(labels, held_out, config.seed)
+    fit = Split(train.images[torch.from_numpy(fit_index)], train.labels[torch.from_numpy(fit_index)])
+    if shortfall <= 0 or len(spare_index) == 0:
+        return fit, val
+    generator = np.random.default_rng(config.seed + 1)
+    extra = torch.from_numpy(np.sort(generator.permutation(spare_index)[:shortfall]))
+    scored = Split(torch.cat([val.images, train.images[extra]]), torch.cat([val.labels, train.labels[extra]]))
+    return fit, scored
 
 
 def probe_symmetries(
@@ -194,14 +232,20 @@ def probe_symmetries(
     started = time.perf_counter()
     if train.images.shape[-1] != train.images.shape[-2]:
         raise ConfigError("augment: auto needs square images (transposes); pick crop, hflip or flips.")
-    train_subset = _shrunk(
-        train.subset(_fraction(train, config.train_samples), seed=config.seed), config.max_size
+    fit, scored = _scored_images(train, val, config)
+    train_subset = _shrunk(fit, config.max_size)
+    val_subset = _shrunk(
+        scored.subset(_fraction(scored, config.val_samples), seed=config.seed), config.max_size
     )
-    val_subset = _shrunk(val.subset(_fraction(val, config.val_samples), seed=config.seed), config.max_size)
     model = _train_probe_net(train_subset, num_classes, config)
-    identity, *others = _view_accuracies(model, val_subset)
+    (identity, *others), (balanced, *balanced_others) = _view_accuracies(model, val_subset, num_classes)
     view_accuracy = dict(zip(D4_ELEMENTS[1:], others, strict=True))
-    kept = tuple(name for name, accuracy in view_accuracy.items() if identity - accuracy <= config.margin)
+    view_balanced = dict(zip(D4_ELEMENTS[1:], balanced_others, strict=True))
+    kept = tuple(
+        name
+        for name in D4_ELEMENTS[1:]
+        if max(identity - view_accuracy[name], balanced - view_balanced[name]) <= config.margin
+    )
     majority = float(torch.bincount(val_subset.labels).max()) / len(val_subset)
     conclusive = identity - majority >= 2 * config.margin
     augment = "crop"
@@ -222,6 +266,8 @@ def probe_symmetries(
         val_samples=len(val_subset),
         seconds=time.perf_counter() - started,
         config=config,
+        balanced_accuracy=balanced,
+        view_balanced_accuracy=view_balanced,
     )
 
 

@@ -180,12 +180,24 @@ def test_npz_without_val_is_split_and_other_sizes_are_resized(tmp_path: Path) ->
     assert data.train.images.shape[1:] == (3, 16, 16) and data.image_size == 16
 
 
+def _images_of_two_sizes(count: int) -> np.ndarray:
+    """What numpy makes of a list of images of different sizes: an array of Python objects."""
+    images = np.empty(count, dtype=object)
+    for index in range(count):
+        images[index] = np.zeros((28 + index % 2, 28), dtype=np.uint8)
+    return images
+
+
 @pytest.mark.parametrize(
     ("overrides", "expected"),
     [
         ({"test_labels": None}, "no 'test_labels' array"),
         ({"val_images": None}, "no 'val_images' array"),
         ({"val_images": np.zeros((12, 32, 32), dtype=np.uint8)}, "mixed image sizes"),
+        (
+            {"val_images": _images_of_two_sizes(12)},
+            "val_images holds Python objects (images of mixed sizes?)",
+        ),
         ({f"{split}_labels": np.zeros(count, dtype=np.uint8) for split, count in SIZES}, "only one class"),
         ({"test_labels": np.full((12, 1), -1)}, "outside the 3 classes"),
         ({"class_names": np.array(["a", "b"])}, "outside the 2 classes"),

@@ -64,6 +64,45 @@ def test_probe_keeps_every_symmetry_when_the_label_ignores_orientation() -> None
     assert "d4" in probe.summary() and "+hflip" in probe.summary()
 
 
+def _rare_lateral_classes(count: int, seed: int) -> Split:
+    """Classes 0 and 1 (dim or bright blob anywhere) hold about 97% of the images; the rare classes 2 and
+    3 are a vertical bar at the left or the right edge, which a horizontal flip swaps."""
+    rng = np.random.default_rng(seed)
+    labels = rng.choice(4, size=count, p=[0.485, 0.485, 0.015, 0.015])
+    rows, cols = np.mgrid[0:SIZE, 0:SIZE]
+    images = np.zeros((count, 1, SIZE, SIZE), dtype=np.float32)
+    for index, label in enumerate(labels):
+        if label < 2:
+            row, col = rng.integers(2, SIZE - 2, size=2)
+            level = 0.4 if label == 0 else 1.0
+            images[index, 0] = level * np.exp(-((rows - row) ** 2 + (cols - col) ** 2) / 4.0)
+        else:
+            left = 1 if label == 2 else SIZE - 3
+            images[index, 0, 3:-3, left : left + 2] = 1.0
+    images += rng.normal(0, 0.05, size=images.shape).astype(np.float32)
+    return Split(torch.from_numpy(images), torch.from_numpy(labels))
+
+
+def test_a_symmetry_that_scrambles_only_rare_classes_is_dropped() -> None:
+    """Overall accuracy barely moves under a horizontal flip (3% of the images change class); the
+    class-balanced accuracy falls by half, and that is what drops it."""
+    train_split, val_split = _rare_lateral_classes(1600, 0), _rare_lateral_classes(1600, 1)
+    config = ProbeConfig(train_samples=1600, val_samples=1600, epochs=6, batch_size=32, width=8)
+    probe = probe_symmetries(train_split, val_split, 4, config)
+    assert probe.conclusive and probe.accuracy > 0.9 and probe.balanced_accuracy > 0.9
+    assert probe.accuracy - probe.view_accuracy["hflip"] <= config.margin  # accuracy alone would keep it
+    assert probe.balanced_accuracy - probe.view_balanced_accuracy["hflip"] > 0.3
+    assert "hflip" not in probe.kept and "vflip" in probe.kept and probe.augment == "crop"
+
+
+def test_a_small_validation_split_is_topped_up_with_unseen_training_images() -> None:
+    probe = probe_symmetries(_blobs(600, True, 0), _blobs(20, True, 1), 2, FAST)
+    assert probe.val_samples == 20 + 120  # a fifth of train kept back, scored beside val
+    assert probe.train_samples == 480  # and not trained on
+    large_val = probe_symmetries(_blobs(600, True, 0), _blobs(300, True, 1), 2, FAST)
+    assert (large_val.train_samples, large_val.val_samples) == (600, 300)  # enough val: nothing kept back
+
+
 def test_probe_is_deterministic() -> None:
     first = probe_symmetries(_blobs(200, True, 0), _blobs(100, True, 1), 2, FAST)
     again = probe_symmetries(_blobs(200, True, 0), _blobs(100, True, 1), 2, FAST)
@@ -88,7 +127,8 @@ def test_train_resolves_auto_with_the_probe_and_reports_it() -> None:
     model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 14 * 14, 2))
     report = train(model, split, TrainConfig(epochs=1, batch_size=32, augment="auto"))
     assert report.probe is not None and report.augment == report.probe.augment == "crop"
-    assert report.probe.val_samples == 80  # the 20% holdout of the training split
+    # the 20% holdout of the training split (80), topped up with 64 images kept back from the other 320
+    assert report.probe.val_samples == 144 and report.probe.train_samples == 256
     plain = train(model, split, TrainConfig(epochs=1, batch_size=32, augment="hflip"))
     assert plain.probe is None and plain.augment == "hflip"
 
