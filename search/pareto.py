@@ -33,10 +33,8 @@ _COLUMNS = {
 }
 
 
-GATE_DEFAULTS = {
-    "routing": DEFAULT_ROUTING,
-    "expert_init": DEFAULT_EXPERT_INIT,
-}  # trials of studies before these existed
+# what a trial used for a gate setting its space did not search (pipelines' defaults)
+GATE_DEFAULTS = {"routing": DEFAULT_ROUTING, "expert_init": DEFAULT_EXPERT_INIT}
 
 
 def _feasible(trial: optuna.trial.FrozenTrial) -> bool:
