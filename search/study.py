@@ -16,8 +16,8 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
-from pipelines.errors import CompressionError, ConfigError, unknown_name
-from search.config import SAMPLERS, SearchConfig, dump_config, load_config, parse_config
+from pipelines.errors import CompressionError, ConfigError
+from search.config import SearchConfig, dump_config, load_config, parse_config, sampler_class
 from search.evaluation import TrialContext
 from search.objective import DIRECTIONS, OBJECTIVES, Objective, is_repeat, reference_missing
 from search.progress import Progress
@@ -43,21 +43,9 @@ log = logging.getLogger("hycomp")
 
 
 def make_sampler(cfg: SearchConfig) -> optuna.samplers.BaseSampler:
+    """The study's sampler (its name, seed and options were checked when the configuration was parsed)."""
     settings = cfg.study.sampler
-    classes = {
-        "tpe": optuna.samplers.TPESampler,
-        "nsga2": optuna.samplers.NSGAIISampler,
-        "gp": optuna.samplers.GPSampler,
-        "random": optuna.samplers.RandomSampler,
-    }
-    if settings.name not in classes:
-        raise unknown_name("study.sampler.name", settings.name, SAMPLERS)
-    try:
-        return classes[settings.name](seed=settings.seed, **settings.options)
-    except TypeError as error:
-        raise ConfigError(
-            f"study.sampler.options: {settings.options} rejected by {classes[settings.name].__name__}: {error}"
-        ) from None
+    return sampler_class(settings.name)(seed=settings.seed, **settings.options)
 
 
 def open_study(cfg: SearchConfig, storage: optuna.storages.BaseStorage) -> optuna.Study:
@@ -76,7 +64,7 @@ def open_study(cfg: SearchConfig, storage: optuna.storages.BaseStorage) -> optun
 
 def load_study(folder: Path, storage_url: str | None = None) -> tuple[SearchConfig, optuna.Study]:
     """Open the study of an existing results folder (its config.yaml says which storage)."""
-    cfg = load_config(folder / "config.yaml")
+    cfg = load_config(folder / "config.yaml", source="study folder")
     url = storage_url or cfg.study.storage or default_storage(folder)
     if url == default_storage(folder) and not (folder / "study.db").exists():
         raise ConfigError(
@@ -112,7 +100,7 @@ def _write_config(cfg: SearchConfig, folder: Path) -> None:
     path = folder / "config.yaml"
     text = dump_config(cfg)
     if path.exists() and path.read_text() != text:
-        previous = load_config(path)
+        previous = load_config(path, source="study folder")
         # What its finished trials were scored under: mixing them with trials scored differently (another
         # teacher, another per-trial budget) would rank incomparable numbers on one front.
         changed = [
