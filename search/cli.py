@@ -33,9 +33,11 @@ def _whole(minimum: int, example: int) -> Callable[[str], int]:
         try:
             value = int(text)
         except ValueError:
-            value = None
-        if value is None or value < minimum:
-            raise argparse.ArgumentTypeError(f"{text!r} must be a whole number >= {minimum} (e.g. {example})")
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not a whole number; give one >= {minimum} (e.g. {example})"
+            ) from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} must be >= {minimum} (a whole number, e.g. {example})")
         return value
 
     parse.__name__ = f"whole number >= {minimum}"
@@ -55,7 +57,7 @@ def _number(
         inside = (value > low if low_open else value >= low) and value <= high
         if not math.isfinite(value) or not inside:
             where = f"> {low:g}" if high == math.inf else f"in {'(' if low_open else '['}{low:g}, {high:g}]"
-            raise argparse.ArgumentTypeError(f"{text!r} must be a finite number {where} (e.g. {example})")
+            raise argparse.ArgumentTypeError(f"{text} must be a finite number {where} (e.g. {example})")
         return value
 
     parse.__name__ = "number"

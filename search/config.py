@@ -435,6 +435,13 @@ def sampler_class(name: str) -> type:
 
 
 _YAML_TYPES = {"int": int, "float": float, "bool": bool, "str": str, "None": type(None)}
+_YAML_WORDS = {
+    int: "a whole number",
+    float: "a number",
+    bool: "true or false",
+    str: "a string",
+    type(None): "null",
+}
 _POSITIVE_OPTIONS = ("n_ei_candidates", "population_size", "prior_weight")  # the others may be 0
 
 
@@ -453,6 +460,10 @@ def _check_sampler(settings: SamplerSettings) -> None:
         path = f"study.sampler.options.{key}"
         if key == "seed":
             raise ConfigError(f"{path}: set the seed as study.sampler.seed, not as an option.")
+        if not parameters:
+            raise ConfigError(
+                f"{path}: {cls.__name__} ({settings.name}) takes no options; remove study.sampler.options."
+            )
         if key not in parameters:
             raise ConfigError(
                 f"{path}: unknown option of {cls.__name__} ({settings.name}). Valid options: "
@@ -473,15 +484,16 @@ def _check_sampler(settings: SamplerSettings) -> None:
             for kind in allowed
         )
         if not fits:
-            written = " or ".join("null" if kind is type(None) else kind.__name__ for kind in allowed)
+            written = " or ".join(_YAML_WORDS[kind] for kind in allowed)
             raise ConfigError(
-                f"{path}: expected {written}, got {value!r}. Write e.g. `{key}: {parameters[key].default}`."
+                f"{path}: expected {written}, got {value!r}. Write e.g. "
+                f"`{key}: {json.dumps(parameters[key].default)}` (the default)."
             )
         if isinstance(value, int | float) and not isinstance(value, bool):
             positive = key in _POSITIVE_OPTIONS
             if value < 0 or (positive and value == 0):
                 raise ConfigError(
-                    f"{path}: {value} must be {'> 0' if positive else '>= 0'} (default {parameters[key].default})."
+                    f"{path}: {value} must be {'> 0' if positive else '>= 0'} (default {json.dumps(parameters[key].default)})."
                 )
     try:
         cls(seed=settings.seed, **settings.options)
@@ -647,10 +659,11 @@ class _StrictLoader(yaml.SafeLoader):
                 continue  # `<<: *defaults` may be overridden by the keys beside it
             key = self.construct_object(key_node, deep=True)
             try:
-                first = lines.setdefault(key, key_node.start_mark.line + 1)
+                first = lines.get(key)
+                lines.setdefault(key, key_node.start_mark.line + 1)
             except TypeError:
                 continue  # an unhashable key: the schema refuses it
-            if first != key_node.start_mark.line + 1:
+            if first is not None:
                 raise yaml.constructor.ConstructorError(
                     None,
                     None,
