@@ -717,7 +717,7 @@ def load_config(path: str | Path, source: str = "--space") -> SearchConfig:
         missing = [section for section in REQUIRED_SECTIONS if section not in mapping]
         if missing:
             raise ConfigError(
-                f"{path}: no `{'`, `'.join(missing)}:` section; a search space needs at least `study:` (name, "
+                f"{path}: no {' or '.join(f'`{section}:`' for section in missing)} section; a search space needs at least `study:` (name, "
                 f"trials) and `space:`, so that a study is never run on defaults by mistake. Start from "
                 f"{EXAMPLE_SPACE}."
             )

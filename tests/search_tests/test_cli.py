@@ -471,7 +471,7 @@ def test_late_validation_fails_before_the_study_folder(
     [
         (b"", ["--space", "is empty", "study:", "space:"]),
         (b"# only a comment\n\n", ["--space", "is empty", "tiny.yaml"]),
-        (b"data: {dataset: bloodmnist}\n", ["no `study`, `space:` section", "tiny.yaml"]),
+        (b"data: {dataset: bloodmnist}\n", ["no `study:` or `space:` section", "tiny.yaml"]),
         (bytes(range(256)), ["--space", "not a text file", "search_spaces/"]),
         (
             b"study:\n  name: a\n  trials: 2\n  trials: 3\nspace: {}\n",
