@@ -393,7 +393,7 @@ def _check_finite(value: Any, path: str) -> None:
         )
 
 
-def check_study_name(name: str, field: str = "study.name") -> None:
+def _check_study_name(name: str) -> None:
     """A study lives in its own folder directly under the results root: one safe, visible folder name."""
     problem = None
     if not name:
@@ -409,7 +409,7 @@ def check_study_name(name: str, field: str = "study.name") -> None:
         problem = f"holds {', '.join(map(repr, bad))}, which may not be in a folder name"
     if problem:
         raise ConfigError(
-            f"{field}: {name!r} {problem}. A study lives in its own folder under the results root: use 1 to "
+            f"study.name: {name!r} {problem}. A study lives in its own folder under the results root: use 1 to "
             f"{MAX_STUDY_NAME} letters, digits, '-', '_' or '.', not starting with a dot (e.g. bloodmnist-resnet20)."
         )
 
@@ -442,6 +442,14 @@ _YAML_WORDS = {
     str: "a string",
     type(None): "null",
 }
+
+
+def _yaml_types(annotation: Any) -> set[type]:
+    """The types a YAML value can have among those an annotation (``'int | None'``) names."""
+    names = [part.strip() for part in str(getattr(annotation, "__name__", annotation)).split("|")]
+    return {_YAML_TYPES[name] for name in names if name in _YAML_TYPES}
+
+
 _POSITIVE_OPTIONS = ("n_ei_candidates", "population_size", "prior_weight")  # the others may be 0
 
 
@@ -456,26 +464,27 @@ def _check_sampler(settings: SamplerSettings) -> None:
         for name, parameter in inspect.signature(cls.__init__).parameters.items()
         if name not in ("self", "seed") and parameter.kind is not inspect.Parameter.VAR_KEYWORD
     }
+    settable = sorted(name for name in parameters if _yaml_types(parameters[name].annotation) - {type(None)})
     for key, value in settings.options.items():
         path = f"study.sampler.options.{key}"
         if key == "seed":
             raise ConfigError(f"{path}: set the seed as study.sampler.seed, not as an option.")
-        if not parameters:
+        if not settable:
             raise ConfigError(
                 f"{path}: {cls.__name__} ({settings.name}) takes no options; remove study.sampler.options."
             )
         if key not in parameters:
             raise ConfigError(
                 f"{path}: unknown option of {cls.__name__} ({settings.name}). Valid options: "
-                f"{', '.join(sorted(parameters))}."
+                f"{', '.join(settable)}."
             )
         annotation = parameters[key].annotation
-        names = [part.strip() for part in str(getattr(annotation, "__name__", annotation)).split("|")]
-        allowed = [_YAML_TYPES[name] for name in names if name in _YAML_TYPES]
-        if not [kind for kind in allowed if kind is not type(None)]:
+        allowed = _yaml_types(annotation)
+        if key not in settable:
             raise ConfigError(
                 f"{path}: {cls.__name__} takes a Python object ({annotation}) here, which a YAML file cannot "
-                "give. Remove the option (the sampler's default is used)."
+                f"give. Remove the option (the sampler's default is used); options a file can set: "
+                f"{', '.join(settable)}."
             )
         fits = any(
             (kind is float and isinstance(value, int | float) and not isinstance(value, bool))
@@ -484,7 +493,7 @@ def _check_sampler(settings: SamplerSettings) -> None:
             for kind in allowed
         )
         if not fits:
-            written = " or ".join(_YAML_WORDS[kind] for kind in allowed)
+            written = " or ".join(word for kind, word in _YAML_WORDS.items() if kind in allowed)
             raise ConfigError(
                 f"{path}: expected {written}, got {value!r}. Write e.g. "
                 f"`{key}: {json.dumps(parameters[key].default)}` (the default)."
@@ -506,7 +515,7 @@ def _check_sampler(settings: SamplerSettings) -> None:
 def _validate(cfg: SearchConfig) -> None:
     if cfg.study.trials < 1:
         raise ConfigError(f"study.trials: {cfg.study.trials} must be a positive number of trials (e.g. 8).")
-    check_study_name(cfg.study.name)
+    _check_study_name(cfg.study.name)
     _check_sampler(cfg.study.sampler)
     timeout = cfg.study.timeout_minutes
     if timeout is not None and timeout <= 0:
