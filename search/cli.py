@@ -15,8 +15,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 __all__ = ["main"]
@@ -24,7 +26,52 @@ __all__ = ["main"]
 log = logging.getLogger("hycomp")
 
 
+def _whole(minimum: int, example: int) -> Callable[[str], int]:
+    """An argparse type: a whole number >= ``minimum`` (argparse names the flag in its message)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not a whole number; give one >= {minimum} (e.g. {example})"
+            ) from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} must be >= {minimum} (a whole number, e.g. {example})")
+        return value
+
+    parse.__name__ = f"whole number >= {minimum}"
+    return parse
+
+
+def _number(
+    low: float, high: float = math.inf, *, low_open: bool = True, example: str = ""
+) -> Callable[[str], float]:
+    """An argparse type: a finite number in (low, high] (or [low, high] with ``low_open=False``)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        inside = (value > low if low_open else value >= low) and value <= high
+        if not math.isfinite(value) or not inside:
+            where = f"> {low:g}" if high == math.inf else f"in {'(' if low_open else '['}{low:g}, {high:g}]"
+            raise argparse.ArgumentTypeError(f"{text} must be a finite number {where} (e.g. {example})")
+        return value
+
+    parse.__name__ = "number"
+    return parse
+
+
+COUNT = _whole(1, 4)
+BUDGET = _number(0.0, example="2.5")
+FRACTION = _number(0.0, 1.0, low_open=False, example="0.9")
+SEED = _whole(0, 0)
+
+
 def _load_cfg(args: argparse.Namespace):
+    from pipelines.errors import ConfigError
     from search.config import load_config
 
     cfg = load_config(args.space)
@@ -56,7 +103,31 @@ def _load_cfg(args: argparse.Namespace):
     }
     if constraints:
         overrides["constraints"] = constraints
-    return cfg.replace(**overrides) if overrides else cfg
+    if not overrides:
+        return cfg
+    try:
+        return cfg.replace(**overrides)
+    except ConfigError as error:  # name the flag the user wrote, beside the field it overrides
+        message = str(error)
+        for field, flag in OVERRIDE_FLAGS.items():
+            if message.startswith(field + ":"):
+                message = f"{flag} ({field}){message[len(field) :]}"
+                break
+        raise ConfigError(message) from None
+
+
+# the fields the command line overrides
+OVERRIDE_FLAGS = {
+    "study.sampler.name": "--sampler",
+    "study.name": "--study-name",
+    "study.trials": "--trials",
+    "seed": "--seed",
+    "data.root": "--data-root",
+    "constraints.max_latency_ms": "--max-latency-ms",
+    "constraints.max_size_kb": "--max-size-kb",
+    "constraints.max_mmacs": "--max-mmacs",
+    "constraints.min_accuracy": "--min-accuracy",
+}
 
 
 class SearchCommand:
@@ -75,19 +146,19 @@ class SearchCommand:
             help="Optuna storage URL (default sqlite:///results/<study>/study.db); a path ending .log uses a journal file",
         )
         parser.add_argument(
-            "--trials", type=int, help="number of completed trials to reach (overrides study.trials)"
+            "--trials", type=COUNT, help="number of completed trials to reach (overrides study.trials)"
         )
         parser.add_argument("--study-name", help="overrides study.name")
         parser.add_argument("--sampler", help="tpe | nsga2 | gp | random (overrides study.sampler.name)")
-        parser.add_argument("--seed", type=int, help="overrides the global seed")
-        parser.add_argument("--max-latency-ms", type=float, help="constraint: latency budget")
-        parser.add_argument("--max-size-kb", type=float, help="constraint: packed size budget")
-        parser.add_argument("--max-mmacs", type=float, help="constraint: compute budget")
+        parser.add_argument("--seed", type=SEED, help="overrides the global seed")
+        parser.add_argument("--max-latency-ms", type=BUDGET, help="constraint: latency budget")
+        parser.add_argument("--max-size-kb", type=BUDGET, help="constraint: packed size budget")
+        parser.add_argument("--max-mmacs", type=BUDGET, help="constraint: compute budget")
         parser.add_argument(
-            "--min-accuracy", type=float, help="constraint: minimum validation accuracy (0..1)"
+            "--min-accuracy", type=FRACTION, help="constraint: minimum validation accuracy (0..1)"
         )
         parser.add_argument(
-            "--workers", type=int, default=1, help="worker processes on this machine sharing the study"
+            "--workers", type=COUNT, default=1, help="worker processes on this machine sharing the study"
         )
         parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -96,10 +167,6 @@ class SearchCommand:
         from search.workspace import study_dir
 
         cfg = _load_cfg(args)
-        if args.trials is not None and args.trials < 1:
-            from pipelines.errors import ConfigError
-
-            raise ConfigError(f"--trials: {args.trials} must be a positive number of trials.")
         study = run_search(
             cfg, storage_url=args.storage, show_progress=not args.no_progress, workers=args.workers
         )
@@ -175,32 +242,57 @@ class FrontCommand:
         return 0
 
 
+BUDGET_FLAGS = ("--max-latency-ms", "--max-size-kb", "--max-mmacs")
+
+
+def _check_choice(args: argparse.Namespace) -> None:
+    """export chooses its trial one way: --trial, --pick, or budgets (which combine); before any work."""
+    from pipelines.errors import ConfigError
+    from search.pareto import PICKS
+
+    if args.pick is not None and args.pick not in PICKS:
+        raise ConfigError(f"--pick: unknown value {args.pick!r}. Valid values: {', '.join(PICKS)}.")
+    budgets = [flag for flag in BUDGET_FLAGS if getattr(args, flag[2:].replace("-", "_")) is not None]
+    given = [
+        f"--trial {args.trial}" if args.trial is not None else "",
+        f"--pick {args.pick}" if args.pick is not None else "",
+        " ".join(budgets),
+    ]
+    given = [text for text in given if text]
+    if len(given) > 1:
+        raise ConfigError(
+            f"{' and '.join(given)}: these choose the trial to export in different ways. Give one: --trial N "
+            f"(that trial), --pick {'|'.join(PICKS)} (a point of the front), or budgets "
+            f"({', '.join(BUDGET_FLAGS)}; they combine: the most accurate front trial within all of them)."
+        )
+
+
 class ExportCommand:
     name = "export"
     help = "materialize one trial: model, ONNX bundle, config and report"
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         _add_study_arguments(parser)
-        parser.add_argument("--trial", type=int, help="trial number to export")
+        parser.add_argument("--trial", type=_whole(0, 3), help="trial number to export")
         parser.add_argument(
             "--pick", help="max-accuracy | knee | min-latency | min-macs (default max-accuracy)"
         )
-        parser.add_argument("--max-latency-ms", type=float, help="best accuracy within this latency")
-        parser.add_argument("--max-size-kb", type=float, help="best accuracy within this size")
-        parser.add_argument("--max-mmacs", type=float, help="best accuracy within this compute")
+        parser.add_argument("--max-latency-ms", type=BUDGET, help="best accuracy within this latency")
+        parser.add_argument("--max-size-kb", type=BUDGET, help="best accuracy within this size")
+        parser.add_argument("--max-mmacs", type=BUDGET, help="best accuracy within this compute")
         parser.add_argument(
             "--retrain", action="store_true", help="re-compress the configuration at the full export budget"
         )
         parser.add_argument(
             "--candidates",
-            type=int,
+            type=COUNT,
             default=1,
             help="with --retrain: retrain this many of the most accurate front trials within the budget at "
             "the full budget and export the best on validation (the cheap trial budget can misrank them)",
         )
         parser.add_argument(
             "--jobs",
-            type=int,
+            type=COUNT,
             default=1,
             help="candidates retrained at once, each in its own process and CPUs",
         )
@@ -213,16 +305,13 @@ class ExportCommand:
         from search.export import export_best, export_trial
         from search.pareto import pick_candidates, pick_trial
 
+        _check_choice(args)
         folder, cfg, study = _open(args)
         if args.data_root:
             cfg = cfg.replace(data={"root": args.data_root})
         elif cfg.data.root is None and os.environ.get("HYCOMP_DATA_ROOT"):
             cfg = cfg.replace(data={"root": os.environ["HYCOMP_DATA_ROOT"]})
         if args.candidates != 1 or args.jobs != 1:
-            if args.candidates < 1 or args.jobs < 1:
-                raise ConfigError(
-                    f"--candidates {args.candidates} / --jobs {args.jobs}: both must be at least 1."
-                )
             if not args.retrain or args.trial is not None or args.pick:
                 raise ConfigError(
                     "--candidates/--jobs retrain several front trials at the full budget and choose among them: "
@@ -301,18 +390,15 @@ class BaselineCommand:
         parser.add_argument("--download", action="store_true")
         parser.add_argument(
             "--jobs",
-            type=int,
+            type=COUNT,
             default=1,
             help="teachers trained at once, each pinned to its share of the CPUs",
         )
 
     def take_action(self, args: argparse.Namespace) -> int:
-        from pipelines.errors import ConfigError
         from pipelines.reference_accuracy import reference_accuracy, reference_warning
         from search.setup import get_teachers, load_data, resolve_augment
 
-        if args.jobs < 1:
-            raise ConfigError(f"--jobs: {args.jobs} must be >= 1.")
         cfg = _load_cfg(args)
         data = load_data(cfg)
         cfg, probe = resolve_augment(cfg, data)
@@ -401,8 +487,8 @@ class PredictCommand:
             help="a MedMNIST-style .npz (uses test_images/test_labels, or images/labels) or image files",
         )
         parser.add_argument("--split", default="test", help="which split of an .npz to read (default test)")
-        parser.add_argument("--threads", type=int, default=1)
-        parser.add_argument("--limit", type=int, help="print at most this many predictions")
+        parser.add_argument("--threads", type=COUNT, default=1, help="ONNX Runtime threads")
+        parser.add_argument("--limit", type=COUNT, help="print at most this many predictions")
 
     def take_action(self, args: argparse.Namespace) -> int:
         from search.predict import predict_files
@@ -469,7 +555,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as stop:  # argparse printed usage and the bad flag (code 2), or --help (code 0)
+        return stop.code if isinstance(stop.code, int) else 2
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     if args.command != "predict":  # predict runs on ONNX Runtime alone: no Optuna, no torch
         import optuna

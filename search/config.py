@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
 import json
+import math
+import re
 import types
 import typing
 from collections.abc import Callable
@@ -33,6 +36,7 @@ from pipelines.train import TrainConfig
 __all__ = [
     "resolved_augment",
     "SAMPLERS",
+    "MAX_STUDY_NAME",
     "SearchConfig",
     "ModelSettings",
     "BaselineSettings",
@@ -40,6 +44,7 @@ __all__ = [
     "Space",
     "load_config",
     "parse_config",
+    "sampler_class",
     "dump_config",
     "stable_hash",
     "setup_fingerprint",
@@ -49,6 +54,9 @@ AUTO = "auto"  # an augment the symmetry probe chooses on the data (pipelines.sy
 
 SAMPLERS: tuple[str, ...] = ("tpe", "nsga2", "gp", "random")
 KD_TARGETS: tuple[str, ...] = ("online", "ensemble")  # see TrialContext.training_data
+MAX_STUDY_NAME = 100  # characters; a study is a folder, and its SQLite path must stay openable
+STUDY_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")  # one folder under the results root, not hidden
+MAX_SEED = 2**31 - 1  # numpy's and Optuna's seeds stop at 2**32 - 1; workers add their index
 
 
 @dataclass(frozen=True)
@@ -377,15 +385,151 @@ def _checked(build: Callable[[], Any], names: dict[str, str]) -> Any:
         raise ConfigError(message) from None
 
 
+def _check_finite(value: Any, path: str) -> None:
+    """Every number of the file is finite (YAML reads ``.nan`` and ``.inf`` as floats)."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _check_finite(item, f"{path}.{key}" if path else str(key))
+    elif isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            _check_finite(item, f"{path}[{index}]")
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(
+            f"{path or 'space file'}: {value} is not a finite number. Write a number such as 0.5 (or null where allowed)."
+        )
+
+
+def _check_study_name(name: str) -> None:
+    """A study lives in its own folder directly under the results root: one safe, visible folder name."""
+    problem = None
+    if not name:
+        problem = "is empty"
+    elif len(name) > MAX_STUDY_NAME:
+        problem = f"is {len(name)} characters long, over the limit of {MAX_STUDY_NAME}"
+    elif name.startswith("."):
+        problem = (
+            "starts with a dot (a hidden folder, or '.'/'..' which point outside the study's own folder)"
+        )
+    elif not STUDY_NAME.fullmatch(name):
+        bad = sorted({char for char in name if not re.fullmatch(r"[A-Za-z0-9._-]", char)})
+        problem = f"holds {', '.join(map(repr, bad))}, which may not be in a folder name"
+    if problem:
+        raise ConfigError(
+            f"study.name: {name!r} {problem}. A study lives in its own folder under the results root: use 1 to "
+            f"{MAX_STUDY_NAME} letters, digits, '-', '_' or '.', not starting with a dot (e.g. bloodmnist-resnet20)."
+        )
+
+
+def _check_seed(path: str, seed: int) -> None:
+    if not 0 <= seed <= MAX_SEED:
+        raise ConfigError(f"{path}: {seed} is out of range; use a seed in [0, {MAX_SEED}] (e.g. 0).")
+
+
+def sampler_class(name: str) -> type:
+    """The Optuna sampler class of a name in :data:`SAMPLERS`."""
+    import optuna
+
+    classes = {
+        "tpe": optuna.samplers.TPESampler,
+        "nsga2": optuna.samplers.NSGAIISampler,
+        "gp": optuna.samplers.GPSampler,
+        "random": optuna.samplers.RandomSampler,
+    }
+    if name not in classes:
+        raise unknown_name("study.sampler.name", name, SAMPLERS)
+    return classes[name]
+
+
+_YAML_TYPES = {"int": int, "float": float, "bool": bool, "str": str, "None": type(None)}
+_YAML_WORDS = {
+    int: "a whole number",
+    float: "a number",
+    bool: "true or false",
+    str: "a string",
+    type(None): "null",
+}
+
+
+def _yaml_types(annotation: Any) -> set[type]:
+    """The types a YAML value can have among those an annotation (``'int | None'``) names."""
+    names = [part.strip() for part in str(getattr(annotation, "__name__", annotation)).split("|")]
+    return {_YAML_TYPES[name] for name in names if name in _YAML_TYPES}
+
+
+_POSITIVE_OPTIONS = ("n_ei_candidates", "population_size", "prior_weight")  # the others may be 0
+
+
+def _check_sampler(settings: SamplerSettings) -> None:
+    """Options are keyword arguments of the sampler class, of the types its signature names, and the
+    sampler accepts them: checked by building it here, before a study folder is written."""
+    cls = sampler_class(settings.name)
+    if settings.seed is not None:
+        _check_seed("study.sampler.seed", settings.seed)
+    parameters = {
+        name: parameter
+        for name, parameter in inspect.signature(cls.__init__).parameters.items()
+        if name not in ("self", "seed") and parameter.kind is not inspect.Parameter.VAR_KEYWORD
+    }
+    settable = sorted(name for name in parameters if _yaml_types(parameters[name].annotation) - {type(None)})
+    for key, value in settings.options.items():
+        path = f"study.sampler.options.{key}"
+        if key == "seed":
+            raise ConfigError(f"{path}: set the seed as study.sampler.seed, not as an option.")
+        if not settable:
+            raise ConfigError(
+                f"{path}: {cls.__name__} ({settings.name}) takes no options; remove study.sampler.options."
+            )
+        if key not in parameters:
+            raise ConfigError(
+                f"{path}: unknown option of {cls.__name__} ({settings.name}). Valid options: "
+                f"{', '.join(settable)}."
+            )
+        annotation = parameters[key].annotation
+        allowed = _yaml_types(annotation)
+        if key not in settable:
+            raise ConfigError(
+                f"{path}: {cls.__name__} takes a Python object ({annotation}) here, which a YAML file cannot "
+                f"give. Remove the option (the sampler's default is used); options a file can set: "
+                f"{', '.join(settable)}."
+            )
+        fits = any(
+            (kind is float and isinstance(value, int | float) and not isinstance(value, bool))
+            or (kind is int and isinstance(value, int) and not isinstance(value, bool))
+            or (kind not in (int, float) and isinstance(value, kind))
+            for kind in allowed
+        )
+        if not fits:
+            written = " or ".join(word for kind, word in _YAML_WORDS.items() if kind in allowed)
+            raise ConfigError(
+                f"{path}: expected {written}, got {value!r}. Write e.g. "
+                f"`{key}: {json.dumps(parameters[key].default)}` (the default)."
+            )
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            positive = key in _POSITIVE_OPTIONS
+            if value < 0 or (positive and value == 0):
+                raise ConfigError(
+                    f"{path}: {value} must be {'> 0' if positive else '>= 0'} (default {json.dumps(parameters[key].default)})."
+                )
+    try:
+        cls(seed=settings.seed, **settings.options)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(
+            f"study.sampler.options: {settings.options} rejected by {cls.__name__}: {error} Fix that option or remove it."
+        ) from None
+
+
 def _validate(cfg: SearchConfig) -> None:
     if cfg.study.trials < 1:
         raise ConfigError(f"study.trials: {cfg.study.trials} must be a positive number of trials (e.g. 8).")
-    if not cfg.study.name or any(char in cfg.study.name for char in '/\\:*?"<>| '):
+    _check_study_name(cfg.study.name)
+    _check_sampler(cfg.study.sampler)
+    timeout = cfg.study.timeout_minutes
+    if timeout is not None and timeout <= 0:
         raise ConfigError(
-            f"study.name: {cfg.study.name!r} must be a non-empty name without spaces or path characters."
+            f"study.timeout_minutes: {timeout} must be > 0 minutes (e.g. 60), or null for no time limit."
         )
-    if cfg.study.sampler.name not in SAMPLERS:
-        raise unknown_name("study.sampler.name", cfg.study.sampler.name, SAMPLERS)
+    _check_seed("seed", cfg.seed)
+    _check_seed("baseline.seed", cfg.baseline.seed)
     _validate_data(cfg.data)
     spec = cfg.model.spec  # ModelSpec checks arch, width, small_input, kwargs, exclude, checkpoint
     _checked(
@@ -427,18 +571,37 @@ def _validate(cfg: SearchConfig) -> None:
         _check_range("constraints.min_accuracy", cfg.constraints.min_accuracy, 0.0, 1.0)
 
 
+def _check_bounds(path: str, bounds: IntRange | FloatRange) -> None:
+    """low <= high, and a step that is positive and no wider than the range (Optuna would shrink the range
+    to its low end)."""
+    if bounds.low > bounds.high:
+        raise ConfigError(f"{path}: low {bounds.low} > high {bounds.high}; swap them.")
+    step = bounds.step
+    if step is None:
+        return
+    if step <= 0:
+        allowed = "an integer >= 1" if isinstance(bounds, IntRange) else "> 0, or null for a continuous range"
+        raise ConfigError(f"{path}.step: {step} must be {allowed}.")
+    span = bounds.high - bounds.low
+    if span > 0 and step > span:
+        raise ConfigError(
+            f"{path}.step: {step} is wider than the range {bounds.low}..{bounds.high}; use a step up to "
+            f"{round(span, 6)}{', or null' if isinstance(bounds, FloatRange) else ''}."
+        )
+
+
 def _validate_space(cfg: SearchConfig) -> None:
     """Every value the space can suggest is one the pipelines' configs accept."""
     space = cfg.space
+    for item in dataclasses.fields(Space):
+        value = getattr(space, item.name)
+        if isinstance(value, IntRange | FloatRange):
+            _check_bounds(f"space.{item.name}", value)
     sparsity = space.sparsity
     for end in ("low", "high"):
         _checked(
             lambda end=end: PruneConfig(getattr(sparsity, end)), {"prune.sparsity": f"space.sparsity.{end}"}
         )
-    if sparsity.low > sparsity.high:
-        raise ConfigError(f"space.sparsity: low {sparsity.low} > high {sparsity.high}; swap them.")
-    if sparsity.step is not None and sparsity.step <= 0:
-        raise ConfigError(f"space.sparsity.step: {sparsity.step} must be > 0 or null.")
     for pruner in space.pruner:
         _checked(lambda pruner=pruner: PruneConfig(0.0, pruner=pruner), {"prune.pruner": "space.pruner"})
     for bits in space.bits:
@@ -450,10 +613,6 @@ def _validate_space(cfg: SearchConfig) -> None:
             lambda end=end: MoEConfig(num_experts=getattr(space.num_experts, end), top_k=1),
             {"moe.num_experts": f"space.num_experts.{end}"},
         )
-    if space.num_experts.low > space.num_experts.high:
-        raise ConfigError(
-            f"space.num_experts: low {space.num_experts.low} > high {space.num_experts.high}; swap them."
-        )
     # top_k is clipped to the sampled number of experts, so only its lowest value must fit the largest MoE
     _checked(
         lambda: MoEConfig(num_experts=space.num_experts.high, top_k=space.top_k.low),
@@ -463,8 +622,6 @@ def _validate_space(cfg: SearchConfig) -> None:
         lambda: MoEConfig(num_experts=max(space.top_k.high, 1), top_k=space.top_k.high),
         {"moe.num_experts": "space.top_k.high", "moe.top_k": "space.top_k.high"},
     )
-    if space.top_k.low > space.top_k.high:
-        raise ConfigError(f"space.top_k: low {space.top_k.low} > high {space.top_k.high}; swap them.")
     for gate_size in space.gate_size:
         _checked(
             lambda gate_size=gate_size: MoEConfig(gate_size=gate_size), {"moe.gate_size": "space.gate_size"}
@@ -536,25 +693,84 @@ def resolved_augment(cfg: SearchConfig, augment: str) -> SearchConfig:
 
 def parse_config(mapping: Any) -> SearchConfig:
     """Validate a mapping (parsed YAML) into a :class:`SearchConfig`."""
+    _check_finite(mapping, "")
     cfg = _build(SearchConfig, mapping, "")
     _validate(cfg)
     return cfg
 
 
-def load_config(path: str | Path) -> SearchConfig:
+class _StrictLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key written twice in one mapping (plain YAML keeps the last one)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        lines: dict = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *defaults` may be overridden by the keys beside it
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = lines.get(key)
+                lines.setdefault(key, key_node.start_mark.line + 1)
+            except TypeError:
+                continue  # an unhashable key: the schema refuses it
+            if first is not None:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"key {key!r} is written twice in one mapping (first at line {first}); YAML would keep "
+                    "only the last one; remove one of them",
+                    key_node.start_mark,
+                )
+        return super().construct_mapping(node, deep=deep)
+
+
+REQUIRED_SECTIONS = ("study", "space")
+EXAMPLE_SPACE = "search_spaces/tiny.yaml"
+
+
+def load_config(path: str | Path, source: str = "--space") -> SearchConfig:
+    """Read and validate a YAML search space; ``source`` names where the path came from in messages."""
     path = Path(path)
     if not path.exists():
         raise ConfigError(
-            f"--space: file {path} does not exist. Pass a YAML file such as search_spaces/bloodmnist.yaml."
+            f"{source}: file {path} does not exist. Pass a YAML file such as search_spaces/bloodmnist.yaml."
+        )
+    if not path.is_file():
+        raise ConfigError(
+            f"{source}: {path} is a folder, not a file. Pass a YAML file such as search_spaces/bloodmnist.yaml."
         )
     try:
-        mapping = yaml.safe_load(path.read_text())
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(
+            f"{source}: {path} is not a text file (it holds binary data). Pass a YAML search space such as "
+            "search_spaces/bloodmnist.yaml."
+        ) from None
+    except OSError as error:
+        raise ConfigError(
+            f"{source}: cannot read {path} ({error.strerror}). Check the path and its permissions."
+        ) from None
+    try:
+        mapping = yaml.load(text, Loader=_StrictLoader)  # a SafeLoader: no Python objects
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ConfigError(
-            f"{path}: malformed YAML{where}: {getattr(error, 'problem', error)}. Fix the syntax."
+            f"{path}: malformed YAML{where}: {getattr(error, 'problem', error)}. Fix the file."
         ) from None
+    if mapping is None or mapping == {}:
+        raise ConfigError(
+            f"{source}: {path} is empty (or only comments); a search space needs at least a `study:` section "
+            f"(name, trials) and a `space:` section. Start from {EXAMPLE_SPACE}."
+        )
+    if isinstance(mapping, dict):
+        missing = [section for section in REQUIRED_SECTIONS if section not in mapping]
+        if missing:
+            raise ConfigError(
+                f"{path}: no {' or '.join(f'`{section}:`' for section in missing)} section; a search space needs at least `study:` (name, "
+                f"trials) and `space:`, so that a study is never run on defaults by mistake. Start from "
+                f"{EXAMPLE_SPACE}."
+            )
     try:
         return parse_config(mapping)
     except ConfigError as error:

@@ -16,9 +16,9 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
-from pipelines.errors import CompressionError, ConfigError, unknown_name
+from pipelines.errors import CompressionError, ConfigError
 from pipelines.reference_accuracy import reference_warning
-from search.config import SAMPLERS, SearchConfig, dump_config, load_config, parse_config
+from search.config import SearchConfig, dump_config, load_config, parse_config, sampler_class
 from search.evaluation import TrialContext
 from search.objective import DIRECTIONS, OBJECTIVES, Objective, is_repeat, reference_missing
 from search.progress import Progress
@@ -44,21 +44,9 @@ log = logging.getLogger("hycomp")
 
 
 def make_sampler(cfg: SearchConfig) -> optuna.samplers.BaseSampler:
+    """The study's sampler (its name, seed and options were checked when the configuration was parsed)."""
     settings = cfg.study.sampler
-    classes = {
-        "tpe": optuna.samplers.TPESampler,
-        "nsga2": optuna.samplers.NSGAIISampler,
-        "gp": optuna.samplers.GPSampler,
-        "random": optuna.samplers.RandomSampler,
-    }
-    if settings.name not in classes:
-        raise unknown_name("study.sampler.name", settings.name, SAMPLERS)
-    try:
-        return classes[settings.name](seed=settings.seed, **settings.options)
-    except TypeError as error:
-        raise ConfigError(
-            f"study.sampler.options: {settings.options} rejected by {classes[settings.name].__name__}: {error}"
-        ) from None
+    return sampler_class(settings.name)(seed=settings.seed, **settings.options)
 
 
 def open_study(cfg: SearchConfig, storage: optuna.storages.BaseStorage) -> optuna.Study:
@@ -77,7 +65,7 @@ def open_study(cfg: SearchConfig, storage: optuna.storages.BaseStorage) -> optun
 
 def load_study(folder: Path, storage_url: str | None = None) -> tuple[SearchConfig, optuna.Study]:
     """Open the study of an existing results folder (its config.yaml says which storage)."""
-    cfg = load_config(folder / "config.yaml")
+    cfg = load_config(folder / "config.yaml", source="study folder")
     url = storage_url or cfg.study.storage or default_storage(folder)
     if url == default_storage(folder) and not (folder / "study.db").exists():
         raise ConfigError(
@@ -117,7 +105,7 @@ def _write_config(cfg: SearchConfig, folder: Path, probe: dict | None = None) ->
     if probe is not None:
         text = f"# {probe['summary']}\n" + text
     if path.exists() and path.read_text() != text:
-        previous = load_config(path)
+        previous = load_config(path, source="study folder")
         # What its finished trials were scored under: mixing them with trials scored differently (another
         # teacher, another per-trial budget) would rank incomparable numbers on one front.
         changed = [

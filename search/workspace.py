@@ -25,7 +25,15 @@ def results_root() -> Path:
 
 
 def study_dir(name: str, root: Path | None = None) -> Path:
-    return (root or results_root()) / name
+    """``<results root>/<name>``: always a folder of its own directly inside the results root."""
+    root = root or results_root()
+    folder = root / name
+    if name in ("", ".", "..") or folder.resolve().parent != root.resolve():
+        raise ConfigError(
+            f"study.name: {name!r} would put the study at {folder.resolve()}, outside its own folder under the "
+            f"results root {root.resolve()}. Use a plain folder name such as bloodmnist-resnet20."
+        )
+    return folder
 
 
 def baseline_dir(key: str, root: Path | None = None) -> Path:

@@ -324,7 +324,7 @@ def test_predict_rejects_wrong_image_shape(searched: dict, tmp_path: Path, capsy
     np.savez(wrong, images=np.zeros((4, 32, 32, 3), dtype=np.uint8))
     assert main(["predict", str(exports[0]), str(wrong)]) == 2
     err = capsys.readouterr().err
-    assert "32x32" in err and "28x28" in err and "Resize" in err
+    assert "32x32" in err and "28x28" in err and "Resize" in err and "Traceback" not in err
 
 
 @pytest.mark.slow
@@ -369,3 +369,193 @@ def test_quality_experiment_writes_its_report(searched: dict, tmp_path: Path) ->
     assert out.with_suffix(".seeds.json").read_text() == saved_before
     with pytest.raises(SystemExit, match="holds no finished"):
         run(folder, 1, [5], tmp_path / "elsewhere" / "REPORT.md", report_only=True)
+
+
+# ---------------------------------------------- every mistake caught before anything is written (issue 28)
+
+
+@pytest.fixture
+def workspace(tmp_path: Path, synthetic_root: Path, monkeypatch) -> dict:
+    """A results root holding one file, the working directory beside it, and a valid space file."""
+    results = tmp_path / "work" / "results"
+    results.mkdir(parents=True)
+    (results / "keep.txt").write_text("an earlier result")
+    monkeypatch.setenv("HYCOMP_RESULTS", str(results))
+    monkeypatch.chdir(tmp_path / "work")
+    (tmp_path / "valid").mkdir()
+    space = write_space(tmp_path / "valid", synthetic_root)
+    return {"root": tmp_path, "space": space, "data": synthetic_root}
+
+
+def _tree(root: Path) -> list[str]:
+    return sorted(str(path.relative_to(root)) for path in root.rglob("*"))
+
+
+def refused(argv: list[str], expected: list[str], workspace: dict, capsys) -> str:
+    """``hycomp argv`` exits 2 with one message holding every ``expected`` fragment, no traceback, and
+    nothing written anywhere under the test's folder (results root, its parent, the space file's folder)."""
+    capsys.readouterr()
+    before = _tree(workspace["root"])
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    for fragment in expected:
+        assert fragment in err, f"{fragment!r} not in {err!r}"
+    assert "Traceback" not in err
+    assert _tree(workspace["root"]) == before
+    return err
+
+
+def _space_with(workspace: dict, **sections) -> str:
+    return str(write_space(workspace["root"], workspace["data"], **sections))
+
+
+@pytest.mark.parametrize(
+    "name", ["..", ".", "../..", ".hidden", "a/b", "../outside", "/abs", "x y", "a:b", "n" * 101]
+)
+def test_a_study_name_outside_its_own_folder_is_refused(name: str, workspace: dict, capsys) -> None:
+    space = _space_with(workspace, study={"name": name})
+    err = refused(
+        ["search", "--space", space, "--no-progress"], ["study.name", repr(name)], workspace, capsys
+    )
+    assert "results root" in err and "letters, digits" in err and "--storage" not in err
+    refused(
+        ["search", "--space", str(workspace["space"]), "--study-name", name, "--no-progress"],
+        ["--study-name (study.name)", repr(name), "letters, digits"],
+        workspace,
+        capsys,
+    )
+
+
+@pytest.mark.parametrize(
+    ("sections", "expected"),
+    [
+        (
+            {"study": {"sampler": {"name": "tpe", "options": {"n_startup_trials": "x"}}}},
+            ["study.sampler.options.n_startup_trials", "'x'", "n_startup_trials: 10"],
+        ),
+        (
+            {"study": {"sampler": {"name": "tpe", "options": {"popsize": 4}}}},
+            ["study.sampler.options.popsize", "unknown option", "n_startup_trials"],
+        ),
+        (
+            {"study": {"sampler": {"name": "nsga2", "options": {"population_size": 0}}}},
+            ["study.sampler.options.population_size", "0", "> 0"],
+        ),
+        (
+            {"study": {"sampler": {"name": "tpe", "seed": -1}}},
+            ["study.sampler.seed", "-1", "[0, 2147483647]"],
+        ),
+        ({"space": {"sparsity": {"low": 0.3, "high": 0.7, "step": 0}}}, ["space.sparsity.step", "0", "> 0"]),
+        ({"space": {"num_experts": {"low": 1, "high": 3, "step": -1}}}, ["space.num_experts.step", "-1"]),
+        ({"space": {"top_k": {"low": 2, "high": 1}}}, ["space.top_k", "low 2 > high 1", "swap"]),
+        ({"baseline": {"batch_size": 0}}, ["baseline.batch_size", "0", ">= 2"]),
+        ({"trial": {"batch_size": -1}}, ["trial.batch_size", "-1", ">= 2"]),
+        ({"study": {"timeout_minutes": -1}}, ["study.timeout_minutes", "-1", "null"]),
+        ({"study": {"trials": 0}}, ["study.trials", "0", "e.g. 8"]),
+        ({"baseline": {"lr": float("nan")}}, ["baseline.lr", "nan", "finite number"]),
+        ({"baseline": {"lr": 50.0}}, ["baseline.lr", "50.0", "[1e-06, 10.0]"]),
+        ({"export": {"qat_epochs": float("inf")}}, ["export.qat_epochs", "inf"]),
+    ],
+)
+def test_late_validation_fails_before_the_study_folder(
+    sections: dict, expected: list[str], workspace, capsys
+) -> None:
+    space = _space_with(workspace, **sections)
+    err = refused(["search", "--space", space, "--no-progress"], expected, workspace, capsys)
+    assert "train." not in err and "budget." not in err  # the user's names, not the pipelines'
+    refused(["baseline", "--space", space], expected, workspace, capsys)  # the teacher is not trained either
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (b"", ["--space", "is empty", "study:", "space:"]),
+        (b"# only a comment\n\n", ["--space", "is empty", "tiny.yaml"]),
+        (b"data: {dataset: bloodmnist}\n", ["no `study:` or `space:` section", "tiny.yaml"]),
+        (bytes(range(256)), ["--space", "not a text file", "search_spaces/"]),
+        (
+            b"study:\n  name: a\n  trials: 2\n  trials: 3\nspace: {}\n",
+            ["'trials' is written twice", "line 4"],
+        ),
+        (b"- a\n- list\n", ["space file", "expected a mapping"]),
+    ],
+)
+def test_a_bad_space_file_is_named(content: bytes, expected: list[str], workspace: dict, capsys) -> None:
+    path = workspace["root"] / "bad.yaml"
+    path.write_bytes(content)
+    refused(["search", "--space", str(path), "--no-progress"], [str(path), *expected], workspace, capsys)
+
+
+def test_a_folder_as_space_is_named(workspace: dict, capsys) -> None:
+    folder = workspace["root"]
+    refused(["search", "--space", str(folder)], ["--space", str(folder), "is a folder"], workspace, capsys)
+    refused(["baseline", "--space", str(folder)], ["--space", str(folder), "is a folder"], workspace, capsys)
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (["--workers", "0"], ["--workers", "0 must be >= 1", "e.g."]),
+        (["--workers", "-3"], ["--workers", "-3 must be >= 1"]),
+        (["--workers", "two"], ["--workers", "'two' is not a whole number"]),
+        (["--trials", "0"], ["--trials", "0 must be >= 1"]),
+        (["--trials", "-1"], ["--trials", "-1 must be >= 1"]),
+        (["--seed", "-1"], ["--seed", "-1 must be >= 0"]),
+        (["--seed", str(2**40)], ["--seed (seed)", str(2**40), "[0, 2147483647]"]),
+        (["--max-mmacs", "0"], ["--max-mmacs", "0 must be a finite number > 0", "e.g."]),
+        (["--max-latency-ms", "-1"], ["--max-latency-ms", "-1 must be a finite number > 0"]),
+        (["--max-size-kb", "nan"], ["--max-size-kb", "nan must be a finite number"]),
+        (["--max-size-kb", "inf"], ["--max-size-kb", "inf must be a finite number"]),
+        (["--min-accuracy", "1.5"], ["--min-accuracy", "1.5", "[0, 1]"]),
+        (["--min-accuracy=-inf"], ["--min-accuracy", "-inf", "[0, 1]"]),
+        (["--sampler", "cmaes"], ["--sampler (study.sampler.name)", "'cmaes'", "nsga2"]),
+    ],
+)
+def test_search_flags_are_checked_up_front(flags: list[str], expected: list[str], workspace, capsys) -> None:
+    refused(
+        ["search", "--space", str(workspace["space"]), *flags, "--no-progress"], expected, workspace, capsys
+    )
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["baseline", "--jobs", "0"], ["--jobs", "0 must be >= 1"]),
+        (["baseline", "--jobs", "-2"], ["--jobs", "-2 must be >= 1"]),
+        (["export", "--candidates", "0"], ["--candidates", "0 must be >= 1"]),
+        (["export", "--jobs", "-1"], ["--jobs", "-1 must be >= 1"]),
+        (["export", "--trial", "-1"], ["--trial", "-1 must be >= 0"]),
+        (["export", "--max-mmacs", "0"], ["--max-mmacs", "0 must be a finite number > 0"]),
+        (["export", "--max-latency-ms", "nan"], ["--max-latency-ms", "nan must be a finite number"]),
+        (["predict", "--threads", "0"], ["--threads", "0 must be >= 1"]),
+        (["predict", "--limit", "0"], ["--limit", "0 must be >= 1"]),
+        (["predict", "--limit", "-5"], ["--limit", "-5 must be >= 1"]),
+    ],
+)
+def test_other_numeric_flags_are_checked_up_front(
+    argv: list[str], expected: list[str], workspace, capsys
+) -> None:
+    command, *flags = argv
+    positional = {
+        "baseline": ["--space", str(workspace["space"])],
+        "export": [str(workspace["root"] / "work" / "results" / "tiny")],
+        "predict": [str(workspace["root"] / "bundle"), str(workspace["root"] / "images.npz")],
+    }[command]
+    refused([command, *positional, *flags], expected, workspace, capsys)
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (["--pick", "best"], ["--pick", "'best'", "max-accuracy, knee"]),
+        (["--trial", "1", "--pick", "best"], ["--pick", "'best'", "Valid values"]),  # invalid: refused always
+        (["--trial", "1", "--pick", "knee"], ["--trial 1 and --pick knee", "Give one"]),
+        (["--trial", "1", "--max-mmacs", "2"], ["--trial 1 and --max-mmacs", "Give one"]),
+        (["--pick", "knee", "--max-size-kb", "40"], ["--pick knee and --max-size-kb", "they combine"]),
+    ],
+)
+def test_export_chooses_its_trial_one_way(flags: list[str], expected: list[str], workspace, capsys) -> None:
+    """Checked before the study is opened: the folder need not exist for the message to be about the flags."""
+    refused(
+        ["export", str(workspace["root"] / "work" / "results" / "tiny"), *flags], expected, workspace, capsys
+    )

@@ -166,3 +166,219 @@ def test_the_setup_covers_the_data_content_and_not_its_location() -> None:
     assert setup_fingerprint(cfg, "pixels") != setup_fingerprint(cfg, "other pixels")
     moved = cfg.replace(data={"root": "/elsewhere"})
     assert setup_fingerprint(moved, "pixels") == setup_fingerprint(cfg, "pixels")
+
+
+# ------------------------------------------------------------------------ caught up front (issue 28)
+
+INTERNAL_NAMES = ("train.", "budget.", "prune.", "quantize.", "moe.")  # the pipelines' fields, never shown
+
+
+def _refused(mapping: dict, expected: list[str]) -> str:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(mapping)
+    message = str(caught.value)
+    for fragment in expected:
+        assert fragment in message, f"{fragment!r} not in {message!r}"
+    assert not message.startswith(INTERNAL_NAMES), message
+    return message
+
+
+@pytest.mark.parametrize(
+    "name", ["..", ".", ".hidden", "a/b", "../escape", "a\\b", "x y", "a:b", "caf\u00e9", "", "n" * 101]
+)
+def test_a_study_name_is_one_safe_folder_under_the_results_root(name: str) -> None:
+    message = _refused(
+        {"study": {"name": name}}, ["study.name", repr(name), "letters, digits, '-', '_' or '.'"]
+    )
+    assert "results root" in message
+    if len(name) > 100:
+        assert "101 characters" in message and "--storage" not in message
+
+
+def test_a_study_name_of_safe_characters_is_accepted() -> None:
+    for name in ("bloodmnist-resnet20", "a.b_c", "n" * 100, "7"):
+        assert parse_config({"study": {"name": name}}).study.name == name
+
+
+@pytest.mark.parametrize(
+    ("sampler", "expected"),
+    [
+        (
+            {"name": "tpe", "options": {"n_startup_trials": "abc"}},
+            ["study.sampler.options.n_startup_trials", "'abc'", "a whole number", "n_startup_trials: 10"],
+        ),
+        (
+            {"name": "tpe", "options": {"multivariate": "yes"}},
+            ["study.sampler.options.multivariate", "'yes'", "true or false"],
+        ),
+        (
+            {"name": "tpe", "options": {"prior_weight": "heavy"}},
+            ["study.sampler.options.prior_weight", "'heavy'", "a number"],
+        ),
+        (
+            {"name": "tpe", "options": {"n_startup": 5}},
+            ["study.sampler.options.n_startup", "unknown option of TPESampler", "n_startup_trials"],
+        ),
+        (
+            {"name": "nsga2", "options": {"n_startup_trials": 5}},
+            ["study.sampler.options.n_startup_trials", "NSGAIISampler", "population_size"],
+        ),
+        (
+            {"name": "random", "options": {"n_startup_trials": 5}},
+            ["RandomSampler", "takes no options", "remove"],
+        ),
+        (
+            {"name": "tpe", "options": {"gamma": 0.25}},
+            ["study.sampler.options.gamma", "Python object", "Remove the option"],
+        ),
+        (
+            {"name": "nsga2", "options": {"population_size": 1}},
+            ["study.sampler.options", "'population_size': 1", "greater than or equal to 2", "Fix"],
+        ),
+        (
+            {"name": "nsga2", "options": {"crossover_prob": 2.0}},
+            ["study.sampler.options", "crossover_prob", "[0.0, 1.0]"],
+        ),
+        ({"name": "tpe", "options": {"n_startup_trials": -1}}, ["n_startup_trials", "-1", ">= 0"]),
+        ({"name": "tpe", "options": {"n_ei_candidates": 0}}, ["n_ei_candidates", "0", "> 0", "default 24"]),
+        ({"name": "gp", "options": {"n_startup_trials": -2}}, ["n_startup_trials", "-2", ">= 0"]),
+        ({"name": "tpe", "options": {"seed": 3}}, ["study.sampler.options.seed", "study.sampler.seed"]),
+        ({"name": "tpe", "seed": -1}, ["study.sampler.seed", "-1", "[0, 2147483647]"]),
+        ({"name": "random", "seed": 2**40}, ["study.sampler.seed", str(2**40), "[0, 2147483647]"]),
+        ({"name": "tpe", "seed": 1.5}, ["study.sampler.seed", "1.5", "integer"]),
+    ],
+)
+def test_sampler_options_are_checked_against_the_sampler(sampler: dict, expected: list[str]) -> None:
+    _refused({"study": {"sampler": sampler}}, expected)
+
+
+def test_valid_sampler_options_pass() -> None:
+    cfg = parse_config(
+        {"study": {"sampler": {"name": "tpe", "options": {"n_startup_trials": 4, "multivariate": True}}}}
+    )
+    assert cfg.study.sampler.options == {"n_startup_trials": 4, "multivariate": True}
+    assert parse_config({"study": {"sampler": {"name": "nsga2", "options": {"population_size": 8}}}})
+
+
+@pytest.mark.parametrize(
+    ("mapping", "expected"),
+    [
+        # a step that is zero, negative or wider than its range
+        ({"space": {"sparsity": {"low": 0.3, "high": 0.7, "step": 0}}}, ["space.sparsity.step", "0", "> 0"]),
+        ({"space": {"sparsity": {"low": 0.3, "high": 0.7, "step": -0.1}}}, ["space.sparsity.step", "-0.1"]),
+        (
+            {"space": {"sparsity": {"low": 0.3, "high": 0.7, "step": 0.5}}},
+            ["space.sparsity.step", "0.5", "0.4"],
+        ),
+        (
+            {"space": {"num_experts": {"low": 1, "high": 4, "step": 0}}},
+            ["space.num_experts.step", "0", ">= 1"],
+        ),
+        ({"space": {"top_k": {"low": 1, "high": 2, "step": -1}}}, ["space.top_k.step", "-1", ">= 1"]),
+        (
+            {"space": {"num_experts": {"low": 1, "high": 2, "step": 1.5}}},
+            ["space.num_experts.step", "integer"],
+        ),
+        # low > high, in every range
+        ({"space": {"num_experts": {"low": 3, "high": 1}}}, ["space.num_experts", "low 3 > high 1", "swap"]),
+        ({"space": {"top_k": {"low": 2, "high": 1}}}, ["space.top_k", "low 2 > high 1", "swap"]),
+        # not-a-number and infinity wherever a number is expected
+        (
+            {"space": {"sparsity": {"low": 0.3, "high": 0.7, "step": float("nan")}}},
+            ["space.sparsity.step", "nan"],
+        ),
+        ({"space": {"sparsity": {"low": float("-inf"), "high": 0.7}}}, ["space.sparsity.low", "-inf"]),
+        ({"baseline": {"lr": float("nan")}}, ["baseline.lr", "nan", "finite number"]),
+        ({"trial": {"kd_temperature": float("inf")}}, ["trial.kd_temperature", "inf", "finite number"]),
+        ({"export": {"finetune_epochs": float("inf")}}, ["export.finetune_epochs", "inf"]),
+        ({"constraints": {"max_latency_ms": float("nan")}}, ["constraints.max_latency_ms", "nan"]),
+        ({"constraints": {"min_accuracy": float("-inf")}}, ["constraints.min_accuracy", "-inf"]),
+        ({"model": {"width": float("nan")}}, ["model.width", "nan"]),
+        ({"model": {"kwargs": {"dropout": float("inf")}}}, ["model.kwargs.dropout", "inf"]),
+        ({"study": {"timeout_minutes": float("inf")}}, ["study.timeout_minutes", "inf", "null"]),
+        # zero or negative batch sizes, timeouts, seeds
+        ({"baseline": {"batch_size": 0}}, ["baseline.batch_size", "0", ">= 2"]),
+        ({"trial": {"batch_size": -4}}, ["trial.batch_size", "-4", ">= 2"]),
+        ({"export": {"batch_size": 1}}, ["export.batch_size", "1", ">= 2"]),
+        ({"study": {"timeout_minutes": -1}}, ["study.timeout_minutes", "-1", "> 0", "null"]),
+        ({"study": {"timeout_minutes": 0}}, ["study.timeout_minutes", "0", "> 0"]),
+        ({"seed": -5}, ["seed", "-5", "[0, 2147483647]"]),
+        ({"baseline": {"seed": -1}}, ["baseline.seed", "-1", "[0, 2147483647]"]),
+        ({"study": {"trials": 0}}, ["study.trials", "0", "e.g. 8"]),
+        # the user's section names, never the pipelines' (train.lr, budget.moe_epochs)
+        ({"baseline": {"lr": 100}}, ["baseline.lr", "100", "[1e-06, 10.0]"]),
+        ({"baseline": {"epochs": 0}}, ["baseline.epochs", "0", "> 0"]),
+        ({"baseline": {"weight_decay": -1}}, ["baseline.weight_decay", "-1", ">= 0"]),
+        ({"trial": {"label_smoothing": 1.0}}, ["trial.label_smoothing", "1.0", "[0, 1)"]),
+        ({"export": {"gate_epochs": -1}}, ["export.gate_epochs", "-1"]),
+    ],
+)
+def test_late_failures_are_caught_when_the_config_is_parsed(mapping: dict, expected: list[str]) -> None:
+    _refused(mapping, expected)
+
+
+def _space_file(tmp_path: Path, text: str | bytes) -> Path:
+    path = tmp_path / "space.yaml"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    return path
+
+
+@pytest.mark.parametrize("text", ["", "\n\n", "# a comment\n# another\n", "---\n", "{}\n"])
+def test_an_empty_space_file_is_refused(tmp_path: Path, text: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(_space_file(tmp_path, text))
+    message = str(caught.value)
+    assert "--space" in message and "empty" in message and "study:" in message and "space:" in message
+
+
+@pytest.mark.parametrize(
+    ("text", "missing"), [("study: {name: x}\n", "space"), ("space: {bits: [8]}\n", "study")]
+)
+def test_a_space_file_needs_study_and_space(tmp_path: Path, text: str, missing: str) -> None:
+    with pytest.raises(ConfigError, match=f"no `{missing}:` section.*search_spaces/tiny.yaml"):
+        load_config(_space_file(tmp_path, text))
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "line", "first"),
+    [
+        ("study:\n  name: a\n  name: b\nspace: {}\n", "name", 3, 2),
+        ("study: {name: a}\nspace: {}\nspace: {bits: [4]}\n", "space", 3, 2),
+        ("study: {name: a, trials: 2, trials: 3}\nspace: {}\n", "trials", 1, 1),
+        (
+            "study: {name: a}\nspace:\n  sparsity: {low: 0.1, high: 0.5}\n  sparsity: {low: 0.2, high: 0.6}\n",
+            "sparsity",
+            4,
+            3,
+        ),
+    ],
+)
+def test_a_key_written_twice_is_refused(tmp_path: Path, text: str, key: str, line: int, first: int) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(_space_file(tmp_path, text))
+    message = str(caught.value)
+    assert f"key {key!r} is written twice" in message and f"line {line}" in message
+    assert f"first at line {first}" in message and "remove one" in message
+
+
+def test_a_merge_key_may_be_overridden(tmp_path: Path) -> None:
+    """``<<: *defaults`` followed by one of its keys is ordinary YAML, not a key written twice."""
+    path = _space_file(
+        tmp_path, "study: {name: a}\nspace: {}\ntrial: {<<: {batch_size: 64}, batch_size: 32}\n"
+    )
+    assert load_config(path).trial.batch_size == 32
+
+
+@pytest.mark.parametrize("kind", ["folder", "binary", "nul"])
+def test_a_folder_or_binary_file_as_space_is_named(tmp_path: Path, kind: str) -> None:
+    if kind == "folder":
+        path = tmp_path
+    elif kind == "binary":
+        path = _space_file(tmp_path, bytes(range(256)) * 4)
+    else:
+        path = _space_file(tmp_path, b"study:\x00\x01\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    message = str(caught.value)
+    assert str(path) in message and ("--space" in message or "malformed YAML" in message)
+    assert "search_spaces/" in message or "Fix the file" in message
