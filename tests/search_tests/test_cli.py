@@ -13,6 +13,7 @@ import optuna
 import pytest
 import yaml
 
+from pipelines.errors import ConfigError
 from search.cli import main
 from search.record import TrialRecord
 
@@ -367,7 +368,7 @@ def test_quality_experiment_writes_its_report(searched: dict, tmp_path: Path) ->
     text = partial.read_text()
     assert "Partial report" in text and "`no-search control` seed 2" in text and "(2 of 3 seeds)" in text
     assert out.with_suffix(".seeds.json").read_text() == saved_before
-    with pytest.raises(SystemExit, match="holds no finished"):
+    with pytest.raises(ConfigError, match="holds no finished"):
         run(folder, 1, [5], tmp_path / "elsewhere" / "REPORT.md", report_only=True)
 
 
