@@ -16,7 +16,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
-import torch
 from torch import nn
 
 from pipelines.compress.prune import PruneConfig
@@ -29,10 +28,11 @@ from pipelines.hybrid import DEFAULT_EXPERT_INIT, HybridConfig, compress_hybrid
 from pipelines.measure import count_macs, count_params, packed_size_bytes
 from pipelines.moe import DEFAULT_ROUTING, Gate, MoEConfig, moe_description, routing_table
 from pipelines.serialize import save_checkpoint
-from pipelines.train import ensemble_logits, evaluate
+from pipelines.train import evaluate
 from search.config import Budget, ModelSettings, SearchConfig, setup_fingerprint
 from search.model_cache import TrainedModel
 from search.record import Measurement, Training, TrialRecord
+from search.targets import compute_targets, distillation_targets
 
 __all__ = [
     "TrialContext",
@@ -53,6 +53,9 @@ class TrialContext:
     teacher: nn.Module  # the fp32 model that is compressed (pruned into the experts)
     study_folder: Path
     distill_from: list[nn.Module] | None = None  # every teacher of ``kd_targets: ensemble``; None: [teacher]
+    # The cache keys of ``distill_from`` (search.baseline.baseline_key): with them, distillation targets are
+    # kept under the results root's baselines/ and shared by every process; without, computed here only.
+    teacher_keys: tuple[str, ...] = ()
     _ensembles: dict[str, Dataset] = field(default_factory=dict, repr=False)
 
     def setup(self) -> str:
@@ -62,25 +65,22 @@ class TrialContext:
 
     def training_data(self, budget: Budget) -> Dataset:
         """The dataset a budget trains on. With ``kd_targets: ensemble`` its train split carries the
-        teachers' logits averaged over the symmetries of ``budget.augment`` and over the teachers (computed
-        once per process, about a minute per teacher for BloodMNIST on 2 cores), which the students distil
-        from instead of running a teacher at each step."""
+        teachers' logits averaged over the symmetries of ``budget.augment`` and over the teachers
+        (:mod:`search.targets`: computed once per teachers, augment and data and kept on disk when the
+        context has ``teacher_keys``), which the students distil from instead of running a teacher at
+        each step."""
         if budget.kd_targets == "online":
             return self.data
         if budget.augment not in self._ensembles:
-            started = time.perf_counter()
             teachers = self.distill_from or [self.teacher]
-            logits = torch.stack(
-                [ensemble_logits(teacher, self.data.train, budget.augment) for teacher in teachers]
-            ).mean(dim=0)
+            if self.teacher_keys:
+                logits = distillation_targets(
+                    teachers, self.teacher_keys, self.data, budget.augment, self.study_folder.parent
+                )
+            else:
+                logits = compute_targets(teachers, self.data.train, budget.augment)
             self._ensembles[budget.augment] = replace(
                 self.data, train=self.data.train.with_teacher_logits(logits)
-            )
-            log.info(
-                "distillation targets: %d teacher(s) averaged over the %s views of the train split (%.0f s)",
-                len(teachers),
-                budget.augment,
-                time.perf_counter() - started,
             )
         return self._ensembles[budget.augment]
 

@@ -49,7 +49,7 @@ from search.evaluation import TrialContext, measure, train_and_measure, train_mo
 from search.model_cache import ModelCache, model_key
 from search.pool import run_pinned
 from search.record import RECORD_VERSION, TrialRecord
-from search.setup import get_teachers, load_data
+from search.setup import get_teachers, load_data, teacher_keys
 
 __all__ = ["export_trial", "export_best", "find_candidate", "bundle_accuracy"]
 
@@ -286,7 +286,9 @@ _LOADED: dict[str, tuple[Dataset, list, dict]] = {}
 def _context(cfg: SearchConfig, study_folder: Path) -> TrialContext:
     """The trial context of the full-budget runs: the student distils from every teacher."""
     data, teachers, _ = _loaded(cfg, study_folder)
-    return TrialContext(cfg, data, teachers[0], study_folder, distill_from=teachers)
+    return TrialContext(
+        cfg, data, teachers[0], study_folder, distill_from=teachers, teacher_keys=teacher_keys(cfg, data)
+    )
 
 
 def _retrain_candidates(
@@ -380,7 +382,9 @@ def export_best(
         check_target(out or default_target(study_folder, pick.trial, True), study_folder, force)
     trials = {t.number: t for t in study.get_trials(deepcopy=False)}
     folder = study_folder / "export" / "candidates"
-    fingerprint = _context(cfg, study_folder).setup()
+    context = _context(cfg, study_folder)
+    fingerprint = context.setup()
+    context.training_data(cfg.export)  # here, once: the retraining processes load the kept targets
     groups: dict[str, list[tuple[int, dict, Path]]] = {}  # one training per model (views differ only)
     for pick in picks:
         params = TrialRecord.of(trials[pick.trial]).parameters(trials[pick.trial].params)

@@ -16,12 +16,12 @@ from torch import nn
 from pipelines.data import Dataset, load_dataset
 from pipelines.symmetry_probe import resolve_augment as choose_augment
 from pipelines.train import predict_logits
-from search.baseline import get_baseline, member_config, record_path, teacher_latency
+from search.baseline import baseline_key, get_baseline, member_config, record_path, teacher_latency
 from search.config import AUTO, SearchConfig, resolved_augment
 from search.evaluation import TrialContext
 from search.workspace import baseline_dir
 
-__all__ = ["load_data", "resolve_augment", "get_teachers", "trial_context"]
+__all__ = ["load_data", "resolve_augment", "get_teachers", "teacher_keys", "trial_context"]
 
 log = logging.getLogger("hycomp")
 
@@ -142,4 +142,12 @@ def trial_context(
     teachers, record = get_teachers(
         cfg, data, study_folder.parent, threads=cfg.measure.latency_threads, jobs=jobs
     )
-    return TrialContext(cfg, data, teachers[0], study_folder, distill_from=teachers), record
+    context = TrialContext(
+        cfg, data, teachers[0], study_folder, distill_from=teachers, teacher_keys=teacher_keys(cfg, data)
+    )
+    return context, record
+
+
+def teacher_keys(cfg: SearchConfig, data: Dataset) -> tuple[str, ...]:
+    """The cache keys of the ``baseline.teachers`` teachers of ``cfg`` on ``data``, in order."""
+    return tuple(baseline_key(member_config(cfg, index), data) for index in range(cfg.baseline.teachers))

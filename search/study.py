@@ -166,6 +166,8 @@ def run_search(
     study = open_study(cfg, storage)
     # --workers N trains missing teachers N at a time too, before the workers start
     context, record = trial_context(cfg, data, folder, jobs=workers)
+    # Computed (or checked) here, once: the workers load the kept file instead of each computing it.
+    context.training_data(cfg.trial)
     study.set_user_attr("baseline", record)
     log.info(
         "baseline %s: val %.4f, test %.4f, %.2f MMACs, %d params",

@@ -402,6 +402,8 @@ def run(
     missing, tasks = (tasks, []) if report_only else ([], tasks)
     if report_only and not done:
         raise SystemExit(f"--report-only: {partial} holds no finished (row, seed) of this experiment yet.")
+    if any(name != CONTROL for name, _ in tasks):  # here, once: the row processes load the kept targets
+        _setup(study_folder, trial_number).ctx.training_data(_setup(study_folder, trial_number).cfg.export)
     run_pinned(
         _row,
         [(study_folder, trial_number, name, seed, threads) for name, seed in tasks],
