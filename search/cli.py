@@ -59,6 +59,12 @@ def _load_cfg(args: argparse.Namespace):
     return cfg.replace(**overrides) if overrides else cfg
 
 
+def _add_quiet(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--quiet", action="store_true", help="no progress lines or bars (warnings and the result still show)"
+    )
+
+
 class SearchCommand:
     name = "search"
     help = "run or resume a compression search"
@@ -90,6 +96,7 @@ class SearchCommand:
             "--workers", type=int, default=1, help="worker processes on this machine sharing the study"
         )
         parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+        _add_quiet(parser)
 
     def take_action(self, args: argparse.Namespace) -> int:
         from search.study import completed_trials, evaluated_trials, run_search
@@ -207,6 +214,7 @@ class ExportCommand:
         parser.add_argument("--force", action="store_true", help="overwrite an existing export folder")
         parser.add_argument("--out", help="export folder (default results/<study>/export/trial_<n>)")
         parser.add_argument("--data-root", help="folder holding the dataset file")
+        _add_quiet(parser)
 
     def take_action(self, args: argparse.Namespace) -> int:
         from pipelines.errors import ConfigError
@@ -305,6 +313,7 @@ class BaselineCommand:
             default=1,
             help="teachers trained at once, each pinned to its share of the CPUs",
         )
+        _add_quiet(parser)
 
     def take_action(self, args: argparse.Namespace) -> int:
         from pipelines.errors import ConfigError
@@ -423,6 +432,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    if getattr(args, "quiet", False):  # progress is the "hycomp" logger's INFO lines (search.progress)
+        log.setLevel(logging.WARNING)
     if args.command != "predict":  # predict runs on ONNX Runtime alone: no Optuna, no torch
         import optuna
 

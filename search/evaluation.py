@@ -41,6 +41,8 @@ __all__ = [
     "train_model",
     "measure",
     "train_and_measure",
+    "stage_logger",
+    "log_measured",
 ]
 
 log = logging.getLogger("hycomp")
@@ -134,8 +136,21 @@ def estimate_cost(ctx: TrialContext, params: dict) -> dict:
     return {"mmacs": cfg.moe.views * per_view / 1e6, "size_kb": size / 1024}
 
 
-def train_model(ctx: TrialContext, params: dict, budget: Budget, seed: int) -> TrainedModel:
-    """Compress the teacher with ``params`` at ``budget``: the trained model and what training reported."""
+def stage_logger(label: str):
+    """An ``on_stage`` callback of :func:`pipelines.hybrid.compress_hybrid` that logs one line per finished
+    stage, prefixed with ``label`` (``trial 7``, ``export``)."""
+
+    def on_stage(stage: str, seconds: float, val_accuracy: float) -> None:
+        log.info("%s: %s done in %.0f s (val %.4f)", label, stage, seconds, val_accuracy)
+
+    return on_stage
+
+
+def train_model(
+    ctx: TrialContext, params: dict, budget: Budget, seed: int, label: str = "compress"
+) -> TrainedModel:
+    """Compress the teacher with ``params`` at ``budget``: the trained model and what training reported.
+    Each finished stage is logged as ``<label>: <stage> done in N s``."""
     hybrid = hybrid_config(params, ctx.cfg.model)
     result = compress_hybrid(
         ctx.teacher,
@@ -144,6 +159,7 @@ def train_model(ctx: TrialContext, params: dict, budget: Budget, seed: int) -> T
         budget.stage_budget(seed),
         seed=seed,
         sources=ctx.distill_from,
+        on_stage=stage_logger(label),
     )
     description = _description(ctx, result.moe, hybrid.moe.gate_size)
     return TrainedModel(
@@ -232,13 +248,29 @@ def measure(
     return measurement, seconds
 
 
+def log_measured(label: str, seconds: dict[str, float]) -> None:
+    """One line for the deployment and measurement of :func:`measure`."""
+    log.info(
+        "%s: deploy done in %.0f s, measure done in %.0f s", label, seconds["deploy"], seconds["measure"]
+    )
+
+
 def train_and_measure(
-    ctx: TrialContext, params: dict, budget: Budget, folder: Path, seed: int, threads: int, repeats: int
+    ctx: TrialContext,
+    params: dict,
+    budget: Budget,
+    folder: Path,
+    seed: int,
+    threads: int,
+    repeats: int,
+    label: str = "compress",
 ) -> TrialRecord:
-    """Train ``params`` at ``budget`` (no cache) and measure it into ``folder``: the record of that run."""
+    """Train ``params`` at ``budget`` (no cache) and measure it into ``folder``: the record of that run.
+    Each finished stage, deployment and measurement included, is logged with ``label``."""
     started = time.perf_counter()
-    model = train_model(ctx, params, budget, seed)
+    model = train_model(ctx, params, budget, seed, label)
     measurement, seconds = measure(ctx, params, model, folder, seed, threads, repeats)
+    log_measured(label, seconds)
     return TrialRecord(
         config=dict(params),
         trained=True,

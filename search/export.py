@@ -48,6 +48,7 @@ from search.config import SearchConfig, stable_hash
 from search.evaluation import TrialContext, measure, train_and_measure, train_model
 from search.model_cache import ModelCache, model_key
 from search.pool import run_pinned
+from search.progress import Units
 from search.record import RECORD_VERSION, TrialRecord
 from search.setup import get_teachers, load_data, teacher_keys
 
@@ -135,6 +136,7 @@ def export_trial(
                 seed=cfg.seed,
                 threads=threads,
                 repeats=cfg.measure.latency_repeats,
+                label=f"export trial {trial_number}",
             )
         else:  # the files of the trial, or of its full-budget retraining, copied as they are
             source, record = prepared or (source, recorded)
@@ -310,7 +312,10 @@ def _retrain_candidates(
         started = time.perf_counter()
         context = _context(cfg, study_folder)
         key = model_key(params, cfg.export, cfg.seed, fingerprint)
-        model, trained = models.get_or_train(key, partial(train_model, context, params, cfg.export, cfg.seed))
+        model, trained = models.get_or_train(
+            key,
+            partial(train_model, context, params, cfg.export, cfg.seed, f"candidate trial {trial_number}"),
+        )
         if not trained:
             log.info(
                 "candidate trial %d: the shared full-budget model with its test-time views", trial_number
@@ -392,24 +397,22 @@ def export_best(
         groups.setdefault(key, []).append((pick.trial, params, folder / f"trial_{pick.trial}"))
     work = [(cfg, study_folder, members) for members in groups.values()]
     records: dict[int, TrialRecord] = {}
-    started, done = time.perf_counter(), 0  # the command has already said which trials are retrained
+    units = Units("export", len(work), "model")  # the command has already said which trials are retrained
 
     def finished(job: tuple, result: dict) -> None:
-        nonlocal done
         records.update(result)
-        done += 1
-        for number, record in result.items():
-            log.info(
-                "export: candidate trial %d at the full budget: val %.4f, %.3f MMACs (%d/%d models, %.0f s)",
-                number,
-                record.measurement.val_accuracy,
-                record.measurement.mmacs,
-                done,
-                len(work),
-                time.perf_counter() - started,
+        units.finished(
+            "; ".join(
+                f"candidate trial {number} at the full budget: val {record.measurement.val_accuracy:.4f}, "
+                f"{record.measurement.mmacs:.3f} MMACs"
+                for number, record in result.items()
             )
+        )
 
-    run_pinned(_retrain_candidates, work, jobs, finished)
+    try:
+        run_pinned(_retrain_candidates, work, jobs, finished)
+    finally:
+        units.close()
     rows = [
         {
             "trial": pick.trial,

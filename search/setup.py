@@ -58,6 +58,9 @@ def resolve_augment(
         if not isinstance(record, dict) or not isinstance(record.get("augment"), str):
             record = None  # a damaged cache file: probe again
     if record is None:
+        log.info(
+            "%s: augment auto: probing which symmetries keep the labels (a small net, seconds)", data.name
+        )
         _, probe = choose_augment(AUTO, data)
         record = {**probe.to_dict(), "summary": probe.summary()}
         cache.parent.mkdir(parents=True, exist_ok=True)
