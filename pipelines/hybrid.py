@@ -20,6 +20,7 @@ are exactly the quantized ones: any training after QAT would move them off the g
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -97,12 +98,15 @@ def compress_hybrid(
     budget: StageBudget,
     seed: int = 0,
     sources: list[nn.Module] | None = None,
+    on_stage: Callable[[str, float, float], None] | None = None,
 ) -> HybridResult:
     """Run every stage on ``teacher`` (left untouched) and return the compressed MoE with a record.
 
     ``sources``: the teachers that ``expert_init: teachers`` prunes the experts from (``teacher`` first);
-    unused with ``copies``.
+    unused with ``copies``. ``on_stage(stage, seconds, val_accuracy)`` is called as each stage finishes
+    (prune, finetune, moe, quantize).
     """
+    report = on_stage or (lambda stage, seconds, accuracy: None)
     seconds: dict[str, float] = {}
     stage_accuracy: dict[str, float] = {}  # validation accuracy after each stage: where accuracy is lost
     example = data.val.images[:2]
@@ -133,6 +137,9 @@ def compress_hybrid(
     # means over the origins (one value with copies)
     stage_accuracy["pruned"] = sum(pruned_accuracy) / len(origins)
     stage_accuracy["finetuned"] = sum(finetuned_accuracy) / len(origins)
+    report("prune", seconds["prune"], stage_accuracy["pruned"])
+    if "finetune" in seconds:
+        report("finetune", seconds["finetune"], stage_accuracy["finetuned"])
 
     started = time.perf_counter()
     moe = build_moe(experts, data.channels, cfg.moe, seed=seed)
@@ -151,6 +158,7 @@ def compress_hybrid(
         train(moe, data.train, base.replace(epochs=budget.moe_epochs), teacher)
     seconds["moe"] = time.perf_counter() - started
     stage_accuracy["moe"] = evaluate(moe, data.val)
+    report("moe", seconds["moe"], stage_accuracy["moe"])
 
     quantized = quantize(
         moe,
@@ -164,6 +172,7 @@ def compress_hybrid(
     seconds["quantize"] = quantized.seconds
     moe.eval()
     stage_accuracy["quantized"] = evaluate(moe, data.val)
+    report("quantize", seconds["quantize"], stage_accuracy["quantized"])
     return HybridResult(
         moe=moe,
         expert_params=pruned_first.params_after,

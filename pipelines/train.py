@@ -192,6 +192,8 @@ def train(
     optimizer: torch.optim.Optimizer | None = None,
     step: Callable | None = None,
     on_step: Callable[[int, int], None] | None = None,
+    on_epoch: Callable[[int, int, float | None], None] | None = None,
+    val: Split | None = None,
     checkpoint: Path | None = None,
 ) -> TrainReport:
     """Train ``model`` in place on ``data`` for ``cfg.epochs`` (fractions allowed).
@@ -203,6 +205,10 @@ def train(
     so that a run killed or interrupted (Ctrl-C) resumes there, with the same result as an uninterrupted
     one. It is read only if it was written by the same ``cfg`` on a split of the same size, else training
     starts over; the caller deletes it once the model is kept.
+
+    ``on_epoch(epoch, epochs, val_accuracy)`` is called after each epoch (the last may be a fraction),
+    with the top-1 accuracy on ``val`` when given (else None). That evaluation changes neither the weights
+    nor the random stream of training: the same seed trains the same model with or without it.
 
     ``cfg.augment == "auto"`` runs the symmetry probe (:mod:`pipelines.symmetry_probe`) on a stratified
     holdout of ``data`` first; the report carries its record. A caller that trains several models on one
@@ -224,6 +230,7 @@ def train(
         torch.manual_seed(cfg.seed)
     steps_per_epoch = math.ceil(len(split) / cfg.batch_size)
     total_steps = max(1, int(round(cfg.epochs * steps_per_epoch)))
+    total_epochs = math.ceil(total_steps / steps_per_epoch)
     if optimizer is None:
         optimizer = torch.optim.SGD(
             model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True
@@ -269,6 +276,8 @@ def train(
         epoch += 1
         if checkpoint is not None and done < total_steps:
             _save_progress(checkpoint, identity, model, optimizer, scheduler, (done, epoch, loss_value))
+        if on_epoch is not None:
+            on_epoch(epoch, max(epoch, total_epochs), _val_accuracy(model, val))
     model.eval()
     return TrainReport(
         steps=done,
@@ -278,6 +287,18 @@ def train(
         augment=cfg.augment,
         probe=probe,
     )
+
+
+def _val_accuracy(model: nn.Module, val: Split | None) -> float | None:
+    """Top-1 on ``val`` in the middle of training, leaving the model in training mode and the random
+    stream where it was (evaluation runs in eval mode: BatchNorm statistics are not updated)."""
+    if val is None or len(val) == 0:
+        return None
+    state = torch.get_rng_state()
+    accuracy = evaluate(model, val)
+    torch.set_rng_state(state)
+    model.train()
+    return accuracy
 
 
 def _probe_split(split: Split, seed: int) -> SymmetryProbe:

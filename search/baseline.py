@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import time
 from dataclasses import asdict, replace
@@ -21,6 +22,7 @@ from pipelines.serialize import describe_model, load_checkpoint, rebuild_model, 
 from pipelines.timing import measure_latency
 from pipelines.train import TrainConfig, evaluate, train
 from search.config import SearchConfig, stable_hash
+from search.progress import Units, bars_shown, progress_shown
 from search.workspace import baseline_dir
 
 __all__ = [
@@ -101,24 +103,43 @@ def get_baseline(
         source = f"checkpoint {spec.checkpoint} (sha256 {sha256_file(Path(spec.checkpoint))})"
         training: dict = {"train": None, "train_seconds": 0.0, "resumed_at_step": 0}
     else:
+        who = f"teacher seed {train_cfg.seed}"  # workers train several at once: each line says which
         log.info(
-            "baseline: training %s on %s for %s epochs (cached afterwards in %s)",
+            "baseline: training %s (%s) on %s for %s epochs (cached afterwards in %s)",
             spec.arch,
+            who,
             data.name,
             train_cfg.epochs,
             folder,
         )
         torch.manual_seed(train_cfg.seed)
         model = spec.build(data.channels, data.num_classes, data.image_size)
+        epochs = Units(f"baseline: {who}", math.ceil(train_cfg.epochs), "epoch")
         last_logged = [time.perf_counter()]
 
-        def on_step(done: int, total: int) -> None:
-            if time.perf_counter() - last_logged[0] > 30 or done == total:
+        def on_step(done: int, total: int) -> None:  # a long epoch still says something every minute
+            if not bars_shown() and time.perf_counter() - last_logged[0] > 60:
                 last_logged[0] = time.perf_counter()
-                log.info("baseline: step %d/%d (%.0f%%)", done, total, 100 * done / total)
+                log.info("baseline: %s step %d/%d (%.0f%%)", who, done, total, 100 * done / total)
+
+        def on_epoch(epoch: int, total: int, val_accuracy: float | None) -> None:
+            last_logged[0] = time.perf_counter()
+            epochs.total = total
+            epochs.finished(f"val {val_accuracy:.4f}" if val_accuracy is not None else "", done=epoch)
 
         progress = folder / "progress.pt"  # each epoch's state: an interrupted teacher resumes there
-        report = train(model, data.train, train_cfg, on_step=on_step, checkpoint=progress)
+        try:
+            report = train(
+                model,
+                data.train,
+                train_cfg,
+                on_step=on_step,
+                on_epoch=on_epoch,
+                val=data.val if progress_shown() else None,
+                checkpoint=progress,
+            )
+        finally:
+            epochs.close()
         progress.unlink(missing_ok=True)
         source = "trained"
         training = {

@@ -130,6 +130,12 @@ OVERRIDE_FLAGS = {
 }
 
 
+def _add_quiet(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--quiet", action="store_true", help="no progress lines or bars (warnings and the result still show)"
+    )
+
+
 class SearchCommand:
     name = "search"
     help = "run or resume a compression search"
@@ -161,6 +167,7 @@ class SearchCommand:
             "--workers", type=COUNT, default=1, help="worker processes on this machine sharing the study"
         )
         parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+        _add_quiet(parser)
 
     def take_action(self, args: argparse.Namespace) -> int:
         from search.study import completed_trials, evaluated_trials, run_search
@@ -299,6 +306,7 @@ class ExportCommand:
         parser.add_argument("--force", action="store_true", help="overwrite an existing export folder")
         parser.add_argument("--out", help="export folder (default results/<study>/export/trial_<n>)")
         parser.add_argument("--data-root", help="folder holding the dataset file")
+        _add_quiet(parser)
 
     def take_action(self, args: argparse.Namespace) -> int:
         from pipelines.errors import ConfigError
@@ -394,6 +402,7 @@ class BaselineCommand:
             default=1,
             help="teachers trained at once, each pinned to its share of the CPUs",
         )
+        _add_quiet(parser)
 
     def take_action(self, args: argparse.Namespace) -> int:
         from pipelines.reference_accuracy import reference_accuracy, reference_warning
@@ -455,6 +464,7 @@ class ExperimentCommand:
             action="store_true",
             help="write the report from the (row, seed) pairs already saved; run nothing",
         )
+        _add_quiet(parser)
 
     def take_action(self, args: argparse.Namespace) -> int:
         from pipelines.errors import ConfigError
@@ -560,6 +570,8 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as stop:  # argparse printed usage and the bad flag (code 2), or --help (code 0)
         return stop.code if isinstance(stop.code, int) else 2
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    if getattr(args, "quiet", False):  # progress is the "hycomp" logger's INFO lines (search.progress)
+        log.setLevel(logging.WARNING)
     if args.command != "predict":  # predict runs on ONNX Runtime alone: no Optuna, no torch
         import optuna
 

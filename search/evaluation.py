@@ -16,7 +16,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
-import torch
 from torch import nn
 
 from pipelines.compress.prune import PruneConfig
@@ -29,10 +28,11 @@ from pipelines.hybrid import DEFAULT_EXPERT_INIT, HybridConfig, compress_hybrid
 from pipelines.measure import count_macs, count_params, packed_size_bytes
 from pipelines.moe import DEFAULT_ROUTING, Gate, MoEConfig, moe_description, routing_table
 from pipelines.serialize import save_checkpoint
-from pipelines.train import ensemble_logits, evaluate
+from pipelines.train import evaluate
 from search.config import Budget, ModelSettings, SearchConfig, setup_fingerprint
 from search.model_cache import TrainedModel
 from search.record import Measurement, Training, TrialRecord
+from search.targets import compute_targets, distillation_targets
 
 __all__ = [
     "TrialContext",
@@ -41,6 +41,8 @@ __all__ = [
     "train_model",
     "measure",
     "train_and_measure",
+    "stage_logger",
+    "log_measured",
 ]
 
 log = logging.getLogger("hycomp")
@@ -53,6 +55,9 @@ class TrialContext:
     teacher: nn.Module  # the fp32 model that is compressed (pruned into the experts)
     study_folder: Path
     distill_from: list[nn.Module] | None = None  # every teacher of ``kd_targets: ensemble``; None: [teacher]
+    # The cache keys of ``distill_from`` (search.baseline.baseline_key): with them, distillation targets are
+    # kept under the results root's baselines/ and shared by every process; without, computed here only.
+    teacher_keys: tuple[str, ...] = ()
     _ensembles: dict[str, Dataset] = field(default_factory=dict, repr=False)
 
     def setup(self) -> str:
@@ -62,24 +67,22 @@ class TrialContext:
 
     def training_data(self, budget: Budget) -> Dataset:
         """The dataset a budget trains on. With ``kd_targets: ensemble`` its train split carries the
-        teachers' logits averaged over the symmetries of ``budget.augment`` and over the teachers, which
-        the students distil from instead of running a teacher at each step."""
+        teachers' logits averaged over the symmetries of ``budget.augment`` and over the teachers
+        (:mod:`search.targets`: computed once per teachers, augment and data and kept on disk when the
+        context has ``teacher_keys``), which the students distil from instead of running a teacher at
+        each step."""
         if budget.kd_targets == "online":
             return self.data
         if budget.augment not in self._ensembles:
-            started = time.perf_counter()
             teachers = self.distill_from or [self.teacher]
-            logits = torch.stack(
-                [ensemble_logits(teacher, self.data.train, budget.augment) for teacher in teachers]
-            ).mean(dim=0)
+            if self.teacher_keys:
+                logits = distillation_targets(
+                    teachers, self.teacher_keys, self.data, budget.augment, self.study_folder.parent
+                )
+            else:
+                logits = compute_targets(teachers, self.data.train, budget.augment)
             self._ensembles[budget.augment] = replace(
                 self.data, train=self.data.train.with_teacher_logits(logits)
-            )
-            log.info(
-                "distillation targets: %d teacher(s) averaged over the %s views of the train split (%.0f s)",
-                len(teachers),
-                budget.augment,
-                time.perf_counter() - started,
             )
         return self._ensembles[budget.augment]
 
@@ -133,8 +136,21 @@ def estimate_cost(ctx: TrialContext, params: dict) -> dict:
     return {"mmacs": cfg.moe.views * per_view / 1e6, "size_kb": size / 1024}
 
 
-def train_model(ctx: TrialContext, params: dict, budget: Budget, seed: int) -> TrainedModel:
-    """Compress the teacher with ``params`` at ``budget``: the trained model and what training reported."""
+def stage_logger(label: str):
+    """An ``on_stage`` callback of :func:`pipelines.hybrid.compress_hybrid` that logs one line per finished
+    stage, prefixed with ``label`` (``trial 7``, ``export``)."""
+
+    def on_stage(stage: str, seconds: float, val_accuracy: float) -> None:
+        log.info("%s: %s done in %.0f s (val %.4f)", label, stage, seconds, val_accuracy)
+
+    return on_stage
+
+
+def train_model(
+    ctx: TrialContext, params: dict, budget: Budget, seed: int, label: str = "compress"
+) -> TrainedModel:
+    """Compress the teacher with ``params`` at ``budget``: the trained model and what training reported.
+    Each finished stage is logged as ``<label>: <stage> done in N s``."""
     hybrid = hybrid_config(params, ctx.cfg.model)
     result = compress_hybrid(
         ctx.teacher,
@@ -143,6 +159,7 @@ def train_model(ctx: TrialContext, params: dict, budget: Budget, seed: int) -> T
         budget.stage_budget(seed),
         seed=seed,
         sources=ctx.distill_from,
+        on_stage=stage_logger(label),
     )
     description = _description(ctx, result.moe, hybrid.moe.gate_size)
     return TrainedModel(
@@ -231,13 +248,29 @@ def measure(
     return measurement, seconds
 
 
+def log_measured(label: str, seconds: dict[str, float]) -> None:
+    """One line for the deployment and measurement of :func:`measure`."""
+    log.info(
+        "%s: deploy done in %.0f s, measure done in %.0f s", label, seconds["deploy"], seconds["measure"]
+    )
+
+
 def train_and_measure(
-    ctx: TrialContext, params: dict, budget: Budget, folder: Path, seed: int, threads: int, repeats: int
+    ctx: TrialContext,
+    params: dict,
+    budget: Budget,
+    folder: Path,
+    seed: int,
+    threads: int,
+    repeats: int,
+    label: str = "compress",
 ) -> TrialRecord:
-    """Train ``params`` at ``budget`` (no cache) and measure it into ``folder``: the record of that run."""
+    """Train ``params`` at ``budget`` (no cache) and measure it into ``folder``: the record of that run.
+    Each finished stage, deployment and measurement included, is logged with ``label``."""
     started = time.perf_counter()
-    model = train_model(ctx, params, budget, seed)
+    model = train_model(ctx, params, budget, seed, label)
     measurement, seconds = measure(ctx, params, model, folder, seed, threads, repeats)
+    log_measured(label, seconds)
     return TrialRecord(
         config=dict(params),
         trained=True,

@@ -1,7 +1,7 @@
 """The quality experiment on a finished study: does the exported MoE beat a plainly trained small net?
 
     hycomp experiment results/bloodmnist-resnet20 --trial N [--seeds 0 1 2] \
-        [--jobs 2] [--also M ...] [--report-only] [--out results/bloodmnist-resnet20/experiment/REPORT.md]
+        [--jobs 2] [--also M ...] [--report-only] [--quiet] [--out results/bloodmnist-resnet20/experiment/REPORT.md]
 
 ``--jobs 2`` runs two (row, seed) pairs at once, each process pinned to its own share of the CPUs (with 2
 cores: one thread each; small-batch training of these nets gains little from a second thread), the pairs
@@ -52,6 +52,7 @@ from search.evaluation import TrialContext, estimate_cost, train_and_measure
 from search.export import bundle_accuracy, find_candidate, routing_lines
 from search.pareto import trials_table
 from search.pool import run_pinned
+from search.progress import Units
 from search.record import TrialRecord
 from search.setup import load_data, trial_context
 from search.study import load_study
@@ -63,7 +64,9 @@ def _summary(values: list[float]) -> str:
     return f"{100 * statistics.mean(values):.2f} +- {100 * statistics.stdev(values):.2f}"
 
 
-def _compressed_row(ctx: TrialContext, params: dict, seed: int, folder: Path, threads: int) -> dict:
+def _compressed_row(
+    ctx: TrialContext, params: dict, seed: int, folder: Path, threads: int, label: str = "compress"
+) -> dict:
     """One seed of a compressed row: the configuration re-run at the full ``export:`` budget. At the study's
     seed, a model that ``hycomp export --candidates`` already retrained with this configuration and setup
     is that run (the same training, the exported model itself): it is measured, not trained again."""
@@ -77,7 +80,7 @@ def _compressed_row(ctx: TrialContext, params: dict, seed: int, folder: Path, th
         )["latency"]["median_ms"]
     else:
         record = train_and_measure(
-            ctx, params, ctx.cfg.export, folder, seed=seed, threads=threads, repeats=100
+            ctx, params, ctx.cfg.export, folder, seed=seed, threads=threads, repeats=100, label=label
         )
         bundle = load_bundle(folder / "bundle", threads=threads)
         latency = record.measurement.latency_ms
@@ -284,7 +287,7 @@ def _row(study_folder: Path, trial_number: int, name: str, seed: int, threads: i
             result = _control_row(setup.cfg, ctx.data, width, seed, scratch, threads)
         else:
             params = _identity(study_folder, trial_number, name)
-            result = _compressed_row(ctx, params, seed, scratch / "row", threads)
+            result = _compressed_row(ctx, params, seed, scratch / "row", threads, f"{name}, seed {seed}")
     return {**result, "seconds": time.time() - started}  # wall-clock of this (row, seed), training included
 
 
@@ -399,12 +402,20 @@ def run(
     missing, tasks = (tasks, []) if report_only else ([], tasks)
     if report_only and not done:
         raise ConfigError(f"--report-only: {partial} holds no finished (row, seed) of this experiment yet.")
-    run_pinned(
-        _row,
-        [(study_folder, trial_number, name, seed, threads) for name, seed in tasks],
-        jobs,
-        lambda job, result: keep({"row": job[2], "seed": job[3], **result}),
-    )
+    if any(name != CONTROL for name, _ in tasks):  # here, once: the row processes load the kept targets
+        _setup(study_folder, trial_number).ctx.training_data(_setup(study_folder, trial_number).cfg.export)
+    units = Units("experiment", len(tasks), "(row, seed)")
+
+    def finished(job: tuple, result: dict) -> None:
+        keep({"row": job[2], "seed": job[3], **result})
+        units.finished(f"{job[2]} seed {job[3]}: test {result['test'][0]:.4f} ({result['seconds']:.0f} s)")
+
+    try:
+        run_pinned(
+            _row, [(study_folder, trial_number, name, seed, threads) for name, seed in tasks], jobs, finished
+        )
+    finally:
+        units.close()
     setup = _setup(study_folder, trial_number)
     rows = _merge(done, seeds, names, trial_number if setup.single_trial == trial_number else None)
     cfg, study = load_study(study_folder)  # the report needs the study, not the data: the seeds loaded it

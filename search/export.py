@@ -48,8 +48,9 @@ from search.config import SearchConfig, stable_hash
 from search.evaluation import TrialContext, measure, train_and_measure, train_model
 from search.model_cache import ModelCache, model_key
 from search.pool import run_pinned
+from search.progress import Units
 from search.record import RECORD_VERSION, TrialRecord
-from search.setup import get_teachers, load_data
+from search.setup import get_teachers, load_data, teacher_keys
 
 __all__ = ["export_trial", "export_best", "find_candidate", "bundle_accuracy"]
 
@@ -135,6 +136,7 @@ def export_trial(
                 seed=cfg.seed,
                 threads=threads,
                 repeats=cfg.measure.latency_repeats,
+                label=f"export trial {trial_number}",
             )
         else:  # the files of the trial, or of its full-budget retraining, copied as they are
             source, record = prepared or (source, recorded)
@@ -286,7 +288,9 @@ _LOADED: dict[str, tuple[Dataset, list, dict]] = {}
 def _context(cfg: SearchConfig, study_folder: Path) -> TrialContext:
     """The trial context of the full-budget runs: the student distils from every teacher."""
     data, teachers, _ = _loaded(cfg, study_folder)
-    return TrialContext(cfg, data, teachers[0], study_folder, distill_from=teachers)
+    return TrialContext(
+        cfg, data, teachers[0], study_folder, distill_from=teachers, teacher_keys=teacher_keys(cfg, data)
+    )
 
 
 def _retrain_candidates(
@@ -308,7 +312,10 @@ def _retrain_candidates(
         started = time.perf_counter()
         context = _context(cfg, study_folder)
         key = model_key(params, cfg.export, cfg.seed, fingerprint)
-        model, trained = models.get_or_train(key, partial(train_model, context, params, cfg.export, cfg.seed))
+        model, trained = models.get_or_train(
+            key,
+            partial(train_model, context, params, cfg.export, cfg.seed, f"candidate trial {trial_number}"),
+        )
         if not trained:
             log.info(
                 "candidate trial %d: the shared full-budget model with its test-time views", trial_number
@@ -380,7 +387,9 @@ def export_best(
         check_target(out or default_target(study_folder, pick.trial, True), study_folder, force)
     trials = {t.number: t for t in study.get_trials(deepcopy=False)}
     folder = study_folder / "export" / "candidates"
-    fingerprint = _context(cfg, study_folder).setup()
+    context = _context(cfg, study_folder)
+    fingerprint = context.setup()
+    context.training_data(cfg.export)  # here, once: the retraining processes load the kept targets
     groups: dict[str, list[tuple[int, dict, Path]]] = {}  # one training per model (views differ only)
     for pick in picks:
         params = TrialRecord.of(trials[pick.trial]).parameters(trials[pick.trial].params)
@@ -388,24 +397,22 @@ def export_best(
         groups.setdefault(key, []).append((pick.trial, params, folder / f"trial_{pick.trial}"))
     work = [(cfg, study_folder, members) for members in groups.values()]
     records: dict[int, TrialRecord] = {}
-    started, done = time.perf_counter(), 0  # the command has already said which trials are retrained
+    units = Units("export", len(work), "model")  # the command has already said which trials are retrained
 
     def finished(job: tuple, result: dict) -> None:
-        nonlocal done
         records.update(result)
-        done += 1
-        for number, record in result.items():
-            log.info(
-                "export: candidate trial %d at the full budget: val %.4f, %.3f MMACs (%d/%d models, %.0f s)",
-                number,
-                record.measurement.val_accuracy,
-                record.measurement.mmacs,
-                done,
-                len(work),
-                time.perf_counter() - started,
+        units.finished(
+            "; ".join(
+                f"candidate trial {number} at the full budget: val {record.measurement.val_accuracy:.4f}, "
+                f"{record.measurement.mmacs:.3f} MMACs"
+                for number, record in result.items()
             )
+        )
 
-    run_pinned(_retrain_candidates, work, jobs, finished)
+    try:
+        run_pinned(_retrain_candidates, work, jobs, finished)
+    finally:
+        units.close()
     rows = [
         {
             "trial": pick.trial,

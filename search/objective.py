@@ -19,7 +19,7 @@ import optuna
 from optuna.trial import TrialState
 
 from pipelines.errors import CompressionError
-from search.evaluation import TrialContext, estimate_cost, measure, train_model
+from search.evaluation import TrialContext, estimate_cost, log_measured, measure, train_model
 from search.model_cache import ModelCache, inference_settings, model_key
 from search.record import INTERRUPTED, KILLED, TrialRecord
 from search.space import suggest
@@ -133,7 +133,8 @@ class Objective:
         try:
             self._check_budget(trial, record)
             model, trained = self.models.get_or_train(
-                record.model, lambda: train_model(self.ctx, params, cfg.trial, cfg.seed)
+                record.model,
+                lambda: train_model(self.ctx, params, cfg.trial, cfg.seed, f"trial {trial.number}"),
             )
             if not trained:
                 log.info(
@@ -151,6 +152,7 @@ class Objective:
                 threads=cfg.measure.latency_threads,
                 repeats=cfg.measure.latency_repeats,
             )
+            log_measured(f"trial {trial.number}", seconds)
         except CompressionError as error:
             reason = f"{type(error).__name__}: {error}"
             record.update(trial, fail_reason=reason[:2000])

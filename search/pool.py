@@ -7,6 +7,7 @@ small-batch training of these nets gains little from a second thread.
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
 import threading
@@ -15,6 +16,8 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 
 import torch
+
+from search.progress import configure_worker_logging
 
 __all__ = ["run_pinned"]
 
@@ -27,9 +30,10 @@ def _exit_with(parent: int) -> None:
     os._exit(1)
 
 
-def _pin(cpus: multiprocessing.Queue, parent: int) -> None:
+def _pin(cpus: multiprocessing.Queue, parent: int, level: int) -> None:
     """Worker initializer: one share of the CPUs per worker, its torch threads to match; the worker ends
-    with the process ``parent`` that started it."""
+    with the process ``parent`` that started it and logs its progress lines at ``level`` (the parent's)."""
+    configure_worker_logging(level)
     threading.Thread(target=_exit_with, args=(parent,), daemon=True).start()
     mine = cpus.get()
     os.sched_setaffinity(0, mine)
@@ -61,7 +65,10 @@ def run_pinned(
     for share in shares:
         queue.put(share)
     with ProcessPoolExecutor(
-        workers, mp_context=context, initializer=_pin, initargs=(queue, os.getpid())
+        workers,
+        mp_context=context,
+        initializer=_pin,
+        initargs=(queue, os.getpid(), logging.getLogger("hycomp").getEffectiveLevel()),
     ) as pool:
         futures = {pool.submit(function, *job): job for job in jobs}
         for future in futures:

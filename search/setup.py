@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -16,12 +17,12 @@ from torch import nn
 from pipelines.data import Dataset, load_dataset
 from pipelines.symmetry_probe import resolve_augment as choose_augment
 from pipelines.train import predict_logits
-from search.baseline import get_baseline, member_config, record_path, teacher_latency
-from search.config import AUTO, SearchConfig, resolved_augment
+from search.baseline import baseline_key, get_baseline, member_config, record_path, teacher_latency
+from search.config import AUTO, SearchConfig, resolved_augment, stable_hash
 from search.evaluation import TrialContext
 from search.workspace import baseline_dir
 
-__all__ = ["load_data", "resolve_augment", "get_teachers", "trial_context"]
+__all__ = ["load_data", "resolve_augment", "get_teachers", "teacher_keys", "trial_context"]
 
 log = logging.getLogger("hycomp")
 
@@ -58,6 +59,9 @@ def resolve_augment(
         if not isinstance(record, dict) or not isinstance(record.get("augment"), str):
             record = None  # a damaged cache file: probe again
     if record is None:
+        log.info(
+            "%s: augment auto: probing which symmetries keep the labels (a small net, seconds)", data.name
+        )
         _, probe = choose_augment(AUTO, data)
         record = {**probe.to_dict(), "summary": probe.summary()}
         cache.parent.mkdir(parents=True, exist_ok=True)
@@ -112,18 +116,7 @@ def get_teachers(
         records.append(record)
     record = dict(records[0])
     if len(teachers) > 1:
-
-        def accuracy(split) -> float:
-            logits = torch.stack([predict_logits(teacher, split) for teacher in teachers]).mean(dim=0)
-            return float((logits.argmax(dim=1) == split.labels).float().mean())
-
-        record["ensemble"] = {
-            "members": [member["key"] for member in records],
-            "member_test_accuracy": [member["test_accuracy"] for member in records],
-            "val_accuracy": accuracy(data.val),
-            "test_accuracy": accuracy(data.test),
-            "macs": sum(member["macs"] for member in records),
-        }
+        record["ensemble"] = _ensemble_record(teachers, records, data, root)
         log.info(
             "teacher ensemble of %d: val %.4f, test %.4f (members' test: %s)",
             len(teachers),
@@ -134,6 +127,40 @@ def get_teachers(
     return teachers, record
 
 
+def _ensemble_record(
+    teachers: list[nn.Module], records: list[dict], data: Dataset, root: Path | None
+) -> dict:
+    """The members' keys and the val/test accuracy of their averaged logits: computed once per member set
+    (the keys cover the data) and kept under baselines/ensembles/, so worker processes only read it."""
+    members = [member["key"] for member in records]
+    cache = baseline_dir("ensembles", root) / f"{stable_hash({'members': members})}.json"
+    try:
+        kept = json.loads(cache.read_text())
+        if kept["members"] == members and all(
+            isinstance(kept[name], float) for name in ("val_accuracy", "test_accuracy")
+        ):
+            return kept
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # none kept yet, or a damaged file: computed again
+
+    def accuracy(split) -> float:
+        logits = torch.stack([predict_logits(teacher, split) for teacher in teachers]).mean(dim=0)
+        return float((logits.argmax(dim=1) == split.labels).float().mean())
+
+    ensemble = {
+        "members": members,
+        "member_test_accuracy": [member["test_accuracy"] for member in records],
+        "val_accuracy": accuracy(data.val),
+        "test_accuracy": accuracy(data.test),
+        "macs": sum(member["macs"] for member in records),
+    }
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    staging = cache.with_name(f"{cache.stem}.{os.getpid()}.partial")
+    staging.write_text(json.dumps(ensemble, indent=2))
+    staging.replace(cache)
+    return ensemble
+
+
 def trial_context(
     cfg: SearchConfig, data: Dataset, study_folder: Path, jobs: int = 1
 ) -> tuple[TrialContext, dict]:
@@ -142,4 +169,12 @@ def trial_context(
     teachers, record = get_teachers(
         cfg, data, study_folder.parent, threads=cfg.measure.latency_threads, jobs=jobs
     )
-    return TrialContext(cfg, data, teachers[0], study_folder, distill_from=teachers), record
+    context = TrialContext(
+        cfg, data, teachers[0], study_folder, distill_from=teachers, teacher_keys=teacher_keys(cfg, data)
+    )
+    return context, record
+
+
+def teacher_keys(cfg: SearchConfig, data: Dataset) -> tuple[str, ...]:
+    """The cache keys of the ``baseline.teachers`` teachers of ``cfg`` on ``data``, in order."""
+    return tuple(baseline_key(member_config(cfg, index), data) for index in range(cfg.baseline.teachers))

@@ -21,7 +21,7 @@ from pipelines.reference_accuracy import reference_warning
 from search.config import SearchConfig, dump_config, load_config, parse_config, sampler_class
 from search.evaluation import TrialContext
 from search.objective import DIRECTIONS, OBJECTIVES, Objective, is_repeat, reference_missing
-from search.progress import Progress
+from search.progress import Progress, configure_worker_logging
 from search.record import TrialRecord
 from search.setup import load_data, resolve_augment, trial_context
 from search.space import baseline_params
@@ -154,6 +154,8 @@ def run_search(
     study = open_study(cfg, storage)
     # --workers N trains missing teachers N at a time too, before the workers start
     context, record = trial_context(cfg, data, folder, jobs=workers)
+    # Computed (or checked) here, once: the workers load the kept file instead of each computing it.
+    context.training_data(cfg.trial)
     study.set_user_attr("baseline", record)
     log.info(
         "baseline %s: val %.4f, test %.4f, %.2f MMACs, %d params",
@@ -186,7 +188,14 @@ def run_search(
         else:
             threads = threads_per_worker(workers)
             arguments = [
-                (cfg.to_dict(), url, str(results) if results else None, threads, index)
+                (
+                    cfg.to_dict(),
+                    url,
+                    str(results) if results else None,
+                    threads,
+                    index,
+                    log.getEffectiveLevel(),
+                )
                 for index in range(workers)
             ]
             run_workers(_worker_main, arguments, study, progress)
@@ -219,11 +228,13 @@ def _active_count(study: optuna.Study) -> int:
     return len(evaluated_trials(study)) + len(running)
 
 
-def _worker_main(cfg_dict: dict, url: str, results: str | None, threads: int, index: int = 0) -> None:
-    """Entry point of a spawned worker process: same study, same cached teachers, its own sampler seed
-    (:func:`search.workers.worker_config`)."""
+def _worker_main(
+    cfg_dict: dict, url: str, results: str | None, threads: int, index: int = 0, level: int = logging.WARNING
+) -> None:
+    """Entry point of a spawned worker process: same study, same cached teachers and targets, its own
+    sampler seed (:func:`search.workers.worker_config`); its trials' stage lines logged at ``level``."""
     torch.set_num_threads(threads)
-    logging.basicConfig(level=logging.WARNING)
+    configure_worker_logging(level)
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # failures are logged once, by the objective
     quiet_warnings()
     cfg = worker_config(parse_config(cfg_dict), index)

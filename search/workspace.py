@@ -2,6 +2,9 @@
 
 results/
   baselines/<dataset>-<arch>-<hash>/   cached fp32 teachers (teacher.pt/.json, baseline.json)
+  baselines/targets/<hash>.pt/.json    their distillation targets per augment and data (search.targets)
+  baselines/ensembles/<hash>.json      a teacher ensemble's val/test accuracy
+  baselines/probes/<hash>.json         the symmetry probe of a dataset (augment: auto)
   <study>/config.yaml                  the resolved search space of the study
   <study>/study.db                     Optuna storage (SQLite) unless --storage says otherwise
   <study>/trials/trial_<n>/            each trial's compressed MoE (checkpoint) and ONNX bundle

@@ -49,7 +49,14 @@ def test_quantized_moe_of_any_expert_count(
         moe=MoEConfig(num_experts=num_experts, top_k=1, gate_size=4),
     )
     before = {name: value.clone() for name, value in teacher.state_dict().items()}
-    result = compress_hybrid(teacher, tiny_data, cfg, BUDGET, seed=0)
+    stages: list[tuple[str, float, float]] = []
+    result = compress_hybrid(
+        teacher, tiny_data, cfg, BUDGET, seed=0, on_stage=lambda *finished: stages.append(finished)
+    )
+    # each stage reported as it finished, with its seconds and validation accuracy
+    assert [stage for stage, _, _ in stages] == ["prune", "finetune", "moe", "quantize"]
+    assert all(seconds == result.seconds[stage] for stage, seconds, _ in stages)
+    assert stages[-1][2] == result.stage_accuracy["quantized"]
 
     # The teacher is untouched; channels were really removed.
     assert all(torch.equal(before[name], value) for name, value in teacher.state_dict().items())

@@ -77,6 +77,31 @@ def test_same_seed_gives_identical_weights(tiny_data: Dataset) -> None:
     assert not all(torch.equal(first_state[key], other_state[key]) for key in first_state)
 
 
+def test_per_epoch_validation_changes_neither_the_weights_nor_the_random_stream(tiny_data: Dataset) -> None:
+    cfg = FAST.replace(epochs=2.5, seed=5)
+    plain, watched = _small_model(), _small_model()
+    train(plain, tiny_data.train, cfg)
+    after_plain = torch.rand(3)
+    epochs: list[tuple[int, int, float | None]] = []
+    train(
+        watched,
+        tiny_data.train,
+        cfg,
+        on_epoch=lambda epoch, total, accuracy: epochs.append((epoch, total, accuracy)),
+        val=tiny_data.val,
+    )
+    after_watched = torch.rand(3)
+    plain_state, watched_state = plain.state_dict(), watched.state_dict()
+    assert all(torch.equal(plain_state[key], watched_state[key]) for key in plain_state)
+    assert torch.equal(after_plain, after_watched)  # the evaluations drew no random numbers
+    assert [(epoch, total) for epoch, total, _ in epochs] == [(1, 3), (2, 3), (3, 3)]
+    assert all(0 <= accuracy <= 1 for _, _, accuracy in epochs)
+    assert epochs[-1][2] == evaluate(watched, tiny_data.val)
+    silent: list[float | None] = []
+    train(_small_model(), tiny_data.train, cfg.replace(epochs=1), on_epoch=lambda e, t, a: silent.append(a))
+    assert silent == [None]  # no val split: no evaluation
+
+
 @pytest.mark.parametrize("schedule", ["cosine", "constant"])
 def test_other_schedules_train(tiny_data: Dataset, schedule: str) -> None:
     model = _small_model()

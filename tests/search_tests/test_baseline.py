@@ -104,12 +104,12 @@ def test_an_interrupted_teacher_resumes_from_its_last_epoch(tiny_data, tmp_path:
         }
     )
 
-    def interrupted(model, data, train_cfg, on_step=None, checkpoint=None):
+    def interrupted(model, data, train_cfg, on_step=None, checkpoint=None, **progress):
         def stop(done: int, total: int) -> None:
             if done > total // 2 + 1:  # past the first epoch's checkpoint
                 raise KeyboardInterrupt
 
-        return train(model, data, train_cfg, on_step=stop, checkpoint=checkpoint)
+        return train(model, data, train_cfg, on_step=stop, checkpoint=checkpoint, **progress)
 
     monkeypatch.setattr(baseline, "train", interrupted)
     with pytest.raises(KeyboardInterrupt):

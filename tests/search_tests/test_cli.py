@@ -194,7 +194,9 @@ def test_export_retrains_candidates_and_exports_the_best_on_validation(
     assert "Candidates retrained at the full budget" in (out / "report.md").read_text()
     # minutes per model: each finished retraining is logged as it lands, with its val and the count
     progress = [r.getMessage() for r in caplog.records if "at the full budget: val" in r.getMessage()]
-    assert len(progress) == 2 and all(re.search(r"\(\d/\d models, \d+ s\)", line) for line in progress)
+    assert len(progress) == 2 and all(
+        re.match(r"export: model \d/2, candidate trial \d ", line) for line in progress
+    )
     capsys.readouterr()
     assert main([*command, "--force"]) == 0
     assert json.loads((out / "report.json").read_text())["candidates"] == rows  # reused, same numbers

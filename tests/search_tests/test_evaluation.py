@@ -38,3 +38,20 @@ def test_ensemble_targets_average_every_teacher(tiny_data, tmp_path: Path) -> No
     each = [ensemble_logits(teacher, tiny_data.train, "flips") for teacher in teachers]
     assert torch.allclose(targets, (each[0] + each[1]) / 2, atol=1e-5)
     assert not torch.allclose(targets, each[0], atol=1e-3)
+
+
+def test_a_context_with_teacher_keys_keeps_its_targets_beside_the_teachers(tiny_data, tmp_path: Path) -> None:
+    from pipelines.models import build_model
+    from search.config import Budget, parse_config
+    from search.evaluation import TrialContext
+    from search.targets import targets_path
+
+    teacher = build_model("resnet8", tiny_data.channels, tiny_data.num_classes, 0.25).eval()
+    study = tmp_path / "study"
+    context = TrialContext(parse_config({}), tiny_data, teacher, study, teacher_keys=("key",))
+    targets = context.training_data(Budget(kd_targets="ensemble", augment="flips")).train.teacher_logits
+    path = targets_path(("key",), "flips", tiny_data, tmp_path)
+    assert path.exists() and torch.equal(torch.load(path, weights_only=True), targets)
+    other = TrialContext(parse_config({}), tiny_data, teacher, study, teacher_keys=("key",))
+    again = other.training_data(Budget(kd_targets="ensemble", augment="flips")).train.teacher_logits
+    assert torch.equal(again, targets)

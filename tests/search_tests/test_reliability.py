@@ -47,13 +47,13 @@ def test_crashing_trial_fails_alone(tmp_path: Path, synthetic_root: Path, monkey
     real = evaluation.compress_hybrid
     calls = {"count": 0}
 
-    def flaky(teacher, data, cfg, budget, seed=0, sources=None):
+    def flaky(teacher, data, cfg, budget, seed=0, sources=None, on_stage=None):
         calls["count"] += 1
         if calls["count"] == 2:  # the first sampled trial after the reference
             raise CompressionError(
                 "NNI ModelSpeedup failed: EmptyLayerError: an expert was pruned to nothing"
             )
-        return real(teacher, data, cfg, budget, seed=seed, sources=sources)
+        return real(teacher, data, cfg, budget, seed=seed, sources=sources, on_stage=on_stage)
 
     monkeypatch.setattr(evaluation, "compress_hybrid", flaky)
     monkeypatch.setenv("HYCOMP_RESULTS", str(tmp_path / "results"))

@@ -19,7 +19,9 @@ from search.setup import get_teachers, load_data, trial_context
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_a_teacher_ensemble_caches_each_member_and_records_its_accuracy(tiny_data, tmp_path: Path) -> None:
+def test_a_teacher_ensemble_caches_each_member_and_records_its_accuracy(
+    tiny_data, tmp_path: Path, monkeypatch
+) -> None:
     ensemble = {"kd_targets": "ensemble"}
     cfg = parse_config(
         {
@@ -41,9 +43,13 @@ def test_a_teacher_ensemble_caches_each_member_and_records_its_accuracy(tiny_dat
     assert not torch.equal(first, second)  # different seeds, different weights
     assert 0 <= record["ensemble"]["test_accuracy"] <= 1
     assert record["ensemble"]["macs"] == 2 * record["macs"]
-    # loading again trains nothing: same weights
-    again, _ = get_teachers(cfg, tiny_data, tmp_path)
+    # loading again trains nothing (same weights) and evaluates nothing: the ensemble's record is kept
+    assert len(list((tmp_path / "baselines" / "ensembles").glob("*.json"))) == 1
+    monkeypatch.setattr("search.setup.predict_logits", None)
+    again, again_record = get_teachers(cfg, tiny_data, tmp_path)
     assert torch.equal(next(again[1].parameters()), second)
+    assert again_record["ensemble"] == record["ensemble"]
+    monkeypatch.undo()
     one, single_record = get_teachers(
         parse_config(
             {
@@ -79,7 +85,10 @@ def test_teachers_trained_side_by_side_equal_those_trained_one_after_the_other(
             main(["baseline", "--space", str(space), "--data-root", str(synthetic_root), "--jobs", str(jobs)])
             == 0
         )
-        folders[jobs] = sorted((work / "results" / "baselines").iterdir())
+        # the teachers' folders (beside them: the ensemble's kept record)
+        folders[jobs] = sorted(
+            path.parent for path in (work / "results" / "baselines").glob("*/baseline.json")
+        )
     capsys.readouterr()
     assert [f.name for f in folders[1]] == [f.name for f in folders[2]] and len(folders[2]) == 2
     for one, two in zip(folders[1], folders[2], strict=True):
