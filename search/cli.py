@@ -310,7 +310,8 @@ class ExportCommand:
 
     def take_action(self, args: argparse.Namespace) -> int:
         from pipelines.errors import ConfigError
-        from search.export import export_best, export_trial
+        from search.candidates import export_best
+        from search.export import export_trial
         from search.pareto import pick_candidates, pick_trial
 
         _check_choice(args)

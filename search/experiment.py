@@ -48,8 +48,10 @@ from pipelines.models import ModelSpec
 from pipelines.timing import measure_latency
 from pipelines.train import evaluate, train
 from search.baseline import teacher_recipe
+from search.candidates import find_candidate
 from search.evaluation import TrialContext, estimate_cost, train_and_measure
-from search.export import bundle_accuracy, find_candidate, routing_lines
+from search.export import bundle_accuracy
+from search.export_report import routing_lines
 from search.pareto import trials_table
 from search.pool import run_pinned
 from search.progress import Units

@@ -10,12 +10,8 @@ Export reloads what it wrote and checks that it reproduces the trial's validatio
 With ``retrain=True`` the configuration is compressed again at the full export budget (multi-fidelity:
 trials are cheap, the exported point is not); its validation accuracy is then reported beside the trial's.
 
-:func:`export_best` is the second rung of that multi-fidelity search: the few most accurate front trials
-within a budget are each retrained at the full budget (in parallel processes), and the one with the best
-full-budget VALIDATION accuracy is exported. The cheap trial budget ranks sparse nets too low (they
-recover more with more epochs); this rung corrects that ranking before anything is exported.
-Candidates are kept in ``export/candidates/trial_<n>/``; a re-run reuses those with the same configuration
-and setup.
+:mod:`search.candidates` retrains the best few points at the full budget before one is exported;
+:mod:`search.export_report` renders the report.
 """
 
 from __future__ import annotations
@@ -25,7 +21,6 @@ import logging
 import shutil
 import tempfile
 import time
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +30,6 @@ import yaml
 from pipelines.data import Dataset
 from pipelines.deploy.bundle import agreement
 from pipelines.deploy.int8 import quantize_onnx_int8
-from pipelines.deploy.manifest import Manifest
 from pipelines.deploy.onnx import export_onnx
 from pipelines.deploy.runtime import OrtModel, load_bundle, measure_moe_latency
 from pipelines.errors import ConfigError, HycompError
@@ -45,14 +39,19 @@ from pipelines.serialize import load_checkpoint
 from pipelines.timing import measure_latency
 from pipelines.train import evaluate
 from search.config import SearchConfig, stable_hash
-from search.evaluation import TrialContext, measure, train_and_measure, train_model
-from search.model_cache import ModelCache, model_key
-from search.pool import run_pinned
-from search.progress import Units
-from search.record import RECORD_VERSION, TrialRecord
+from search.evaluation import TrialContext, train_and_measure
+from search.export_report import render_report, weight_grid_totals
+from search.record import TrialRecord
 from search.setup import get_teachers, load_data, teacher_keys
 
-__all__ = ["export_trial", "export_best", "find_candidate", "bundle_accuracy"]
+__all__ = [
+    "export_trial",
+    "export_context",
+    "check_target",
+    "default_target",
+    "bundle_accuracy",
+    "EXPORT_KIND",
+]
 
 log = logging.getLogger("hycomp")
 
@@ -129,7 +128,7 @@ def export_trial(
     try:
         if retrain and prepared is None:
             record = train_and_measure(
-                _context(cfg, study_folder),
+                export_context(cfg, study_folder),
                 params,
                 cfg.export,
                 staging,
@@ -189,7 +188,7 @@ def export_trial(
                     bundle, test_images[:64], threads=threads, batch=64, repeats=10, warmup=2
                 ),
                 "agreement_with_torch": agreement(moe, bundle, data.val.images),  # the whole val split
-                "engine_weight_grid": _weight_grid_totals(bundle.manifest),
+                "engine_weight_grid": weight_grid_totals(bundle.manifest),
                 "routing_per_class": measured.routing_per_class,
             },
             "baseline": {
@@ -285,282 +284,9 @@ def _loaded(cfg: SearchConfig, study_folder: Path) -> tuple[Dataset, list, dict]
 _LOADED: dict[str, tuple[Dataset, list, dict]] = {}
 
 
-def _context(cfg: SearchConfig, study_folder: Path) -> TrialContext:
+def export_context(cfg: SearchConfig, study_folder: Path) -> TrialContext:
     """The trial context of the full-budget runs: the student distils from every teacher."""
     data, teachers, _ = _loaded(cfg, study_folder)
     return TrialContext(
         cfg, data, teachers[0], study_folder, distill_from=teachers, teacher_keys=teacher_keys(cfg, data)
     )
-
-
-def _retrain_candidates(
-    cfg: SearchConfig, study_folder: Path, members: list[tuple[int, dict, Path]]
-) -> dict[int, TrialRecord]:
-    """Candidates that share one model (they differ in test-time views only, :func:`model_key`) at the full
-    export budget: the model is trained once (kept in ``export/models``) and measured with each candidate's
-    own views. Runs in a worker process with ``jobs`` > 1. A candidate already there with the same
-    configuration and setup is reused, not measured again. Returns {trial: record}."""
-    fingerprint = _context(cfg, study_folder).setup()
-    models = ModelCache(study_folder / "export" / "models")
-    records: dict[int, TrialRecord] = {}
-    for trial_number, params, folder in members:
-        saved = _saved_candidate(folder, params, fingerprint)
-        if saved is not None:
-            log.info("candidate trial %d: reusing its full-budget result in %s", trial_number, folder)
-            records[trial_number] = saved
-            continue
-        started = time.perf_counter()
-        context = _context(cfg, study_folder)
-        key = model_key(params, cfg.export, cfg.seed, fingerprint)
-        model, trained = models.get_or_train(
-            key,
-            partial(train_model, context, params, cfg.export, cfg.seed, f"candidate trial {trial_number}"),
-        )
-        if not trained:
-            log.info(
-                "candidate trial %d: the shared full-budget model with its test-time views", trial_number
-            )
-        measurement, seconds = measure(
-            context,
-            params,
-            model,
-            folder,
-            seed=cfg.seed,
-            threads=cfg.measure.latency_threads,
-            repeats=cfg.measure.latency_repeats,
-        )
-        record = TrialRecord(
-            config=params,
-            model=key,
-            trained=trained,
-            training=model.training,
-            measurement=measurement,
-            seconds={**model.seconds, **seconds, "total": time.perf_counter() - started},
-        )
-        saved = {"trial": trial_number, "params": params, "setup": fingerprint, "record": record.to_dict()}
-        staging = (folder / "candidate.json").with_suffix(".tmp")
-        staging.write_text(json.dumps(saved, indent=1, default=str))
-        staging.replace(folder / "candidate.json")  # written last: a folder without it is retrained
-        records[trial_number] = record
-    return records
-
-
-def _saved_candidate(folder: Path, params: dict, fingerprint: str) -> TrialRecord | None:
-    """The record of a finished candidate in ``folder`` with ``params`` under this setup; None if there is
-    none (or it was written by another hycomp: then it is computed again)."""
-    record_path = folder / "candidate.json"
-    if not (record_path.exists() and (folder / "model.json").exists() and (folder / "bundle").exists()):
-        return None
-    saved = json.loads(record_path.read_text())
-    if saved.get("params") != params or saved.get("setup") != fingerprint:
-        return None
-    if (saved.get("record") or {}).get("version") != RECORD_VERSION:
-        return None
-    return TrialRecord.from_dict(saved["record"], str(record_path))
-
-
-def find_candidate(cfg: SearchConfig, study_folder: Path, params: dict) -> tuple[Path, TrialRecord] | None:
-    """(folder, record) of a candidate that ``export --candidates`` already retrained at the full budget
-    with exactly ``params`` under this setup, at seed ``cfg.seed``; None if there is none."""
-    fingerprint = _context(cfg, study_folder).setup()
-    for record_path in sorted((study_folder / "export" / "candidates").glob("trial_*/candidate.json")):
-        saved = _saved_candidate(record_path.parent, params, fingerprint)
-        if saved is not None:
-            return record_path.parent, saved
-    return None
-
-
-def export_best(
-    cfg: SearchConfig,
-    study: optuna.Study,
-    study_folder: Path,
-    picks: list,
-    *,
-    jobs: int = 1,
-    force: bool = False,
-    out: Path | None = None,
-) -> dict:
-    """Retrain every candidate (:func:`search.pareto.pick_candidates`) at the full budget, ``jobs`` at a
-    time, and export the one with the best full-budget validation accuracy (fewer MACs among equals).
-    The test split is read only for the exported one. Returns its report."""
-    for pick in picks:  # before any retraining: a refused target must not cost minutes
-        check_target(out or default_target(study_folder, pick.trial, True), study_folder, force)
-    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
-    folder = study_folder / "export" / "candidates"
-    context = _context(cfg, study_folder)
-    fingerprint = context.setup()
-    context.training_data(cfg.export)  # here, once: the retraining processes load the kept targets
-    groups: dict[str, list[tuple[int, dict, Path]]] = {}  # one training per model (views differ only)
-    for pick in picks:
-        params = TrialRecord.of(trials[pick.trial]).parameters(trials[pick.trial].params)
-        key = model_key(params, cfg.export, cfg.seed, fingerprint)
-        groups.setdefault(key, []).append((pick.trial, params, folder / f"trial_{pick.trial}"))
-    work = [(cfg, study_folder, members) for members in groups.values()]
-    records: dict[int, TrialRecord] = {}
-    units = Units("export", len(work), "model")  # the command has already said which trials are retrained
-
-    def finished(job: tuple, result: dict) -> None:
-        records.update(result)
-        units.finished(
-            "; ".join(
-                f"candidate trial {number} at the full budget: val {record.measurement.val_accuracy:.4f}, "
-                f"{record.measurement.mmacs:.3f} MMACs"
-                for number, record in result.items()
-            )
-        )
-
-    try:
-        run_pinned(_retrain_candidates, work, jobs, finished)
-    finally:
-        units.close()
-    rows = [
-        {
-            "trial": pick.trial,
-            "params": records[pick.trial].config,
-            "trial_val_accuracy": trials[pick.trial].values[0],
-            "full_budget_val_accuracy": records[pick.trial].measurement.val_accuracy,
-            "mmacs": records[pick.trial].measurement.mmacs,
-            "latency_ms": records[pick.trial].measurement.latency_ms,
-        }
-        for pick in picks
-    ]
-    best = max(rows, key=lambda row: (row["full_budget_val_accuracy"], -row["mmacs"]))
-    number = best["trial"]
-    reason = f"best full-budget validation accuracy of {len(rows)} candidates ({picks[0].reason.split(' of the ', 1)[-1]})"
-    return export_trial(
-        cfg,
-        study,
-        study_folder,
-        number,
-        reason=reason,
-        retrain=True,
-        force=force,
-        out=out,
-        prepared=(folder / f"trial_{number}", records[number]),
-        candidates=rows,
-    )
-
-
-def _weight_grid_totals(manifest: Manifest | None) -> dict[str, int] | None:
-    """Weight tensors the int8 engine holds exactly on NNI's grid / rounds to its own, over all files."""
-    per_file = manifest.weight_grid if manifest is not None else {}
-    if not per_file:
-        return None
-    return {key: sum(counts.get(key, 0) for counts in per_file.values()) for key in ("exact", "rounded")}
-
-
-def _latency_cell(stats: dict) -> str:
-    return f"{stats['median_ms']:.3f} ms (p10 {stats['p10_ms']:.3f}, p90 {stats['p90_ms']:.3f})"
-
-
-def _weight_grid_line(totals: dict[str, int] | None) -> list[str]:
-    if not totals:
-        return []
-    return [
-        f"- int8 engine weights: {totals['exact']} tensors hold NNI's levels exactly, {totals['rounded']} are "
-        "rounded to the engine's [-64, 64] grid (8-bit or fp32 weights: more levels than it holds)."
-    ]
-
-
-def _ensemble_row(baseline: dict) -> list[str]:
-    ensemble = baseline.get("ensemble")
-    if not ensemble:
-        return []
-    return [
-        f"| teacher ensemble ({len(ensemble['members'])} x {baseline['arch']} fp32, distillation source only) | "
-        f"{ensemble['test_accuracy']:.4f} | {ensemble['val_accuracy']:.4f} | {ensemble['macs'] / 1e6:.3f} | | | |"
-    ]
-
-
-def _candidate_lines(rows: list[dict]) -> list[str]:
-    if not rows:
-        return []
-    lines = [
-        "Candidates retrained at the full budget (chosen on full-budget validation accuracy; the trial column "
-        "is the cheap trial budget's):",
-        "",
-        "| trial | configuration | trial val | full-budget val | MMACs | latency ms |",
-        "|---|---|---|---|---|---|",
-    ]
-    for row in rows:
-        params = row["params"]
-        described = (
-            f"{params.get('pruner')} {params.get('sparsity')}, {params.get('bits')}-bit, "
-            f"{params.get('num_experts')} expert(s) top-{params.get('effective_top_k', params.get('top_k'))}"
-            + (
-                f", experts from {params['expert_init']}"
-                if params.get("num_experts", 1) > 1 and "expert_init" in params
-                else ""
-            )
-            + (f", {params['views']} test-time views" if params.get("views", 1) > 1 else "")
-        )
-        lines.append(
-            f"| {row['trial']} | {described} | {row['trial_val_accuracy']:.4f} | "
-            f"{row['full_budget_val_accuracy']:.4f} | {row['mmacs']:.2f} | {row['latency_ms']:.3f} |"
-        )
-    return [*lines, ""]
-
-
-def _views_line(params: dict) -> list[str]:
-    views = int(params.get("views", 1))
-    if views == 1:
-        return []
-    return [
-        f"- Test-time views: each input runs as {views} symmetric views (identity, then flips) whose logits are "
-        f"averaged; MACs, latency and accuracy above include all {views} passes (the bundle's manifest holds "
-        "`views`, and `hycomp predict` runs them)."
-    ]
-
-
-def render_report(report: dict) -> str:
-    exported, baseline = report["exported"], report["baseline"]
-    latency = exported["latency"]["latency"]
-    base_latency = baseline["latency"]
-    lines = [
-        f"# hycomp export: study `{report['study']}`, trial {report['trial']}",
-        "",
-        f"Picked because: {report['picked_because']}. Retrained at full budget: {report['retrained_at_full_budget']}.",
-        "",
-        f"Parameters: `{report['params']}`",
-        "",
-        "| model | test acc | val acc | MMACs / input | size KB | latency (batch 1) | backend |",
-        "|---|---|---|---|---|---|---|",
-        f"| baseline {baseline['arch']} fp32 | {baseline['test_accuracy']:.4f} | {baseline['val_accuracy']:.4f} | "
-        f"{baseline['mmacs']:.3f} | {baseline['size_kb_fp32']:.1f} | {_latency_cell(base_latency['torch-fp32-eager'])} | torch fp32 eager |",
-        f"| baseline {baseline['arch']} | | | {baseline['mmacs']:.3f} | | {_latency_cell(base_latency['onnxruntime-fp32'])} | onnxruntime fp32 |",
-        f"| baseline {baseline['arch']} | | | {baseline['mmacs']:.3f} | | {_latency_cell(base_latency['onnxruntime-int8'])} | onnxruntime int8 |",
-        *_ensemble_row(baseline),
-        f"| **exported MoE** ({exported['precision']}, {exported['bits']}-bit weights) | **{exported['test_accuracy']:.4f}** | "
-        f"{exported['val_accuracy']:.4f} | {exported['mmacs']:.3f} | {exported['size_kb']:.1f} | {_latency_cell(latency)} | {latency['backend']} |",
-        "",
-        f"Threads: {latency['threads']}. Versions: {latency['versions']}.",
-        "",
-        f"- Latency ratio to the torch fp32 baseline: {latency['median_ms'] / base_latency['torch-fp32-eager']['median_ms']:.3f}x; "
-        f"gate + routing share of MoE latency: {exported['latency']['routing_share']:.1%}.",
-        f"- Batch 64: {_latency_cell(exported['latency_batch64']['latency'])} per batch.",
-        f"- Torch model of the export: test {exported['test_accuracy_torch']:.4f}, val {exported['val_accuracy_torch']:.4f}; "
-        f"engine vs torch top-1 agreement on the whole val split {exported['agreement_with_torch']['top1_agreement']:.4f}, "
-        f"max |logit diff| {exported['agreement_with_torch']['max_abs_diff']:.4g}.",
-        *_weight_grid_line(exported.get("engine_weight_grid")),
-        f"- MACs: {report['conventions']['macs']}. Size: {report['conventions']['size']}. {report['conventions']['low_bit']}.",
-        *_views_line(report["params"]),
-        "",
-        *_candidate_lines(report.get("candidates") or []),
-        "Routing (validation, first choice): rows are classes, columns experts.",
-        "",
-    ]
-    lines += routing_lines(exported.get("routing_per_class") or [], report["class_names"])
-    lines.append("")
-    return "\n".join(lines)
-
-
-def routing_lines(table: list[list[int]], class_names: list[str]) -> list[str]:
-    """A routing count table (rows: classes, columns: experts; ``routing_per_class`` of a trial record)
-    as markdown lines; none when there is no table."""
-    if not table:
-        return []
-    lines = ["| class | " + " | ".join(f"expert {index}" for index in range(len(table[0]))) + " |"]
-    lines.append("|---" * (len(table[0]) + 1) + "|")
-    for name, row in zip(class_names, table, strict=False):
-        lines.append(f"| {name[:40]} | " + " | ".join(str(value) for value in row) + " |")
-    return lines

@@ -67,7 +67,7 @@ def test_experiment_merges_rows_in_seed_order_whatever_order_they_finished() -> 
 
 def test_experiment_routing_table_comes_from_the_first_seed_that_recorded_one() -> None:
     from search.experiment import _merge
-    from search.export import routing_lines
+    from search.export_report import routing_lines
 
     table = [[5, 0], [1, 7]]  # rows: classes, columns: experts
     finished = [

@@ -1,0 +1,133 @@
+"""The export's report: TEST accuracy, MACs, size and latency beside the baseline's, the candidates
+compared, the engine's weight grid and the routing per class, rendered as Markdown."""
+
+from __future__ import annotations
+
+from pipelines.deploy.manifest import Manifest
+
+__all__ = ["render_report", "routing_lines", "weight_grid_totals"]
+
+
+def weight_grid_totals(manifest: Manifest | None) -> dict[str, int] | None:
+    """Weight tensors the int8 engine holds exactly on NNI's grid / rounds to its own, over all files."""
+    per_file = manifest.weight_grid if manifest is not None else {}
+    if not per_file:
+        return None
+    return {key: sum(counts.get(key, 0) for counts in per_file.values()) for key in ("exact", "rounded")}
+
+
+def _latency_cell(stats: dict) -> str:
+    return f"{stats['median_ms']:.3f} ms (p10 {stats['p10_ms']:.3f}, p90 {stats['p90_ms']:.3f})"
+
+
+def _weight_grid_line(totals: dict[str, int] | None) -> list[str]:
+    if not totals:
+        return []
+    return [
+        f"- int8 engine weights: {totals['exact']} tensors hold NNI's levels exactly, {totals['rounded']} are "
+        "rounded to the engine's [-64, 64] grid (8-bit or fp32 weights: more levels than it holds)."
+    ]
+
+
+def _ensemble_row(baseline: dict) -> list[str]:
+    ensemble = baseline.get("ensemble")
+    if not ensemble:
+        return []
+    return [
+        f"| teacher ensemble ({len(ensemble['members'])} x {baseline['arch']} fp32, distillation source only) | "
+        f"{ensemble['test_accuracy']:.4f} | {ensemble['val_accuracy']:.4f} | {ensemble['macs'] / 1e6:.3f} | | | |"
+    ]
+
+
+def _candidate_lines(rows: list[dict]) -> list[str]:
+    if not rows:
+        return []
+    lines = [
+        "Candidates retrained at the full budget (chosen on full-budget validation accuracy; the trial column "
+        "is the cheap trial budget's):",
+        "",
+        "| trial | configuration | trial val | full-budget val | MMACs | latency ms |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        params = row["params"]
+        described = (
+            f"{params.get('pruner')} {params.get('sparsity')}, {params.get('bits')}-bit, "
+            f"{params.get('num_experts')} expert(s) top-{params.get('effective_top_k', params.get('top_k'))}"
+            + (
+                f", experts from {params['expert_init']}"
+                if params.get("num_experts", 1) > 1 and "expert_init" in params
+                else ""
+            )
+            + (f", {params['views']} test-time views" if params.get("views", 1) > 1 else "")
+        )
+        lines.append(
+            f"| {row['trial']} | {described} | {row['trial_val_accuracy']:.4f} | "
+            f"{row['full_budget_val_accuracy']:.4f} | {row['mmacs']:.2f} | {row['latency_ms']:.3f} |"
+        )
+    return [*lines, ""]
+
+
+def _views_line(params: dict) -> list[str]:
+    views = int(params.get("views", 1))
+    if views == 1:
+        return []
+    return [
+        f"- Test-time views: each input runs as {views} symmetric views (identity, then flips) whose logits are "
+        f"averaged; MACs, latency and accuracy above include all {views} passes (the bundle's manifest holds "
+        "`views`, and `hycomp predict` runs them)."
+    ]
+
+
+def render_report(report: dict) -> str:
+    exported, baseline = report["exported"], report["baseline"]
+    latency = exported["latency"]["latency"]
+    base_latency = baseline["latency"]
+    lines = [
+        f"# hycomp export: study `{report['study']}`, trial {report['trial']}",
+        "",
+        f"Picked because: {report['picked_because']}. Retrained at full budget: {report['retrained_at_full_budget']}.",
+        "",
+        f"Parameters: `{report['params']}`",
+        "",
+        "| model | test acc | val acc | MMACs / input | size KB | latency (batch 1) | backend |",
+        "|---|---|---|---|---|---|---|",
+        f"| baseline {baseline['arch']} fp32 | {baseline['test_accuracy']:.4f} | {baseline['val_accuracy']:.4f} | "
+        f"{baseline['mmacs']:.3f} | {baseline['size_kb_fp32']:.1f} | {_latency_cell(base_latency['torch-fp32-eager'])} | torch fp32 eager |",
+        f"| baseline {baseline['arch']} | | | {baseline['mmacs']:.3f} | | {_latency_cell(base_latency['onnxruntime-fp32'])} | onnxruntime fp32 |",
+        f"| baseline {baseline['arch']} | | | {baseline['mmacs']:.3f} | | {_latency_cell(base_latency['onnxruntime-int8'])} | onnxruntime int8 |",
+        *_ensemble_row(baseline),
+        f"| **exported MoE** ({exported['precision']}, {exported['bits']}-bit weights) | **{exported['test_accuracy']:.4f}** | "
+        f"{exported['val_accuracy']:.4f} | {exported['mmacs']:.3f} | {exported['size_kb']:.1f} | {_latency_cell(latency)} | {latency['backend']} |",
+        "",
+        f"Threads: {latency['threads']}. Versions: {latency['versions']}.",
+        "",
+        f"- Latency ratio to the torch fp32 baseline: {latency['median_ms'] / base_latency['torch-fp32-eager']['median_ms']:.3f}x; "
+        f"gate + routing share of MoE latency: {exported['latency']['routing_share']:.1%}.",
+        f"- Batch 64: {_latency_cell(exported['latency_batch64']['latency'])} per batch.",
+        f"- Torch model of the export: test {exported['test_accuracy_torch']:.4f}, val {exported['val_accuracy_torch']:.4f}; "
+        f"engine vs torch top-1 agreement on the whole val split {exported['agreement_with_torch']['top1_agreement']:.4f}, "
+        f"max |logit diff| {exported['agreement_with_torch']['max_abs_diff']:.4g}.",
+        *_weight_grid_line(exported.get("engine_weight_grid")),
+        f"- MACs: {report['conventions']['macs']}. Size: {report['conventions']['size']}. {report['conventions']['low_bit']}.",
+        *_views_line(report["params"]),
+        "",
+        *_candidate_lines(report.get("candidates") or []),
+        "Routing (validation, first choice): rows are classes, columns experts.",
+        "",
+    ]
+    lines += routing_lines(exported.get("routing_per_class") or [], report["class_names"])
+    lines.append("")
+    return "\n".join(lines)
+
+
+def routing_lines(table: list[list[int]], class_names: list[str]) -> list[str]:
+    """A routing count table (rows: classes, columns: experts; ``routing_per_class`` of a trial record)
+    as markdown lines; none when there is no table."""
+    if not table:
+        return []
+    lines = ["| class | " + " | ".join(f"expert {index}" for index in range(len(table[0]))) + " |"]
+    lines.append("|---" * (len(table[0]) + 1) + "|")
+    for name, row in zip(class_names, table, strict=False):
+        lines.append(f"| {name[:40]} | " + " | ".join(str(value) for value in row) + " |")
+    return lines
