@@ -9,12 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import inspect
 import json
 import math
 import re
-import types
-import typing
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,10 +29,11 @@ from pipelines.models import ModelSpec
 from pipelines.moe import DEFAULT_ROUTING, MoEConfig
 from pipelines.symmetry import check_views
 from pipelines.train import TrainConfig
+from search.samplers import check_sampler
+from search.typed import build, plain
 
 __all__ = [
     "resolved_augment",
-    "SAMPLERS",
     "MAX_STUDY_NAME",
     "SearchConfig",
     "ModelSettings",
@@ -44,7 +42,6 @@ __all__ = [
     "Space",
     "load_config",
     "parse_config",
-    "sampler_class",
     "dump_config",
     "stable_hash",
     "setup_fingerprint",
@@ -52,7 +49,6 @@ __all__ = [
 
 AUTO = "auto"  # an augment the symmetry probe chooses on the data (pipelines.symmetry_probe)
 
-SAMPLERS: tuple[str, ...] = ("tpe", "nsga2", "gp", "random")
 KD_TARGETS: tuple[str, ...] = ("online", "ensemble")  # see TrialContext.training_data
 MAX_STUDY_NAME = 100  # characters; a study is a folder, and its SQLite path must stay openable
 STUDY_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")  # one folder under the results root, not hidden
@@ -258,7 +254,7 @@ class SearchConfig:
     seed: int = 0
 
     def to_dict(self) -> dict:
-        return _plain(asdict(self))
+        return plain(asdict(self))
 
     def model_identity(self) -> dict:
         """The model section as a cache key: the spec (a checkpoint by its content too) and the channel
@@ -276,94 +272,7 @@ class SearchConfig:
         return parse_config(merged)
 
 
-def _plain(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {key: _plain(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(item) for item in value]
-    return value
-
-
 # --------------------------------------------------------------------------------------------- schema
-
-
-def _type_name(annotation: Any) -> str:
-    return getattr(annotation, "__name__", str(annotation)).replace("NoneType", "null")
-
-
-def _convert(value: Any, annotation: Any, path: str) -> Any:
-    origin = typing.get_origin(annotation)
-    args = typing.get_args(annotation)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for option in args:
-            if option is type(None):
-                continue
-            try:
-                return _convert(value, option, path)
-            except ConfigError as error:
-                errors.append(str(error))
-        raise ConfigError(errors[0] if errors else f"{path}: null is not allowed here.")
-    if dataclasses.is_dataclass(annotation):
-        return _build(annotation, value, path)
-    if origin is tuple:
-        if isinstance(value, str | int | float):
-            value = [value]
-        if not isinstance(value, list | tuple) or not value:
-            raise ConfigError(
-                f"{path}: expected a non-empty list, got {value!r}. Write e.g. `{path.split('.')[-1]}: [a, b]`."
-            )
-        return tuple(_convert(item, args[0], f"{path}[{index}]") for index, item in enumerate(value))
-    if annotation is dict or origin is dict:
-        if value is None:
-            return {}
-        if not isinstance(value, dict):
-            raise ConfigError(f"{path}: expected a mapping, got {value!r}.")
-        return dict(value)
-    if annotation is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{path}: expected true or false, got {value!r}.")
-        return value
-    if annotation is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{path}: expected an integer, got {value!r}.")
-        return value
-    if annotation is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{path}: expected a number, got {value!r}.")
-        return float(value)
-    if annotation is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{path}: expected a string, got {value!r}.")
-        return value
-    raise ConfigError(f"{path}: unsupported type {_type_name(annotation)}")  # pragma: no cover
-
-
-def _build(cls: type, mapping: Any, path: str) -> Any:
-    if mapping is None:
-        mapping = {}
-    if not isinstance(mapping, dict):
-        raise ConfigError(f"{path or 'space file'}: expected a mapping of keys, got {mapping!r}.")
-    hints = typing.get_type_hints(cls)
-    names = [item.name for item in dataclasses.fields(cls)]
-    for key in mapping:
-        if key not in names:
-            where = f"{path}.{key}" if path else str(key)
-            raise ConfigError(
-                f"{where}: unknown key. Valid keys{' of ' + path if path else ''}: {', '.join(names)}."
-            )
-    defaults = {item.name: item.default for item in dataclasses.fields(cls)}
-    values = {
-        # an empty list is allowed where the default is empty (model.exclude: [])
-        key: value
-        if value == [] and defaults[key] == ()
-        else _convert(value, hints[key], f"{path}.{key}" if path else key)
-        for key, value in mapping.items()
-    }
-    values = {key: tuple(value) if value == [] else value for key, value in values.items()}
-    return cls(**values)
 
 
 def _check_range(path: str, value: Any, low: float, high: float) -> None:
@@ -425,104 +334,11 @@ def _check_seed(path: str, seed: int) -> None:
         raise ConfigError(f"{path}: {seed} is out of range; use a seed in [0, {MAX_SEED}] (e.g. 0).")
 
 
-def sampler_class(name: str) -> type:
-    """The Optuna sampler class of a name in :data:`SAMPLERS`."""
-    import optuna
-
-    classes = {
-        "tpe": optuna.samplers.TPESampler,
-        "nsga2": optuna.samplers.NSGAIISampler,
-        "gp": optuna.samplers.GPSampler,
-        "random": optuna.samplers.RandomSampler,
-    }
-    if name not in classes:
-        raise unknown_name("study.sampler.name", name, SAMPLERS)
-    return classes[name]
-
-
-_YAML_TYPES = {"int": int, "float": float, "bool": bool, "str": str, "None": type(None)}
-_YAML_WORDS = {
-    int: "a whole number",
-    float: "a number",
-    bool: "true or false",
-    str: "a string",
-    type(None): "null",
-}
-
-
-def _yaml_types(annotation: Any) -> set[type]:
-    """The types a YAML value can have among those an annotation (``'int | None'``) names."""
-    names = [part.strip() for part in str(getattr(annotation, "__name__", annotation)).split("|")]
-    return {_YAML_TYPES[name] for name in names if name in _YAML_TYPES}
-
-
-_POSITIVE_OPTIONS = ("n_ei_candidates", "population_size", "prior_weight")  # the others may be 0
-
-
-def _check_sampler(settings: SamplerSettings) -> None:
-    """Options are keyword arguments of the sampler class, of the types its signature names, and the
-    sampler accepts them: checked by building it here, before a study folder is written."""
-    cls = sampler_class(settings.name)
-    if settings.seed is not None:
-        _check_seed("study.sampler.seed", settings.seed)
-    parameters = {
-        name: parameter
-        for name, parameter in inspect.signature(cls.__init__).parameters.items()
-        if name not in ("self", "seed") and parameter.kind is not inspect.Parameter.VAR_KEYWORD
-    }
-    settable = sorted(name for name in parameters if _yaml_types(parameters[name].annotation) - {type(None)})
-    for key, value in settings.options.items():
-        path = f"study.sampler.options.{key}"
-        if key == "seed":
-            raise ConfigError(f"{path}: set the seed as study.sampler.seed, not as an option.")
-        if not settable:
-            raise ConfigError(
-                f"{path}: {cls.__name__} ({settings.name}) takes no options; remove study.sampler.options."
-            )
-        if key not in parameters:
-            raise ConfigError(
-                f"{path}: unknown option of {cls.__name__} ({settings.name}). Valid options: "
-                f"{', '.join(settable)}."
-            )
-        annotation = parameters[key].annotation
-        allowed = _yaml_types(annotation)
-        if key not in settable:
-            raise ConfigError(
-                f"{path}: {cls.__name__} takes a Python object ({annotation}) here, which a YAML file cannot "
-                f"give. Remove the option (the sampler's default is used); options a file can set: "
-                f"{', '.join(settable)}."
-            )
-        fits = any(
-            (kind is float and isinstance(value, int | float) and not isinstance(value, bool))
-            or (kind is int and isinstance(value, int) and not isinstance(value, bool))
-            or (kind not in (int, float) and isinstance(value, kind))
-            for kind in allowed
-        )
-        if not fits:
-            written = " or ".join(word for kind, word in _YAML_WORDS.items() if kind in allowed)
-            raise ConfigError(
-                f"{path}: expected {written}, got {value!r}. Write e.g. "
-                f"`{key}: {json.dumps(parameters[key].default)}` (the default)."
-            )
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            positive = key in _POSITIVE_OPTIONS
-            if value < 0 or (positive and value == 0):
-                raise ConfigError(
-                    f"{path}: {value} must be {'> 0' if positive else '>= 0'} (default {json.dumps(parameters[key].default)})."
-                )
-    try:
-        cls(seed=settings.seed, **settings.options)
-    except (TypeError, ValueError) as error:
-        raise ConfigError(
-            f"study.sampler.options: {settings.options} rejected by {cls.__name__}: {error} Fix that option or remove it."
-        ) from None
-
-
 def _validate(cfg: SearchConfig) -> None:
     if cfg.study.trials < 1:
         raise ConfigError(f"study.trials: {cfg.study.trials} must be a positive number of trials (e.g. 8).")
     _check_study_name(cfg.study.name)
-    _check_sampler(cfg.study.sampler)
+    check_sampler(cfg.study.sampler.name, cfg.study.sampler.seed, cfg.study.sampler.options, _check_seed)
     timeout = cfg.study.timeout_minutes
     if timeout is not None and timeout <= 0:
         raise ConfigError(
@@ -694,7 +510,7 @@ def resolved_augment(cfg: SearchConfig, augment: str) -> SearchConfig:
 def parse_config(mapping: Any) -> SearchConfig:
     """Validate a mapping (parsed YAML) into a :class:`SearchConfig`."""
     _check_finite(mapping, "")
-    cfg = _build(SearchConfig, mapping, "")
+    cfg = build(SearchConfig, mapping, "")
     _validate(cfg)
     return cfg
 

@@ -18,11 +18,12 @@ from optuna.trial import TrialState
 
 from pipelines.errors import CompressionError, ConfigError
 from pipelines.reference_accuracy import reference_warning
-from search.config import SearchConfig, dump_config, load_config, parse_config, sampler_class
+from search.config import SearchConfig, dump_config, load_config, parse_config
 from search.evaluation import TrialContext
 from search.objective import DIRECTIONS, OBJECTIVES, Objective, is_repeat, reference_missing
 from search.progress import Progress, configure_worker_logging
 from search.record import TrialRecord
+from search.samplers import sampler_class
 from search.setup import load_data, resolve_augment, trial_context
 from search.space import baseline_params
 from search.stopping import stop_rules
