@@ -10,6 +10,7 @@ Quirks handled (torch 2.14/2.15; ../shared/NOTES-nni.md):
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import logging
 import warnings
@@ -133,17 +134,21 @@ def prune_and_speedup(
                 "The model has no Conv2d to prune."
             )
         try:
+            # traced again after the pruner unwrapped its modules: the graph ModelSpeedup propagates masks
+            # through must hold the modules as they are now (a trace from before keeps channel choices apart)
+            graph = torch.fx.symbolic_trace(model)
             with _innermost_module(model) as failing:
                 ModelSpeedup(
                     model, example_input, masks, graph_module=graph, logger=_QUIET_LOGGER
                 ).speedup_model()
         except Exception as error:
             raise _speedup_error(model, graph, failing, error, "ModelSpeedup") from error
+    probe = copy.deepcopy(model)  # runs once to name a failing module; the model's BatchNorm stays as is
     try:
-        with _innermost_module(model) as failing, torch.no_grad():
-            model(example_input)
+        with _innermost_module(probe) as failing, torch.no_grad():
+            probe(example_input)
     except Exception as error:
-        raise _speedup_error(model, graph, failing, error, "the pruned model") from error
+        raise _speedup_error(probe, graph, failing, error, "the pruned model") from error
     return model
 
 
