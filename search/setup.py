@@ -9,12 +9,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from pipelines.data import Dataset, load_dataset
+from pipelines.symmetry_probe import ProbeConfig
 from pipelines.symmetry_probe import resolve_augment as choose_augment
 from pipelines.train import predict_logits
 from search.baseline import baseline_key, get_baseline, member_config, record_path, teacher_latency
@@ -24,6 +26,7 @@ from search.workspace import baseline_dir
 
 __all__ = ["load_data", "resolve_augment", "get_teachers", "teacher_keys", "trial_context"]
 
+PROBE_FORMAT = 2  # 2: class-balanced accuracy beside plain accuracy; other probe records are not reused
 log = logging.getLogger("hycomp")
 
 
@@ -49,7 +52,9 @@ def resolve_augment(
     sections = (cfg.baseline.augment, cfg.trial.augment, cfg.export.augment)
     if AUTO not in sections:
         return cfg, None
-    cache = baseline_dir("probes", root) / f"{data.fingerprint[:24]}.json"
+    # keyed by the data's content and how the probe runs (its settings, its format)
+    identity = stable_hash({"format": PROBE_FORMAT, "probe": asdict(ProbeConfig())})
+    cache = baseline_dir("probes", root) / f"{data.fingerprint[:24]}-{identity}.json"
     record = None
     if cache.exists():
         try:
