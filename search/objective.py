@@ -164,11 +164,11 @@ class Objective:
             training=model.training,
             measurement=measurement,
             seconds={**model.seconds, **seconds, "total": time.perf_counter() - started},
-            fail_reason="",
         )
         self._set_constraints(trial, record)
         if trained and not record.reference:
             self._queue_other_views(trial, params)
+        record.update(trial, fail_reason="")  # last: a kill before Optuna's tell still leaves the reason
         return measurement.objectives
 
     def _measured_before(self, trial: optuna.Trial, record: TrialRecord) -> optuna.trial.FrozenTrial | None:

@@ -156,7 +156,8 @@ def test_ctrl_c_marks_running_trial_and_resumes(tmp_path: Path, synthetic_root: 
 @pytest.mark.slow
 def test_sigkill_mid_trial_resumes_and_retries(tmp_path: Path, synthetic_root: Path) -> None:
     results = tmp_path / "results"
-    space = write_space(tmp_path, synthetic_root, "killed", trials=3)
+    # trials long enough (seconds) that the kill lands inside one, not between its last write and the tell
+    space = write_space(tmp_path, synthetic_root, "killed", trials=3, trial={"finetune_epochs": 40})
     fast_heartbeat = {"HYCOMP_HEARTBEAT_SECONDS": "1", "HYCOMP_GRACE_SECONDS": "3"}
     process = _search_process(space, results, fast_heartbeat)
     _wait_for_running_trial(results, "killed", after=1)
