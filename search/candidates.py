@@ -54,15 +54,7 @@ def _retrain_candidates(
             log.info(
                 "candidate trial %d: the shared full-budget model with its test-time views", trial_number
             )
-        measurement, seconds = measure(
-            context,
-            params,
-            model,
-            folder,
-            seed=cfg.seed,
-            threads=cfg.measure.latency_threads,
-            repeats=cfg.measure.latency_repeats,
-        )
+        measurement, seconds = measure(context, params, model, folder)
         record = TrialRecord(
             config=params,
             model=key,

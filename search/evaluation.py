@@ -180,12 +180,17 @@ def measure(
     params: dict,
     model: TrainedModel,
     folder: Path,
-    seed: int,
-    threads: int,
-    repeats: int,
+    seed: int | None = None,
+    threads: int | None = None,
+    repeats: int | None = None,
 ) -> tuple[Measurement, dict[str, float]]:
     """Save ``model`` with the inference settings of ``params`` (test-time views) to ``folder`` (checkpoint +
-    ONNX bundle) and measure the deployed engine. Returns the measurement and its seconds per step."""
+    ONNX bundle) and measure the deployed engine. Returns the measurement and its seconds per step.
+    ``seed``, ``threads`` and ``repeats`` default to the study's (``seed``, ``measure:``)."""
+    cfg = ctx.cfg
+    seed = cfg.seed if seed is None else seed
+    threads = cfg.measure.latency_threads if threads is None else threads
+    repeats = cfg.measure.latency_repeats if repeats is None else repeats
     data = ctx.data
     hybrid = hybrid_config(params, ctx.cfg.model)
     moe = model.moe

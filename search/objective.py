@@ -143,15 +143,7 @@ class Objective:
                     params.get("views", 1),
                 )
             folder = self.ctx.study_folder / "trials" / f"trial_{trial.number}"
-            measurement, seconds = measure(
-                self.ctx,
-                params,
-                model,
-                folder,
-                seed=cfg.seed,
-                threads=cfg.measure.latency_threads,
-                repeats=cfg.measure.latency_repeats,
-            )
+            measurement, seconds = measure(self.ctx, params, model, folder)
             log_measured(f"trial {trial.number}", seconds)
         except CompressionError as error:
             reason = f"{type(error).__name__}: {error}"
