@@ -10,7 +10,7 @@ import torch
 from optuna.distributions import CategoricalDistribution
 from optuna.trial import create_trial
 
-from search.benchmarks.samplers import accuracy_macs_hypervolume
+from search.benchmarks.samplers import accuracy_macs_hypervolume, hypervolume_at
 from tests.helpers import recorded
 
 
@@ -53,3 +53,26 @@ def test_train_step_benchmark_reports_both_precisions(tmp_path) -> None:
     assert [row["precision"] for row in rows] == ["fp32", "bf16"]
     assert all(row["median_ms"] > 0 and row["batch"] == 8 for row in rows)
     assert rows[1]["speedup"] == pytest.approx(rows[0]["median_ms"] / rows[1]["median_ms"])
+
+
+def test_hypervolume_at_counts_only_trials_finished_by_the_mark() -> None:
+    import datetime
+
+    start = datetime.datetime(2026, 1, 1, 12, 0, 0)
+    study = optuna.create_study(directions=["maximize", "minimize", "minimize"])
+    for values, finished in (((0.5, 5.0, 1.0), 10), ((0.9, 10.0, 1.0), 100)):
+        trial = create_trial(
+            values=list(values),
+            params={"pruner": "l1"},
+            distributions={"pruner": CategoricalDistribution(["l1"])},
+        )
+        trial.datetime_start = start
+        trial.datetime_complete = start + datetime.timedelta(seconds=finished)
+        study.add_trial(trial)
+    trials = study.get_trials()
+    reference = [0.0, 20.0, 2.0]
+    # by 60 s only (0.5, 5, 1) is in: 0.5 x 15 x 1
+    assert hypervolume_at(trials, reference, 60.0) == pytest.approx(0.5 * 15 * 1)
+    # by the end both: the union of the two boxes 0.5 x 15 x 1 and 0.9 x 10 x 1 overlapping in 0.5 x 10 x 1
+    assert hypervolume_at(trials, reference, None) == pytest.approx(7.5 + 9.0 - 5.0)
+    assert hypervolume_at(trials, reference, 5.0) == 0.0
