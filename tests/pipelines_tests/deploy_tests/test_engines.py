@@ -65,6 +65,7 @@ def test_the_engines_get_the_thread_count(int8_bundle) -> None:
     openvino = open_model(folder / "gate.onnx", "openvino", threads=2)
     assert openvino.compiled.get_property("INFERENCE_NUM_THREADS") == 2
     assert openvino.compiled.get_property("NUM_STREAMS") == 1
+    assert openvino.compiled.get_property("ENABLE_CPU_PINNING") is False
     with pytest.raises(ConfigError, match="threads"):
         open_model(folder / "gate.onnx", "openvino", threads=0)
 
