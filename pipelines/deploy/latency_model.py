@@ -400,6 +400,10 @@ def kernels_of(path: Path, batch: int = 1) -> list[Kernel]:
             kernels.append(Kernel("reshape", precision, in_shape(source(node.input[0])), batch=batch))
         else:
             kernels.append(Kernel(op, precision, in_shape(source(node.input[0])), batch=batch))
+    convs = [kernel for kernel in kernels if kernel.op == "conv" and kernel.precision == "fp32"]
+    if convs:  # fp32 convs run in the NCHWc layout: one reorder into it and one out of it per model
+        kernels.append(Kernel("reorder", "fp32", convs[0].in_shape, batch=batch))
+        kernels.append(Kernel("reorder", "fp32", convs[-1].out_shape(), batch=batch))
     return kernels
 
 
@@ -561,12 +565,20 @@ def kernel_model(kernel: Kernel, seed: int = 0) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
-def boundary_model(shape: tuple[int, ...]) -> onnx.ModelProto:
-    """fp32 (``shape``) -> QuantizeLinear -> DequantizeLinear -> output: what an int8 kernel model pays
-    at one end, twice (once each way)."""
+def boundary_model(shape: tuple[int, ...], precision: str = "int8") -> onnx.ModelProto:
+    """What a one-kernel model pays at its fp32 ends and the real graph does not, twice (once each way).
+
+    int8: fp32 -> QuantizeLinear -> DequantizeLinear. fp32 (C, H, W): a 1x1 depthwise conv, whose NCHWc
+    layout reorders are those a lone conv pays on entry and exit (inside a model, once per model)."""
     nodes: list = []
     inits: list = []
-    last = _quantized(nodes, inits, "x", True)
+    if precision == "fp32":
+        channels = shape[1]
+        inits.append(numpy_helper.from_array(np.ones((channels, 1, 1, 1), np.float32), "w"))
+        nodes.append(helper.make_node("Conv", ["x", "w"], ["y"], kernel_shape=[1, 1], group=channels))
+        last = "y"
+    else:
+        last = _quantized(nodes, inits, "x", True)
     graph = helper.make_graph(nodes, "boundary", [_float_input("x", shape)], [_float_input(last, shape)], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
@@ -666,20 +678,26 @@ def profile_kernels(
             table.overhead_ms["session"] = _time_model(_empty_model(), table.engine, table.threads, repeats, scratch)
             table.overhead_ms.update(_time_moe_overheads(table.engine, table.threads, repeats, scratch))
         session = table.overhead_ms.get("session", 0.0)
-        boundaries: dict[tuple[int, ...], float] = {}
+        boundaries: dict[tuple, float] = {}
 
-        def half_round_trip(shape: tuple[int, ...]) -> float:
-            if shape not in boundaries:
-                round_trip = _time_model(boundary_model(shape), table.engine, table.threads, repeats, scratch)
-                boundaries[shape] = max(round_trip - session, 0.0) / 2
-            return boundaries[shape]
+        def half_round_trip(shape: tuple[int, ...], precision: str = "int8") -> float:
+            if (shape, precision) not in boundaries:
+                model = boundary_model(shape, precision)
+                round_trip = _time_model(model, table.engine, table.threads, repeats, scratch)
+                boundaries[shape, precision] = max(round_trip - session, 0.0) / 2
+            return boundaries[shape, precision]
 
         for kernel in missing:
+            if kernel.op == "reorder":
+                table.kernels[kernel.key()] = half_round_trip((kernel.batch, *kernel.in_shape), "fp32")
+                continue
             elapsed = _time_model(kernel_model(kernel), table.engine, table.threads, repeats, scratch) - session
             full = lambda shape: (kernel.batch, *shape)  # noqa: E731
             if kernel.precision != "fp32" and kernel.op not in ("quantize", "dequantize"):
                 boundary_in = half_round_trip(full(kernel.in_shape)) * (2 if kernel.op in ("add", "mul", "sum") else 1)
                 elapsed -= boundary_in + half_round_trip(full(kernel.out_shape()))
+            elif kernel.op == "conv" and table.engine == "onnxruntime":
+                elapsed -= half_round_trip(full(kernel.in_shape), "fp32") + half_round_trip(full(kernel.out_shape()), "fp32")
             table.kernels[kernel.key()] = max(elapsed, 0.0)
     if table.path is not None:
         table.save()
