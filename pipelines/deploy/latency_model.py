@@ -31,6 +31,7 @@ __all__ = [
     "kernels_of",
     "predict_latency",
     "predict_bundle_latency",
+    "predict_deployed",
     "profile_kernels",
     "load_table",
     "default_table_path",
@@ -101,7 +102,10 @@ class Kernel:
             return (self.in_shape[0], 1, 1)
         if self.op == "pool":
             _, height, width = self.in_shape
-            return (self.in_shape[0], *[(n + 2 * self.pads - self.kernel) // self.stride + 1 for n in (height, width)])
+            return (
+                self.in_shape[0],
+                *[(n + 2 * self.pads - self.kernel) // self.stride + 1 for n in (height, width)],
+            )
         if self.op == "reshape":
             return (int(np.prod(self.in_shape)),)
         return self.in_shape
@@ -125,7 +129,9 @@ def engine_version(engine: str) -> str:
     try:
         return metadata.version(engine)
     except metadata.PackageNotFoundError:
-        raise ConfigError(f"engine: {engine!r} is not installed; install it or pick another engine.") from None
+        raise ConfigError(
+            f"engine: {engine!r} is not installed; install it or pick another engine."
+        ) from None
 
 
 @dataclass
@@ -162,7 +168,11 @@ class LatencyTable:
         """The latency of a key the table lacks: a least-squares line ``a + b * MACs + c * elements`` fitted
         on the table's kernels of the same op and precision (at least three of them; coefficients kept
         non-negative), else the nearest same-op kernel scaled by MACs (or elements), else 0."""
-        same = [Kernel.from_key(key) for key in self.kernels if key.split("|")[:2] == [kernel.op, kernel.precision]]
+        same = [
+            Kernel.from_key(key)
+            for key in self.kernels
+            if key.split("|")[:2] == [kernel.op, kernel.precision]
+        ]
         macs, elements = kernel.features()
         if len(same) >= 3:
             rows = np.array([[1.0, *other.features()] for other in same])
@@ -172,9 +182,12 @@ class LatencyTable:
             coefficients = np.maximum(coefficients, 0.0) / scales
             return float(coefficients @ np.array([1.0, macs, elements]))
         if same:
+
             def distance(other: Kernel) -> float:
                 other_macs, other_elements = other.features()
-                return abs(np.log1p(other_macs) - np.log1p(macs)) + abs(np.log1p(other_elements) - np.log1p(elements))
+                return abs(np.log1p(other_macs) - np.log1p(macs)) + abs(
+                    np.log1p(other_elements) - np.log1p(elements)
+                )
 
             nearest = min(same, key=distance)
             nearest_macs, nearest_elements = nearest.features()
@@ -193,7 +206,13 @@ def _slug(text: str) -> str:
 
 def default_table_path(root: Path, engine: str, threads: int) -> Path:
     """``<root>/profiles/<cpu>-<engine>-<version>-t<threads>.json``: one table per CPU, engine and threads."""
-    name = f"{_slug(cpu_description())}-{engine}-{engine_version(engine)}-t{threads}.json"
+    import hashlib
+
+    cpu = cpu_description()
+    digest = hashlib.sha256(cpu.encode()).hexdigest()[
+        :8
+    ]  # the slug is cut short; the digest tells CPUs apart
+    name = f"{_slug(cpu)[:40]}-{digest}-{engine}-{engine_version(engine)}-t{threads}.json"
     return Path(root) / "profiles" / name
 
 
@@ -223,7 +242,9 @@ def load_table(
         ) from None
     table.path = path
     if table.format_version != TABLE_FORMAT:
-        raise DataError(f"profile: {path} has format {table.format_version}, expected {TABLE_FORMAT}; re-run `hycomp profile`.")
+        raise DataError(
+            f"profile: {path} has format {table.format_version}, expected {TABLE_FORMAT}; re-run `hycomp profile`."
+        )
     if (table.engine, table.threads) != (engine, threads):
         raise ConfigError(
             f"profile: {path} was measured with {table.engine}, {table.threads} thread(s), not {engine}, "
@@ -295,7 +316,11 @@ def kernels_of(path: Path, batch: int = 1) -> list[Kernel]:
         node = producer.get(name)
         if node is not None and node.op_type == "DequantizeLinear" and node.input[0] not in initializers:
             quantize = producer.get(node.input[0])
-            return quantize.input[0] if quantize is not None and quantize.op_type == "QuantizeLinear" else node.input[0]
+            return (
+                quantize.input[0]
+                if quantize is not None and quantize.op_type == "QuantizeLinear"
+                else node.input[0]
+            )
         return name
 
     def is_int8(node: onnx.NodeProto) -> bool:
@@ -316,7 +341,9 @@ def kernels_of(path: Path, batch: int = 1) -> list[Kernel]:
     def in_shape(name: str) -> tuple[int, ...]:
         shape = shapes.get(name)
         if shape is None:
-            raise DataError(f"model: {path} has no static shape for tensor {name!r}; re-export it with opset 17.")
+            raise DataError(
+                f"model: {path} has no static shape for tensor {name!r}; re-export it with opset 17."
+            )
         return tuple(shape[1:])
 
     kernels: list[Kernel] = []
@@ -328,21 +355,22 @@ def kernels_of(path: Path, batch: int = 1) -> list[Kernel]:
         if op == "QuantizeLinear":
             # Only the quantization of an fp32 tensor that no int8 op produced (the model input) runs.
             upstream = producer.get(node.input[0])
-            if upstream is None or upstream.op_type in ("DequantizeLinear",) or not is_int8(upstream):
-                if upstream is None or upstream.op_type != "DequantizeLinear":
-                    kernels.append(Kernel("quantize", "int8", in_shape(node.input[0]), batch=batch))
+            if upstream is None or (upstream.op_type != "DequantizeLinear" and not is_int8(upstream)):
+                kernels.append(Kernel("quantize", "int8", in_shape(node.input[0]), batch=batch))
             continue
         if op == "DequantizeLinear":
             if node.input[0] in initializers:
                 continue  # a weight: folded into the int8 kernel
             users = consumers.get(node.output[0], [])
-            if any(user.op_type not in _QDQ and not _int8_capable(user) for user in users) or node.output[0] in {
-                o.name for o in model.graph.output
-            }:
+            if any(user.op_type not in _QDQ and not _int8_capable(user) for user in users) or node.output[
+                0
+            ] in {o.name for o in model.graph.output}:
                 kernels.append(Kernel("dequantize", "int8", in_shape(node.input[0]), batch=batch))
             continue
         int8 = is_int8(node) and _int8_capable(node)
-        precision = weight_precision(node) if int8 and op in ("Conv", "Gemm") else ("int8" if int8 else "fp32")
+        precision = (
+            weight_precision(node) if int8 and op in ("Conv", "Gemm") else ("int8" if int8 else "fp32")
+        )
         fused: list[str] = []
         if op == "Conv":
             weight_shape = shapes[node.input[1]] if node.input[1] in shapes else shapes[source(node.input[1])]
@@ -374,14 +402,18 @@ def kernels_of(path: Path, batch: int = 1) -> list[Kernel]:
             weight_shape = shapes.get(node.input[1]) or shapes[source(node.input[1])]
             trans_b = _attribute(node, "transB", 0)
             out = weight_shape[0] if trans_b else weight_shape[-1]
-            kernels.append(Kernel("gemm", precision, in_shape(source(node.input[0])), out_channels=int(out), batch=batch))
+            kernels.append(
+                Kernel("gemm", precision, in_shape(source(node.input[0])), out_channels=int(out), batch=batch)
+            )
         elif op in ("Add", "Mul", "Sum"):
             if not int8:
                 follower = single_consumer(node.output[0])
                 if follower is not None and follower.op_type in _ACTIVATIONS:
                     fused.append(follower.op_type.lower())
                     absorbed.add(id(follower))
-            kernels.append(Kernel(op.lower(), precision, in_shape(node.output[0]), fused="+".join(fused), batch=batch))
+            kernels.append(
+                Kernel(op.lower(), precision, in_shape(node.output[0]), fused="+".join(fused), batch=batch)
+            )
         elif op in ("GlobalAveragePool", "MaxPool", "AveragePool"):
             size = _attribute(node, "kernel_shape", [0])[0]
             kernels.append(
@@ -409,7 +441,16 @@ def kernels_of(path: Path, batch: int = 1) -> list[Kernel]:
 
 def _int8_capable(node: onnx.NodeProto) -> bool:
     """Ops ONNX Runtime runs on uint8 when wrapped in DequantizeLinear / QuantizeLinear."""
-    return node.op_type in ("Conv", "Add", "GlobalAveragePool", "MaxPool", "AveragePool", "Flatten", "Reshape", "Mul")
+    return node.op_type in (
+        "Conv",
+        "Add",
+        "GlobalAveragePool",
+        "MaxPool",
+        "AveragePool",
+        "Flatten",
+        "Reshape",
+        "Mul",
+    )
 
 
 def predict_latency(path: Path, table: LatencyTable, batch: int = 1) -> float:
@@ -443,7 +484,9 @@ def _quantized(nodes: list, inits: list, name: str, int8: bool) -> str:
         inits.append(numpy_helper.from_array(np.array(0.02, dtype=np.float32), f"{name}_scale"))
         inits.append(numpy_helper.from_array(np.array(0, dtype=np.uint8), f"{name}_zero"))
     nodes.append(helper.make_node("QuantizeLinear", [name, f"{name}_scale", f"{name}_zero"], [f"{name}_q"]))
-    nodes.append(helper.make_node("DequantizeLinear", [f"{name}_q", f"{name}_scale", f"{name}_zero"], [f"{name}_dq"]))
+    nodes.append(
+        helper.make_node("DequantizeLinear", [f"{name}_q", f"{name}_scale", f"{name}_zero"], [f"{name}_dq"])
+    )
     return f"{name}_dq"
 
 
@@ -460,7 +503,9 @@ def _weight(nodes: list, inits: list, name: str, shape: tuple[int, ...], precisi
     inits.append(numpy_helper.from_array(quantized, f"{name}_q"))
     inits.append(numpy_helper.from_array(np.full(channels, 0.01, np.float32), f"{name}_scale"))
     inits.append(numpy_helper.from_array(zero, f"{name}_zero"))
-    nodes.append(helper.make_node("DequantizeLinear", [f"{name}_q", f"{name}_scale", f"{name}_zero"], [name], axis=0))
+    nodes.append(
+        helper.make_node("DequantizeLinear", [f"{name}_q", f"{name}_scale", f"{name}_zero"], [name], axis=0)
+    )
     return name
 
 
@@ -471,7 +516,9 @@ def _bias(nodes: list, inits: list, name: str, channels: int, precision: str) ->
     inits.append(numpy_helper.from_array(np.zeros(channels, np.int32), f"{name}_q"))
     inits.append(numpy_helper.from_array(np.full(channels, 0.0002, np.float32), f"{name}_scale"))
     inits.append(numpy_helper.from_array(np.zeros(channels, np.int32), f"{name}_zero"))
-    nodes.append(helper.make_node("DequantizeLinear", [f"{name}_q", f"{name}_scale", f"{name}_zero"], [name], axis=0))
+    nodes.append(
+        helper.make_node("DequantizeLinear", [f"{name}_q", f"{name}_scale", f"{name}_zero"], [name], axis=0)
+    )
     return name
 
 
@@ -493,14 +540,24 @@ def kernel_model(kernel: Kernel, seed: int = 0) -> onnx.ModelProto:
     if kernel.op == "conv":
         channels, _, _ = kernel.in_shape
         weight = _weight(
-            nodes, inits, "w", (kernel.out_channels, channels // kernel.groups, kernel.kernel, kernel.kernel), kernel.precision, rng
+            nodes,
+            inits,
+            "w",
+            (kernel.out_channels, channels // kernel.groups, kernel.kernel, kernel.kernel),
+            kernel.precision,
+            rng,
         )
         bias = _bias(nodes, inits, "b", kernel.out_channels, kernel.precision)
         pads = [kernel.pads] * 4
         nodes.append(
             helper.make_node(
-                "Conv", [x, weight, bias], ["conv"], kernel_shape=[kernel.kernel] * 2, strides=[kernel.stride] * 2,
-                pads=pads, group=kernel.groups,
+                "Conv",
+                [x, weight, bias],
+                ["conv"],
+                kernel_shape=[kernel.kernel] * 2,
+                strides=[kernel.stride] * 2,
+                pads=pads,
+                group=kernel.groups,
             )
         )
         last = "conv"
@@ -513,7 +570,9 @@ def kernel_model(kernel: Kernel, seed: int = 0) -> onnx.ModelProto:
                 nodes.append(helper.make_node("Relu", [last], ["act"]))
                 last = "act"
             elif part == "clip":
-                inits += [numpy_helper.from_array(np.array(v, np.float32), n) for n, v in (("lo", 0.0), ("hi", 6.0))]
+                inits += [
+                    numpy_helper.from_array(np.array(v, np.float32), n) for n, v in (("lo", 0.0), ("hi", 6.0))
+                ]
                 nodes.append(helper.make_node("Clip", [last, "lo", "hi"], ["act"]))
                 last = "act"
     elif kernel.op == "gemm":
@@ -535,7 +594,14 @@ def kernel_model(kernel: Kernel, seed: int = 0) -> onnx.ModelProto:
         else:
             op = "MaxPool" if kernel.fused == "maxpool" else "AveragePool"
             nodes.append(
-                helper.make_node(op, [x], ["pool"], kernel_shape=[kernel.kernel] * 2, strides=[kernel.stride] * 2, pads=[kernel.pads] * 4)
+                helper.make_node(
+                    op,
+                    [x],
+                    ["pool"],
+                    kernel_shape=[kernel.kernel] * 2,
+                    strides=[kernel.stride] * 2,
+                    pads=[kernel.pads] * 4,
+                )
             )
         last = "pool"
     elif kernel.op == "reshape":
@@ -579,13 +645,18 @@ def boundary_model(shape: tuple[int, ...], precision: str = "int8") -> onnx.Mode
         last = "y"
     else:
         last = _quantized(nodes, inits, "x", True)
-    graph = helper.make_graph(nodes, "boundary", [_float_input("x", shape)], [_float_input(last, shape)], inits)
+    graph = helper.make_graph(
+        nodes, "boundary", [_float_input("x", shape)], [_float_input(last, shape)], inits
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
 def _empty_model() -> onnx.ModelProto:
     graph = helper.make_graph(
-        [helper.make_node("Relu", ["x"], ["y"])], "empty", [_float_input("x", (1, 1))], [_float_input("y", (1, 1))]
+        [helper.make_node("Relu", ["x"], ["y"])],
+        "empty",
+        [_float_input("x", (1, 1))],
+        [_float_input("y", (1, 1))],
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
@@ -626,7 +697,9 @@ def _time_model(model: onnx.ModelProto, engine: str, threads: int, repeats: int,
         options.log_severity_level = 3
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         run = lambda: session.run(None, feeds)  # noqa: E731
-    stats = measure_latency(run, backend=engine, threads=threads, batch=1, warmup=max(3, repeats // 5), repeats=repeats)
+    stats = measure_latency(
+        run, backend=engine, threads=threads, batch=1, warmup=max(3, repeats // 5), repeats=repeats
+    )
     return stats.min_ms
 
 
@@ -675,7 +748,9 @@ def profile_kernels(
     with tempfile.TemporaryDirectory(prefix="hycomp-profile-") as folder:
         scratch = Path(folder)
         if overheads and ("session" not in table.overhead_ms or "routing" not in table.overhead_ms):
-            table.overhead_ms["session"] = _time_model(_empty_model(), table.engine, table.threads, repeats, scratch)
+            table.overhead_ms["session"] = _time_model(
+                _empty_model(), table.engine, table.threads, repeats, scratch
+            )
             table.overhead_ms.update(_time_moe_overheads(table.engine, table.threads, repeats, scratch))
         session = table.overhead_ms.get("session", 0.0)
         boundaries: dict[tuple, float] = {}
@@ -691,14 +766,32 @@ def profile_kernels(
             if kernel.op == "reorder":
                 table.kernels[kernel.key()] = half_round_trip((kernel.batch, *kernel.in_shape), "fp32")
                 continue
-            elapsed = _time_model(kernel_model(kernel), table.engine, table.threads, repeats, scratch) - session
-            full = lambda shape: (kernel.batch, *shape)  # noqa: E731
+            elapsed = (
+                _time_model(kernel_model(kernel), table.engine, table.threads, repeats, scratch) - session
+            )
             if kernel.precision != "fp32" and kernel.op not in ("quantize", "dequantize"):
-                boundary_in = half_round_trip(full(kernel.in_shape)) * (2 if kernel.op in ("add", "mul", "sum") else 1)
-                elapsed -= boundary_in + half_round_trip(full(kernel.out_shape()))
+                boundary_in = half_round_trip((kernel.batch, *kernel.in_shape)) * (
+                    2 if kernel.op in ("add", "mul", "sum") else 1
+                )
+                elapsed -= boundary_in + half_round_trip((kernel.batch, *kernel.out_shape()))
             elif kernel.op == "conv" and table.engine == "onnxruntime":
-                elapsed -= half_round_trip(full(kernel.in_shape), "fp32") + half_round_trip(full(kernel.out_shape()), "fp32")
+                elapsed -= half_round_trip((kernel.batch, *kernel.in_shape), "fp32") + half_round_trip(
+                    (kernel.batch, *kernel.out_shape()), "fp32"
+                )
             table.kernels[kernel.key()] = max(elapsed, 0.0)
     if table.path is not None:
         table.save()
     return len(missing)
+
+
+def predict_deployed(folder: Path, table: LatencyTable, precision: str | None = None) -> float:
+    """Predicted batch-1 milliseconds of the bundle in ``folder`` (its manifest's precision by default).
+    Kernels the table lacks are timed first when the table is this machine's, else interpolated."""
+    from pipelines.deploy.manifest import file_names, read_manifest
+
+    manifest = read_manifest(Path(folder))
+    gate, experts = file_names(manifest.num_experts, precision or manifest.precision)
+    paths = [Path(folder) / name for name in (gate, *experts)]
+    if table.cpu == cpu_description():
+        profile_kernels(table, [kernel for path in paths for kernel in kernels_of(path)])
+    return predict_bundle_latency(paths[0], paths[1:], manifest.top_k, table)

@@ -51,7 +51,12 @@ def validate(folders: list[Path], table: LatencyTable, repeats: int = 200, threa
             files = _files(bundle, precision)
             if files is not None:
                 cases.append((bundle, precision, files))
-    needed = [kernel for _, _, (gate, experts, _) in cases for path in (gate, *experts) for kernel in kernels_of(path)]
+    needed = [
+        kernel
+        for _, _, (gate, experts, _) in cases
+        for path in (gate, *experts)
+        for kernel in kernels_of(path)
+    ]
     profile_kernels(table, needed, repeats=repeats)
     rows = []
     for bundle, precision, (gate, experts, top_k) in cases:
@@ -102,7 +107,9 @@ def _markdown(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("folders", nargs="+", type=Path, help="study folders (or any folders holding bundles)")
+    parser.add_argument(
+        "folders", nargs="+", type=Path, help="study folders (or any folders holding bundles)"
+    )
     parser.add_argument("--table", type=Path, help="the latency table to use and fill (default: a fresh one)")
     parser.add_argument("--engine", default="onnxruntime")
     parser.add_argument("--threads", type=int, default=1)
