@@ -5,6 +5,8 @@
     hycomp front    results/<study>                Pareto front: table, front.csv, front.png, HTML views
     hycomp export   results/<study> --trial N | --pick knee | --max-latency-ms X …
     hycomp predict  BUNDLE IMAGES.npz|IMAGE… [--engine onnxruntime|openvino]   run a bundle, no torch
+    hycomp profile  MODEL|BUNDLE|STUDY… [--engine E] [--threads N] [--profile FILE [--any-cpu]]
+                                                   this machine's per-kernel latency table; predicted latency
 
 Bad input exits with code 2 and one message naming the field, the value and the fix (no traceback).
 Ctrl-C stops cleanly: the running trial is marked failed, completed ones are kept; re-run to resume.
@@ -525,6 +527,77 @@ class PredictCommand:
         return 0
 
 
+class ProfileCommand:
+    name = "profile"
+    help = "measure this machine's per-kernel latency table (or predict models' latency from a table)"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument(
+            "models", nargs="+", help="ONNX files, bundle folders or study folders whose kernels to profile"
+        )
+        parser.add_argument("--engine", default="onnxruntime", help="onnxruntime (default) or openvino")
+        parser.add_argument("--threads", type=COUNT, default=1, help="engine threads (default 1)")
+        parser.add_argument(
+            "--repeats", type=COUNT, default=200, help="timed calls per kernel (minimum kept)"
+        )
+        parser.add_argument(
+            "--profile",
+            help="the table file (default: <results>/profiles/<cpu>-<engine>-<version>-t<threads>.json)",
+        )
+        parser.add_argument(
+            "--any-cpu",
+            action="store_true",
+            help="accept a --profile made on another CPU: predict only (nothing is timed), for a cross-device estimate",
+        )
+
+    def take_action(self, args: argparse.Namespace) -> int:
+        from pipelines.deploy.latency_model import (
+            default_table_path,
+            kernels_of,
+            load_table,
+            predict_deployed,
+            predict_latency,
+            profile_kernels,
+        )
+        from pipelines.errors import ConfigError
+        from search.workspace import results_root
+
+        files: list[Path] = []
+        bundles: list[Path] = []
+        for text in args.models:
+            path = Path(text)
+            if path.suffix == ".onnx" and path.is_file():
+                files.append(path)
+            elif path.is_dir():
+                found = sorted(manifest.parent for manifest in path.rglob("manifest.json"))
+                bundles += found
+                files += [onnx for bundle in found for onnx in sorted(bundle.glob("*.onnx"))]
+                if not found:
+                    files += sorted(path.rglob("*.onnx"))
+            if not path.exists() or (not files and not bundles):
+                raise ConfigError(
+                    f"models: {text!r} is not an ONNX file or a folder holding bundles or ONNX files; pass a "
+                    "deployed model (e.g. results/<study>/trials/trial_0/bundle)."
+                )
+        table_path = (
+            Path(args.profile)
+            if args.profile
+            else default_table_path(results_root(), args.engine, args.threads)
+        )
+        table = load_table(table_path, args.engine, args.threads, any_cpu=args.any_cpu)
+        if not args.any_cpu:
+            timed = profile_kernels(
+                table, [kernel for path in files for kernel in kernels_of(path)], repeats=args.repeats
+            )
+            table.save(table_path)
+            print(f"timed {timed} new kernel(s); {len(table.kernels)} in {table_path}")
+        for path in files:
+            print(f"{path}\tpredicted {predict_latency(path, table):.4f} ms")
+        for bundle in bundles:
+            print(f"{bundle}\tpredicted {predict_deployed(bundle, table):.4f} ms (bundle, batch 1)")
+        return 0
+
+
 class ReportCommand:
     name = "report"
     help = "write one page (Markdown + HTML) with the front, exported points, baseline and settings"
@@ -554,6 +627,7 @@ COMMANDS = [
     ExperimentCommand(),
     BaselineCommand(),
     PredictCommand(),
+    ProfileCommand(),
     ReportCommand(),
 ]
 
@@ -582,7 +656,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     if getattr(args, "quiet", False):  # progress is the "hycomp" logger's INFO lines (search.progress)
         log.setLevel(logging.WARNING)
-    if args.command != "predict":  # predict runs on an inference engine alone: no Optuna, no torch
+    if args.command not in ("predict", "profile"):  # an inference engine alone: no Optuna, no torch
         import optuna
 
         from search.workers import quiet_warnings

@@ -223,11 +223,19 @@ class Space:
     )  # test-time symmetry views averaged per input: 1 | 2 | 4 | 8 (pipelines/moe.py)
 
 
+LATENCY_SOURCES = ("measured", "predicted")
+
+
 @dataclass(frozen=True)
 class MeasureSettings:
     latency_threads: int = 1
     latency_repeats: int = 30
     int8_engine: bool = True  # trials are timed on ONNX Runtime int8 (fp32 for 32-bit trials)
+    # measured: each trial's bundle is timed; predicted: its latency comes from the per-device kernel table
+    # (pipelines.deploy.latency_model), kept under <results>/profiles/ unless ``profile`` names a file.
+    latency: str = "measured"
+    profile: str | None = None
+    profile_any_cpu: bool = False  # accept a ``profile`` measured on another CPU (a cross-device prediction)
 
 
 @dataclass(frozen=True)
@@ -379,6 +387,13 @@ def _validate(cfg: SearchConfig) -> None:
     _validate_space(cfg)
     _check_range("measure.latency_threads", cfg.measure.latency_threads, 1, 256)
     _check_range("measure.latency_repeats", cfg.measure.latency_repeats, 1, 100000)
+    if cfg.measure.latency not in LATENCY_SOURCES:
+        raise unknown_name("measure.latency", cfg.measure.latency, LATENCY_SOURCES)
+    if cfg.measure.profile_any_cpu and not cfg.measure.profile:
+        raise ConfigError(
+            "measure.profile_any_cpu: true needs measure.profile, the table of the other device; set it or "
+            "drop profile_any_cpu."
+        )
     for name in ("max_latency_ms", "max_size_kb", "max_mmacs"):
         value = getattr(cfg.constraints, name)
         if value is not None and value <= 0:

@@ -22,6 +22,7 @@ from pipelines.compress.prune import PruneConfig
 from pipelines.compress.quantize import QuantizeConfig
 from pipelines.data import Dataset
 from pipelines.deploy.bundle import agreement, deploy_moe
+from pipelines.deploy.latency_model import default_table_path, load_table, predict_deployed
 from pipelines.deploy.runtime import load_bundle, measure_moe_latency
 from pipelines.errors import CompressionError
 from pipelines.hybrid import DEFAULT_EXPERT_INIT, HybridConfig, compress_hybrid
@@ -230,7 +231,12 @@ def measure(
     )
     deployed_val = float((logits.argmax(axis=1) == data.val.labels.numpy()).mean())
     agree = agreement(moe, bundle, data.val.images[:512])
-    timing = measure_moe_latency(bundle, val_images[:1], threads=threads, batch=1, repeats=repeats, warmup=5)
+    if cfg.measure.latency == "predicted":
+        timing = predicted_timing(ctx, folder / "bundle", threads)
+    else:
+        timing = measure_moe_latency(
+            bundle, val_images[:1], threads=threads, batch=1, repeats=repeats, warmup=5
+        )
     macs = count_macs(moe, data.val.images)  # routed: gate + the experts each val image (and view) used
     size = packed_size_bytes(moe, lambda name: bits_by_layer.get(name, 32), skip=moe.idle_parts)
     seconds["measure"] = time.perf_counter() - started
@@ -251,6 +257,18 @@ def measure(
         effective_top_k=hybrid.moe.top_k,
     )
     return measurement, seconds
+
+
+def predicted_timing(ctx: TrialContext, bundle: Path, threads: int) -> dict:
+    """``measure_moe_latency``'s answer from the latency table instead of a timing (``measure.latency:
+    predicted``): the study's ``measure.profile`` or this machine's table under the results root."""
+    settings = ctx.cfg.measure
+    root = ctx.study_folder.parent
+    path = Path(settings.profile) if settings.profile else default_table_path(root, "onnxruntime", threads)
+    table = load_table(path, "onnxruntime", threads, any_cpu=settings.profile_any_cpu)
+    milliseconds = predict_deployed(bundle, table)
+    latency = {"median_ms": milliseconds, "source": "predicted", "table": str(path), "cpu": table.cpu}
+    return {"latency": latency, "routing_share": None}
 
 
 def log_measured(label: str, seconds: dict[str, float]) -> None:

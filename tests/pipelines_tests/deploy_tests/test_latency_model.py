@@ -1,0 +1,135 @@
+"""The latency model: kernel detection on small ONNX graphs, prediction = overhead + sum of kernels, the
+table's round trip through its file and its refusal of a table made on another CPU."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from pipelines.deploy.latency_model import (
+    Kernel,
+    LatencyTable,
+    kernel_model,
+    kernels_of,
+    load_table,
+    predict_latency,
+    profile_kernels,
+)
+from pipelines.errors import ConfigError
+from pipelines.timing import cpu_description
+
+
+def residual_model(path):
+    """Conv-ReLU -> Conv -> Add(skip) -> ReLU -> GlobalAveragePool -> Flatten -> Gemm, fp32, 4 x 8 x 8."""
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((4, 4, 3, 3)).astype(np.float32), name)
+        for name in ("w1", "w2")
+    ] + [numpy_helper.from_array(rng.standard_normal((3, 4)).astype(np.float32), "fc")]
+    nodes = [
+        helper.make_node("Conv", ["input", "w1"], ["c1"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("Conv", ["r1", "w2"], ["c2"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+        helper.make_node("Add", ["c2", "r1"], ["s"]),
+        helper.make_node("Relu", ["s"], ["r2"]),
+        helper.make_node("GlobalAveragePool", ["r2"], ["p"]),
+        helper.make_node("Flatten", ["p"], ["f"]),
+        helper.make_node("Gemm", ["f", "fc"], ["output"], transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "residual",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 4, 8, 8])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", 3])],
+        inits,
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def test_fp32_kernels_fuse_conv_add_relu(tmp_path):
+    kernels = kernels_of(residual_model(tmp_path / "m.onnx"))
+    assert [(kernel.op, kernel.fused) for kernel in kernels] == [
+        ("conv", "relu"),
+        ("conv", "add+relu"),
+        ("pool", "global"),
+        ("reshape", ""),
+        ("gemm", ""),
+        ("reorder", ""),
+        ("reorder", ""),
+    ]
+    assert kernels[0].key() == "conv|fp32|in=4x8x8|out=4|k=3|s=1|g=1|p=1|f=relu|b=1"
+    assert kernels[4].out_channels == 3 and kernels[4].in_shape == (4,)
+    assert Kernel.from_key(kernels[1].key()) == kernels[1]
+
+
+def test_int8_qdq_conv_is_one_kernel(tmp_path):
+    conv = Kernel("conv", "int8", (4, 8, 8), out_channels=8, kernel=3, stride=2, pads=1)
+    path = tmp_path / "k.onnx"
+    onnx.save(kernel_model(conv), str(path))
+    kernels = kernels_of(path)
+    assert [kernel.op for kernel in kernels] == ["quantize", "conv", "dequantize"]
+    assert kernels[1] == conv  # the one-kernel model parses back to the key it was built from
+    assert kernels[2].in_shape == (8, 4, 4)
+
+
+def test_prediction_is_overhead_plus_kernel_sum(tmp_path):
+    path = residual_model(tmp_path / "m.onnx")
+    table = LatencyTable(cpu_description(), "onnxruntime", "x", 1, overhead_ms={"session": 0.5})
+    kernels = kernels_of(path)
+    table.kernels = {kernel.key(): 0.1 * (index + 1) for index, kernel in enumerate(kernels)}
+    expected = 0.5 + sum(table.kernels[kernel.key()] for kernel in kernels)  # equal keys: one entry
+    assert len(table.kernels) == len(kernels) - 1  # the reorders in and out share a (4, 8, 8) key
+    assert predict_latency(path, table) == pytest.approx(expected)
+
+
+def test_missing_key_is_interpolated_from_the_same_op():
+    table = LatencyTable(cpu_description(), "onnxruntime", "x", 1)
+    for channels in (4, 8, 16, 32):
+        kernel = Kernel("conv", "int8", (channels, 8, 8), out_channels=channels, kernel=3, pads=1)
+        table.kernels[kernel.key()] = 1e-6 * kernel.features()[0]  # time proportional to MACs
+    unseen = Kernel("conv", "int8", (12, 8, 8), out_channels=12, kernel=3, pads=1)
+    assert table.latency(unseen) == pytest.approx(1e-6 * unseen.features()[0], rel=0.05)
+    assert table.latency(Kernel("add", "int8", (4, 8, 8))) == 0.0  # no kernel of that op: nothing to scale
+
+
+def test_table_round_trips_and_is_not_retimed(tmp_path):
+    from pipelines.deploy.latency_model import engine_version
+
+    path = tmp_path / "table.json"
+    table = load_table(path, "onnxruntime", 1)
+    kernels = [
+        Kernel("conv", "int8", (4, 8, 8), out_channels=4, kernel=3, pads=1),
+        Kernel("conv", "fp32", (4, 8, 8), out_channels=4, kernel=3, pads=1, fused="relu"),
+    ]
+    assert profile_kernels(table, kernels, repeats=3) == 2
+    again = load_table(path, "onnxruntime", 1)
+    assert again.kernels == table.kernels and again.overhead_ms == table.overhead_ms
+    assert set(again.overhead_ms) == {"session", "moe_single", "routing"}
+    assert again.cpu == cpu_description() and again.engine_version == engine_version("onnxruntime")
+    assert profile_kernels(again, kernels, repeats=3) == 0  # cached: nothing timed twice
+    assert all(value >= 0 for value in again.kernels.values())
+
+
+def test_table_of_another_cpu_is_refused(tmp_path):
+    path = tmp_path / "table.json"
+    table = load_table(path, "onnxruntime", 1)
+    table.kernels["add|int8|in=4x8x8|out=0|k=0|s=1|g=1|p=0|f=|b=1"] = 0.01
+    table.cpu = "Imaginary RISC-V board, 4 logical cores"
+    table.save()
+    with pytest.raises(ConfigError) as error:
+        load_table(path, "onnxruntime", 1)
+    message = str(error.value)
+    assert "Imaginary RISC-V board" in message and cpu_description() in message
+    assert "hycomp profile" in message and "--any-cpu" in message
+    foreign = load_table(path, "onnxruntime", 1, any_cpu=True)  # a deliberate cross-device prediction
+    assert foreign.kernels == {"add|int8|in=4x8x8|out=0|k=0|s=1|g=1|p=0|f=|b=1": 0.01}
+    with pytest.raises(ConfigError, match="cannot add kernels"):
+        profile_kernels(foreign, [Kernel("add", "int8", (8, 8, 8))], repeats=3)
+    with pytest.raises(ConfigError, match="2 thread"):
+        load_table(path, "onnxruntime", 2, any_cpu=True)
+    json.loads(path.read_text())  # still a plain JSON file
