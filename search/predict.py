@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from pipelines.deploy.manifest import Manifest, read_manifest
-from pipelines.deploy.runtime import load_bundle
+from pipelines.deploy.runtime import load_single_file
 from pipelines.errors import ConfigError, DataError
 
 __all__ = ["predict_files", "read_images"]
@@ -132,7 +132,7 @@ def predict_files(bundle_path: Path, inputs: list[Path], split: str = "test", th
     manifest = read_manifest(folder)
     names, raw, labels = read_images(inputs, split)
     images = _normalized(raw, manifest, folder)
-    bundle = load_bundle(folder, threads=threads)
+    bundle = load_single_file(folder, threads=threads)
     logits = np.concatenate([bundle(images[index : index + 256]) for index in range(0, len(images), 256)])
     predicted = logits.argmax(axis=1)
     class_names = list(manifest.class_names or [str(index) for index in range(logits.shape[1])])

@@ -22,7 +22,15 @@ from pipelines.deploy.manifest import PRECISIONS, Manifest, file_names, read_man
 from pipelines.errors import ConfigError, DataError, unknown_name
 from pipelines.timing import measure_latency
 
-__all__ = ["OrtModel", "OrtMoE", "as_array", "backend_label", "load_bundle", "measure_moe_latency"]
+__all__ = [
+    "OrtModel",
+    "OrtMoE",
+    "as_array",
+    "backend_label",
+    "load_bundle",
+    "load_single_file",
+    "measure_moe_latency",
+]
 
 QUANTIZED_OPS = frozenset(
     {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger"}
@@ -262,3 +270,13 @@ def load_bundle(folder: Path, threads: int = 1, precision: str | None = None) ->
     bundle = OrtMoE(gate, experts, manifest.top_k, manifest.views)
     bundle.manifest = manifest
     return bundle
+
+
+def load_single_file(folder: Path, threads: int = 1) -> OrtModel:
+    """The bundle's ``model.onnx`` (the whole MoE in one ONNX file, no numpy routing) as one session, after
+    checking the manifest and the file's SHA-256. Example: ``logits = load_single_file(Path("bundle"))(images)``."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    model = OrtModel(verified(folder, manifest.single_file, manifest), threads)
+    model.precision = manifest.precision  # the experts' quantized ops sit inside If branches
+    return model
