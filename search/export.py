@@ -31,6 +31,7 @@ from pipelines.data import Dataset
 from pipelines.deploy.bundle import agreement
 from pipelines.deploy.int8 import quantize_onnx_int8
 from pipelines.deploy.onnx import export_onnx
+from pipelines.deploy.routing_cost import measure_routing_overhead
 from pipelines.deploy.runtime import OrtModel, load_bundle, measure_moe_latency
 from pipelines.errors import ConfigError, HycompError
 from pipelines.measure import torch_runner
@@ -186,6 +187,10 @@ def export_trial(
                 ),
                 "latency_batch64": measure_moe_latency(
                     bundle, test_images[:64], threads=threads, batch=64, repeats=10, warmup=2
+                ),
+                # model.onnx (the one deployed file) against its chosen experts alone, per engine
+                "routing_overhead": measure_routing_overhead(
+                    staging / "bundle", test_images[:64], threads=threads, repeats=20, warmup=3
                 ),
                 "agreement_with_torch": agreement(moe, bundle, data.val.images),  # the whole val split
                 "engine_weight_grid": weight_grid_totals(bundle.manifest),

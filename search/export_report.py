@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pipelines.deploy.manifest import Manifest
 
-__all__ = ["render_report", "routing_lines", "weight_grid_totals"]
+__all__ = ["render_report", "routing_lines", "routing_overhead_lines", "weight_grid_totals"]
 
 
 def weight_grid_totals(manifest: Manifest | None) -> dict[str, int] | None:
@@ -79,6 +79,29 @@ def _views_line(params: dict) -> list[str]:
     ]
 
 
+def routing_overhead_lines(overhead: dict | None) -> list[str]:
+    """The ``routing_overhead`` of an export (:func:`pipelines.deploy.routing_cost.measure_routing_overhead`)
+    as a markdown table: per engine and batch, model.onnx vs its chosen experts alone."""
+    if not overhead:
+        return []
+    lines = [
+        "One-file model (`model.onnx`) against its chosen experts run alone (median ms, min in brackets); the "
+        "routing share is the rest: gate, top-k, gathering, combining and views:",
+        "",
+        "| engine | batch | model.onnx | chosen experts alone | routing share (of minima) | per-expert files + numpy routing |",
+        "|---|---|---|---|---|---|",
+    ]
+    for engine, per_batch in overhead.items():
+        for name, timing in per_batch.items():
+            merged, experts, folder = timing["single_file"], timing["experts"], timing.get("folder")
+            glue = f"{folder['median_ms']:.3f} ({folder['min_ms']:.3f})" if folder else ""
+            lines.append(
+                f"| {engine} | {name.removeprefix('batch_')} | {merged['median_ms']:.3f} ({merged['min_ms']:.3f}) | "
+                f"{experts['median_ms']:.3f} ({experts['min_ms']:.3f}) | {timing['routing_share']:.1%} ({timing.get('routing_share_min', 0.0):.1%}) | {glue} |"
+            )
+    return [*lines, ""]
+
+
 def render_report(report: dict) -> str:
     exported, baseline = report["exported"], report["baseline"]
     latency = exported["latency"]["latency"]
@@ -112,6 +135,7 @@ def render_report(report: dict) -> str:
         f"- MACs: {report['conventions']['macs']}. Size: {report['conventions']['size']}. {report['conventions']['low_bit']}.",
         *_views_line(report["params"]),
         "",
+        *routing_overhead_lines(exported.get("routing_overhead")),
         *_candidate_lines(report.get("candidates") or []),
         "Routing (validation, first choice): rows are classes, columns experts.",
         "",

@@ -10,7 +10,7 @@ import numpy as np
 
 from pipelines.deploy.engines import ENGINES
 from pipelines.deploy.manifest import Manifest, read_manifest
-from pipelines.deploy.runtime import load_bundle
+from pipelines.deploy.runtime import load_single_file
 from pipelines.errors import ConfigError, DataError, unknown_name
 
 __all__ = ["predict_files", "read_images"]
@@ -137,7 +137,7 @@ def predict_files(
     manifest = read_manifest(folder)
     names, raw, labels = read_images(inputs, split)
     images = _normalized(raw, manifest, folder)
-    bundle = load_bundle(folder, threads=threads, engine=engine)
+    bundle = load_single_file(folder, threads=threads, engine=engine)
     logits = np.concatenate([bundle(images[index : index + 256]) for index in range(0, len(images), 256)])
     predicted = logits.argmax(axis=1)
     class_names = list(manifest.class_names or [str(index) for index in range(logits.shape[1])])

@@ -10,9 +10,10 @@ import torch
 from torch import nn
 
 from pipelines.deploy.int8 import quantize_with_grid
-from pipelines.deploy.manifest import Manifest, file_names
+from pipelines.deploy.manifest import SINGLE_FILE, Manifest, file_names
 from pipelines.deploy.onnx import export_onnx
 from pipelines.deploy.runtime import OrtModel, OrtMoE
+from pipelines.deploy.single_file import merge_moe_onnx
 from pipelines.errors import ConfigError, DataError
 from pipelines.files import sha256_file
 from pipelines.moe import MixtureOfExperts
@@ -31,6 +32,7 @@ _RESERVED = {
     "input_shape",
     "files",
     "precision",
+    "single_file",
     "calibration",
     "weight_grid",
     "views",
@@ -47,8 +49,9 @@ def deploy_moe(
     int8: bool = True,
     extra_manifest: dict | None = None,
 ) -> Manifest:
-    """Write ``moe`` as a bundle: ``gate.onnx``, ``expert_<i>.onnx`` and, with ``int8``, their ``*.int8.onnx``
-    twins, plus ``manifest.json`` (:class:`~pipelines.deploy.manifest.Manifest`); ``extra_manifest`` may
+    """Write ``moe`` as a bundle: ``model.onnx`` (the whole MoE as one file, at the bundle's precision, see
+    :mod:`~pipelines.deploy.single_file`), the files it is merged from (``gate.onnx``, ``expert_<i>.onnx``
+    and, with ``int8``, their ``*.int8.onnx`` twins), plus ``manifest.json`` (:class:`~pipelines.deploy.manifest.Manifest`); ``extra_manifest`` may
     give dataset, class_names, mean, std and params, and other JSON values kept as metadata. Returns the
     manifest.
 
@@ -96,6 +99,17 @@ def deploy_moe(
                 weight_grid[int8_name] = {key: len(names) for key, names in grid.items()}
                 calibration[int8_name] = len(images)
             written += [int8_gate, *int8_experts]
+        # The deployed artifact: one file at the bundle's precision, merged from the (quantized) files above;
+        # those stay beside it for debugging and per-expert timing.
+        gate_name, expert_names = file_names(moe.num_experts, "int8" if int8 else "fp32")
+        merge_moe_onnx(
+            folder / gate_name if moe.num_experts > 1 else None,
+            [folder / name for name in expert_names],
+            moe.top_k,
+            moe.views,
+            folder / SINGLE_FILE,
+        )
+        written.append(SINGLE_FILE)
     finally:
         moe.train(was_training)
     manifest = Manifest(
@@ -105,6 +119,7 @@ def deploy_moe(
         input_shape=tuple(calibration_images.shape[1:]),
         files={name: sha256_file(folder / name) for name in written},
         precision="int8" if int8 else "fp32",
+        single_file=SINGLE_FILE,
         calibration=calibration,
         weight_grid=weight_grid,
         dataset=described.get("dataset"),

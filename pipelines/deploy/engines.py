@@ -83,10 +83,21 @@ def engine_version(engine: str) -> str | None:
         return None
 
 
+def _op_types(graph) -> set[str]:
+    """Op types of ``graph`` and of its subgraphs (``If`` branches hold a one-file MoE's experts)."""
+    types = set()
+    for node in graph.node:
+        types.add(node.op_type)
+        for attribute in node.attribute:
+            if attribute.type == onnx.AttributeProto.GRAPH:
+                types |= _op_types(attribute.g)
+    return types
+
+
 def graph_precision(path: Path) -> str:
-    """``int8`` if the ONNX graph holds quantization nodes (QDQ or QLinear*), else ``fp32``."""
+    """``int8`` if the ONNX graph (or a subgraph) holds quantization nodes (QDQ or QLinear*), else ``fp32``."""
     graph = onnx.load(str(path), load_external_data=False).graph
-    return "int8" if any(node.op_type in QUANTIZED_OPS for node in graph.node) else "fp32"
+    return "int8" if _op_types(graph) & QUANTIZED_OPS else "fp32"
 
 
 class EngineModel:

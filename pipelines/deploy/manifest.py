@@ -18,13 +18,16 @@ __all__ = [
     "BUNDLE_KIND",
     "FORMAT_VERSION",
     "PRECISIONS",
+    "SINGLE_FILE",
     "Manifest",
     "file_names",
     "read_manifest",
     "verified",
 ]
 
-FORMAT_VERSION = 2  # 2: typed fields and a digest of the manifest's own content (``manifest_sha256``)
+# 2: typed fields and a digest of the manifest's own content (``manifest_sha256``);
+# 3: ``single_file``, the whole MoE as one ONNX file (pipelines.deploy.single_file)
+FORMAT_VERSION = 3
 BUNDLE_KIND = "hycomp-moe"
 PRECISIONS = ("fp32", "int8")
 _RE_EXPORT = "Re-run `hycomp export` (or deploy_moe) to write it again."
@@ -40,6 +43,7 @@ class Manifest:
     input_shape: tuple[int, int, int]  # channels, height, width of one input
     files: dict[str, str]  # file name -> sha256
     precision: str  # fp32 | int8
+    single_file: str  # the whole MoE (views, gate, routing, experts) at ``precision`` as one ONNX file
     calibration: dict[str, int] = field(default_factory=dict)  # int8 file -> calibration images it saw
     weight_grid: dict[str, dict[str, int]] = field(default_factory=dict)  # int8 file -> exact/rounded counts
     dataset: str | None = None
@@ -64,6 +68,9 @@ def file_names(num_experts: int, precision: str) -> tuple[str, list[str]]:
     """(gate file, expert files) of a bundle at ``precision``."""
     suffix = ".int8.onnx" if precision == "int8" else ".onnx"
     return f"gate{suffix}", [f"expert_{index}{suffix}" for index in range(num_experts)]
+
+
+SINGLE_FILE = "model.onnx"
 
 
 def _is_int(value: Any, low: int = 1) -> bool:
@@ -92,6 +99,10 @@ def _problems(raw: dict) -> list[str]:
             "an object of file name -> sha256",
         ),
         "precision": (raw.get("precision") in PRECISIONS, f"one of {list(PRECISIONS)}"),
+        "single_file": (
+            isinstance(raw.get("single_file"), str) and raw["single_file"] in (raw.get("files") or {}),
+            "the name of a file listed in files",
+        ),
         "calibration": (isinstance(raw.get("calibration", {}), dict), "an object"),
         "weight_grid": (isinstance(raw.get("weight_grid", {}), dict), "an object"),
         "dataset": (raw.get("dataset") is None or isinstance(raw.get("dataset"), str), "a name"),

@@ -28,6 +28,7 @@ __all__ = [
     "as_array",
     "backend_label",
     "load_bundle",
+    "load_single_file",
     "measure_moe_latency",
 ]
 
@@ -252,3 +253,11 @@ def load_bundle(
     bundle = BundleMoE(gate, experts, manifest.top_k, manifest.views)
     bundle.manifest = manifest
     return bundle
+
+
+def load_single_file(folder: Path, threads: int = 1, engine: str = "onnxruntime") -> EngineModel:
+    """The bundle's ``model.onnx`` (the whole MoE in one ONNX file, no numpy routing) on ``engine``, after
+    checking the manifest and the file's SHA-256. Example: ``logits = load_single_file(Path("bundle"))(images)``."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    return open_model(verified(folder, manifest.single_file, manifest), engine, threads)

@@ -113,6 +113,8 @@ def test_export_reproduces_trial_and_predict_matches(searched: dict, synthetic_r
     assert exported["val_accuracy"] == pytest.approx(exported["trial_val_accuracy"], abs=1e-9)
     assert 0 <= exported["test_accuracy"] <= 1
     assert report["baseline"]["latency"]["torch-fp32-eager"]["median_ms"] > 0
+    assert set(exported["routing_overhead"]) == {"onnxruntime", "openvino"}  # model.onnx vs its experts
+    assert "chosen experts alone" in (export / "report.md").read_text()
     # the weights load without unpickling code
     import torch
 

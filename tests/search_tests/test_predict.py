@@ -154,3 +154,24 @@ def test_an_unknown_engine_is_refused(bundle: Path, tmp_path: Path, capsys) -> N
         "'tensorrt'",
         "onnxruntime, openvino",
     )
+
+
+def test_plain_onnxruntime_on_model_onnx_gives_hycomp_predict_predictions(
+    bundle: Path, tmp_path: Path
+) -> None:
+    """The exported model.onnx is self-contained: a bare onnxruntime session, with the manifest's
+    normalization done by hand, predicts what `hycomp predict` does."""
+    from search.predict import predict_files
+
+    data = _npz(tmp_path / "images.npz", _rgb(count=12))
+    expected = predict_files(bundle, [data])["indices"]
+    code = (
+        "import json, numpy as np, onnxruntime as ort\n"
+        f"raw = np.load({str(data)!r})['test_images'].transpose(0, 3, 1, 2).astype(np.float32) / 255\n"
+        "images = ((raw - 0.5) / 0.25).astype(np.float32)\n"
+        f"session = ort.InferenceSession({str(bundle / 'model.onnx')!r})\n"
+        "print(json.dumps(session.run(None, {'input': images})[0].argmax(axis=1).tolist()))\n"
+    )
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 0, completed.stderr
+    assert json.loads(completed.stdout) == expected

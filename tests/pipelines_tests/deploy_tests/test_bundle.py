@@ -27,10 +27,10 @@ def test_manifest_records_files_calibration_and_extras(int8_bundle, data) -> Non
     assert (manifest.top_k, manifest.num_experts) == (2, 3)
     assert manifest.input_shape == (3, 28, 28) and manifest.precision == "int8"
     assert manifest.metadata == {"trial": 7}
-    expected_files = {"gate.onnx", "gate.int8.onnx"} | {
+    expected_files = {"model.onnx", "gate.onnx", "gate.int8.onnx"} | {
         f"expert_{index}{suffix}" for index in range(3) for suffix in (".onnx", ".int8.onnx")
     }
-    assert set(manifest.files) == expected_files
+    assert set(manifest.files) == expected_files and manifest.single_file == "model.onnx"
     for name, digest in manifest.files.items():
         assert sha256_file(folder / name) == digest
     # Each int8 expert saw the images routed to it, or all of them when fewer than 32 were.

@@ -27,7 +27,7 @@ def test_tampered_file_is_refused(int8_bundle, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "manifest_text",
-    [None, "{not json", json.dumps([1, 2]), json.dumps({"format_version": 2, "kind": "hycomp-moe"})],
+    [None, "{not json", json.dumps([1, 2]), json.dumps({"format_version": 3, "kind": "hycomp-moe"})],
     ids=["missing", "not-json", "not-object", "incomplete"],
 )
 def test_missing_or_malformed_manifest_is_refused(
@@ -79,8 +79,9 @@ def test_an_edited_manifest_is_refused(int8_bundle, tmp_path: Path, change) -> N
         (lambda m: m.update(precision="int4"), "precision 'int4'"),
         (lambda m: m.update(mean="0.5"), "mean '0.5'"),
         (lambda m: m.update(top_k=True), "top_k True"),
+        (lambda m: m.update(single_file="other.onnx"), "single_file 'other.onnx'"),
     ],
-    ids=["missing", "string", "views", "shape", "files", "precision", "mean", "bool"],
+    ids=["missing", "string", "views", "shape", "files", "precision", "mean", "bool", "single_file"],
 )
 def test_missing_or_mistyped_fields_are_named(int8_bundle, tmp_path: Path, change, field: str) -> None:
     copy = _edit(int8_bundle[1], tmp_path, change)
@@ -90,9 +91,10 @@ def test_missing_or_mistyped_fields_are_named(int8_bundle, tmp_path: Path, chang
 
 
 def test_a_bundle_of_another_format_version_says_to_re_export(int8_bundle, tmp_path: Path) -> None:
-    copy = _edit(int8_bundle[1], tmp_path, lambda m: m.update(format_version=1))
-    with pytest.raises(UntrustedFileError, match=r"format_version 1 .*Re-run `hycomp export`"):
-        load_bundle(copy)
+    for old in (1, 2):  # 2: the per-expert bundles written before model.onnx
+        copy = _edit(int8_bundle[1], tmp_path / str(old), lambda m, old=old: m.update(format_version=old))
+        with pytest.raises(UntrustedFileError, match=rf"format_version {old} .*Re-run `hycomp export`"):
+            load_bundle(copy)
 
 
 def test_read_manifest_gives_a_typed_record(int8_bundle) -> None:

@@ -1,0 +1,36 @@
+"""pipelines.deploy.routing_cost: the one-file MoE timed against its chosen experts alone, on both engines."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipelines.deploy.routing_cost import measure_routing_overhead
+from pipelines.errors import ConfigError, DataError
+from tests.pipelines_tests.deploy_tests.support import CALIBRATION
+
+
+def test_overhead_is_measured_per_engine_and_batch(int8_bundle, data) -> None:
+    _, folder, _ = int8_bundle
+    images = data[0][CALIBRATION:].numpy()
+    result = measure_routing_overhead(folder, images, batches=(1, 4), repeats=3, warmup=1)
+    assert set(result) == {"onnxruntime", "openvino"}
+    for engine, per_batch in result.items():
+        assert set(per_batch) == {"batch_1", "batch_4"}
+        for name, timing in per_batch.items():
+            batch = int(name.split("_")[1])
+            merged = timing["single_file"]
+            assert merged["batch"] == batch and merged["min_ms"] <= merged["median_ms"]
+            assert 0.0 < timing["experts"]["min_ms"] <= timing["experts"]["median_ms"]
+            assert 0.0 <= timing["routing_share"] < 1.0 and 0.0 <= timing["routing_share_min"] < 1.0
+            assert ("folder" in timing) == (engine == "onnxruntime")
+
+
+def test_bad_arguments_are_named(int8_bundle, data) -> None:
+    _, folder, _ = int8_bundle
+    images = data[0][:4].numpy()
+    with pytest.raises(ConfigError, match="engines: unknown value .tensorrt."):
+        measure_routing_overhead(folder, images, engines=("tensorrt",))
+    with pytest.raises(DataError, match="batch 64"):
+        measure_routing_overhead(folder, images)
+    with pytest.raises(ConfigError, match="batches"):
+        measure_routing_overhead(folder, images, batches=(0,))
