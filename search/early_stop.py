@@ -237,7 +237,10 @@ def _front_of(
 ) -> list[FrozenTrial]:
     """Optuna's Pareto front (``best_trials``, constraints included) of ``trials`` alone."""
     study = optuna.create_study(directions=list(directions))
-    study.add_trials(trials)  # numbered 0, 1, ... in the order added
+    # only what the front needs (a trial's parameters may lie outside the space now: the reference's)
+    study.add_trials(
+        [optuna.trial.create_trial(values=trial.values, system_attrs=trial.system_attrs) for trial in trials]
+    )  # numbered 0, 1, ... in the order added
     return [trials[best.number] for best in study.best_trials]
 
 
