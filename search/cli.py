@@ -239,8 +239,8 @@ class FrontCommand:
         )
         failures = failures_table(study)
         if not failures.empty:
-            print(f"\n{len(failures)} failed/rejected trial(s):")
-            print(failures.to_string(index=False, max_colwidth=120))
+            print(f"\n{len(failures)} failed, rejected or stopped trial(s):")
+            print(failures.to_string(index=False, max_colwidth=260))  # an early-stop reason is long
         table.to_csv(folder / "trials.csv", index=False)
         front.to_csv(folder / "front.csv", index=False)
         png = plot_front_png(table, baseline, folder / "front.png")

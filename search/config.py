@@ -34,6 +34,7 @@ from search.typed import build, plain
 
 __all__ = [
     "resolved_augment",
+    "EarlyStopSettings",
     "MAX_STUDY_NAME",
     "SearchConfig",
     "ModelSettings",
@@ -77,6 +78,16 @@ class SamplerSettings:
 
 
 @dataclass(frozen=True)
+class EarlyStopSettings:
+    """When a trial stops after a stage because it cannot reach the front (:mod:`search.early_stop`)."""
+
+    enabled: bool = True
+    min_trials: int = 4  # earlier trained trials with that stage's accuracy before the rule acts
+    quantile: float = 1.0  # of the gains later stages added in earlier trials (1.0: the largest)
+    slack: float = 0.005  # accuracy added on top of the learned gain
+
+
+@dataclass(frozen=True)
 class StudySettings:
     name: str = "hycomp"
     trials: int = 8
@@ -84,6 +95,7 @@ class StudySettings:
     storage: str | None = None  # default: sqlite:///results/<name>/study.db
     enqueue_baseline: bool = True
     timeout_minutes: float | None = None
+    early_stop: EarlyStopSettings = field(default_factory=EarlyStopSettings)
 
 
 @dataclass(frozen=True)
@@ -352,6 +364,7 @@ def _validate(cfg: SearchConfig) -> None:
         raise ConfigError(
             f"study.timeout_minutes: {timeout} must be > 0 minutes (e.g. 60), or null for no time limit."
         )
+    _validate_early_stop(cfg.study.early_stop)
     _check_seed("seed", cfg.seed)
     _check_seed("baseline.seed", cfg.baseline.seed)
     _validate_data(cfg.data)
@@ -400,6 +413,20 @@ def _validate(cfg: SearchConfig) -> None:
             raise ConfigError(f"constraints.{name}: {value} must be > 0 (or null for no limit).")
     if cfg.constraints.min_accuracy is not None:
         _check_range("constraints.min_accuracy", cfg.constraints.min_accuracy, 0.0, 1.0)
+
+
+def _validate_early_stop(settings: EarlyStopSettings) -> None:
+    if settings.min_trials < 1:
+        raise ConfigError(
+            f"study.early_stop.min_trials: {settings.min_trials} must be >= 1 earlier trained trials (e.g. 4); "
+            "to turn the rule off, set study.early_stop.enabled: false."
+        )
+    if not 0.0 < settings.quantile <= 1.0:
+        raise ConfigError(
+            f"study.early_stop.quantile: {settings.quantile} is out of range; use a value in (0, 1] (1.0: the "
+            "largest gain seen, the safest)."
+        )
+    _check_range("study.early_stop.slack", settings.slack, 0.0, 1.0)
 
 
 def _check_bounds(path: str, bounds: IntRange | FloatRange) -> None:
@@ -525,9 +552,17 @@ def resolved_augment(cfg: SearchConfig, augment: str) -> SearchConfig:
 def parse_config(mapping: Any) -> SearchConfig:
     """Validate a mapping (parsed YAML) into a :class:`SearchConfig`."""
     _check_finite(mapping, "")
-    cfg = build(SearchConfig, mapping, "")
+    cfg = build(SearchConfig, _early_stop_shorthand(mapping), "")
     _validate(cfg)
     return cfg
+
+
+def _early_stop_shorthand(mapping: Any) -> Any:
+    """``study.early_stop: false`` (or true) is short for ``study.early_stop: {enabled: false}``."""
+    study = mapping.get("study") if isinstance(mapping, dict) else None
+    if isinstance(study, dict) and isinstance(study.get("early_stop"), bool):
+        return {**mapping, "study": {**study, "early_stop": {"enabled": study["early_stop"]}}}
+    return mapping
 
 
 class _StrictLoader(yaml.SafeLoader):

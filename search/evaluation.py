@@ -12,6 +12,7 @@ import logging
 import math
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -148,11 +149,24 @@ def stage_logger(label: str):
 
 
 def train_model(
-    ctx: TrialContext, params: dict, budget: Budget, seed: int, label: str = "compress"
+    ctx: TrialContext,
+    params: dict,
+    budget: Budget,
+    seed: int,
+    label: str = "compress",
+    on_stage: Callable[[str, float, float], None] | None = None,
 ) -> TrainedModel:
     """Compress the teacher with ``params`` at ``budget``: the trained model and what training reported.
-    Each finished stage is logged as ``<label>: <stage> done in N s``."""
+    Each finished stage is logged as ``<label>: <stage> done in N s``, then passed to ``on_stage`` (which
+    may raise to stop the training: :mod:`search.early_stop`)."""
     hybrid = hybrid_config(params, ctx.cfg.model)
+    logged = stage_logger(label)
+
+    def each_stage(stage: str, seconds: float, val_accuracy: float) -> None:
+        logged(stage, seconds, val_accuracy)
+        if on_stage is not None:
+            on_stage(stage, seconds, val_accuracy)
+
     result = compress_hybrid(
         ctx.teacher,
         ctx.training_data(budget),
@@ -160,7 +174,7 @@ def train_model(
         budget.stage_budget(seed),
         seed=seed,
         sources=ctx.distill_from,
-        on_stage=stage_logger(label),
+        on_stage=each_stage,
     )
     description = _description(ctx, result.moe, hybrid.moe.gate_size)
     return TrainedModel(

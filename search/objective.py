@@ -7,7 +7,9 @@ Objectives (a true multi-objective study, not a weighted sum):
 
 A configuration measured before under the same inference settings reuses that trial's result (a repeat,
 not counted toward ``study.trials``); one whose model is cached (:mod:`search.model_cache`) is only
-measured again. Only a compression stage's own errors (:class:`CompressionError`) fail a trial.
+measured again. A trial that can no longer reach the front after a stage stops there, PRUNED with its
+reason (:mod:`search.early_stop`). Only a compression stage's own errors (:class:`CompressionError`) fail
+a trial.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import optuna
 from optuna.trial import TrialState
 
 from pipelines.errors import CompressionError
+from search.early_stop import StoppedEarly, stage_check
 from search.evaluation import TrialContext, estimate_cost, log_measured, measure, train_model
 from search.model_cache import ModelCache, inference_settings, model_key
 from search.record import INTERRUPTED, KILLED, TrialRecord
@@ -132,9 +135,12 @@ class Objective:
         started = time.perf_counter()
         try:
             self._check_budget(trial, record)
+            hopeless = stage_check(
+                cfg.study.early_stop, trial.study, record, lambda: estimate_cost(self.ctx, params)["mmacs"]
+            )
             model, trained = self.models.get_or_train(
                 record.model,
-                lambda: train_model(self.ctx, params, cfg.trial, cfg.seed, f"trial {trial.number}"),
+                lambda: train_model(self.ctx, params, cfg.trial, cfg.seed, f"trial {trial.number}", hopeless),
             )
             if not trained:
                 log.info(
@@ -145,6 +151,17 @@ class Objective:
             folder = self.ctx.study_folder / "trials" / f"trial_{trial.number}"
             measurement, seconds = measure(self.ctx, params, model, folder)
             log_measured(f"trial {trial.number}", seconds)
+        except StoppedEarly as stop:
+            # PRUNED, not failed: nothing went wrong; what it finished is kept with the reason
+            reason = stop.verdict.reason
+            record.update(
+                trial,
+                partial_val_accuracy=stop.val_accuracy,
+                seconds={**stop.seconds, "total": time.perf_counter() - started},
+                fail_reason=reason,
+            )
+            log.info("trial %d: %s", trial.number, reason)
+            raise optuna.TrialPruned(reason) from None
         except CompressionError as error:
             reason = f"{type(error).__name__}: {error}"
             record.update(trial, fail_reason=reason[:2000])

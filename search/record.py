@@ -78,6 +78,8 @@ class TrialRecord:
     measurement: Measurement | None = None
     seconds: dict[str, float] = field(default_factory=dict)  # what this trial spent, per stage and total
     fail_reason: str = ""
+    # a trial stopped after a stage (search.early_stop): the val accuracy after each stage it finished
+    partial_val_accuracy: dict[str, float] = field(default_factory=dict)
 
     @property
     def is_repeat(self) -> bool:

@@ -97,7 +97,7 @@ def write_report(cfg: SearchConfig, study: optuna.Study, folder: Path) -> tuple[
             )
         lines.append("")
     failures = failures_table(study)
-    lines += ["## Failed or rejected trials", "", _markdown_table(failures)]
+    lines += ["## Failed, rejected or stopped trials", "", _markdown_table(failures)]
     lines += ["## Search settings", "", "```yaml", dump_config(cfg).rstrip(), "```", ""]
     markdown = "\n".join(lines)
     md_path = folder / "report.md"
@@ -109,7 +109,7 @@ def write_report(cfg: SearchConfig, study: optuna.Study, folder: Path) -> tuple[
         f'<img src="{plot.name}" style="max-width:100%">',
         "<h2>Pareto front</h2>",
         f"<pre>{html.escape(format_table(shown, baseline)) if not shown.empty else 'none'}</pre>",
-        "<h2>Failed or rejected trials</h2>",
+        "<h2>Failed, rejected or stopped trials</h2>",
         failures.to_html(index=False) if not failures.empty else "<p>none</p>",
         "<h2>Search settings</h2>",
         f"<pre>{html.escape(dump_config(cfg))}</pre>",

@@ -13,6 +13,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from pipelines.errors import CompressionError, ConfigError
+from search.early_stop import EARLY_STOP
 from search.objective import REJECTED, is_repeat
 from search.record import TrialRecord
 
@@ -20,6 +21,7 @@ __all__ = [
     "MAX_REPEATS",
     "MAX_REJECTIONS",
     "MaxRepeats",
+    "MaxEarlyStops",
     "MaxRejections",
     "TooManyFailures",
     "Timeout",
@@ -50,6 +52,28 @@ class MaxRepeats:
                 "left. Stopping with %d evaluated; widen `space:` to search further.",
                 repeats,
                 len(completed) - repeats,
+            )
+            self.stopped = True
+            study.stop()
+
+
+class MaxEarlyStops:
+    """Stop once ``max(MAX_REPEATS, 2 x trials)`` trials were stopped early (:mod:`search.early_stop`): the
+    sampler keeps proposing configurations that cannot reach the front, and they do not count as trials."""
+
+    def __init__(self, trials: int) -> None:
+        self.limit = max(MAX_REPEATS, 2 * trials)
+        self.stopped = False
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        pruned = study.get_trials(deepcopy=False, states=(TrialState.PRUNED,))
+        stops = sum(TrialRecord.of(item).fail_reason.startswith(EARLY_STOP) for item in pruned)
+        if stops >= self.limit:
+            log.warning(
+                "%d trials were stopped early: the sampler keeps proposing configurations that cannot reach "
+                "the front. Stopping with %d completed; widen `space:` or set study.early_stop.enabled: false.",
+                stops,
+                len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))),
             )
             self.stopped = True
             study.stop()
@@ -113,7 +137,13 @@ class Timeout:
 
 def stop_rules(trials: int, timeout_minutes: float | None) -> list:
     """The rules of one search loop, in the order they are checked after each trial."""
-    return [Timeout(timeout_minutes), MaxRepeats(trials), MaxRejections(), TooManyFailures()]
+    return [
+        Timeout(timeout_minutes),
+        MaxRepeats(trials),
+        MaxEarlyStops(trials),
+        MaxRejections(),
+        TooManyFailures(),
+    ]
 
 
 def rejected_in_a_row(study: optuna.Study) -> list[str]:
@@ -123,6 +153,8 @@ def rejected_in_a_row(study: optuna.Study) -> list[str]:
         reason = TrialRecord.of(trial).fail_reason
         if trial.state == TrialState.PRUNED and reason.startswith(REJECTED):
             reasons.append(reason)
+        elif trial.state == TrialState.PRUNED and reason.startswith(EARLY_STOP):
+            break  # it was within the budget and trained
         elif trial.state == TrialState.PRUNED or trial.state == TrialState.RUNNING:
             continue  # a surplus trial of a parallel worker, or one still running elsewhere
         else:

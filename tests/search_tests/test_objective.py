@@ -236,3 +236,69 @@ def test_a_bug_in_a_stage_stops_the_search_instead_of_failing_the_trial(
     (failed,) = study.trials
     assert failed.state == TrialState.FAIL
     assert TrialRecord.of(failed).fail_reason == "unexpected ValueError: a programming error"
+
+
+@pytest.mark.slow
+def test_early_stop_stops_a_hopeless_trial_but_never_the_reference(
+    tmp_path: Path, synthetic_root: Path, monkeypatch, capsys
+) -> None:
+    """Two trials teach the rule what the later stages add; then the reference and one sampled trial report
+    an impossible accuracy (-1) at every stage, at a made-up cost that every front trial undercuts. The
+    reference completes; the sampled trial is PRUNED after its first stage with the rule's reason and its
+    partial numbers; the search still completes its target, and front and report list the stopped trial."""
+    import search.evaluation as evaluation
+    import search.objective as objective
+    from search.early_stop import EARLY_STOP
+
+    monkeypatch.setenv("HYCOMP_RESULTS", str(tmp_path / "results"))
+    space = _tiny_space(tmp_path, synthetic_root, "early", trials=2)
+    mapping = yaml.safe_load(space.read_text())
+    mapping["study"].update(enqueue_baseline=False, early_stop={"min_trials": 1, "slack": 0.0})
+    space.write_text(yaml.safe_dump(mapping))
+    assert main(["search", "--space", str(space), "--no-progress"]) == 0  # two trained trials teach the gain
+
+    real = evaluation.compress_hybrid
+    sampled = {"count": 0}
+
+    def impossible(teacher, data, cfg, budget, seed=0, sources=None, on_stage=None):
+        reference = cfg.prune.sparsity == 0
+        if not reference:
+            sampled["count"] += 1
+        report = on_stage
+        if reference or sampled["count"] == 1:
+            report = lambda stage, seconds, accuracy: on_stage(stage, seconds, -1.0)  # noqa: E731
+        return real(teacher, data, cfg, budget, seed=seed, sources=sources, on_stage=report)
+
+    monkeypatch.setattr(evaluation, "compress_hybrid", impossible)
+    # the impossible trials cost more than anything on the front; the others less than anything (never stopped)
+    monkeypatch.setattr(
+        objective,
+        "estimate_cost",
+        lambda ctx, params: {
+            "mmacs": 1e6 if params["sparsity"] == 0 or sampled["count"] == 1 else 0.0,
+            "size_kb": 1.0,
+        },
+    )
+    mapping["study"].update(enqueue_baseline=True, trials=4)
+    space.write_text(yaml.safe_dump(mapping))
+    assert main(["search", "--space", str(space), "--no-progress"]) == 0
+
+    folder = tmp_path / "results" / "early"
+    study = optuna.load_study(study_name="early", storage=f"sqlite:///{folder / 'study.db'}")
+    (reference,) = [t for t in study.trials if TrialRecord.of(t).reference]
+    assert reference.state == TrialState.COMPLETE, "the reference is never stopped"
+    (stopped,) = study.get_trials(states=(TrialState.PRUNED,))
+    record = TrialRecord.of(stopped)
+    assert record.fail_reason.startswith(f"{EARLY_STOP} prune: val -1.0000 + learned gain")
+    assert "<= 1e+06 MMACs" in record.fail_reason
+    assert record.partial_val_accuracy == {"pruned": -1.0} and "prune" in record.seconds
+    assert record.measurement is None and not (folder / "models" / record.model).exists()
+    evaluated = [
+        t for t in study.get_trials(states=(TrialState.COMPLETE,)) if not TrialRecord.of(t).is_repeat
+    ]
+    assert len(evaluated) == 4  # the stopped trial does not count
+    capsys.readouterr()
+    assert main(["front", str(folder)]) == 0
+    assert EARLY_STOP in capsys.readouterr().out
+    assert main(["report", str(folder)]) == 0
+    assert EARLY_STOP in (folder / "report.md").read_text()
