@@ -31,6 +31,9 @@ __all__ = [
     "kernels_of",
     "predict_latency",
     "predict_bundle_latency",
+    "bundle_kernels",
+    "default_calls",
+    "expert_calls",
     "predict_deployed",
     "profile_kernels",
     "load_table",
@@ -460,13 +463,62 @@ def predict_latency(path: Path, table: LatencyTable, batch: int = 1) -> float:
     return table.overhead_ms.get("session", 0.0) + sum(table.latency(kernel) for kernel in kernels)
 
 
-def predict_bundle_latency(gate: Path, experts: list[Path], top_k: int, table: LatencyTable) -> float:
-    """Predicted milliseconds of one batch-1 call of a deployed MoE (:class:`~pipelines.deploy.runtime.OrtMoE`):
-    the ``top_k`` experts (their mean) plus, with more than one expert, the gate and the routing."""
-    expert_ms = float(np.mean([predict_latency(path, table) for path in experts]))
+def default_calls(num_experts: int, top_k: int, views: int = 1) -> list[tuple[int, int]]:
+    """The expert calls (expert id, batch) of one batch-1 MoE call when routing is unknown: the ``views *
+    top_k`` routed rows spread over as many distinct experts as there are (the most calls routing can make)."""
+    rows = views * top_k if num_experts > 1 else views
+    calls = min(rows, num_experts)
+    return [(index, rows // calls + (1 if index < rows % calls else 0)) for index in range(calls)]
+
+
+def expert_calls(
+    gate: Path, num_experts: int, top_k: int, image: np.ndarray, views: int = 1
+) -> list[tuple[int, int]]:
+    """The expert calls (expert id, batch) the bundle runtime makes for ``image`` (one float32 (C, H, W) or
+    (1, C, H, W) image): the gate's top-k over each view, as :class:`~pipelines.deploy.runtime.BundleMoE`
+    routes. Routing is a property of the model, not of the device: it is computed with ONNX Runtime here."""
+    from pipelines import symmetry
+    from pipelines.deploy.engines import open_model
+
+    images = np.asarray(image, np.float32).reshape(1, *np.shape(image)[-3:])
+    if num_experts == 1:
+        return [(0, views)]
+    stacked = np.ascontiguousarray(np.concatenate(symmetry.views(images, views))) if views > 1 else images
+    logits = open_model(Path(gate), "onnxruntime", 1)(stacked)
+    chosen = np.argsort(-logits, axis=1, kind="stable")[:, :top_k]
+    counts = np.bincount(chosen.ravel(), minlength=num_experts)
+    return [(int(index), int(count)) for index, count in enumerate(counts) if count]
+
+
+def predict_bundle_latency(
+    gate: Path,
+    experts: list[Path],
+    top_k: int,
+    table: LatencyTable,
+    views: int = 1,
+    calls: list[tuple[int, int]] | None = None,
+) -> float:
+    """Predicted milliseconds of one batch-1 call of a deployed MoE (:class:`~pipelines.deploy.runtime.BundleMoE`):
+    the gate on the ``views`` stacked views (with more than one expert), each expert call of ``calls``
+    ((expert id, batch); :func:`default_calls` when None) and the runtime's overheads around them."""
+    calls = calls if calls is not None else default_calls(len(experts), top_k, views)
+    expert_ms = sum(predict_latency(experts[index], table, batch) for index, batch in calls)
+    overhead = table.overhead_ms.get("views", 0.0) if views > 1 else 0.0
     if len(experts) == 1:
-        return table.overhead_ms.get("moe_single", 0.0) + expert_ms
-    return table.overhead_ms.get("routing", 0.0) + predict_latency(gate, table) + top_k * expert_ms
+        return overhead + table.overhead_ms.get("moe_single", 0.0) + expert_ms
+    routing = table.overhead_ms.get("routing", 0.0) + table.overhead_ms.get("per_expert_call", 0.0) * (
+        len(calls) - 1
+    )
+    return overhead + routing + predict_latency(gate, table, views) + expert_ms
+
+
+def bundle_kernels(gate: Path, experts: list[Path], views: int = 1) -> list[Kernel]:
+    """Every kernel a bundle's call may run: the gate at batch ``views``, each expert at batches 1..views."""
+    kernels = kernels_of(gate, views) if len(experts) > 1 else []
+    for path in experts:
+        for batch in range(1, views + 1):
+            kernels += kernels_of(path, batch)
+    return kernels
 
 
 # ------------------------------------------------------------------------------------------ profiling
@@ -682,10 +734,11 @@ def _time_model(model: onnx.ModelProto, engine: str, threads: int, repeats: int,
             feeds[value.name] = rng.integers(0, 255, shape).astype(np.uint8)
         else:
             feeds[value.name] = rng.random(shape, dtype=np.float32)
-    if len(feeds) == 1 and engine != "onnxruntime":
+    if engine != "onnxruntime":
         session = _open(path, engine, threads)
-        array = next(iter(feeds.values()))
-        run = lambda: session(array)  # noqa: E731
+        arrays = list(feeds.values())  # in the model's input order
+        request = session.request
+        run = lambda: request.infer(arrays, share_inputs=True)  # noqa: E731
     else:
         import onnxruntime as ort
 
@@ -705,18 +758,19 @@ def _time_model(model: onnx.ModelProto, engine: str, threads: int, repeats: int,
 
 def _time_moe_overheads(engine: str, threads: int, repeats: int, scratch: Path) -> dict[str, float]:
     """What :class:`~pipelines.deploy.runtime.OrtMoE` adds around its engine calls, on almost empty models."""
-    from pipelines.deploy.runtime import OrtModel, OrtMoE
+    from pipelines.deploy.engines import EngineModel, open_model
+    from pipelines.deploy.runtime import OrtMoE
 
-    def tiny(outputs: int) -> OrtModel:
+    def tiny(outputs: int) -> EngineModel:
         graph = helper.make_graph(
             [helper.make_node("GlobalAveragePool", ["x"], ["p"]), helper.make_node("Flatten", ["p"], ["y"])],
             "tiny",
-            [_float_input("x", (1, outputs, 1, 1))],
-            [_float_input("y", (1, outputs))],
+            [_float_input("x", ("batch", outputs, 1, 1))],  # views > 1 stack their views in the batch
+            [_float_input("y", ("batch", outputs))],
         )
         path = scratch / f"tiny{outputs}.onnx"
         onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
-        return OrtModel(path, threads)
+        return open_model(path, engine, threads)
 
     def quiet(call: Callable) -> float:
         return measure_latency(call, backend=engine, threads=threads, batch=1, repeats=repeats).min_ms
@@ -726,9 +780,19 @@ def _time_moe_overheads(engine: str, threads: int, repeats: int, scratch: Path) 
     session = quiet(lambda: session_one(one))
     single = OrtMoE(tiny(1), [session_one], 1)
     single_ms = quiet(lambda: single(one))
-    routed = OrtMoE(tiny(2), [tiny(2), tiny(2)], 1)
+    routed = OrtMoE(tiny(2), [tiny(2), tiny(2)], 1)  # one expert called
     routed_ms = quiet(lambda: routed(two))
-    return {"moe_single": max(single_ms - session, 0.0), "routing": max(routed_ms - 2 * session, 0.0)}
+    both = OrtMoE(tiny(2), [tiny(2), tiny(2)], 2)  # two expert calls
+    both_ms = quiet(lambda: both(two))
+    viewed = OrtMoE(tiny(2), [tiny(2), tiny(2)], 1, views=2)  # both views to one expert: two calls again
+    viewed_ms = quiet(lambda: viewed(two))
+    routing = max(routed_ms - 2 * session, 0.0)
+    return {
+        "moe_single": max(single_ms - session, 0.0),
+        "routing": routing,
+        "per_expert_call": max(both_ms - 3 * session - routing, 0.0),
+        "views": max(viewed_ms - routed_ms, 0.0),
+    }
 
 
 def profile_kernels(
@@ -747,7 +811,7 @@ def profile_kernels(
     missing = sorted({kernel for kernel in kernels if kernel.key() not in table.kernels}, key=Kernel.key)
     with tempfile.TemporaryDirectory(prefix="hycomp-profile-") as folder:
         scratch = Path(folder)
-        if overheads and ("session" not in table.overhead_ms or "routing" not in table.overhead_ms):
+        if overheads and not {"session", "routing", "views"} <= table.overhead_ms.keys():
             table.overhead_ms["session"] = _time_model(
                 _empty_model(), table.engine, table.threads, repeats, scratch
             )
@@ -784,14 +848,22 @@ def profile_kernels(
     return len(missing)
 
 
-def predict_deployed(folder: Path, table: LatencyTable, precision: str | None = None) -> float:
-    """Predicted batch-1 milliseconds of the bundle in ``folder`` (its manifest's precision by default).
+def predict_deployed(
+    folder: Path, table: LatencyTable, precision: str | None = None, image: np.ndarray | None = None
+) -> float:
+    """Predicted batch-1 milliseconds of the bundle in ``folder`` (its manifest's precision by default), routed
+    as ``image`` routes (:func:`expert_calls`) or, without one, over distinct experts (:func:`default_calls`).
     Kernels the table lacks are timed first when the table is this machine's, else interpolated."""
     from pipelines.deploy.manifest import file_names, read_manifest
 
     manifest = read_manifest(Path(folder))
-    gate, experts = file_names(manifest.num_experts, precision or manifest.precision)
-    paths = [Path(folder) / name for name in (gate, *experts)]
+    gate_name, expert_names = file_names(manifest.num_experts, precision or manifest.precision)
+    gate, experts = Path(folder) / gate_name, [Path(folder) / name for name in expert_names]
     if table.cpu == cpu_description():
-        profile_kernels(table, [kernel for path in paths for kernel in kernels_of(path)])
-    return predict_bundle_latency(paths[0], paths[1:], manifest.top_k, table)
+        profile_kernels(table, bundle_kernels(gate, experts, manifest.views))
+    calls = (
+        None
+        if image is None
+        else expert_calls(gate, manifest.num_experts, manifest.top_k, image, manifest.views)
+    )
+    return predict_bundle_latency(gate, experts, manifest.top_k, table, manifest.views, calls)
