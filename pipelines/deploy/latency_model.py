@@ -819,7 +819,9 @@ def _time_moe_overheads(engine: str, threads: int, repeats: int, scratch: Path) 
     routing = max(quiet(lambda: routed(two)) - 2 * call, 0.0)
     both = OrtMoE(gate, experts, 2)  # gate + two expert calls
     per_call = max(quiet(lambda: both(two)) - 3 * call - routing, 0.0)
-    viewed = OrtMoE(gate, experts, 1, views=2)  # both views of a blank image to one expert: two calls at batch 2
+    viewed = OrtMoE(
+        gate, experts, 1, views=2
+    )  # both views of a blank image to one expert: two calls at batch 2
     views = max(quiet(lambda: viewed(two)) - 2 * call_two - routing, 0.0)
     return {
         "moe_single": max(single_ms - session, 0.0),
@@ -861,7 +863,9 @@ def profile_kernels(
             return boundaries[shape, precision]
 
         def time(kernel: Kernel, repeat: int = 1) -> float:
-            return _time_model(kernel_model(kernel, repeat=repeat), table.engine, table.threads, repeats, scratch)
+            return _time_model(
+                kernel_model(kernel, repeat=repeat), table.engine, table.threads, repeats, scratch
+            )
 
         for kernel in missing:
             if chainable(kernel) and (kernel.precision != "fp32" or table.engine != "onnxruntime"):
