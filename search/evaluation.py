@@ -246,7 +246,7 @@ def measure(
     deployed_val = float((logits.argmax(axis=1) == data.val.labels.numpy()).mean())
     agree = agreement(moe, bundle, data.val.images[:512])
     if cfg.measure.latency == "predicted":
-        timing = predicted_timing(ctx, folder / "bundle", threads)
+        timing = predicted_timing(ctx, folder / "bundle", threads, val_images[:1])
     else:
         timing = measure_moe_latency(
             bundle, val_images[:1], threads=threads, batch=1, repeats=repeats, warmup=5
@@ -273,14 +273,15 @@ def measure(
     return measurement, seconds
 
 
-def predicted_timing(ctx: TrialContext, bundle: Path, threads: int) -> dict:
+def predicted_timing(ctx: TrialContext, bundle: Path, threads: int, image: np.ndarray | None = None) -> dict:
     """``measure_moe_latency``'s answer from the latency table instead of a timing (``measure.latency:
-    predicted``): the study's ``measure.profile`` or this machine's table under the results root."""
+    predicted``): the study's ``measure.profile`` or this machine's table under the results root, routed as
+    ``image`` routes (the image a measured timing would use)."""
     settings = ctx.cfg.measure
     root = ctx.study_folder.parent
     path = Path(settings.profile) if settings.profile else default_table_path(root, "onnxruntime", threads)
     table = load_table(path, "onnxruntime", threads, any_cpu=settings.profile_any_cpu)
-    milliseconds = predict_deployed(bundle, table)
+    milliseconds = predict_deployed(bundle, table, image=image)
     latency = {"median_ms": milliseconds, "source": "predicted", "table": str(path), "cpu": table.cpu}
     return {"latency": latency, "routing_share": None}
 

@@ -31,6 +31,9 @@ __all__ = [
     "kernels_of",
     "predict_latency",
     "predict_bundle_latency",
+    "bundle_kernels",
+    "default_calls",
+    "expert_calls",
     "predict_deployed",
     "profile_kernels",
     "load_table",
@@ -460,13 +463,62 @@ def predict_latency(path: Path, table: LatencyTable, batch: int = 1) -> float:
     return table.overhead_ms.get("session", 0.0) + sum(table.latency(kernel) for kernel in kernels)
 
 
-def predict_bundle_latency(gate: Path, experts: list[Path], top_k: int, table: LatencyTable) -> float:
-    """Predicted milliseconds of one batch-1 call of a deployed MoE (:class:`~pipelines.deploy.runtime.OrtMoE`):
-    the ``top_k`` experts (their mean) plus, with more than one expert, the gate and the routing."""
-    expert_ms = float(np.mean([predict_latency(path, table) for path in experts]))
+def default_calls(num_experts: int, top_k: int, views: int = 1) -> list[tuple[int, int]]:
+    """The expert calls (expert id, batch) of one batch-1 MoE call when routing is unknown: the ``views *
+    top_k`` routed rows spread over as many distinct experts as there are (the most calls routing can make)."""
+    rows = views * top_k if num_experts > 1 else views
+    calls = min(rows, num_experts)
+    return [(index, rows // calls + (1 if index < rows % calls else 0)) for index in range(calls)]
+
+
+def expert_calls(
+    gate: Path, num_experts: int, top_k: int, image: np.ndarray, views: int = 1
+) -> list[tuple[int, int]]:
+    """The expert calls (expert id, batch) the bundle runtime makes for ``image`` (one float32 (C, H, W) or
+    (1, C, H, W) image): the gate's top-k over each view, as :class:`~pipelines.deploy.runtime.BundleMoE`
+    routes. Routing is a property of the model, not of the device: it is computed with ONNX Runtime here."""
+    from pipelines import symmetry
+    from pipelines.deploy.engines import open_model
+
+    images = np.asarray(image, np.float32).reshape(1, *np.shape(image)[-3:])
+    if num_experts == 1:
+        return [(0, views)]
+    stacked = np.ascontiguousarray(np.concatenate(symmetry.views(images, views))) if views > 1 else images
+    logits = open_model(Path(gate), "onnxruntime", 1)(stacked)
+    chosen = np.argsort(-logits, axis=1, kind="stable")[:, :top_k]
+    counts = np.bincount(chosen.ravel(), minlength=num_experts)
+    return [(int(index), int(count)) for index, count in enumerate(counts) if count]
+
+
+def predict_bundle_latency(
+    gate: Path,
+    experts: list[Path],
+    top_k: int,
+    table: LatencyTable,
+    views: int = 1,
+    calls: list[tuple[int, int]] | None = None,
+) -> float:
+    """Predicted milliseconds of one batch-1 call of a deployed MoE (:class:`~pipelines.deploy.runtime.BundleMoE`):
+    the gate on the ``views`` stacked views (with more than one expert), each expert call of ``calls``
+    ((expert id, batch); :func:`default_calls` when None) and the runtime's overheads around them."""
+    calls = calls if calls is not None else default_calls(len(experts), top_k, views)
+    expert_ms = sum(predict_latency(experts[index], table, batch) for index, batch in calls)
+    overhead = table.overhead_ms.get("views", 0.0) if views > 1 else 0.0
     if len(experts) == 1:
-        return table.overhead_ms.get("moe_single", 0.0) + expert_ms
-    return table.overhead_ms.get("routing", 0.0) + predict_latency(gate, table) + top_k * expert_ms
+        return overhead + table.overhead_ms.get("moe_single", 0.0) + expert_ms
+    routing = table.overhead_ms.get("routing", 0.0) + table.overhead_ms.get("per_expert_call", 0.0) * (
+        len(calls) - 1
+    )
+    return overhead + routing + predict_latency(gate, table, views) + expert_ms
+
+
+def bundle_kernels(gate: Path, experts: list[Path], views: int = 1) -> list[Kernel]:
+    """Every kernel a bundle's call may run: the gate at batch ``views``, each expert at batches 1..views."""
+    kernels = kernels_of(gate, views) if len(experts) > 1 else []
+    for path in experts:
+        for batch in range(1, views + 1):
+            kernels += kernels_of(path, batch)
+    return kernels
 
 
 # ------------------------------------------------------------------------------------------ profiling
@@ -522,11 +574,19 @@ def _bias(nodes: list, inits: list, name: str, channels: int, precision: str) ->
     return name
 
 
-def kernel_model(kernel: Kernel, seed: int = 0) -> onnx.ModelProto:
-    """A one-kernel ONNX model of ``kernel`` in the form the deploy step writes (QDQ for int8).
+def chainable(kernel: Kernel) -> bool:
+    """Whether ``kernel`` can read its own output (a conv or an element-wise op that keeps the shape)."""
+    return kernel.op in ("conv", "add", "mul", "sum") and kernel.out_shape() == kernel.in_shape
+
+
+def kernel_model(kernel: Kernel, seed: int = 0, repeat: int = 1) -> onnx.ModelProto:
+    """A one-kernel ONNX model of ``kernel`` in the form the deploy step writes (QDQ for int8); with
+    ``repeat`` > 1 (a :func:`chainable` kernel only) that many copies of it, each reading the last one's output.
 
     Its fp32 inputs and output are quantized / dequantized at the boundary when int8; the profiler
-    subtracts what those boundaries cost (:func:`boundary_model`)."""
+    subtracts what those boundaries cost (:func:`boundary_model`), or times a chain of three minus one."""
+    if repeat > 1 and not chainable(kernel):
+        raise ConfigError(f"repeat: {kernel.key()} does not keep its shape; it cannot be chained.")
     rng = np.random.default_rng(seed)
     int8 = kernel.precision != "fp32"
     batch = kernel.batch
@@ -548,33 +608,39 @@ def kernel_model(kernel: Kernel, seed: int = 0) -> onnx.ModelProto:
             rng,
         )
         bias = _bias(nodes, inits, "b", kernel.out_channels, kernel.precision)
-        pads = [kernel.pads] * 4
-        nodes.append(
-            helper.make_node(
-                "Conv",
-                [x, weight, bias],
-                ["conv"],
-                kernel_shape=[kernel.kernel] * 2,
-                strides=[kernel.stride] * 2,
-                pads=pads,
-                group=kernel.groups,
+        if "add" in kernel.fused:
+            inputs.append(_float_input("residual", (batch, *kernel.out_shape())))
+        last = x
+        for step in range(repeat):
+            if step:  # the next copy reads this one's output, quantized as the deploy step writes it
+                x = _quantized(nodes, inits, last, int8)
+            nodes.append(
+                helper.make_node(
+                    "Conv",
+                    [x, weight, bias],
+                    [f"conv{step}"],
+                    kernel_shape=[kernel.kernel] * 2,
+                    strides=[kernel.stride] * 2,
+                    pads=[kernel.pads] * 4,
+                    group=kernel.groups,
+                )
             )
-        )
-        last = "conv"
-        for part in filter(None, kernel.fused.split("+")):
-            if part == "add":
-                inputs.append(_float_input("residual", (batch, *kernel.out_shape())))
-                nodes.append(helper.make_node("Add", [last, "residual"], ["sum"]))
-                last = "sum"
-            elif part == "relu":
-                nodes.append(helper.make_node("Relu", [last], ["act"]))
-                last = "act"
-            elif part == "clip":
-                inits += [
-                    numpy_helper.from_array(np.array(v, np.float32), n) for n, v in (("lo", 0.0), ("hi", 6.0))
-                ]
-                nodes.append(helper.make_node("Clip", [last, "lo", "hi"], ["act"]))
-                last = "act"
+            last = f"conv{step}"
+            for part in filter(None, kernel.fused.split("+")):
+                if part == "add":
+                    nodes.append(helper.make_node("Add", [last, "residual"], [f"sum{step}"]))
+                    last = f"sum{step}"
+                elif part == "relu":
+                    nodes.append(helper.make_node("Relu", [last], [f"act{step}"]))
+                    last = f"act{step}"
+                elif part == "clip":
+                    if not step:
+                        inits += [
+                            numpy_helper.from_array(np.array(v, np.float32), n)
+                            for n, v in (("lo", 0.0), ("hi", 6.0))
+                        ]
+                    nodes.append(helper.make_node("Clip", [last, "lo", "hi"], [f"act{step}"]))
+                    last = f"act{step}"
     elif kernel.op == "gemm":
         weight = _weight(nodes, inits, "w", (kernel.out_channels, kernel.in_shape[0]), kernel.precision, rng)
         bias = _bias(nodes, inits, "b", kernel.out_channels, kernel.precision)
@@ -583,11 +649,15 @@ def kernel_model(kernel: Kernel, seed: int = 0) -> onnx.ModelProto:
     elif kernel.op in ("add", "mul", "sum"):
         inputs.append(_float_input("y", (batch, *kernel.in_shape)))
         y = _quantized(nodes, inits, "y", int8)
-        nodes.append(helper.make_node(kernel.op.capitalize(), [x, y], ["add"]))
-        last = "add"
-        if "relu" in kernel.fused:
-            nodes.append(helper.make_node("Relu", [last], ["act"]))
-            last = "act"
+        last = x
+        for step in range(repeat):
+            if step:
+                x = _quantized(nodes, inits, last, int8)
+            nodes.append(helper.make_node(kernel.op.capitalize(), [x, y], [f"add{step}"]))
+            last = f"add{step}"
+            if "relu" in kernel.fused:
+                nodes.append(helper.make_node("Relu", [last], [f"act{step}"]))
+                last = f"act{step}"
     elif kernel.op == "pool":
         if kernel.fused == "global":
             nodes.append(helper.make_node("GlobalAveragePool", [x], ["pool"]))
@@ -682,10 +752,11 @@ def _time_model(model: onnx.ModelProto, engine: str, threads: int, repeats: int,
             feeds[value.name] = rng.integers(0, 255, shape).astype(np.uint8)
         else:
             feeds[value.name] = rng.random(shape, dtype=np.float32)
-    if len(feeds) == 1 and engine != "onnxruntime":
+    if engine != "onnxruntime":
         session = _open(path, engine, threads)
-        array = next(iter(feeds.values()))
-        run = lambda: session(array)  # noqa: E731
+        arrays = list(feeds.values())  # in the model's input order
+        request = session.request
+        run = lambda: request.infer(arrays, share_inputs=True)  # noqa: E731
     else:
         import onnxruntime as ort
 
@@ -705,30 +776,59 @@ def _time_model(model: onnx.ModelProto, engine: str, threads: int, repeats: int,
 
 def _time_moe_overheads(engine: str, threads: int, repeats: int, scratch: Path) -> dict[str, float]:
     """What :class:`~pipelines.deploy.runtime.OrtMoE` adds around its engine calls, on almost empty models."""
-    from pipelines.deploy.runtime import OrtModel, OrtMoE
+    from pipelines.deploy.engines import EngineModel, open_model
+    from pipelines.deploy.runtime import OrtMoE
 
-    def tiny(outputs: int) -> OrtModel:
+    def tiny(outputs: int) -> EngineModel:
+        # Small, but image-sized and with a wide activation: the routing's numpy work runs with caches as
+        # cold as after a real gate or expert (after a 1x1 model it runs measurably faster).
+        rng = np.random.default_rng(0)
+        weights = [
+            numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+            for name, shape in (("w1", (64, 3, 3, 3)), ("w2", (outputs, 64, 1, 1)))
+        ]
         graph = helper.make_graph(
-            [helper.make_node("GlobalAveragePool", ["x"], ["p"]), helper.make_node("Flatten", ["p"], ["y"])],
+            [
+                helper.make_node("Conv", ["x", "w1"], ["c1"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+                helper.make_node("Conv", ["c1", "w2"], ["c2"], kernel_shape=[1, 1]),
+                helper.make_node("GlobalAveragePool", ["c2"], ["p"]),
+                helper.make_node("Flatten", ["p"], ["y"]),
+            ],
             "tiny",
-            [_float_input("x", (1, outputs, 1, 1))],
-            [_float_input("y", (1, outputs))],
+            [_float_input("x", ("batch", 3, 32, 32))],  # views > 1 stack their views in the batch
+            [_float_input("y", ("batch", outputs))],
+            weights,
         )
         path = scratch / f"tiny{outputs}.onnx"
         onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
-        return OrtModel(path, threads)
+        return open_model(path, engine, threads)
 
     def quiet(call: Callable) -> float:
         return measure_latency(call, backend=engine, threads=threads, batch=1, repeats=repeats).min_ms
 
-    one, two = np.zeros((1, 1, 1, 1), np.float32), np.zeros((1, 2, 1, 1), np.float32)
+    one = two = np.zeros((1, 3, 32, 32), np.float32)
+    # Each overhead is the MoE call minus the engine calls it makes, those timed alone on the same inputs.
     session_one = tiny(1)
     session = quiet(lambda: session_one(one))
     single = OrtMoE(tiny(1), [session_one], 1)
     single_ms = quiet(lambda: single(one))
-    routed = OrtMoE(tiny(2), [tiny(2), tiny(2)], 1)
-    routed_ms = quiet(lambda: routed(two))
-    return {"moe_single": max(single_ms - session, 0.0), "routing": max(routed_ms - 2 * session, 0.0)}
+    gate, experts = tiny(2), [tiny(2), tiny(2)]
+    call = quiet(lambda: gate(two))
+    call_two = quiet(lambda: gate(np.concatenate([two, two])))
+    routed = OrtMoE(gate, experts, 1)  # gate + one expert call
+    routing = max(quiet(lambda: routed(two)) - 2 * call, 0.0)
+    both = OrtMoE(gate, experts, 2)  # gate + two expert calls
+    per_call = max(quiet(lambda: both(two)) - 3 * call - routing, 0.0)
+    viewed = OrtMoE(
+        gate, experts, 1, views=2
+    )  # both views of a blank image to one expert: two calls at batch 2
+    views = max(quiet(lambda: viewed(two)) - 2 * call_two - routing, 0.0)
+    return {
+        "moe_single": max(single_ms - session, 0.0),
+        "routing": routing,
+        "per_expert_call": per_call,
+        "views": views,
+    }
 
 
 def profile_kernels(
@@ -747,7 +847,7 @@ def profile_kernels(
     missing = sorted({kernel for kernel in kernels if kernel.key() not in table.kernels}, key=Kernel.key)
     with tempfile.TemporaryDirectory(prefix="hycomp-profile-") as folder:
         scratch = Path(folder)
-        if overheads and ("session" not in table.overhead_ms or "routing" not in table.overhead_ms):
+        if overheads and not {"session", "routing", "views"} <= table.overhead_ms.keys():
             table.overhead_ms["session"] = _time_model(
                 _empty_model(), table.engine, table.threads, repeats, scratch
             )
@@ -762,7 +862,16 @@ def profile_kernels(
                 boundaries[shape, precision] = max(round_trip - session, 0.0) / 2
             return boundaries[shape, precision]
 
+        def time(kernel: Kernel, repeat: int = 1) -> float:
+            return _time_model(
+                kernel_model(kernel, repeat=repeat), table.engine, table.threads, repeats, scratch
+            )
+
         for kernel in missing:
+            if chainable(kernel) and (kernel.precision != "fp32" or table.engine != "onnxruntime"):
+                # Inside a graph, with no boundary to subtract: a chain of three minus a chain of one, halved.
+                table.kernels[kernel.key()] = max((time(kernel, 3) - time(kernel)) / 2, 0.0)
+                continue
             if kernel.op == "reorder":
                 table.kernels[kernel.key()] = half_round_trip((kernel.batch, *kernel.in_shape), "fp32")
                 continue
@@ -784,14 +893,22 @@ def profile_kernels(
     return len(missing)
 
 
-def predict_deployed(folder: Path, table: LatencyTable, precision: str | None = None) -> float:
-    """Predicted batch-1 milliseconds of the bundle in ``folder`` (its manifest's precision by default).
+def predict_deployed(
+    folder: Path, table: LatencyTable, precision: str | None = None, image: np.ndarray | None = None
+) -> float:
+    """Predicted batch-1 milliseconds of the bundle in ``folder`` (its manifest's precision by default), routed
+    as ``image`` routes (:func:`expert_calls`) or, without one, over distinct experts (:func:`default_calls`).
     Kernels the table lacks are timed first when the table is this machine's, else interpolated."""
     from pipelines.deploy.manifest import file_names, read_manifest
 
     manifest = read_manifest(Path(folder))
-    gate, experts = file_names(manifest.num_experts, precision or manifest.precision)
-    paths = [Path(folder) / name for name in (gate, *experts)]
+    gate_name, expert_names = file_names(manifest.num_experts, precision or manifest.precision)
+    gate, experts = Path(folder) / gate_name, [Path(folder) / name for name in expert_names]
     if table.cpu == cpu_description():
-        profile_kernels(table, [kernel for path in paths for kernel in kernels_of(path)])
-    return predict_bundle_latency(paths[0], paths[1:], manifest.top_k, table)
+        profile_kernels(table, bundle_kernels(gate, experts, manifest.views))
+    calls = (
+        None
+        if image is None
+        else expert_calls(gate, manifest.num_experts, manifest.top_k, image, manifest.views)
+    )
+    return predict_bundle_latency(gate, experts, manifest.top_k, table, manifest.views, calls)

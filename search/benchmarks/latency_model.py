@@ -20,7 +20,8 @@ import numpy as np
 
 from pipelines.deploy.latency_model import (
     LatencyTable,
-    kernels_of,
+    bundle_kernels,
+    expert_calls,
     load_table,
     predict_bundle_latency,
     profile_kernels,
@@ -35,42 +36,51 @@ def bundles_of(folders: list[Path]) -> list[Path]:
     return sorted({path.parent for folder in folders for path in Path(folder).rglob("manifest.json")})
 
 
-def _files(bundle: Path, precision: str) -> tuple[Path, list[Path], int] | None:
+def _files(bundle: Path, precision: str) -> tuple[Path, list[Path], int, int] | None:
     manifest = read_manifest(bundle)
     gate, experts = file_names(manifest.num_experts, precision)
     if any(name not in manifest.files for name in (gate, *experts)):
         return None
-    return bundle / gate, [bundle / name for name in experts], manifest.top_k
+    return bundle / gate, [bundle / name for name in experts], manifest.top_k, manifest.views
 
 
-def validate(folders: list[Path], table: LatencyTable, repeats: int = 200, threads: int = 1) -> dict:
-    """Rows ``{bundle, precision, measured_ms, predicted_ms, error}`` and the summary (MAPE, within 10%)."""
+def validate(
+    folders: list[Path],
+    table: LatencyTable,
+    repeats: int = 200,
+    threads: int = 1,
+    precisions: tuple[str, ...] = ("fp32", "int8"),
+) -> dict:
+    """Rows ``{model, precision, engine, threads, batch, predicted_ms, measured_min_ms, error}`` and the
+    summary (MAPE, within 10%). Each bundle is measured and predicted on the same seeded image, so both
+    see the same routing."""
     cases = []
     for bundle in bundles_of(folders):
-        for precision in ("fp32", "int8"):
+        for precision in precisions:
             files = _files(bundle, precision)
             if files is not None:
                 cases.append((bundle, precision, files))
     needed = [
-        kernel
-        for _, _, (gate, experts, _) in cases
-        for path in (gate, *experts)
-        for kernel in kernels_of(path)
+        kernel for _, _, (gate, experts, _, views) in cases for kernel in bundle_kernels(gate, experts, views)
     ]
     profile_kernels(table, needed, repeats=repeats)
     rows = []
-    for bundle, precision, (gate, experts, top_k) in cases:
-        model = load_bundle(bundle, threads=threads, precision=precision)
-        image = np.zeros((1, *model.manifest.input_shape), np.float32)
+    for bundle, precision, (gate, experts, top_k, views) in cases:
+        model = load_bundle(bundle, threads=threads, precision=precision, engine=table.engine)
+        image = np.random.default_rng(0).standard_normal((1, *model.manifest.input_shape)).astype(np.float32)
         measured = measure_moe_latency(model, image, threads=threads, batch=1, repeats=repeats, warmup=20)
         measured_ms = measured["latency"]["min_ms"]
-        predicted_ms = predict_bundle_latency(gate, experts, top_k, table)
+        calls = expert_calls(gate, len(experts), top_k, image, views)
+        predicted_ms = predict_bundle_latency(gate, experts, top_k, table, views, calls)
         rows.append(
             {
-                "bundle": str(bundle),
+                "model": str(bundle),
                 "precision": precision,
-                "measured_ms": measured_ms,
+                "engine": table.engine,
+                "threads": threads,
+                "batch": 1,
                 "predicted_ms": predicted_ms,
+                "measured_min_ms": measured_ms,
                 "error": predicted_ms / measured_ms - 1.0,
             }
         )
@@ -94,13 +104,13 @@ def _markdown(result: dict) -> str:
         f"CPU: {summary['cpu']}. {summary['models']} models; MAPE {100 * summary['mape']:.1f}%, "
         f"{100 * summary['within_10pct']:.0f}% within 10%.",
         "",
-        "| bundle | precision | measured ms | predicted ms | error |",
-        "|---|---|---|---|---|",
+        "| model | precision | engine | threads | batch | predicted ms | measured min ms | error |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for row in result["rows"]:
         lines.append(
-            f"| {row['bundle']} | {row['precision']} | {row['measured_ms']:.4f} | {row['predicted_ms']:.4f} "
-            f"| {100 * row['error']:+.1f}% |"
+            f"| {row['model']} | {row['precision']} | {row['engine']} | {row['threads']} | {row['batch']} "
+            f"| {row['predicted_ms']:.4f} | {row['measured_min_ms']:.4f} | {100 * row['error']:+.1f}% |"
         )
     return "\n".join(lines) + "\n"
 
@@ -114,12 +124,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--engine", default="onnxruntime")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=200)
+    parser.add_argument(
+        "--precision", choices=("fp32", "int8", "both"), default="both", help="which files of each bundle"
+    )
     parser.add_argument("--out", type=Path, help="write the report here (Markdown; JSON beside it)")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as scratch:
         path = args.table or Path(scratch) / "table.json"
         table = load_table(path, args.engine, args.threads)
-        result = validate(args.folders, table, args.repeats, args.threads)
+        precisions = ("fp32", "int8") if args.precision == "both" else (args.precision,)
+        result = validate(args.folders, table, args.repeats, args.threads, precisions)
     text = _markdown(result)
     print(text)
     if args.out:

@@ -109,7 +109,7 @@ def test_table_round_trips_and_is_not_retimed(tmp_path):
     assert profile_kernels(table, kernels, repeats=3) == 2
     again = load_table(path, "onnxruntime", 1)
     assert again.kernels == table.kernels and again.overhead_ms == table.overhead_ms
-    assert set(again.overhead_ms) == {"session", "moe_single", "routing"}
+    assert set(again.overhead_ms) == {"session", "moe_single", "routing", "per_expert_call", "views"}
     assert again.cpu == cpu_description() and again.engine_version == engine_version("onnxruntime")
     assert profile_kernels(again, kernels, repeats=3) == 0  # cached: nothing timed twice
     assert all(value >= 0 for value in again.kernels.values())
@@ -133,3 +133,52 @@ def test_table_of_another_cpu_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="2 thread"):
         load_table(path, "onnxruntime", 2, any_cpu=True)
     json.loads(path.read_text())  # still a plain JSON file
+
+
+def test_default_calls_spread_rows_over_distinct_experts():
+    from pipelines.deploy.latency_model import default_calls
+
+    assert default_calls(1, 1, 2) == [(0, 2)]  # one expert sees both views in one call
+    assert default_calls(4, 2, 1) == [(0, 1), (1, 1)]
+    assert default_calls(3, 2, 2) == [(0, 2), (1, 1), (2, 1)]  # four routed rows, three experts
+    assert sum(batch for _, batch in default_calls(4, 2, 2)) == 4
+
+
+def test_chained_kernel_model_repeats_the_kernel(tmp_path):
+    from pipelines.deploy.latency_model import chainable
+
+    conv = Kernel("conv", "int8", (4, 8, 8), out_channels=4, kernel=3, pads=1)
+    path = tmp_path / "chain.onnx"
+    onnx.save(kernel_model(conv, repeat=3), str(path))
+    assert [kernel.op for kernel in kernels_of(path)] == ["quantize", "conv", "conv", "conv", "dequantize"]
+    strided = Kernel("conv", "int8", (4, 8, 8), out_channels=8, kernel=3, stride=2, pads=1)
+    assert chainable(conv) and not chainable(strided)
+    with pytest.raises(ConfigError, match="repeat"):
+        kernel_model(strided, repeat=3)
+
+
+def test_bundle_prediction_counts_gate_views_and_each_expert_call(tmp_path):
+    from pipelines.deploy.latency_model import predict_bundle_latency
+
+    path = residual_model(tmp_path / "m.onnx")
+    table = LatencyTable(cpu_description(), "onnxruntime", "x", 1, overhead_ms={"session": 1.0})
+    table.overhead_ms.update(routing=10.0, per_expert_call=100.0, views=1000.0, moe_single=10000.0)
+    for batch in (1, 2):
+        table.kernels.update({kernel.key(): 0.0 for kernel in kernels_of(path, batch)})
+    # gate (1 session) + two expert calls (2 sessions) + routing + one extra call + views
+    assert predict_bundle_latency(path, [path, path], 1, table, 2, [(0, 1), (1, 1)]) == pytest.approx(1113.0)
+    assert predict_bundle_latency(path, [path], 1, table, 1) == pytest.approx(10001.0)
+
+
+@pytest.mark.parametrize("engine", ["onnxruntime", "openvino"])
+def test_two_input_kernels_are_timed_on_the_engine(engine):
+    from pipelines.deploy.engines import engine_available
+
+    if not engine_available(engine):
+        pytest.skip(f"{engine} is not installed")
+    table = LatencyTable(cpu_description(), engine, "x", 1)
+    add = Kernel("add", "int8", (4, 8, 8))
+    conv = Kernel("conv", "int8", (4, 8, 8), out_channels=8, kernel=3, stride=2, pads=1)
+    assert profile_kernels(table, [add, conv], repeats=5) == 2
+    assert {add.key(), conv.key()} <= table.kernels.keys()
+    assert {"session", "routing", "per_expert_call", "views"} <= table.overhead_ms.keys()
