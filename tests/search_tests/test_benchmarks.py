@@ -76,3 +76,22 @@ def test_hypervolume_at_counts_only_trials_finished_by_the_mark() -> None:
     # by the end both: the union of the two boxes 0.5 x 15 x 1 and 0.9 x 10 x 1 overlapping in 0.5 x 10 x 1
     assert hypervolume_at(trials, reference, None) == pytest.approx(7.5 + 9.0 - 5.0)
     assert hypervolume_at(trials, reference, 5.0) == 0.0
+
+
+def test_search_speed_reads_the_front_of_a_report_and_measures_it(tmp_path) -> None:
+    from search.benchmarks.search_speed import front_points, hypervolumes
+
+    report = tmp_path / "report.md"
+    report.write_text(
+        "# study\n\n## Pareto front\n\n| trial | val_accuracy | mmacs | latency_ms | bits |\n|---|---|---|---|---|\n"
+        "| 3 | 0.95 | 5.0 | 0.5 | 8 |\n| 7 | 0.9 | 2.0 | 0.25 | 4 |\n\nLatency: ...\n"
+    )
+    points = front_points(report)
+    assert points == [(0.95, 5.0, 0.5), (0.9, 2.0, 0.25)]
+    three, two = hypervolumes(points, [0.85, 10.0, 1.0])
+    # (acc, MMACs): 0.10 x 5 + 0.05 x 3 (the second point's extra width below 5 MMACs)
+    assert two == pytest.approx(0.10 * 5 + 0.05 * 3)
+    assert three == pytest.approx(0.10 * 5 * 0.5 + 0.05 * 8 * 0.75 - 0.05 * 5 * 0.5)
+    (tmp_path / "empty.md").write_text("# nothing\n")
+    with pytest.raises(Exception, match="Pareto front"):
+        front_points(tmp_path / "empty.md")
