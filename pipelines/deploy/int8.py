@@ -19,7 +19,7 @@ from onnxruntime.quantization import (
     quantize_static,
 )
 
-from pipelines.deploy.runtime import as_array
+from pipelines.deploy.engines import as_array
 from pipelines.errors import DataError, unknown_name
 
 __all__ = ["quantize_onnx_int8", "quantize_with_grid", "WIDE_WEIGHT_POLICIES"]

@@ -1,9 +1,10 @@
-"""Runs a deployed bundle with ONNX Runtime and numpy alone (no torch): one session per ONNX file, the
-MoE's routing in numpy, and the latency of the whole call with the shared harness.
+"""Runs a deployed bundle on a CPU engine (ONNX Runtime or OpenVINO, :mod:`.engines`) and numpy alone (no
+torch): one engine model per ONNX file, the MoE's routing in numpy, and the latency of the whole call with the
+shared harness.
 
 Example::
 
-    bundle = load_bundle(Path("bundle"), threads=2)
+    bundle = load_bundle(Path("bundle"), threads=2, engine="openvino")
     logits = bundle(images)  # float32 (B, C, H, W), normalized as the manifest says
 """
 
@@ -11,74 +12,24 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-import onnx
-import onnxruntime as ort
 
 from pipelines import symmetry
+from pipelines.deploy.engines import ENGINES, EngineModel, OrtModel, as_array, open_model
 from pipelines.deploy.manifest import PRECISIONS, Manifest, file_names, read_manifest, verified
 from pipelines.errors import ConfigError, DataError, unknown_name
 from pipelines.timing import measure_latency
 
-__all__ = ["OrtModel", "OrtMoE", "as_array", "backend_label", "load_bundle", "measure_moe_latency"]
-
-QUANTIZED_OPS = frozenset(
-    {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger"}
-)
-
-
-def as_array(images: Any) -> np.ndarray:
-    """Contiguous float32 (B, C, H, W) array from an array or a torch tensor (without importing torch)."""
-    if hasattr(images, "detach"):
-        images = images.detach().cpu().numpy()
-    array = np.ascontiguousarray(images, dtype=np.float32)
-    if array.ndim != 4:
-        raise DataError(
-            f"images: expected a (batch, channels, height, width) array, got shape {array.shape}."
-        )
-    return array
-
-
-class OrtModel:
-    """One ONNX Runtime CPU session: ``threads`` intra-op threads, one inter-op thread, sequential.
-
-    Example: ``logits = OrtModel(Path("model.int8.onnx"), threads=2)(images)``.
-    """
-
-    def __init__(self, path: Path, threads: int = 1) -> None:
-        path = Path(path)
-        if not isinstance(threads, int) or threads < 1:
-            raise ConfigError(f"threads: {threads!r} must be a positive integer (the intra-op thread count).")
-        if not path.exists():
-            raise DataError(f"ONNX model {path} does not exist.")
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.log_severity_level = 3  # errors only
-        self.path = path
-        self.threads = threads
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        self.input_name = self.session.get_inputs()[0].name
-        self.output_name = self.session.get_outputs()[0].name
-        graph = onnx.load(str(path), load_external_data=False).graph
-        self.precision = "int8" if any(node.op_type in QUANTIZED_OPS for node in graph.node) else "fp32"
-
-    @property
-    def num_outputs(self) -> int | None:
-        """Size of the output's last dimension (classes or experts), when the file states it."""
-        size = self.session.get_outputs()[0].shape[-1]
-        return size if isinstance(size, int) else None
-
-    def __call__(self, images: np.ndarray) -> np.ndarray:
-        """float32 (B, C, H, W) -> logits (B, classes)."""
-        return self.session.run([self.output_name], {self.input_name: as_array(images)})[0]
-
-    def __repr__(self) -> str:
-        return f"OrtModel({str(self.path)!r}, threads={self.threads}, precision={self.precision!r})"
+__all__ = [
+    "BundleMoE",
+    "OrtModel",
+    "OrtMoE",
+    "as_array",
+    "backend_label",
+    "load_bundle",
+    "measure_moe_latency",
+]
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -86,8 +37,8 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return shifted / shifted.sum(axis=1, keepdims=True)
 
 
-class OrtMoE:
-    """A Mixture-of-Experts served by ONNX Runtime alone; matches ``MixtureOfExperts.forward`` in eval mode.
+class BundleMoE:
+    """A Mixture-of-Experts served by one CPU engine and numpy; matches ``MixtureOfExperts.forward`` in eval mode.
 
     Each call runs the gate on the whole batch, then each used expert once on the samples routed to it.
     With ``views`` > 1 the batch is first expanded into that many symmetric views (the order of
@@ -96,9 +47,9 @@ class OrtMoE:
     ``gate_and_routing`` (everything else: gate, softmax, top-k, gathering and combining) and ``total``.
     """
 
-    def __init__(self, gate: OrtModel, experts: list[OrtModel], top_k: int, views: int = 1) -> None:
+    def __init__(self, gate: EngineModel, experts: list[EngineModel], top_k: int, views: int = 1) -> None:
         if not experts:
-            raise ConfigError("experts: the list is empty; an OrtMoE needs at least one expert.")
+            raise ConfigError("experts: the list is empty; a BundleMoE needs at least one expert.")
         if not 1 <= top_k <= len(experts):
             raise ConfigError(f"top_k: {top_k} must be between 1 and the number of experts ({len(experts)}).")
         gate_outputs = gate.num_outputs
@@ -126,13 +77,35 @@ class OrtMoE:
 
     @property
     def threads(self) -> int:
-        """The intra-op thread count of the sessions (``ConfigError`` if they differ)."""
+        """The intra-op thread count of the models (``ConfigError`` if they differ)."""
         counts = {model.threads for model in (self.gate, *self.experts)}
         if len(counts) != 1:
             raise ConfigError(
-                f"OrtMoE sessions use different thread counts {sorted(counts)}; load them alike."
+                f"BundleMoE models use different thread counts {sorted(counts)}; load them alike."
             )
         return counts.pop()
+
+    @property
+    def engine(self) -> str:
+        """The engine of the models (``ConfigError`` if they differ)."""
+        return self._shared("engine")
+
+    @property
+    def version(self) -> str:
+        """The engine's package version."""
+        return self._shared("version")
+
+    def _shared(self, attribute: str) -> str:
+        values = {getattr(model, attribute) for model in (self.gate, *self.experts)}
+        if len(values) != 1:
+            raise ConfigError(
+                f"BundleMoE models use different {attribute}s {sorted(values)}; load them with one engine."
+            )
+        return values.pop()
+
+    def label(self) -> str:
+        """e.g. ``openvino 2026.4.1 int8, 1 thread(s)``."""
+        return f"{self.engine} {self.version} {self.precision}, {self.threads} thread(s)"
 
     def route(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(chosen expert ids (B, k) int64, best first; combine weights (B, k) float32, rows sum to 1)."""
@@ -186,18 +159,21 @@ class OrtMoE:
 
     def __repr__(self) -> str:
         return (
-            f"OrtMoE(num_experts={self.num_experts}, top_k={self.top_k}, views={self.views}, "
+            f"BundleMoE(num_experts={self.num_experts}, top_k={self.top_k}, views={self.views}, "
             f"precision={self.precision!r})"
         )
 
 
-def backend_label(model: OrtModel | OrtMoE) -> str:
-    """e.g. ``onnxruntime-int8 (CPUExecutionProvider)``."""
-    return f"onnxruntime-{model.precision} (CPUExecutionProvider)"
+OrtMoE = BundleMoE  # the name before OpenVINO joined; kept for callers
+
+
+def backend_label(model: EngineModel | BundleMoE) -> str:
+    """The engine, its version and the precision, e.g. ``openvino 2026.4.1 int8 (CPU)``."""
+    return f"{model.engine} {model.version} {model.precision} (CPU)"
 
 
 def measure_moe_latency(
-    bundle: OrtMoE | OrtModel,
+    bundle: BundleMoE | EngineModel,
     images: np.ndarray,
     *,
     threads: int,
@@ -208,16 +184,17 @@ def measure_moe_latency(
     """Latency of ``bundle`` on the first ``batch`` of ``images`` with the shared harness, plus the median
     share of each call spent outside the experts (gate and routing).
 
-    ``threads`` must equal the thread count the sessions were created with (it is recorded, not set).
-    A plain :class:`OrtModel` (a single CNN) is timed the same way; its ``routing_share`` is ``None``.
-    Returns ``{"latency": LatencyStats.as_dict(), "routing_share": float | None}``.
+    ``threads`` must equal the thread count the models were created with (it is recorded, not set).
+    A plain :class:`~pipelines.deploy.engines.EngineModel` (a single CNN) is timed the same way; its
+    ``routing_share`` is ``None``. Returns ``{"latency": LatencyStats.as_dict(), "routing_share": float | None,
+    "engine": str, "engine_version": str, "precision": str, "threads": int, "batch": int}``.
     """
     if batch < 1:
         raise ConfigError(f"batch: {batch} must be >= 1.")
     session_threads = bundle.threads
     if threads != session_threads:
         raise ConfigError(
-            f"threads: {threads} differs from the {session_threads} thread(s) the sessions were created with; "
+            f"threads: {threads} differs from the {session_threads} thread(s) the models were created with; "
             f"load the bundle with threads={threads} or pass threads={session_threads}."
         )
     array = as_array(images)
@@ -228,7 +205,7 @@ def measure_moe_latency(
 
     def run() -> object:
         output = bundle(array)
-        if isinstance(bundle, OrtMoE):
+        if isinstance(bundle, BundleMoE):
             timing = bundle.last_timing
             shares.append(timing["gate_and_routing"] / timing["total"] if timing["total"] > 0 else 0.0)
         return output
@@ -237,14 +214,27 @@ def measure_moe_latency(
         run, backend=backend_label(bundle), threads=threads, batch=batch, warmup=warmup, repeats=repeats
     )
     routing_share = float(np.median(shares[warmup:])) if shares else None
-    return {"latency": stats.as_dict(), "routing_share": routing_share}
+    return {
+        "latency": stats.as_dict(),
+        "routing_share": routing_share,
+        "engine": bundle.engine,
+        "engine_version": bundle.version,
+        "precision": bundle.precision,
+        "threads": threads,
+        "batch": batch,
+    }
 
 
-def load_bundle(folder: Path, threads: int = 1, precision: str | None = None) -> OrtMoE:
-    """Load a bundle written by :func:`pipelines.deploy.bundle.deploy_moe` after checking its manifest and
-    every ONNX file against its SHA-256. ``precision`` picks ``fp32`` or ``int8`` files (default: the
-    manifest's). Example: ``bundle = load_bundle(Path("bundle"), threads=2)``."""
+def load_bundle(
+    folder: Path, threads: int = 1, precision: str | None = None, engine: str = "onnxruntime"
+) -> BundleMoE:
+    """Load a bundle written by :func:`pipelines.deploy.bundle.deploy_moe` into ``engine`` (one of
+    ``ENGINES``) after checking its manifest and every ONNX file against its SHA-256. ``precision`` picks
+    ``fp32`` or ``int8`` files (default: the manifest's).
+    Example: ``bundle = load_bundle(Path("bundle"), threads=2, engine="openvino")``."""
     folder = Path(folder)
+    if engine not in ENGINES:
+        raise unknown_name("engine", engine, ENGINES)
     if precision is not None and precision not in PRECISIONS:
         raise unknown_name("precision", precision, PRECISIONS)
     manifest = read_manifest(folder)
@@ -257,8 +247,8 @@ def load_bundle(folder: Path, threads: int = 1, precision: str | None = None) ->
             f"precision: the bundle in {folder} has no {chosen} files (it was deployed as "
             f"{manifest.precision}); load it with precision={manifest.precision!r} or re-deploy."
         )
-    gate = OrtModel(verified(folder, gate_name, manifest), threads)
-    experts = [OrtModel(verified(folder, name, manifest), threads) for name in expert_names]
-    bundle = OrtMoE(gate, experts, manifest.top_k, manifest.views)
+    gate = open_model(verified(folder, gate_name, manifest), engine, threads)
+    experts = [open_model(verified(folder, name, manifest), engine, threads) for name in expert_names]
+    bundle = BundleMoE(gate, experts, manifest.top_k, manifest.views)
     bundle.manifest = manifest
     return bundle

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 import torch
 from torch import nn
@@ -72,7 +73,13 @@ def test_measure_latency_of_bundle_and_single_model(int8_bundle, data) -> None:
     bundle = load_bundle(folder, threads=2)
     result = measure_moe_latency(bundle, images, threads=2, batch=16, repeats=5, warmup=1)
     latency = result["latency"]
-    assert latency["backend"] == "onnxruntime-int8 (CPUExecutionProvider)"
+    assert latency["backend"] == f"onnxruntime {ort.__version__} int8 (CPU)"
+    assert (result["engine"], result["engine_version"], result["precision"]) == (
+        "onnxruntime",
+        ort.__version__,
+        "int8",
+    )
+    assert (result["threads"], result["batch"]) == (2, 16)
     assert (latency["threads"], latency["batch"], latency["repeats"]) == (2, 16, 5)
     assert 0 < latency["p10_ms"] <= latency["median_ms"] <= latency["p90_ms"]
     assert 0.0 <= result["routing_share"] <= 1.0
