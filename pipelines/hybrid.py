@@ -1,6 +1,6 @@
 """The hybrid compression pipeline of one configuration, end to end (torch only, no Optuna):
 
-    teacher --NNI prune + ModelSpeedup--> pruned --KD fine-tune--> expert
+    teacher --remove residual blocks (depth)--> shallower --NNI prune + ModelSpeedup--> pruned --KD fine-tune--> expert
             --copy K times + gate--> MoE --gate warm start, joint KD training (sparse top-k)-->
             --NNI QAT of experts (bits) and gate (8 bit), baked--> compressed MoE
 
@@ -13,6 +13,9 @@
   pruned channels) and their errors overlap less: what a top-2 combination needs to beat one expert.
   It costs one fine-tune per distinct teacher used.
 
+Depth reduction (:mod:`pipelines.compress.depth`) runs before channel pruning, on a copy of each teacher,
+and the fine-tune that follows pruning recovers what both removed.
+
 Quantization comes last (after the MoE is assembled and trained) so that the weights that are deployed
 are exactly the quantized ones: any training after QAT would move them off the grid.
 """
@@ -21,15 +24,17 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
 
-from pipelines.compress.prune import PruneConfig, prune
+from pipelines.compress.depth import DepthConfig, remove_blocks
+from pipelines.compress.prune import PruneConfig, PruneResult, check_exclude, prune
 from pipelines.compress.quantize import QuantizeConfig, quantize
 from pipelines.data import Dataset
 from pipelines.errors import ConfigError, unknown_name
+from pipelines.measure import count_params
 from pipelines.moe import MixtureOfExperts, MoEConfig, build_moe, warm_start_gate
 from pipelines.train import TrainConfig, evaluate, train
 
@@ -40,6 +45,7 @@ __all__ = [
     "StageBudget",
     "HybridResult",
     "compress_hybrid",
+    "compress_expert",
 ]
 
 EXPERT_INITS = ("copies", "teachers")
@@ -52,6 +58,12 @@ class HybridConfig:
     quantize: QuantizeConfig
     moe: MoEConfig
     expert_init: str = DEFAULT_EXPERT_INIT  # copies | teachers (EXPERT_INITS)
+    depth: DepthConfig = field(default_factory=DepthConfig)  # residual blocks removed before pruning
+
+    @property
+    def compresses_experts(self) -> bool:
+        """Whether an expert differs from its teacher before the MoE stage (pruned or made shallower)."""
+        return self.prune.sparsity > 0 or self.depth.active
 
     def __post_init__(self) -> None:
         if self.expert_init not in EXPERT_INITS:
@@ -116,12 +128,13 @@ def compress_hybrid(
         origin.eval()
 
     base = budget.train.replace(seed=seed)
-    # Nothing was removed at sparsity 0: the expert is the teacher itself and needs no recovery.
-    unpruned = cfg.prune.sparsity == 0
+    # Nothing was removed at sparsity 0 and no depth reduction: the expert is the teacher itself and needs
+    # no recovery.
+    unpruned = not cfg.compresses_experts
     experts, pruned_accuracy, finetuned_accuracy = [], [], []
     seconds["prune"] = 0.0
     for index, origin in enumerate(origins):
-        pruned = prune(origin, cfg.prune, example)
+        pruned = compress_expert(origin, cfg, data.train.images, example)
         if index == 0:
             pruned_first = pruned
         seconds["prune"] += pruned.seconds
@@ -176,13 +189,32 @@ def compress_hybrid(
     return HybridResult(
         moe=moe,
         expert_params=pruned_first.params_after,
-        params_before=pruned_first.params_before,
+        params_before=pruned_first.params_before,  # the teacher's: depth and pruning together
         achieved_sparsity=pruned_first.achieved_sparsity,
         bits_by_layer=quantized.bits_by_layer,
         seconds=seconds,
         class_assignment=assignment,
         stage_accuracy=stage_accuracy,
     )
+
+
+def compress_expert(
+    origin: nn.Module, cfg: HybridConfig, train_images: torch.Tensor, example: torch.Tensor
+) -> PruneResult:
+    """One expert before training: ``origin`` (left untouched) without ``cfg.depth``'s residual blocks (ranked on
+    a fixed sample of ``train_images``, unlabelled) and then channel-pruned with ``cfg.prune``. Its
+    ``seconds`` cover both steps. ``search.evaluation.estimate_cost`` counts the same model."""
+    if not cfg.depth.active:
+        return prune(origin, cfg.prune, example)
+    check_exclude(origin, cfg.prune.exclude)  # a typo fails even where its block is removed
+    reduced = remove_blocks(origin, cfg.depth, train_images, example[:1])
+    kept = {name for name, _ in reduced.model.named_modules()}
+    # names under a removed block have nothing left to protect
+    exclude = tuple(name for name in cfg.prune.exclude if name in kept)
+    pruned = prune(reduced.model, replace(cfg.prune, exclude=exclude), example)
+    pruned.seconds += reduced.seconds
+    pruned.params_before = count_params(origin)
+    return pruned
 
 
 def _expert_origins(

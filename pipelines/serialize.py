@@ -1,8 +1,9 @@
 """Save and load models without pickling code.
 
-A pruned model's architecture differs from its builder's (ModelSpeedup shrinks layers), so a checkpoint
+A pruned model's architecture differs from its builder's (ModelSpeedup shrinks layers, depth reduction
+replaces residual blocks by :class:`~pipelines.compress.depth.RemovedBlock`), so a checkpoint
 is three files: a description (the model's :class:`~pipelines.models.ModelSpec` and the dataset shape it
-was built for, :func:`describe_model`) plus the shape of every Conv2d / Linear / BatchNorm2d (``*.json``),
+was built for, :func:`describe_model`) plus the shape of every Conv2d / Linear / BatchNorm2d and every removed block (``*.json``),
 the state_dict (``*.pt``, loaded with ``torch.load(weights_only=True)``), and the state_dict's SHA-256
 recorded in the json. A file that does not match its recorded hash, or was written in another format
 version, is refused.
@@ -16,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pipelines.compress.depth import RemovedBlock
 from pipelines.errors import UntrustedFileError
 from pipelines.files import sha256_file
 from pipelines.models import ModelSpec
@@ -32,14 +34,19 @@ __all__ = [
 ]
 
 FORMAT_VERSION = 2  # 2: the description holds a ModelSpec (any model family), not a registry name
+# Removed blocks (``RemovedBlock`` entries) need no new version: a checkpoint without them is what version 2
+# always was, and a reader that predates them refuses one with them, naming the layer type.
 
 
 def describe_layers(model: nn.Module) -> dict[str, dict]:
     """Constructor arguments of every layer whose shape pruning can change (Conv2d, Linear, BatchNorm,
-    InstanceNorm, GroupNorm, PReLU), by qualified name."""
+    InstanceNorm, GroupNorm, PReLU), and every removed residual block (``RemovedBlock``), by qualified name.
+    A parent comes before its children (``named_modules`` order), so a removed block's place is set first."""
     layers: dict[str, dict] = {}
     for name, module in model.named_modules():
-        if isinstance(module, nn.Conv2d):
+        if isinstance(module, RemovedBlock):
+            layers[name] = {"type": "RemovedBlock"}
+        elif isinstance(module, nn.Conv2d):
             layers[name] = {
                 "type": "Conv2d",
                 "in_channels": module.in_channels,
@@ -108,6 +115,8 @@ def _make_layer(spec: dict) -> nn.Module:
         return nn.GroupNorm(spec["num_groups"], spec["num_channels"], eps=spec["eps"], affine=spec["affine"])
     if kind == "PReLU":
         return nn.PReLU(spec["num_parameters"])
+    if kind == "RemovedBlock":
+        return RemovedBlock()
     raise UntrustedFileError(f"layer type {kind!r} in an architecture description is not supported.")
 
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from pipelines.compress.depth import DepthConfig
 from pipelines.compress.prune import PruneConfig
 from pipelines.compress.quantize import QuantizeConfig
 from pipelines.data import AUGMENT_VIEWS, MEDMNIST_SIZES, USER_LAYOUTS, dataset_names
@@ -233,6 +234,8 @@ class Space:
     views: tuple[int, ...] = (
         1,
     )  # test-time symmetry views averaged per input: 1 | 2 | 4 | 8 (pipelines/moe.py)
+    # residual blocks removed before pruning (pipelines/compress/depth.py); 0..0: not searched
+    blocks_removed: IntRange = field(default_factory=lambda: IntRange(0, 0))
 
 
 LATENCY_SOURCES = ("measured", "predicted")
@@ -459,6 +462,11 @@ def _validate_space(cfg: SearchConfig) -> None:
     for end in ("low", "high"):
         _checked(
             lambda end=end: PruneConfig(getattr(sparsity, end)), {"prune.sparsity": f"space.sparsity.{end}"}
+        )
+    for end in ("low", "high"):
+        _checked(
+            lambda end=end: DepthConfig(blocks_removed=getattr(space.blocks_removed, end)),
+            {"depth.blocks_removed": f"space.blocks_removed.{end}"},
         )
     for pruner in space.pruner:
         _checked(lambda pruner=pruner: PruneConfig(0.0, pruner=pruner), {"prune.pruner": "space.pruner"})

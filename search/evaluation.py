@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from torch import nn
 
+from pipelines.compress.depth import DepthConfig
 from pipelines.compress.prune import PruneConfig
 from pipelines.compress.quantize import QuantizeConfig
 from pipelines.data import Dataset
@@ -26,7 +27,7 @@ from pipelines.deploy.bundle import agreement, deploy_moe
 from pipelines.deploy.latency_model import default_table_path, load_table, predict_deployed
 from pipelines.deploy.runtime import load_bundle, measure_moe_latency
 from pipelines.errors import CompressionError
-from pipelines.hybrid import DEFAULT_EXPERT_INIT, HybridConfig, compress_hybrid
+from pipelines.hybrid import DEFAULT_EXPERT_INIT, HybridConfig, compress_expert, compress_hybrid
 from pipelines.measure import count_macs, count_params, packed_size_bytes
 from pipelines.moe import DEFAULT_ROUTING, Gate, MoEConfig, moe_description, routing_table
 from pipelines.serialize import save_checkpoint
@@ -91,7 +92,7 @@ class TrialContext:
 
 def hybrid_config(params: dict, model: ModelSettings) -> HybridConfig:
     """The pipelines' configuration of a trial's parameters; a parameter the space does not search (a
-    one-choice ``routing``, ``expert_init`` or ``views``) takes the pipelines' default."""
+    one-choice ``routing``, ``expert_init`` or ``views``, or no ``blocks_removed``) takes the pipelines' default."""
     return HybridConfig(
         prune=PruneConfig(
             sparsity=float(params["sparsity"]),
@@ -110,6 +111,7 @@ def hybrid_config(params: dict, model: ModelSettings) -> HybridConfig:
             views=int(params.get("views", MoEConfig.views)),
         ),
         expert_init=params.get("expert_init", DEFAULT_EXPERT_INIT),
+        depth=DepthConfig(blocks_removed=int(params.get("blocks_removed", 0))),
     )
 
 
@@ -121,12 +123,12 @@ def _description(ctx: TrialContext, moe, gate_size: int) -> dict:
 
 
 def estimate_cost(ctx: TrialContext, params: dict) -> dict:
-    """MACs and packed size of a configuration before any training (prune + speedup only, ~1 s)."""
-    from pipelines.compress.prune import prune
-
+    """MACs and packed size of a configuration before any training (depth reduction, prune + speedup
+    only: seconds)."""
     cfg = hybrid_config(params, ctx.cfg.model)
     example = ctx.data.val.images[:2]
-    expert = prune(ctx.teacher, cfg.prune, example).model
+    # the expert that training starts from: removed blocks (if any) and pruned channels really gone
+    expert = compress_expert(ctx.teacher, cfg, ctx.data.train.images, example).model
     bits = cfg.quantize.bits
     expert_macs, gate_macs = count_macs(expert, example), 0
     size = cfg.moe.num_experts * packed_size_bytes(expert, bits)

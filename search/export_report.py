@@ -59,6 +59,7 @@ def _candidate_lines(rows: list[dict]) -> list[str]:
                 if params.get("num_experts", 1) > 1 and "expert_init" in params
                 else ""
             )
+            + (f", {params['blocks_removed']} block(s) removed" if params.get("blocks_removed") else "")
             + (f", {params['views']} test-time views" if params.get("views", 1) > 1 else "")
         )
         lines.append(

@@ -30,6 +30,7 @@ _COLUMNS = {
     "params": "params",
     "achieved_sparsity": "sparsity",
     "expert_init": "experts from",
+    "blocks_removed": "blocks removed",
 }
 
 
@@ -63,6 +64,7 @@ def trials_table(study: optuna.Study) -> pd.DataFrame:
                 "achieved_sparsity": training.achieved_sparsity,
                 "pruner": config.get("pruner"),
                 "sparsity": config.get("sparsity"),
+                "blocks_removed": config.get("blocks_removed", 0),
                 "bits": config.get("bits"),
                 "num_experts": config.get("num_experts"),
                 "top_k": config.get("effective_top_k", config.get("top_k")),
@@ -190,6 +192,7 @@ DISPLAY_COLUMNS = (
     "latency_ms",
     "size_kb",
     "sparsity",
+    "blocks_removed",
     "pruner",
     "bits",
     "num_experts",
@@ -204,8 +207,12 @@ DISPLAY_COLUMNS = (
 
 
 def display_columns(table: pd.DataFrame) -> pd.DataFrame:
-    """The columns a person reads, in reading order (those the table has)."""
-    return table[[column for column in DISPLAY_COLUMNS if column in table.columns]].copy()
+    """The columns a person reads, in reading order (those the table has; ``blocks_removed`` only where a
+    trial removed blocks)."""
+    columns = [column for column in DISPLAY_COLUMNS if column in table.columns]
+    if "blocks_removed" in columns and not (table["blocks_removed"].fillna(0) != 0).any():
+        columns.remove("blocks_removed")
+    return table[columns].copy()
 
 
 def format_table(table: pd.DataFrame, baseline: dict | None = None) -> str:
@@ -219,6 +226,7 @@ def format_table(table: pd.DataFrame, baseline: dict | None = None) -> str:
             "latency_ms": (baseline.get("latency") or {}).get("median_ms"),
             "size_kb": baseline.get("size_bytes_fp32", 0) / 1024,
             "sparsity": 0.0,
+            "blocks_removed": 0,
             "pruner": "-",
             "bits": 32,
             "num_experts": 1,
@@ -230,6 +238,8 @@ def format_table(table: pd.DataFrame, baseline: dict | None = None) -> str:
             "engine": "torch",
             "feasible": "",
         }
+        if "blocks_removed" not in shown.columns:
+            del reference["blocks_removed"]
         shown = pd.concat([shown, pd.DataFrame([reference])], ignore_index=True)
     shown = shown.rename(columns={**_COLUMNS, "num_experts": "experts"})
     return shown.to_string(index=False, float_format=lambda value: f"{value:.4g}")

@@ -142,6 +142,8 @@ def _describe(config: dict) -> str:
         f"{config.get('pruner')} {config.get('sparsity', 0):.2f}, {config.get('bits')}-bit, "
         f"{config.get('num_experts')} expert(s) top-{config.get('effective_top_k', config.get('top_k'))}, gate {config.get('gate_size')}"
     )
+    if config.get("blocks_removed"):
+        text += f", {config['blocks_removed']} block(s) removed"
     if config.get("num_experts", 1) > 1:
         text += f", {config.get('routing', DEFAULT_ROUTING)} routing, experts from {config.get('expert_init', DEFAULT_EXPERT_INIT)}"
     return text

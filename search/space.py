@@ -9,14 +9,15 @@ from __future__ import annotations
 from typing import Any
 
 from pipelines.hybrid import DEFAULT_EXPERT_INIT
-from search.config import Space
+from search.config import IntRange, Space
 from search.record import TrialRecord
 
-__all__ = ["GATE_ONLY", "INFERENCE_ONLY", "REFERENCE_BITS", "suggest", "baseline_params"]
+__all__ = ["NO_DEPTH", "GATE_ONLY", "INFERENCE_ONLY", "REFERENCE_BITS", "suggest", "baseline_params"]
 
 GATE_ONLY = ("gate_size", "routing", "expert_init")  # parameters a single expert (no gate) ignores
 INFERENCE_ONLY = ("views",)  # parameters that change inference only: a trained model is measured again
 REFERENCE_BITS = 32
+NO_DEPTH = IntRange(0, 0)  # a space without blocks_removed adds no parameter: older studies still match
 
 
 def suggest(trial: Any, space: Space) -> dict:
@@ -53,12 +54,16 @@ def suggest(trial: Any, space: Space) -> dict:
         params["expert_init"] = trial.suggest_categorical("expert_init", list(space.expert_init))
     if space.views != (1,):
         params["views"] = trial.suggest_categorical("views", list(space.views))
+    if space.blocks_removed != NO_DEPTH:
+        depth = space.blocks_removed
+        params["blocks_removed"] = trial.suggest_int("blocks_removed", depth.low, depth.high, step=depth.step)
     params["effective_top_k"] = min(params["top_k"], params["num_experts"])
     return params
 
 
 def baseline_params(space: Space) -> dict:
-    """The uncompressed reference point enqueued first: no pruning, fp32 weights, one expert."""
+    """The uncompressed reference point enqueued first: no pruning, no removed blocks, fp32 weights, one
+    expert."""
     params = {
         "sparsity": 0.0,
         "pruner": space.pruner[0],
@@ -73,6 +78,8 @@ def baseline_params(space: Space) -> dict:
         params["expert_init"] = space.expert_init[0]
     if space.views != (1,):
         params["views"] = min(space.views)
+    if space.blocks_removed != NO_DEPTH:
+        params["blocks_removed"] = 0
     if REFERENCE_BITS not in space.bits:
         del params["bits"]  # not a valid categorical choice: suggest() fills it in for the reference
     return params

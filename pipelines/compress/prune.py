@@ -62,6 +62,9 @@ def prune(model: nn.Module, cfg: PruneConfig, example_input: torch.Tensor) -> Pr
     before = count_params(pruned)
     if cfg.sparsity > 0:
         prune_and_speedup(pruned, cfg.pruner, cfg.sparsity, example_input, cfg.channel_multiple, cfg.exclude)
+        # ModelSpeedup's new layers start in train mode: a forward (the check below, a caller's evaluation)
+        # would move the BatchNorm statistics they copied from the teacher
+        pruned.eval()
         after = count_params(pruned)
         if after >= before:
             raise CompressionError(

@@ -95,3 +95,21 @@ def test_search_speed_reads_the_front_of_a_report_and_measures_it(tmp_path) -> N
     (tmp_path / "empty.md").write_text("# nothing\n")
     with pytest.raises(Exception, match="Pareto front"):
         front_points(tmp_path / "empty.md")
+
+
+def test_channel_multiple_benchmark_picks_the_sparsity_closest_to_the_macs_target() -> None:
+    from pipelines.compress.prune import PruneConfig, prune
+    from pipelines.measure import count_macs
+    from pipelines.models import build_model
+    from search.benchmarks.channel_multiple import SPARSITIES, sparsity_for_macs
+
+    example = torch.randn(1, 3, 28, 28)
+    teacher = build_model("resnet20", 3, 8)
+    target = 0.4 * count_macs(teacher, example)
+    sparsity, macs = sparsity_for_macs(target, 8, example)
+    assert sparsity in SPARSITIES and abs(macs - target) < 0.1 * target
+    # the shortcut count (stage widths kept by the multiple rule) is what NNI's pruning really gives
+    pruned = prune(
+        teacher, PruneConfig(sparsity=sparsity, channel_multiple=8), example.repeat(2, 1, 1, 1)
+    ).model
+    assert count_macs(pruned, example) == macs

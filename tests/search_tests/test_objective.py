@@ -302,3 +302,43 @@ def test_early_stop_stops_a_hopeless_trial_but_never_the_reference(
     assert EARLY_STOP in capsys.readouterr().out
     assert main(["report", str(folder)]) == 0
     assert EARLY_STOP in (folder / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_a_trial_with_blocks_removed_runs_end_to_end(
+    tmp_path: Path, synthetic_root: Path, monkeypatch
+) -> None:
+    """blocks_removed: the trial's model is shallower (its checkpoint rebuilds without the block), its MACs are
+    what estimate_cost predicted and fewer than the same pruning keeps without depth reduction."""
+    import torch
+
+    from pipelines.compress.depth import RemovedBlock
+    from pipelines.moe import rebuild_moe
+    from pipelines.serialize import load_checkpoint
+    from search.config import load_config
+    from search.evaluation import TrialContext, estimate_cost
+
+    monkeypatch.setenv("HYCOMP_RESULTS", str(tmp_path / "results"))
+    # resnet8's first block (8 -> 8 channels, stride 1) is its one block with an identity shortcut
+    space = _one_point_space(tmp_path, synthetic_root, "depth", blocks_removed={"low": 1, "high": 1})
+    assert main(["search", "--space", str(space), "--no-progress"]) == 0
+    folder = tmp_path / "results" / "depth"
+    study = optuna.load_study(study_name="depth", storage=f"sqlite:///{folder / 'study.db'}")
+    trial = next(
+        t for t in study.get_trials(states=(TrialState.COMPLETE,)) if not TrialRecord.of(t).is_repeat
+    )
+    record = TrialRecord.of(trial)
+    assert record.config["blocks_removed"] == 1
+    moe = rebuild_moe(*load_checkpoint(folder / "trials" / f"trial_{trial.number}" / "model"))
+    assert isinstance(moe.experts[0].layers[0][0], RemovedBlock)
+
+    from pipelines.data import load_dataset
+
+    cfg = load_config(space)
+    data = load_dataset("bloodmnist", synthetic_root, verify_md5=False)
+    teacher = cfg.model.spec.build(data.channels, data.num_classes, data.image_size).eval()
+    context = TrialContext(cfg, data, teacher, tmp_path)
+    shallow = estimate_cost(context, record.config)["mmacs"]
+    assert shallow == pytest.approx(record.measurement.mmacs, rel=1e-6)
+    assert shallow < estimate_cost(context, {**record.config, "blocks_removed": 0})["mmacs"]
+    assert torch.isfinite(torch.tensor(trial.values)).all()

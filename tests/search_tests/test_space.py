@@ -72,3 +72,15 @@ def test_views_are_a_parameter_only_when_there_is_a_choice() -> None:
     assert suggest(trial, cfg.space)["views"] in (1, 2, 4)
     assert isinstance(trial.distributions["views"], optuna.distributions.CategoricalDistribution)
     assert baseline_params(cfg.space)["views"] == 1  # the reference point: one plain pass
+
+
+def test_blocks_removed_is_a_parameter_only_when_searched() -> None:
+    """A space without ``blocks_removed`` adds no parameter; with it, an ordered integer, and 0 for the reference."""
+    study = optuna.create_study(directions=["maximize", "minimize", "minimize"])
+    assert "blocks_removed" not in suggest(study.ask(), parse_config({}).space)
+    assert "blocks_removed" not in baseline_params(parse_config({}).space)
+    cfg = parse_config({"space": {"blocks_removed": {"low": 1, "high": 6}}})
+    trial = study.ask()
+    assert 1 <= suggest(trial, cfg.space)["blocks_removed"] <= 6
+    assert isinstance(trial.distributions["blocks_removed"], optuna.distributions.IntDistribution)
+    assert baseline_params(cfg.space)["blocks_removed"] == 0  # the reference keeps every block

@@ -173,3 +173,16 @@ def test_grouped_convs_and_their_inputs_stay_unpruned() -> None:
     pruned = prune(model, PruneConfig(sparsity=0.5, channel_multiple=1), torch.randn(2, 3, 16, 16)).model
     assert (pruned.conv1.out_channels, pruned.grouped.out_channels) == (16, 16)
     assert pruned.conv3.out_channels == 16 and pruned.grouped.groups == 4
+
+
+def test_a_pruned_model_is_returned_in_eval_mode_with_the_teachers_statistics() -> None:
+    torch.manual_seed(0)
+    model = build_model("resnet8", 3, 8, 0.5).train()
+    with torch.no_grad():
+        model(torch.randn(64, 3, 28, 28) * 3 + 1)  # statistics far from BatchNorm's initial 0 / 1
+    model.eval()
+    pruned = prune(model, PruneConfig(sparsity=0.5, channel_multiple=1), EXAMPLE).model
+    # ModelSpeedup's new layers start in train mode; prune's own output check must not move their statistics
+    assert not any(module.training for module in pruned.modules())
+    kept = set(pruned.bn1.running_mean.tolist())
+    assert kept <= set(model.bn1.running_mean.tolist()) and len(kept) == pruned.bn1.num_features
