@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from pipelines.hybrid import DEFAULT_EXPERT_INIT
+from pipelines.moe import DEFAULT_LAYOUT
 from search.config import Space
 from search.record import TrialRecord
 
@@ -53,6 +54,11 @@ def suggest(trial: Any, space: Space) -> dict:
         params["expert_init"] = trial.suggest_categorical("expert_init", list(space.expert_init))
     if space.views != (1,):
         params["views"] = trial.suggest_categorical("views", list(space.views))
+    if space.layout != (DEFAULT_LAYOUT,):  # a one-choice space adds no parameter: older studies still match
+        params["layout"] = trial.suggest_categorical("layout", list(space.layout))
+    if params.get("layout") == "shared":  # where the experts start matters to the shared layout only
+        split = space.split_at
+        params["split_at"] = trial.suggest_int("split_at", split.low, split.high, step=split.step)
     params["effective_top_k"] = min(params["top_k"], params["num_experts"])
     return params
 
@@ -73,6 +79,10 @@ def baseline_params(space: Space) -> dict:
         params["expert_init"] = space.expert_init[0]
     if space.views != (1,):
         params["views"] = min(space.views)
+    if space.layout != (DEFAULT_LAYOUT,):
+        params["layout"] = space.layout[0]
+        if params["layout"] == "shared":
+            params["split_at"] = space.split_at.low
     if REFERENCE_BITS not in space.bits:
         del params["bits"]  # not a valid categorical choice: suggest() fills it in for the reference
     return params
