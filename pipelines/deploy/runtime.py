@@ -163,12 +163,7 @@ class BundleMoE:
             output = self.experts[0](images)
             expert_seconds = time.perf_counter() - tick
             total = time.perf_counter() - started
-            self.last_timing = {
-                "gate_and_routing": total - expert_seconds - trunk_seconds,
-                "experts": expert_seconds,
-                "trunk": trunk_seconds,
-                "total": total,
-            }
+            self._record_timing(total, expert_seconds, trunk_seconds)
             return output
         chosen, weights = self._route(images)
         expert_seconds = 0.0
@@ -186,15 +181,18 @@ class BundleMoE:
             # top-k picks distinct experts, so a row appears at most once per expert: plain += is safe.
             output[rows] += expert_out * weights[rows, slots][:, None]
         total = time.perf_counter() - started
-        self.last_timing = {
-            "gate_and_routing": total - expert_seconds - trunk_seconds,
-            "experts": expert_seconds,
-            "trunk": trunk_seconds,
-            "total": total,
-        }
+        self._record_timing(total, expert_seconds, trunk_seconds)
         if output is None:  # an empty batch: no expert ran
             output = np.zeros((0, self.experts[0].num_outputs or 0), dtype=np.float32)
         return output
+
+    def _record_timing(self, total: float, expert_seconds: float, trunk_seconds: float) -> None:
+        self.last_timing = {
+            "gate_and_routing": total - expert_seconds - trunk_seconds,
+            "experts": expert_seconds,
+            "total": total,
+            **({"trunk": trunk_seconds} if self.trunk is not None else {}),
+        }
 
     def __repr__(self) -> str:
         return (
