@@ -1,7 +1,7 @@
 """The hybrid compression pipeline of one configuration, end to end (torch only, no Optuna):
 
     teacher --remove residual blocks (depth)--> shallower --NNI prune + ModelSpeedup--> pruned --KD fine-tune--> expert
-            --copy K times + gate--> MoE --gate warm start, joint KD training (sparse top-k)-->
+            --copy K times + gate (or split: shared trunk + K expert tails)--> MoE --gate warm start, joint KD training (sparse top-k)-->
             --NNI QAT of experts (bits) and gate (8 bit), baked--> compressed MoE
 
 ``expert_init`` says where the K experts come from:
@@ -68,6 +68,11 @@ class HybridConfig:
     def __post_init__(self) -> None:
         if self.expert_init not in EXPERT_INITS:
             raise unknown_name("expert_init", self.expert_init, EXPERT_INITS)
+        if self.moe.layout == "shared" and self.expert_init != "copies":
+            raise ConfigError(
+                f"expert_init: {self.expert_init!r} prunes each expert from a different teacher, but moe.layout "
+                "'shared' splits one pruned network into trunk and experts. Use expert_init: copies."
+            )
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,11 @@ one expert + gate, not K. Two routing modes (``MoEConfig.routing``):
 Experts start as copies of one compressed model, or as different compressed models (one per teacher:
 ``pipelines.hybrid``, ``expert_init``); the gate is warm-started on the class groups.
 
+Layouts (``MoEConfig.layout``): ``separate`` (default) gives every expert a whole compressed network and
+the gate its own small conv net on the image; ``shared`` (:class:`SharedTrunkMoE`) runs the first stages
+of the compressed network once per input (the trunk), the gate reads the trunk's feature map
+(:class:`TrunkGate`), and each expert is a copy of the later stages from ``split_at`` on.
+
 Test-time views (``MoEConfig.views``): in eval mode the MoE averages its logits over the first ``views``
 symmetries of :mod:`pipelines.symmetry` (identity, horizontal flip, vertical flip, both, then
 their transposes), each routed on its own. It costs ``views`` times the MACs and latency of one pass and
@@ -31,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipelines import symmetry
+from pipelines import stages, symmetry
 from pipelines.data import Split
 from pipelines.errors import ConfigError
 from pipelines.models import ModelSpec
@@ -39,7 +44,11 @@ from pipelines.models import ModelSpec
 __all__ = [
     "MoEConfig",
     "Gate",
+    "TrunkGate",
     "MixtureOfExperts",
+    "SharedTrunkMoE",
+    "LAYOUTS",
+    "DEFAULT_LAYOUT",
     "build_moe",
     "class_groups",
     "warm_start_gate",
@@ -51,6 +60,8 @@ __all__ = [
 
 ROUTINGS = ("class-groups", "learned")
 DEFAULT_ROUTING = "class-groups"  # one default for MoEConfig, MixtureOfExperts and old checkpoints
+LAYOUTS = ("separate", "shared")
+DEFAULT_LAYOUT = "separate"  # what a configuration or checkpoint without a layout gets
 
 
 @dataclass(frozen=True)
@@ -62,6 +73,10 @@ class MoEConfig:
     routing: str = DEFAULT_ROUTING
     gate_loss_weight: float = 1.0  # class-groups routing: weight of the gate's cross-entropy
     views: int = 1  # test-time symmetry views averaged in eval mode (pipelines.symmetry.VIEWS); each costs one more pass
+    layout: str = (
+        DEFAULT_LAYOUT  # separate | shared (LAYOUTS): whole-network experts, or one trunk + expert tails
+    )
+    split_at: int = 1  # shared layout: the first stage the experts own (1..stages-1; checked on the model)
 
     def __post_init__(self) -> None:
         if not 1 <= self.num_experts <= 16:
@@ -80,6 +95,14 @@ class MoEConfig:
                 f"moe.routing: unknown value {self.routing!r}. Valid values: {', '.join(ROUTINGS)}."
             )
         symmetry.check_views(self.views, "moe.views")
+        if self.layout not in LAYOUTS:
+            raise ConfigError(
+                f"moe.layout: unknown value {self.layout!r}. Valid values: {', '.join(LAYOUTS)}."
+            )
+        if isinstance(self.split_at, bool) or not isinstance(self.split_at, int) or self.split_at < 1:
+            raise ConfigError(
+                f"moe.split_at: {self.split_at!r} must be an integer >= 1 (the first stage the experts own)."
+            )
 
 
 class Gate(nn.Module):
@@ -100,6 +123,21 @@ class Gate(nn.Module):
         out = self.relu1(self.bn1(self.conv1(x)))
         out = self.relu2(self.bn2(self.conv2(out)))
         return self.fc(torch.flatten(self.pool(out), 1))
+
+
+class TrunkGate(nn.Module):
+    """The shared layout's gate on the trunk's feature map: 1x1 conv to ``size`` channels + pooling + linear."""
+
+    def __init__(self, in_channels: int, num_experts: int, size: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, size, 1, bias=False)
+        self.bn = nn.BatchNorm2d(size)
+        self.relu = nn.ReLU()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(size, num_experts)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.pool(self.relu(self.bn(self.conv(features)))), 1))
 
 
 class MixtureOfExperts(nn.Module):
@@ -136,8 +174,20 @@ class MixtureOfExperts(nn.Module):
         """Name prefixes of parts that never run: the gate of a one-expert MoE (it has one choice)."""
         return ("gate.",) if self.num_experts == 1 else ()
 
+    def expert_input(self, images: torch.Tensor) -> torch.Tensor:
+        """What the gate and the experts read for ``images``: the images themselves in this layout."""
+        return images
+
+    def gate_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """The gate's scores (B, E) of ``images``."""
+        return self.gate(self.expert_input(images))
+
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(gate probabilities (B, E), chosen experts (B, k), combine weights (B, k))."""
+        """(gate probabilities (B, E), chosen experts (B, k), combine weights (B, k)) of images ``x``."""
+        return self._route(self.expert_input(x))
+
+    def _route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`route` on what the gate reads (the images, or the trunk's features)."""
         logits = self.gate(x)
         self._gate_logits = logits
         probabilities = F.softmax(logits.float(), dim=1)  # fp32 also under bf16 autocast
@@ -160,7 +210,7 @@ class MixtureOfExperts(nn.Module):
             self.last_routing = torch.zeros(x.shape[0], 1, dtype=torch.long)
             self._auxiliary = torch.zeros(())
             return self.experts[0](x)
-        probabilities, top_index, weights = self.route(x)
+        probabilities, top_index, weights = self._route(x)
         self.last_routing = top_index.detach()
         output = None
         for expert_id, expert in enumerate(self.experts):
@@ -209,8 +259,15 @@ def build_moe(
     """``cfg.num_experts`` experts behind a new gate of ``cfg.gate_size`` channels: deep copies of ``expert``,
     or of a list of experts taken in turn (expert i is a copy of ``expert[i mod len]``)."""
     torch.manual_seed(seed)
-    gate = Gate(in_channels, cfg.num_experts, cfg.gate_size)
     models = [expert] if isinstance(expert, nn.Module) else list(expert)
+    if cfg.layout == "shared":
+        if len(models) != 1:
+            raise ConfigError(
+                f"moe.layout: 'shared' splits ONE compressed network into trunk and experts, but {len(models)} "
+                "different networks were given (expert_init: teachers). Use expert_init: copies."
+            )
+        return build_shared_moe(models[0], cfg)
+    gate = Gate(in_channels, cfg.num_experts, cfg.gate_size)
     experts = [copy.deepcopy(models[index % len(models)]) for index in range(cfg.num_experts)]
     return MixtureOfExperts(
         gate,
@@ -218,6 +275,43 @@ def build_moe(
         cfg.top_k,
         cfg.balance_weight,
         cfg.routing,
+        gate_loss_weight=cfg.gate_loss_weight,
+        views=cfg.views,
+    )
+
+
+class SharedTrunkMoE(MixtureOfExperts):
+    """A Mixture-of-Experts over one trunk: the trunk runs once per input (and view), the gate and the
+    chosen experts read its feature map. Training, routing and views behave as in the separate layout."""
+
+    def __init__(
+        self, trunk: nn.Module, gate: nn.Module, experts: list[nn.Module], top_k: int, split_at: int, **kwargs
+    ) -> None:
+        super().__init__(gate, experts, top_k, **kwargs)
+        self.trunk = trunk
+        self.split_at = split_at
+
+    def expert_input(self, images: torch.Tensor) -> torch.Tensor:
+        """The trunk's feature map of ``images``."""
+        return self.trunk(images)
+
+    def _routed(self, x: torch.Tensor) -> torch.Tensor:
+        return super()._routed(self.trunk(x))
+
+
+def build_shared_moe(model: nn.Module, cfg: MoEConfig) -> SharedTrunkMoE:
+    """Split a (pruned) ``model`` at ``cfg.split_at``: one trunk (its first stages, pruned channels kept),
+    a :class:`TrunkGate` of ``cfg.gate_size`` channels, and ``cfg.num_experts`` copies of the later stages."""
+    trunk, tail = stages.split_model(copy.deepcopy(model), cfg.split_at)
+    gate = TrunkGate(stages.output_channels(trunk), cfg.num_experts, cfg.gate_size)
+    return SharedTrunkMoE(
+        trunk,
+        gate,
+        [copy.deepcopy(tail) for _ in range(cfg.num_experts)],
+        cfg.top_k,
+        cfg.split_at,
+        balance_weight=cfg.balance_weight,
+        routing=cfg.routing,
         gate_loss_weight=cfg.gate_loss_weight,
         views=cfg.views,
     )
@@ -302,11 +396,14 @@ def warm_start_gate(
     optimizer = torch.optim.Adam(moe.gate.parameters(), lr=3e-3)
     generator_seed = seed
     steps = max(1, int(epochs * (len(data) // 128 + 1)))
+    moe.eval()  # the trunk (shared layout) keeps its BatchNorm statistics; only the gate learns here
     moe.gate.train()
     done = 0
     while done < steps:
         for images, labels in data.batches(128, shuffle=True, augment=augment, seed=generator_seed):
-            loss = F.cross_entropy(moe.gate(images), target_of[labels])
+            with torch.no_grad():
+                inputs = moe.expert_input(images)
+            loss = F.cross_entropy(moe.gate(inputs), target_of[labels])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -351,6 +448,8 @@ def moe_description(
         "routing": moe.routing,
         "class_to_expert": moe.class_to_expert,
         "views": moe.views,
+        "layout": "shared" if isinstance(moe, SharedTrunkMoE) else DEFAULT_LAYOUT,
+        **({"split_at": moe.split_at} if isinstance(moe, SharedTrunkMoE) else {}),
     }
 
 
@@ -358,6 +457,22 @@ def rebuild_moe(description: dict, layers: dict, state: dict) -> MixtureOfExpert
     """Rebuild a (pruned) MoE from a checkpoint written with ``serialize.save_checkpoint``."""
     from pipelines.serialize import build_described, resize_layers
 
+    if description.get("layout", DEFAULT_LAYOUT) == "shared":
+        cfg = MoEConfig(
+            num_experts=description["num_experts"],
+            top_k=description["top_k"],
+            gate_size=description["gate_size"],
+            balance_weight=description["balance_weight"],
+            routing=description["routing"],
+            views=description["views"],
+            layout="shared",
+            split_at=description["split_at"],
+        )
+        moe = build_shared_moe(build_described(description), cfg)
+        moe.class_to_expert = description["class_to_expert"]
+        resize_layers(moe, layers)
+        moe.load_state_dict(state)
+        return moe.eval()
     experts = [build_described(description) for _ in range(description["num_experts"])]
     gate = Gate(description["in_channels"], description["num_experts"], description["gate_size"])
     moe = MixtureOfExperts(

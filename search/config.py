@@ -27,7 +27,8 @@ from pipelines.errors import ConfigError, unknown_name
 from pipelines.files import sha256_file
 from pipelines.hybrid import DEFAULT_EXPERT_INIT, HybridConfig, StageBudget
 from pipelines.models import ModelSpec
-from pipelines.moe import DEFAULT_ROUTING, MoEConfig
+from pipelines.moe import DEFAULT_LAYOUT, DEFAULT_ROUTING, MoEConfig
+from pipelines.stages import num_stages
 from pipelines.symmetry import check_views
 from pipelines.train import TrainConfig
 from search.samplers import check_sampler
@@ -236,6 +237,12 @@ class Space:
     )  # test-time symmetry views averaged per input: 1 | 2 | 4 | 8 (pipelines/moe.py)
     # residual blocks removed before pruning (pipelines/compress/depth.py); 0..0: not searched
     blocks_removed: IntRange = field(default_factory=lambda: IntRange(0, 0))
+    layout: tuple[str, ...] = (
+        DEFAULT_LAYOUT,
+    )  # separate | shared (one trunk + expert tails; pipelines/moe.py)
+    split_at: IntRange = field(
+        default_factory=lambda: IntRange(1, 1)
+    )  # shared layout: first stage of the experts
 
 
 LATENCY_SOURCES = ("measured", "predicted")
@@ -505,6 +512,15 @@ def _validate_space(cfg: SearchConfig) -> None:
             f"is {cfg.baseline.teachers}. Set baseline.teachers: 2 (or more), or remove 'teachers' from "
             "space.expert_init."
         )
+    for layout in space.layout:
+        _checked(lambda layout=layout: MoEConfig(layout=layout), {"moe.layout": "space.layout"})
+    for end in ("low", "high"):
+        _checked(
+            lambda end=end: MoEConfig(split_at=getattr(space.split_at, end)),
+            {"moe.split_at": f"space.split_at.{end}"},
+        )
+    if "shared" in space.layout:
+        _validate_shared(cfg)
     for views in space.views:
         check_views(views, "space.views")
         for prefix, budget in (("trial", cfg.trial), ("export", cfg.export)):
@@ -517,6 +533,26 @@ def _validate_space(cfg: SearchConfig) -> None:
                     f"({prefix}.augment: {budget.augment} covers {seen}). Use views up to {seen}, or set "
                     f"{prefix}.augment: d4 (all 8)."
                 )
+
+
+def _validate_shared(cfg: SearchConfig) -> None:
+    """``layout: shared`` needs one pruned network (expert_init copies) with a stage list reaching
+    ``split_at.high`` (checked on the untrained model, built small)."""
+    if "teachers" in cfg.space.expert_init:
+        raise ConfigError(
+            "space.layout: 'shared' splits one pruned network into trunk and experts, but space.expert_init "
+            "holds 'teachers' (experts from different networks). Search one of the two, not both."
+        )
+    try:
+        model = cfg.model.spec.build(3, 2, 32, with_checkpoint=False)
+    except ConfigError:
+        return  # the model section's own check reports it
+    stage_count = _checked(lambda: num_stages(model), {"moe.layout": "space.layout"})
+    if cfg.space.split_at.high > stage_count - 1:
+        raise ConfigError(
+            f"space.split_at.high: {cfg.space.split_at.high} is past the last stage the experts can start "
+            f"from: {cfg.model.spec.arch} has {stage_count} stages; use 1..{stage_count - 1}."
+        )
 
 
 def _validate_data(data: DataSettings) -> None:

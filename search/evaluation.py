@@ -29,7 +29,15 @@ from pipelines.deploy.runtime import load_bundle, measure_moe_latency
 from pipelines.errors import CompressionError
 from pipelines.hybrid import DEFAULT_EXPERT_INIT, HybridConfig, compress_expert, compress_hybrid
 from pipelines.measure import count_macs, count_params, packed_size_bytes
-from pipelines.moe import DEFAULT_ROUTING, Gate, MoEConfig, moe_description, routing_table
+from pipelines.moe import (
+    DEFAULT_LAYOUT,
+    DEFAULT_ROUTING,
+    Gate,
+    MoEConfig,
+    TrunkGate,
+    moe_description,
+    routing_table,
+)
 from pipelines.serialize import save_checkpoint
 from pipelines.train import evaluate
 from search.config import Budget, ModelSettings, SearchConfig, setup_fingerprint
@@ -109,6 +117,8 @@ def hybrid_config(params: dict, model: ModelSettings) -> HybridConfig:
             gate_size=int(params["gate_size"]),
             routing=params.get("routing", DEFAULT_ROUTING),
             views=int(params.get("views", MoEConfig.views)),
+            layout=params.get("layout", DEFAULT_LAYOUT),
+            split_at=int(params.get("split_at", MoEConfig.split_at)),
         ),
         expert_init=params.get("expert_init", DEFAULT_EXPERT_INIT),
         depth=DepthConfig(blocks_removed=int(params.get("blocks_removed", 0))),
@@ -130,6 +140,8 @@ def estimate_cost(ctx: TrialContext, params: dict) -> dict:
     # the expert that training starts from: removed blocks (if any) and pruned channels really gone
     expert = compress_expert(ctx.teacher, cfg, ctx.data.train.images, example).model
     bits = cfg.quantize.bits
+    if cfg.moe.layout == "shared":
+        return _shared_cost(expert, cfg.moe, bits, example)
     expert_macs, gate_macs = count_macs(expert, example), 0
     size = cfg.moe.num_experts * packed_size_bytes(expert, bits)
     if cfg.moe.num_experts > 1:  # a one-expert MoE skips its gate
@@ -138,6 +150,28 @@ def estimate_cost(ctx: TrialContext, params: dict) -> dict:
         size += packed_size_bytes(gate, min(bits, 8) if bits < 32 else 32)
     per_view = gate_macs + cfg.moe.top_k * expert_macs
     return {"mmacs": cfg.moe.views * per_view / 1e6, "size_kb": size / 1024}
+
+
+def _shared_cost(pruned: nn.Module, moe: MoEConfig, bits: int, example) -> dict:
+    """:func:`estimate_cost` of the shared layout: trunk + gate + top-k tails per view; size counts the
+    trunk, the gate (8 bits at most, skipped with one expert) and every tail. The trunk's first layer and
+    each tail's classifier keep 8 bits as QAT gives them; the estimate counts them at ``bits`` like the
+    separate layout's does."""
+    import torch
+
+    from pipelines.stages import output_channels, split_model
+
+    trunk, tail = split_model(pruned, moe.split_at)
+    with torch.no_grad():
+        features = trunk.eval()(example)
+    trunk_macs, tail_macs, gate_macs = count_macs(trunk, example), count_macs(tail, features), 0
+    size = packed_size_bytes(trunk, bits) + moe.num_experts * packed_size_bytes(tail, bits)
+    if moe.num_experts > 1:
+        gate = TrunkGate(output_channels(trunk), moe.num_experts, moe.gate_size)
+        gate_macs = count_macs(gate, features)
+        size += packed_size_bytes(gate, min(bits, 8) if bits < 32 else 32)
+    per_view = trunk_macs + gate_macs + moe.top_k * tail_macs
+    return {"mmacs": moe.views * per_view / 1e6, "size_kb": size / 1024}
 
 
 def stage_logger(label: str):

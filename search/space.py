@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from pipelines.hybrid import DEFAULT_EXPERT_INIT
+from pipelines.moe import DEFAULT_LAYOUT
 from search.config import IntRange, Space
 from search.record import TrialRecord
 
@@ -57,6 +58,11 @@ def suggest(trial: Any, space: Space) -> dict:
     if space.blocks_removed != NO_DEPTH:
         depth = space.blocks_removed
         params["blocks_removed"] = trial.suggest_int("blocks_removed", depth.low, depth.high, step=depth.step)
+    if space.layout != (DEFAULT_LAYOUT,):  # a one-choice space adds no parameter: older studies still match
+        params["layout"] = trial.suggest_categorical("layout", list(space.layout))
+    if params.get("layout") == "shared":  # where the experts start matters to the shared layout only
+        split = space.split_at
+        params["split_at"] = trial.suggest_int("split_at", split.low, split.high, step=split.step)
     params["effective_top_k"] = min(params["top_k"], params["num_experts"])
     return params
 
@@ -80,6 +86,10 @@ def baseline_params(space: Space) -> dict:
         params["views"] = min(space.views)
     if space.blocks_removed != NO_DEPTH:
         params["blocks_removed"] = 0
+    if space.layout != (DEFAULT_LAYOUT,):
+        params["layout"] = space.layout[0]
+        if params["layout"] == "shared":
+            params["split_at"] = space.split_at.low
     if REFERENCE_BITS not in space.bits:
         del params["bits"]  # not a valid categorical choice: suggest() fills it in for the reference
     return params

@@ -125,20 +125,36 @@ def _prime(model: nn.Module, example_input: torch.Tensor) -> None:
         if isinstance(module, nn.BatchNorm2d):
             module.eval()
     with torch.no_grad():
+        # the experts of a shared-trunk MoE read the trunk's features, not the image
+        expert_input = model.expert_input(example_input) if hasattr(model, "expert_input") else example_input
         for expert in getattr(model, "experts", []):
-            expert(example_input)
+            expert(expert_input)
         model(example_input)
     model.train()
 
 
 def _edge_layers(model: nn.Module, layers: list[str]) -> set[str]:
-    """First and last weight layer of every expert / the model itself (``experts.3.conv1``…)."""
+    """First and last weight layer of every expert / the model itself (``experts.3.conv1``…). With a
+    shared trunk the network's first layer is the trunk's and each expert's last layer is a classifier:
+    the trunk's last and the experts' first layers are inner layers and keep the searched width."""
     groups: dict[str, list[str]] = {}
     for name in layers:
         parts = name.split(".")
-        key = ".".join(parts[:2]) if parts[0] == "experts" else parts[0] if parts[0] == "gate" else ""
+        key = (
+            ".".join(parts[:2])
+            if parts[0] == "experts"
+            else parts[0]
+            if parts[0] in ("gate", "trunk")
+            else ""
+        )
         groups.setdefault(key, []).append(name)
+    shared = "trunk" in groups
     edges: set[str] = set()
-    for names in groups.values():
-        edges.update({names[0], names[-1]})
+    for key, names in groups.items():
+        if shared and key == "trunk":
+            edges.add(names[0])
+        elif shared and key.startswith("experts."):
+            edges.add(names[-1])
+        else:
+            edges.update({names[0], names[-1]})
     return edges

@@ -10,13 +10,13 @@ import torch
 from torch import nn
 
 from pipelines.deploy.int8 import quantize_with_grid
-from pipelines.deploy.manifest import SINGLE_FILE, Manifest, file_names
+from pipelines.deploy.manifest import SINGLE_FILE, Manifest, file_names, trunk_file_name
 from pipelines.deploy.onnx import export_onnx
 from pipelines.deploy.runtime import OrtModel, OrtMoE
 from pipelines.deploy.single_file import merge_moe_onnx
 from pipelines.errors import ConfigError, DataError
 from pipelines.files import sha256_file
-from pipelines.moe import MixtureOfExperts
+from pipelines.moe import MixtureOfExperts, SharedTrunkMoE
 
 __all__ = ["MIN_EXPERT_CALIBRATION", "agreement", "deploy_moe"]
 
@@ -36,6 +36,7 @@ _RESERVED = {
     "calibration",
     "weight_grid",
     "views",
+    "layout",
     "metadata",
     "manifest_sha256",
 }
@@ -58,6 +59,10 @@ def deploy_moe(
     The int8 gate is calibrated on all ``calibration_images``; each int8 expert on the images the torch
     gate routes to it (any of its top-k slots), or on all of them when fewer than
     ``MIN_EXPERT_CALIBRATION`` are routed there.
+
+    A shared-trunk MoE (:class:`~pipelines.moe.SharedTrunkMoE`) adds ``trunk.onnx`` (and its int8 twin,
+    calibrated on the images); its gate and experts take the trunk's feature map as input and are
+    calibrated on the features of the same images.
     """
     folder = Path(folder)
     extra_manifest = dict(extra_manifest or {})
@@ -75,26 +80,42 @@ def deploy_moe(
     folder.mkdir(parents=True, exist_ok=True)
     was_training = moe.training
     moe.eval()
+    shared = isinstance(moe, SharedTrunkMoE)
     try:
-        example = calibration_images[:2]
+        written: list[str] = []
+        calibration: dict[str, int] = {}
+        weight_grid: dict[str, dict[str, int]] = {}
+        if shared:
+            trunk_name = trunk_file_name("fp32")
+            export_onnx(moe.trunk, calibration_images[:2], folder / trunk_name)
+            written.append(trunk_name)
+            if int8:
+                int8_trunk = trunk_file_name("int8")
+                grid = quantize_with_grid(
+                    folder / trunk_name, folder / int8_trunk, calibration_images, "first"
+                )
+                weight_grid[int8_trunk] = {key: len(names) for key, names in grid.items()}
+                calibration[int8_trunk] = len(calibration_images)
+                written.append(int8_trunk)
+        with torch.no_grad():
+            inputs = moe.expert_input(calibration_images)  # what the gate and the experts read
+        example = inputs[:2]
         fp32_gate, fp32_experts = file_names(moe.num_experts, "fp32")
         export_onnx(moe.gate, example, folder / fp32_gate)
         for expert, name in zip(moe.experts, fp32_experts, strict=True):
             export_onnx(expert, example, folder / name)
-        written = [fp32_gate, *fp32_experts]
-        calibration: dict[str, int] = {}
-        weight_grid: dict[str, dict[str, int]] = {}
+        written += [fp32_gate, *fp32_experts]
         if int8:
             int8_gate, int8_experts = file_names(moe.num_experts, "int8")
             # The gate is a few percent of the MoE's MACs: all its 8-bit weights are held exactly.
-            grid = quantize_with_grid(folder / fp32_gate, folder / int8_gate, calibration_images, "all")
+            grid = quantize_with_grid(folder / fp32_gate, folder / int8_gate, inputs, "all")
             weight_grid[int8_gate] = {key: len(names) for key, names in grid.items()}
-            calibration[int8_gate] = len(calibration_images)
+            calibration[int8_gate] = len(inputs)
             with torch.no_grad():
                 _, chosen, _ = moe.route(calibration_images)
             for expert_id, (fp32_name, int8_name) in enumerate(zip(fp32_experts, int8_experts, strict=True)):
-                routed = calibration_images[(chosen == expert_id).any(dim=1)]
-                images = routed if len(routed) >= MIN_EXPERT_CALIBRATION else calibration_images
+                routed = inputs[(chosen == expert_id).any(dim=1)]
+                images = routed if len(routed) >= MIN_EXPERT_CALIBRATION else inputs
                 grid = quantize_with_grid(folder / fp32_name, folder / int8_name, images, "first")
                 weight_grid[int8_name] = {key: len(names) for key, names in grid.items()}
                 calibration[int8_name] = len(images)
@@ -108,6 +129,7 @@ def deploy_moe(
             moe.top_k,
             moe.views,
             folder / SINGLE_FILE,
+            trunk_path=folder / trunk_file_name("int8" if int8 else "fp32") if shared else None,
         )
         written.append(SINGLE_FILE)
     finally:
@@ -116,6 +138,7 @@ def deploy_moe(
         top_k=moe.top_k,
         num_experts=moe.num_experts,
         views=moe.views,
+        layout="shared" if shared else "separate",
         input_shape=tuple(calibration_images.shape[1:]),
         files={name: sha256_file(folder / name) for name in written},
         precision="int8" if int8 else "fp32",

@@ -902,6 +902,11 @@ def predict_deployed(
     from pipelines.deploy.manifest import file_names, read_manifest
 
     manifest = read_manifest(Path(folder))
+    if manifest.layout != "separate":
+        raise ConfigError(
+            f"measure.latency: 'predicted' models the separate layout only, and {folder} is a "
+            f"{manifest.layout}-layout bundle (a trunk before the gate). Use measure.latency: measured."
+        )
     gate_name, expert_names = file_names(manifest.num_experts, precision or manifest.precision)
     gate, experts = Path(folder) / gate_name, [Path(folder) / name for name in expert_names]
     if table.cpu == cpu_description():

@@ -20,7 +20,9 @@ __all__ = [
     "PRECISIONS",
     "SINGLE_FILE",
     "Manifest",
+    "LAYOUTS",
     "file_names",
+    "trunk_file_name",
     "read_manifest",
     "verified",
 ]
@@ -30,6 +32,10 @@ __all__ = [
 FORMAT_VERSION = 3
 BUNDLE_KIND = "hycomp-moe"
 PRECISIONS = ("fp32", "int8")
+LAYOUTS = (
+    "separate",
+    "shared",
+)  # pipelines.moe.LAYOUTS: experts on the image, or on a shared trunk's features
 _RE_EXPORT = "Re-run `hycomp export` (or deploy_moe) to write it again."
 
 
@@ -52,6 +58,7 @@ class Manifest:
     std: tuple[float, ...] | None = None
     params: dict = field(default_factory=dict)  # the search parameters of the model
     metadata: dict = field(default_factory=dict)
+    layout: str = "separate"  # shared: trunk.onnx runs first; the gate and experts read its feature map
     format_version: int = FORMAT_VERSION
     kind: str = BUNDLE_KIND
 
@@ -68,6 +75,11 @@ def file_names(num_experts: int, precision: str) -> tuple[str, list[str]]:
     """(gate file, expert files) of a bundle at ``precision``."""
     suffix = ".int8.onnx" if precision == "int8" else ".onnx"
     return f"gate{suffix}", [f"expert_{index}{suffix}" for index in range(num_experts)]
+
+
+def trunk_file_name(precision: str) -> str:
+    """The trunk file of a shared-layout bundle at ``precision``."""
+    return "trunk.int8.onnx" if precision == "int8" else "trunk.onnx"
 
 
 SINGLE_FILE = "model.onnx"
@@ -115,6 +127,7 @@ def _problems(raw: dict) -> list[str]:
             "a list of names",
         ),
         "params": (isinstance(raw.get("params", {}), dict), "an object"),
+        "layout": (raw.get("layout", "separate") in LAYOUTS, f"one of {list(LAYOUTS)}"),
         "metadata": (isinstance(raw.get("metadata", {}), dict), "an object"),
     }
     for key in ("mean", "std"):

@@ -60,6 +60,11 @@ def measure_routing_overhead(
             f"images: batch {max(batches)} needs at least {max(batches)} images, got {len(array)}."
         )
     manifest = read_manifest(folder)
+    if manifest.layout != "separate":
+        raise ConfigError(
+            f"folder: {folder} holds a {manifest.layout}-layout bundle; the routing overhead is measured for "
+            "the separate layout only (its experts read the image). Measure model.onnx's latency instead."
+        )
     _, expert_names = file_names(manifest.num_experts, manifest.precision)
     expert_paths = [verified(folder, name, manifest) for name in expert_names]
     merged_path = verified(folder, manifest.single_file, manifest)

@@ -17,7 +17,14 @@ import numpy as np
 
 from pipelines import symmetry
 from pipelines.deploy.engines import ENGINES, EngineModel, OrtModel, as_array, open_model
-from pipelines.deploy.manifest import PRECISIONS, Manifest, file_names, read_manifest, verified
+from pipelines.deploy.manifest import (
+    PRECISIONS,
+    Manifest,
+    file_names,
+    read_manifest,
+    trunk_file_name,
+    verified,
+)
 from pipelines.errors import ConfigError, DataError, unknown_name
 from pipelines.timing import measure_latency
 
@@ -46,9 +53,18 @@ class BundleMoE:
     :mod:`pipelines.symmetry`) and the logits of a sample's views are averaged.
     ``last_timing`` holds the seconds of the last call: ``experts`` (expert sessions only),
     ``gate_and_routing`` (everything else: gate, softmax, top-k, gathering and combining) and ``total``.
+    With a ``trunk`` (the shared layout) the trunk runs once on the (view-expanded) batch, the gate and the
+    experts on its feature map; ``last_timing["trunk"]`` holds its seconds (also outside the other two).
     """
 
-    def __init__(self, gate: EngineModel, experts: list[EngineModel], top_k: int, views: int = 1) -> None:
+    def __init__(
+        self,
+        gate: EngineModel,
+        experts: list[EngineModel],
+        top_k: int,
+        views: int = 1,
+        trunk: EngineModel | None = None,
+    ) -> None:
         if not experts:
             raise ConfigError("experts: the list is empty; a BundleMoE needs at least one expert.")
         if not 1 <= top_k <= len(experts):
@@ -61,6 +77,7 @@ class BundleMoE:
         symmetry.check_views(views, "views")
         self.gate = gate
         self.experts = list(experts)
+        self.trunk = trunk
         self.top_k = top_k
         self.views = views
         self.last_timing: dict[str, float] = {}
@@ -71,15 +88,19 @@ class BundleMoE:
         return len(self.experts)
 
     @property
+    def _models(self) -> tuple[EngineModel, ...]:
+        return (self.gate, *self.experts, *([self.trunk] if self.trunk is not None else []))
+
+    @property
     def precision(self) -> str:
         """``int8`` or ``fp32`` when all sessions agree, else ``mixed``."""
-        kinds = {model.precision for model in (self.gate, *self.experts)}
+        kinds = {model.precision for model in self._models}
         return kinds.pop() if len(kinds) == 1 else "mixed"
 
     @property
     def threads(self) -> int:
         """The intra-op thread count of the models (``ConfigError`` if they differ)."""
-        counts = {model.threads for model in (self.gate, *self.experts)}
+        counts = {model.threads for model in self._models}
         if len(counts) != 1:
             raise ConfigError(
                 f"BundleMoE models use different thread counts {sorted(counts)}; load them alike."
@@ -97,7 +118,7 @@ class BundleMoE:
         return self._shared("version")
 
     def _shared(self, attribute: str) -> str:
-        values = {getattr(model, attribute) for model in (self.gate, *self.experts)}
+        values = {getattr(model, attribute) for model in self._models}
         if len(values) != 1:
             raise ConfigError(
                 f"BundleMoE models use different {attribute}s {sorted(values)}; load them with one engine."
@@ -110,7 +131,11 @@ class BundleMoE:
 
     def route(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(chosen expert ids (B, k) int64, best first; combine weights (B, k) float32, rows sum to 1)."""
-        probabilities = softmax(self.gate(images))
+        return self._route(self.trunk(images) if self.trunk is not None else images)
+
+    def _route(self, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`route` on what the gate reads (the images, or the trunk's feature map)."""
+        probabilities = softmax(self.gate(inputs))
         # A stable sort of -p gives torch.topk's order (descending, lowest index first on ties).
         chosen = np.argsort(-probabilities, axis=1, kind="stable")[:, : self.top_k]
         top_values = np.take_along_axis(probabilities, chosen, axis=1)
@@ -128,12 +153,19 @@ class BundleMoE:
         return output.reshape(self.views, len(images), -1).mean(axis=0)
 
     def _routed(self, images: np.ndarray, started: float) -> np.ndarray:
+        trunk_seconds = 0.0
+        if self.trunk is not None:
+            tick = time.perf_counter()
+            images = self.trunk(images)  # the feature map the gate and the experts read
+            trunk_seconds = time.perf_counter() - tick
         if self.num_experts == 1:  # the gate has one choice: skip it, as MixtureOfExperts.forward does
+            tick = time.perf_counter()
             output = self.experts[0](images)
+            expert_seconds = time.perf_counter() - tick
             total = time.perf_counter() - started
-            self.last_timing = {"gate_and_routing": 0.0, "experts": total, "total": total}
+            self._record_timing(total, expert_seconds, trunk_seconds)
             return output
-        chosen, weights = self.route(images)
+        chosen, weights = self._route(images)
         expert_seconds = 0.0
         output: np.ndarray | None = None
         for expert_id, expert in enumerate(self.experts):
@@ -149,19 +181,23 @@ class BundleMoE:
             # top-k picks distinct experts, so a row appears at most once per expert: plain += is safe.
             output[rows] += expert_out * weights[rows, slots][:, None]
         total = time.perf_counter() - started
-        self.last_timing = {
-            "gate_and_routing": total - expert_seconds,
-            "experts": expert_seconds,
-            "total": total,
-        }
+        self._record_timing(total, expert_seconds, trunk_seconds)
         if output is None:  # an empty batch: no expert ran
             output = np.zeros((0, self.experts[0].num_outputs or 0), dtype=np.float32)
         return output
 
+    def _record_timing(self, total: float, expert_seconds: float, trunk_seconds: float) -> None:
+        self.last_timing = {
+            "gate_and_routing": total - expert_seconds - trunk_seconds,
+            "experts": expert_seconds,
+            "total": total,
+            **({"trunk": trunk_seconds} if self.trunk is not None else {}),
+        }
+
     def __repr__(self) -> str:
         return (
             f"BundleMoE(num_experts={self.num_experts}, top_k={self.top_k}, views={self.views}, "
-            f"precision={self.precision!r})"
+            f"precision={self.precision!r}, shared_trunk={self.trunk is not None})"
         )
 
 
@@ -241,8 +277,9 @@ def load_bundle(
     manifest = read_manifest(folder)
     chosen = precision or manifest.precision
     gate_name, expert_names = file_names(manifest.num_experts, chosen)
+    trunk_names = [trunk_file_name(chosen)] if manifest.layout == "shared" else []
     if chosen != manifest.precision and any(
-        name not in manifest.files for name in (gate_name, *expert_names)
+        name not in manifest.files for name in (gate_name, *expert_names, *trunk_names)
     ):
         raise ConfigError(
             f"precision: the bundle in {folder} has no {chosen} files (it was deployed as "
@@ -250,7 +287,8 @@ def load_bundle(
         )
     gate = open_model(verified(folder, gate_name, manifest), engine, threads)
     experts = [open_model(verified(folder, name, manifest), engine, threads) for name in expert_names]
-    bundle = BundleMoE(gate, experts, manifest.top_k, manifest.views)
+    trunk = open_model(verified(folder, trunk_names[0], manifest), engine, threads) if trunk_names else None
+    bundle = BundleMoE(gate, experts, manifest.top_k, manifest.views, trunk=trunk)
     bundle.manifest = manifest
     return bundle
 

@@ -221,11 +221,13 @@ def merge_moe_onnx(
     top_k: int,
     views: int,
     out_path: Path,
+    trunk_path: Path | None = None,
 ) -> Path:
     """Write ``out_path``: one ONNX model equal to the bundle's gate + experts with numpy routing
     (``OrtMoE``): input ``input`` float32 (B, C, H, W), already normalized; output ``output`` (B, classes).
 
-    One expert runs alone (no gate; ``gate_path`` may be None). Example:
+    One expert runs alone (no gate; ``gate_path`` may be None). With ``trunk_path`` (the shared layout) the
+    trunk runs once on the (view-expanded) batch and the gate and the experts read its feature map. Example:
     ``merge_moe_onnx(Path("gate.int8.onnx"), [Path("expert_0.int8.onnx"), ...], 1, 2, Path("model.onnx"))``.
     """
     if not expert_paths:
@@ -240,16 +242,28 @@ def merge_moe_onnx(
     if len(widths) != 1:
         raise DataError(f"expert_paths: the experts give different numbers of classes {sorted(widths)}.")
     classes = widths.pop()
-    source_input = experts[0].graph.input[0]
     models = list(experts)
     builder = _Builder()
-    images = _views(builder, source_input.name, views)
+    value_info: list[onnx.ValueInfoProto] = []
+    if trunk_path is None:
+        source_input = experts[0].graph.input[0]
+        images = _views(builder, source_input.name, views)
+    else:
+        trunk_model = _load(trunk_path, "trunk_path")
+        models.append(trunk_model)
+        trunk = _prefixed(trunk_model, "trunk/")
+        source_input = helper.make_value_info("input", trunk_model.graph.input[0].type)
+        builder.op("Identity", [_views(builder, source_input.name, views)], output=trunk.input[0].name)
+        builder.nodes.extend(trunk.node)
+        builder.initializers.extend(trunk.initializer)
+        value_info.extend(trunk.value_info)
+        images = trunk.output[0].name  # what the gate and the experts read
     if len(experts) == 1:  # the gate has one choice: skipped, as MixtureOfExperts.forward does
         expert = _prefixed(experts[0], "expert_0/")
         builder.op("Identity", [images], output=expert.input[0].name)
         builder.nodes.extend(expert.node)
         builder.initializers.extend(expert.initializer)
-        value_info = list(expert.value_info)
+        value_info.extend(expert.value_info)
         combined = expert.output[0].name
     else:
         if gate_path is None:
@@ -264,7 +278,7 @@ def merge_moe_onnx(
         builder.op("Identity", [images], output=gate.input[0].name)
         builder.nodes.extend(gate.node)
         builder.initializers.extend(gate.initializer)
-        value_info = list(gate.value_info)
+        value_info.extend(gate.value_info)
         probabilities = builder.op("Softmax", [gate.output[0].name], "probabilities", axis=1)
         # TopK returns the largest first and, among equal values, the lowest index first (torch.topk's order).
         top_values = builder.name("top_values")
@@ -310,11 +324,14 @@ def merge_moe_onnx(
         initializer=builder.initializers,
         value_info=value_info,
     )
+    trunk_note = "" if trunk_path is None else ", on a shared trunk"
     merged = helper.make_model(
         graph,
         opset_imports=_opsets(models),
         producer_name="hycomp",
-        doc_string=f"Mixture-of-Experts: {len(experts)} expert(s), top-{top_k}, {views} test-time view(s).",
+        doc_string=(
+            f"Mixture-of-Experts: {len(experts)} expert(s), top-{top_k}, {views} test-time view(s){trunk_note}."
+        ),
     )
     merged.ir_version = max(model.ir_version for model in models)
     onnx.checker.check_model(merged, full_check=True)
