@@ -16,7 +16,7 @@ from pathlib import Path
 
 from pipelines.errors import ConfigError
 
-__all__ = ["LatencyStats", "measure_latency", "cpu_description"]
+__all__ = ["InterleavedStats", "LatencyStats", "cpu_description", "measure_interleaved", "measure_latency"]
 
 
 def _version(package: str) -> str | None:
@@ -107,7 +107,12 @@ def measure_latency(
         tick = time.perf_counter()
         run()
         samples.append((time.perf_counter() - tick) * 1000.0)
-    samples.sort()
+    return _stats(samples, backend=backend, threads=threads, batch=batch, warmup=warmup)
+
+
+def _stats(samples: list[float], *, backend: str, threads: int, batch: int, warmup: int) -> LatencyStats:
+    """LatencyStats of call times in milliseconds."""
+    samples = sorted(samples)
 
     def quantile(q: float) -> float:
         return samples[min(len(samples) - 1, int(q * len(samples)))]
@@ -124,3 +129,95 @@ def measure_latency(
         backend=backend,
         versions=_versions(),
     )
+
+
+@dataclass
+class InterleavedStats:
+    """Two callables timed in alternating rounds, so both see the same machine load.
+
+    ``ratio`` (= ``ratio_round_median``) is the one to compare: the median over rounds of the ratio of
+    the two rounds' medians cancels load that drifts slower than a round, and a burst hits one round only.
+    ``ratio_median`` (median / median over all calls) and ``ratio_min`` (min / min) are kept beside it.
+    """
+
+    candidate: LatencyStats
+    reference: LatencyStats
+    ratio_median: float
+    ratio_min: float
+    ratio_round_median: float
+    round_ratios: list[float]
+    rounds: int
+    calls_per_round: int
+
+    @property
+    def ratio(self) -> float:
+        """Candidate time / reference time: below 1 means the candidate is faster."""
+        return self.ratio_round_median
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "ratio": self.ratio}
+
+
+def measure_interleaved(
+    candidate: Callable[[], object],
+    reference: Callable[[], object],
+    *,
+    rounds: int,
+    calls_per_round: int,
+    warmup: int,
+    backend: str | tuple[str, str],
+    threads: int,
+    batch: int,
+) -> InterleavedStats:
+    """Time ``candidate()`` against ``reference()`` in ``rounds`` alternating rounds of ``calls_per_round``
+    calls each, after ``warmup`` untimed calls of both. The order flips every round (A B, B A, A B, ...)
+    so neither always runs right after the other. ``backend`` is one label for both or a (candidate,
+    reference) pair.
+
+    Example: ``measure_interleaved(openvino_run, ort_run, rounds=20, calls_per_round=10, warmup=5,
+    backend=("openvino", "onnxruntime"), threads=1, batch=1).ratio``.
+    """
+    if rounds < 1 or calls_per_round < 1 or warmup < 0:
+        raise ConfigError(
+            f"rounds and calls_per_round must be >= 1 and warmup >= 0, got rounds={rounds}, "
+            f"calls_per_round={calls_per_round}, warmup={warmup}."
+        )
+    candidate_backend, reference_backend = (backend, backend) if isinstance(backend, str) else backend
+    for _ in range(warmup):
+        candidate()
+        reference()
+    runs = {"candidate": candidate, "reference": reference}
+    samples: dict[str, list[float]] = {"candidate": [], "reference": []}
+    round_ratios: list[float] = []
+    for round_index in range(rounds):
+        order = ("candidate", "reference") if round_index % 2 == 0 else ("reference", "candidate")
+        medians = {}
+        for name in order:
+            run, round_samples = runs[name], []
+            for _ in range(calls_per_round):
+                tick = time.perf_counter()
+                run()
+                round_samples.append((time.perf_counter() - tick) * 1000.0)
+            samples[name].extend(round_samples)
+            medians[name] = statistics.median(round_samples)
+        round_ratios.append(_ratio(medians["candidate"], medians["reference"]))
+    candidate_stats = _stats(
+        samples["candidate"], backend=candidate_backend, threads=threads, batch=batch, warmup=warmup
+    )
+    reference_stats = _stats(
+        samples["reference"], backend=reference_backend, threads=threads, batch=batch, warmup=warmup
+    )
+    return InterleavedStats(
+        candidate=candidate_stats,
+        reference=reference_stats,
+        ratio_median=_ratio(candidate_stats.median_ms, reference_stats.median_ms),
+        ratio_min=_ratio(candidate_stats.min_ms, reference_stats.min_ms),
+        ratio_round_median=statistics.median(round_ratios),
+        round_ratios=round_ratios,
+        rounds=rounds,
+        calls_per_round=calls_per_round,
+    )
+
+
+def _ratio(numerator: float, denominator: float) -> float:
+    return numerator / denominator if denominator > 0 else float("inf")

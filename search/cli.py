@@ -4,7 +4,7 @@
     hycomp baseline --space … [--jobs N]          train / load the cached fp32 teacher(s), N at a time
     hycomp front    results/<study>                Pareto front: table, front.csv, front.png, HTML views
     hycomp export   results/<study> --trial N | --pick knee | --max-latency-ms X …
-    hycomp predict  BUNDLE IMAGES.npz|IMAGE…      run an exported bundle with ONNX Runtime alone
+    hycomp predict  BUNDLE IMAGES.npz|IMAGE… [--engine onnxruntime|openvino]   run a bundle, no torch
 
 Bad input exits with code 2 and one message naming the field, the value and the fix (no traceback).
 Ctrl-C stops cleanly: the running trial is marked failed, completed ones are kept; re-run to resume.
@@ -539,7 +539,7 @@ class ExperimentCommand:
 
 class PredictCommand:
     name = "predict"
-    help = "classify images with an exported bundle (ONNX Runtime only)"
+    help = "classify images with an exported bundle (ONNX Runtime or OpenVINO, no torch)"
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("bundle", help="an export's bundle/ folder (or the export folder)")
@@ -549,14 +549,23 @@ class PredictCommand:
             help="a MedMNIST-style .npz (uses test_images/test_labels, or images/labels) or image files",
         )
         parser.add_argument("--split", default="test", help="which split of an .npz to read (default test)")
-        parser.add_argument("--threads", type=COUNT, default=1, help="ONNX Runtime threads")
+        parser.add_argument("--threads", type=COUNT, default=1, help="inference engine threads")
+        parser.add_argument(
+            "--engine",
+            default="onnxruntime",
+            help="CPU inference engine: onnxruntime (default) or openvino",
+        )
         parser.add_argument("--limit", type=COUNT, help="print at most this many predictions")
 
     def take_action(self, args: argparse.Namespace) -> int:
         from search.predict import predict_files
 
         result = predict_files(
-            Path(args.bundle), [Path(p) for p in args.inputs], split=args.split, threads=args.threads
+            Path(args.bundle),
+            [Path(p) for p in args.inputs],
+            split=args.split,
+            threads=args.threads,
+            engine=args.engine,
         )
         for index, (name, label) in enumerate(zip(result["names"], result["labels"], strict=True)):
             if args.limit is not None and index >= args.limit:
@@ -624,7 +633,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     if getattr(args, "quiet", False):  # progress is the "hycomp" logger's INFO lines (search.progress)
         log.setLevel(logging.WARNING)
-    if args.command != "predict":  # predict runs on ONNX Runtime alone: no Optuna, no torch
+    if args.command != "predict":  # predict runs on an inference engine alone: no Optuna, no torch
         import optuna
 
         from search.workers import quiet_warnings

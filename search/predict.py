@@ -1,4 +1,4 @@
-"""Run an exported bundle on new images with ONNX Runtime and numpy alone (no torch, no NNI, no training
+"""Run an exported bundle on new images with a CPU inference engine (ONNX Runtime or OpenVINO) and numpy alone (no torch, no NNI, no training
 code): read .npz or image files, check they fit the model, normalize as the manifest says, classify."""
 
 from __future__ import annotations
@@ -8,9 +8,10 @@ from pathlib import Path
 
 import numpy as np
 
+from pipelines.deploy.engines import ENGINES
 from pipelines.deploy.manifest import Manifest, read_manifest
 from pipelines.deploy.runtime import load_bundle
-from pipelines.errors import ConfigError, DataError
+from pipelines.errors import ConfigError, DataError, unknown_name
 
 __all__ = ["predict_files", "read_images"]
 
@@ -125,14 +126,18 @@ def _normalized(raw: np.ndarray, manifest: Manifest, bundle: Path) -> np.ndarray
     return (raw.transpose(0, 3, 1, 2).astype(np.float32) / 255.0 - mean) / std
 
 
-def predict_files(bundle_path: Path, inputs: list[Path], split: str = "test", threads: int = 1) -> dict:
-    """Class predictions of the bundle for every input image: names, labels, indices, and accuracy when
-    the inputs carry labels."""
+def predict_files(
+    bundle_path: Path, inputs: list[Path], split: str = "test", threads: int = 1, engine: str = "onnxruntime"
+) -> dict:
+    """Class predictions of the bundle, run on ``engine``, for every input image: names, labels, indices,
+    accuracy when the inputs carry labels, and the engine's label."""
+    if engine not in ENGINES:  # before reading any image: a typo costs nothing
+        raise unknown_name("engine", engine, ENGINES)
     folder = _bundle_folder(bundle_path)
     manifest = read_manifest(folder)
     names, raw, labels = read_images(inputs, split)
     images = _normalized(raw, manifest, folder)
-    bundle = load_bundle(folder, threads=threads)
+    bundle = load_bundle(folder, threads=threads, engine=engine)
     logits = np.concatenate([bundle(images[index : index + 256]) for index in range(0, len(images), 256)])
     predicted = logits.argmax(axis=1)
     class_names = list(manifest.class_names or [str(index) for index in range(logits.shape[1])])
@@ -141,4 +146,5 @@ def predict_files(bundle_path: Path, inputs: list[Path], split: str = "test", th
         "labels": [class_names[index] for index in predicted],
         "indices": predicted.tolist(),
         "accuracy": float((predicted == labels).mean()) if labels is not None else None,
+        "engine": bundle.label(),
     }

@@ -44,11 +44,12 @@ def _rgb(count: int = 4, size: int = 28) -> np.ndarray:
     return np.random.default_rng(0).integers(0, 256, (count, size, size, 3), dtype=np.uint8)
 
 
-def test_predict_runs_without_torch(bundle: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("engine", ["onnxruntime", "openvino"])
+def test_predict_runs_without_torch(bundle: Path, tmp_path: Path, engine: str) -> None:
     data = _npz(tmp_path / "images.npz", _rgb())
     code = (
         "import sys\nfrom search.cli import main\n"
-        f"code = main(['predict', {str(bundle)!r}, {str(data)!r}])\n"
+        f"code = main(['predict', {str(bundle)!r}, {str(data)!r}, '--engine', {engine!r}])\n"
         "print('TORCH_LOADED' if 'torch' in sys.modules else 'NO_TORCH', code)\n"
     )
     completed = subprocess.run(
@@ -133,3 +134,23 @@ def test_untrusted_bundles_are_refused(bundle: Path, tmp_path: Path, capsys, edi
     data = _npz(tmp_path / "images.npz", _rgb())
     copy = _edited(bundle, tmp_path, edit)
     _refused(capsys, ["predict", str(copy), str(data)], "manifest.json", expected, "hycomp export")
+
+
+def test_predict_on_openvino_gives_the_onnxruntime_classes(bundle: Path, tmp_path: Path, capsys) -> None:
+    pytest.importorskip("openvino")
+    data = _npz(tmp_path / "images.npz", _rgb(8))
+    assert main(["predict", str(bundle), str(data)]) == 0
+    onnxruntime_output = capsys.readouterr().out
+    assert main(["predict", str(bundle), str(data), "--engine", "openvino"]) == 0
+    assert capsys.readouterr().out == onnxruntime_output
+
+
+def test_an_unknown_engine_is_refused(bundle: Path, tmp_path: Path, capsys) -> None:
+    data = _npz(tmp_path / "images.npz", _rgb())
+    _refused(
+        capsys,
+        ["predict", str(bundle), str(data), "--engine", "tensorrt"],
+        "engine",
+        "'tensorrt'",
+        "onnxruntime, openvino",
+    )
