@@ -24,7 +24,7 @@ from pipelines.deploy.manifest import read_manifest
 from pipelines.deploy.runtime import backend_label, load_bundle
 from pipelines.errors import ConfigError, HycompError
 from pipelines.moe import Gate, MixtureOfExperts
-from pipelines.timing import LatencyStats, measure_latency
+from pipelines.timing import LatencyStats, measure_interleaved, measure_latency
 from search.config import AUTO, MeasureSettings, SearchConfig
 
 __all__ = [
@@ -247,8 +247,6 @@ def time_against_teacher(
     """Time ``bundle`` interleaved with ``teacher_bundle`` (both loaded on the reference's engine and threads)
     on one ``image`` at batch 1. Returns the interleaved statistics and the median share of the trial model's
     calls spent outside its experts (gate and routing; None for a model without a ``last_timing``)."""
-    from pipelines.timing import measure_interleaved  # TODO(engines merge): top-level import
-
     shares: list[float] = []
 
     def candidate() -> object:

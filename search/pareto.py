@@ -80,6 +80,14 @@ def front_numbers(study: optuna.Study, latency: Latencies | None = None) -> set[
     return {trial.number for trial in front}
 
 
+def _ratio(measured, latency_ms: float) -> float | None:
+    """The model's latency over the teacher's behind ``latency_ms``: re-timed latencies keep the study's
+    scale (ratio x the teacher's quiet median), so the search-time ratio scales with them."""
+    if measured.latency_ratio is None or measured.latency_ms <= 0:
+        return measured.latency_ratio
+    return measured.latency_ratio * latency_ms / measured.latency_ms
+
+
 def trials_table(study: optuna.Study, latency: Latencies | None = None) -> pd.DataFrame:
     """Every completed trial, one row each, with its objectives, settings and front membership; ``latency``
     (re-timed quietly, :mod:`search.remeasure`) replaces the search-time latency of the trials it holds."""
@@ -99,7 +107,7 @@ def trials_table(study: optuna.Study, latency: Latencies | None = None) -> pd.Da
                 "mmacs": trial.values[1],
                 "latency_ms": trial.values[2],
                 "search_latency_ms": measured.latency_ms,
-                "latency_ratio": measured.latency_ratio,
+                "latency_ratio": _ratio(measured, trial.values[2]),
                 "remeasured": trial.number in (latency or {}),
                 "size_kb": measured.size_kb,
                 "params": measured.params,
