@@ -2,7 +2,7 @@
 
     hycomp search   --space search_spaces/bloodmnist.yaml [--data-root DIR] [--storage URL] [--trials N]
     hycomp baseline --space … [--jobs N]          train / load the cached fp32 teacher(s), N at a time
-    hycomp front    results/<study>                Pareto front: table, front.csv, front.png, HTML views
+    hycomp front    results/<study> [--remeasure]  Pareto front: table, front.csv, front.png, HTML views
     hycomp export   results/<study> --trial N | --pick knee | --max-latency-ms X …
     hycomp predict  BUNDLE IMAGES.npz|IMAGE… [--engine onnxruntime|openvino]   run a bundle, no torch
 

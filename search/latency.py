@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import copy
 import logging
+import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from optuna.trial import TrialState
 
 from pipelines.deploy.bundle import deploy_moe
 from pipelines.deploy.engines import ENGINES, engine_available, engine_version
@@ -135,10 +137,9 @@ def deploy_reference(cfg: SearchConfig, data, teacher, study_folder: Path) -> Pa
     moe = MixtureOfExperts(Gate(data.channels, 1, 4), [copy.deepcopy(teacher)], top_k=1).eval()
     calibration = data.train.subset(min(1.0, 512 / max(1, len(data.train))), seed=cfg.seed).images
     staging = folder.with_name("bundle.partial")
+    shutil.rmtree(staging, ignore_errors=True)  # left by an interrupted run
     deploy_moe(moe, staging, calibration, int8=True, extra_manifest={"dataset": data.name, "role": "teacher"})
     if folder.exists():
-        import shutil
-
         shutil.rmtree(folder)
     staging.replace(folder)
     return folder
@@ -231,6 +232,15 @@ def study_reference(cfg: SearchConfig, data, teacher, study_folder: Path, study,
     reference = choose_engine(cfg, folder, image, timer)
     study.set_user_attr(LATENCY_KEY, reference.to_dict())
     log.info(reference.summary())
+    earlier = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if earlier:  # a study made before trials were timed against the teacher
+        log.warning(
+            "study %s: its %d completed trial(s) were timed alone, not against the teacher; their latencies are "
+            "on another scale. `hycomp front %s --remeasure` re-times the front on this one.",
+            study.study_name,
+            len(earlier),
+            study_folder,
+        )
     return reference
 
 

@@ -53,8 +53,8 @@ def test_search_runs_and_records_everything(searched: dict) -> None:
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     records = {t.number: TrialRecord.of(t) for t in complete}
     assert len([t for t in complete if not records[t.number].is_repeat]) == 3
-    reference = stored_reference(study)  # chosen at the start, before any trial
-    assert reference.engine in reference.timings and reference.teacher_median_ms > 0
+    yardstick = stored_reference(study)  # chosen at the start, before any trial
+    assert yardstick.engine in yardstick.timings and yardstick.teacher_median_ms > 0
     assert (folder / "reference" / "bundle" / "manifest.json").exists()
     assert study.metric_names == ["val_accuracy", "mmacs", "latency_ms"]
     reference = records[0]
@@ -67,8 +67,8 @@ def test_search_runs_and_records_everything(searched: dict) -> None:
         assert records[trial.number].seconds["total"] > 0
         assert measured.latency["batch"] == 1 and measured.latency["threads"] == 1
         # timed against the teacher's int8 bundle on the study's engine, scored by the ratio
-        assert measured.engine == reference.engine and reference.engine in measured.latency["backend"]
-        assert measured.latency_ms == pytest.approx(measured.latency_ratio * reference.teacher_median_ms)
+        assert measured.engine == yardstick.engine and yardstick.engine in measured.latency["backend"]
+        assert measured.latency_ms == pytest.approx(measured.latency_ratio * yardstick.teacher_median_ms)
         assert measured.teacher_latency["median_ms"] > 0 and measured.teacher_latency["batch"] == 1
     sampled = [t for t in complete if t.number > 0]
     assert all(records[t.number].training.achieved_sparsity > 0.1 for t in sampled)

@@ -168,3 +168,20 @@ def test_a_reference_round_trips_and_a_foreign_one_is_refused() -> None:
         LatencyReference.from_dict(
             {key: value for key, value in reference.to_dict().items() if key != "engine"}, "here"
         )
+
+
+def test_a_study_with_trials_timed_alone_is_warned_about(
+    both_installed, tiny_data, teacher, reference_folder, caplog
+) -> None:
+    study = optuna.create_study(directions=["maximize", "minimize", "minimize"])
+    study.add_trial(optuna.trial.create_trial(values=[0.9, 1.0, 0.5]))
+    with caplog.at_level("WARNING", logger="hycomp"):
+        study_reference(
+            parse_config({}),
+            tiny_data,
+            teacher,
+            reference_folder,
+            study,
+            _timer({"onnxruntime": 1.0, "openvino": 2.0}),
+        )
+    assert "1 completed trial(s) were timed alone" in caplog.text and "--remeasure" in caplog.text
