@@ -1,8 +1,9 @@
 """The torch side of a trial, without Optuna: train a configuration's model, measure a trained model.
 
 Training (:func:`train_model`) compresses the teacher with the configuration; measuring (:func:`measure`)
-saves a trained model with the trial's inference settings (test-time views), deploys it to ONNX Runtime
-and records accuracy, MACs, size and latency of what is deployed. The two are separate because one
+saves a trained model with the trial's inference settings (test-time views), deploys it as ONNX, runs it on
+the study's engine and records accuracy, MACs, size and latency (against the teacher: :mod:`search.latency`)
+of what is deployed. The two are separate because one
 trained model is measured under several inference settings (:mod:`search.model_cache`).
 """
 
