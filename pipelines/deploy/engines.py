@@ -177,9 +177,9 @@ def _openvino_core() -> Any:
 
 class OpenVinoModel(EngineModel):
     """One OpenVINO CPU compiled model tuned for small-batch latency (LATENCY hint, one stream, ``threads``
-    inference threads) with one reusable infer request. Non-quantized layers run in f32, as ONNX Runtime's
-    do: the CPU plugin's default on bf16-capable CPUs is bf16, which would change the logits of fp32
-    files; int8 QDQ files still run int8 kernels. The batch dimension stays dynamic.
+    unpinned inference threads) with one reusable infer request. Non-quantized layers run in f32, as
+    ONNX Runtime's do: the CPU plugin's default on bf16-capable CPUs is bf16, which would change the logits
+    of fp32 files; int8 QDQ files still run int8 kernels. The batch dimension stays dynamic.
 
     Example: ``logits = OpenVinoModel(Path("model.int8.onnx"), threads=1)(images)``.
     """
@@ -195,6 +195,9 @@ class OpenVinoModel(EngineModel):
             "NUM_STREAMS": "1",
             "INFERENCE_NUM_THREADS": str(threads),
             "INFERENCE_PRECISION_HINT": "f32",
+            # Unpinned, like ONNX Runtime's explicitly sized pool: a thread pinned to a core that another
+            # process is using waits instead of moving.
+            "ENABLE_CPU_PINNING": False,
         }
         self.compiled = core.compile_model(model, "CPU", config)
         self.request = self.compiled.create_infer_request()
