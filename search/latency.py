@@ -220,9 +220,18 @@ def check_resumable(cfg: SearchConfig, reference: LatencyReference, study) -> No
         )
 
 
-def study_reference(cfg: SearchConfig, data, teacher, study_folder: Path, study, timer: Timer = time_quietly):
+def study_reference(
+    cfg: SearchConfig,
+    data,
+    teacher,
+    study_folder: Path,
+    study,
+    timer: Timer = time_quietly,
+    warn_earlier: bool = True,
+) -> LatencyReference:
     """The study's latency reference: the stored one (a resumed study, a worker), or chosen now and stored.
-    The teacher bundle is deployed into the study folder when missing. Logs the choice."""
+    The teacher bundle is deployed into the study folder when missing. Logs the choice, and with
+    ``warn_earlier`` warns about trials that were timed before it (alone, on another scale)."""
     folder = deploy_reference(cfg, data, teacher, study_folder)
     reference = stored_reference(study)
     if reference is not None:
@@ -233,7 +242,7 @@ def study_reference(cfg: SearchConfig, data, teacher, study_folder: Path, study,
     study.set_user_attr(LATENCY_KEY, reference.to_dict())
     log.info(reference.summary())
     earlier = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    if earlier:  # a study made before trials were timed against the teacher
+    if earlier and warn_earlier:  # a study made before trials were timed against the teacher
         log.warning(
             "study %s: its %d completed trial(s) were timed alone, not against the teacher; their latencies are "
             "on another scale. `hycomp front %s --remeasure` re-times the front on this one.",

@@ -20,7 +20,7 @@ from optuna.trial import TrialState
 from pipelines.errors import ConfigError
 from pipelines.hybrid import DEFAULT_EXPERT_INIT
 from pipelines.moe import DEFAULT_ROUTING
-from search.latency import LatencyReference
+from search.latency import LatencyReference, stored_reference
 from search.record import TrialRecord
 from search.space import GATE_ONLY
 
@@ -80,12 +80,12 @@ def front_numbers(study: optuna.Study, latency: Latencies | None = None) -> set[
     return {trial.number for trial in front}
 
 
-def _ratio(measured, latency_ms: float) -> float | None:
-    """The model's latency over the teacher's behind ``latency_ms``: re-timed latencies keep the study's
-    scale (ratio x the teacher's quiet median), so the search-time ratio scales with them."""
-    if measured.latency_ratio is None or measured.latency_ms <= 0:
-        return measured.latency_ratio
-    return measured.latency_ratio * latency_ms / measured.latency_ms
+def _ratio(measured, latency_ms: float, remeasured: bool, teacher_ms: float | None) -> float | None:
+    """The model's latency over the teacher's behind ``latency_ms``: a latency timed against the teacher (at
+    search time or re-timed) is that ratio times the teacher's quiet median, on the study's one scale."""
+    if teacher_ms is None or not (remeasured or measured.latency_ratio is not None):
+        return None  # timed alone (a study made before the teacher yardstick), never re-timed
+    return latency_ms / teacher_ms
 
 
 def trials_table(study: optuna.Study, latency: Latencies | None = None) -> pd.DataFrame:
@@ -94,6 +94,9 @@ def trials_table(study: optuna.Study, latency: Latencies | None = None) -> pd.Da
     records = {trial.number: TrialRecord.of(trial) for trial in study.get_trials(deepcopy=False)}
     # A trial that reused an identical earlier trial's result (``repeat_of``) is listed, not on the front.
     front = {number for number in front_numbers(study, latency) if not records[number].is_repeat}
+    yardstick = stored_reference(study)
+    teacher_ms = yardstick.teacher_median_ms if yardstick is not None else None
+    latency = latency or {}
     rows = []
     for trial in completed_with_latency(study, latency):
         record = records[trial.number]
@@ -107,8 +110,8 @@ def trials_table(study: optuna.Study, latency: Latencies | None = None) -> pd.Da
                 "mmacs": trial.values[1],
                 "latency_ms": trial.values[2],
                 "search_latency_ms": measured.latency_ms,
-                "latency_ratio": _ratio(measured, trial.values[2]),
-                "remeasured": trial.number in (latency or {}),
+                "latency_ratio": _ratio(measured, trial.values[2], trial.number in latency, teacher_ms),
+                "remeasured": trial.number in latency,
                 "size_kb": measured.size_kb,
                 "params": measured.params,
                 "achieved_sparsity": training.achieved_sparsity,
