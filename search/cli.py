@@ -2,7 +2,7 @@
 
     hycomp search   --space search_spaces/bloodmnist.yaml [--data-root DIR] [--storage URL] [--trials N]
     hycomp baseline --space … [--jobs N]          train / load the cached fp32 teacher(s), N at a time
-    hycomp front    results/<study>                Pareto front: table, front.csv, front.png, HTML views
+    hycomp front    results/<study> [--remeasure]  Pareto front: table, front.csv, front.png, HTML views
     hycomp export   results/<study> --trial N | --pick knee | --max-latency-ms X …
     hycomp predict  BUNDLE IMAGES.npz|IMAGE… [--engine onnxruntime|openvino]   run a bundle, no torch
     hycomp profile  MODEL|BUNDLE|STUDY… [--engine E] [--threads N] [--profile FILE [--any-cpu]]
@@ -203,27 +203,47 @@ def _open(args: argparse.Namespace):
 
 class FrontCommand:
     name = "front"
-    help = "show the Pareto front (table, CSV, PNG, HTML)"
+    help = "show the Pareto front (table, CSV, PNG, HTML); --remeasure re-times its models quietly first"
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         _add_study_arguments(parser)
         parser.add_argument(
             "--all", action="store_true", help="show every completed trial, not only the front"
         )
+        parser.add_argument(
+            "--remeasure",
+            action="store_true",
+            help="re-time the front's models now, one at a time against the study's teacher bundle, into "
+            "remeasured.json (run it on an otherwise idle machine); the front then uses those latencies",
+        )
+        parser.add_argument(
+            "--rounds", type=COUNT, help="with --remeasure: interleaved rounds per model (default 30)"
+        )
 
     def take_action(self, args: argparse.Namespace) -> int:
         from pipelines.errors import ConfigError
+        from search.latency import stored_reference
         from search.pareto import failures_table, format_table, front_table, repeat_count, trials_table
         from search.plots import plot_front_html, plot_front_png
+        from search.remeasure import DEFAULT_ROUNDS, SIDECAR, load_remeasured, remeasure_front
 
+        if args.rounds is not None and not args.remeasure:
+            raise ConfigError("--rounds: sets how --remeasure times the models; pass --remeasure with it.")
         folder, cfg, study = _open(args)
         table = trials_table(study)
         if table.empty:
             raise ConfigError(
                 f"study {study.study_name!r} in {folder} has no completed trials yet. Run `hycomp search` first."
             )
-        front = front_table(study)
+        if args.remeasure:
+            rows = remeasure_front(cfg, study, folder, args.rounds or DEFAULT_ROUNDS)
+            print(_remeasured_table(rows))
+            print(f"wrote {folder / SIDECAR} (the search-time figures are kept beside the new ones)\n")
+        remeasured = load_remeasured(folder)
+        table = trials_table(study, remeasured)
+        front = front_table(study, remeasured)
         baseline = study.user_attrs.get("baseline")
+        reference = stored_reference(study)
         shown = table.sort_values("val_accuracy", ascending=False) if args.all else front
         repeats = repeat_count(table)
         reused = f", +{repeats} repeated configuration(s)" if repeats else ""
@@ -231,12 +251,8 @@ class FrontCommand:
             f"Pareto front of {study.study_name} ({len(front)} of {len(table) - repeats} completed trials{reused}; "
             "objectives: val acc max, MMACs min, latency min)"
         )
-        print(format_table(shown, baseline))
-        threads = int(table["latency_threads"].iloc[0])
-        print(
-            f"latency: median batch-1 ms on ONNX Runtime ({threads} thread(s)), precision in column 'engine'; "
-            "teacher row: torch fp32 eager. MACs per input = gate + top_k experts (FLOPs = 2 x MACs)."
-        )
+        print(format_table(shown, baseline, reference))
+        print(_latency_note(table, reference, bool(remeasured)))
         failures = failures_table(study)
         if not failures.empty:
             print(f"\n{len(failures)} failed, rejected or stopped trial(s):")
@@ -249,6 +265,37 @@ class FrontCommand:
             f"\nwrote {folder / 'front.csv'}, {folder / 'trials.csv'}, {png}, {', '.join(str(p) for p in html)}"
         )
         return 0
+
+
+def _remeasured_table(rows: list[dict]) -> str:
+    """trial, MMACs, search-time ms, quiet ms, ratio: one line per re-timed model."""
+    lines = [f"{'trial':>5}  {'MMACs':>8}  {'search ms':>9}  {'quiet ms':>8}  {'x teacher':>9}"]
+    lines += [
+        f"{row['trial']:>5}  {row['mmacs']:>8.3f}  {row['search_ms']:>9.3f}  {row['quiet_ms']:>8.3f}  "
+        f"{row['ratio']:>9.3f}"
+        for row in rows
+    ]
+    return "\n".join(lines)
+
+
+def _latency_note(table, reference, remeasured: bool) -> str:
+    """What the latency column means for this study."""
+    threads = int(table["latency_threads"].iloc[0])
+    if reference is None:  # a study made before trials were timed against the teacher
+        return (
+            f"latency: median batch-1 ms on ONNX Runtime ({threads} thread(s)), precision in column 'engine'; "
+            "teacher row: torch fp32 eager. MACs per input = gate + top_k experts (FLOPs = 2 x MACs)."
+        )
+    source = (
+        "re-timed quietly by --remeasure where column 'remeasured' is true (trials.csv), at search time elsewhere"
+        if remeasured
+        else "timed during the search"
+    )
+    return (
+        f"latency: batch-1 ms on {reference.engine} {reference.version} ({threads} thread(s)) = 'x teacher' (the "
+        f"model's time over the int8 teacher's, timed interleaved) x the teacher's quiet {reference.teacher_median_ms:.3f} "
+        f"ms at the study's start; {source}. MACs per input = gate + top_k experts (FLOPs = 2 x MACs)."
+    )
 
 
 BUDGET_FLAGS = ("--max-latency-ms", "--max-size-kb", "--max-mmacs")
@@ -315,9 +362,11 @@ class ExportCommand:
         from search.candidates import export_best
         from search.export import export_trial
         from search.pareto import pick_candidates, pick_trial
+        from search.remeasure import load_remeasured
 
         _check_choice(args)
         folder, cfg, study = _open(args)
+        remeasured = load_remeasured(folder)  # quiet latencies of `front --remeasure`, where there are any
         if args.data_root:
             cfg = cfg.replace(data={"root": args.data_root})
         elif cfg.data.root is None and os.environ.get("HYCOMP_DATA_ROOT"):
@@ -335,6 +384,7 @@ class ExportCommand:
                 max_latency_ms=args.max_latency_ms,
                 max_size_kb=args.max_size_kb,
                 max_mmacs=args.max_mmacs,
+                latency=remeasured,
             )
             print(
                 f"retraining {len(picks)} candidate(s) at the full budget ({args.jobs} at a time): trials "
@@ -363,6 +413,7 @@ class ExportCommand:
             max_latency_ms=args.max_latency_ms,
             max_size_kb=args.max_size_kb,
             max_mmacs=args.max_mmacs,
+            latency=remeasured,
         )
         print(f"exporting trial {pick.trial}: {pick.reason}")
         report = export_trial(

@@ -23,6 +23,7 @@ from pipelines.compress.depth import DepthConfig
 from pipelines.compress.prune import PruneConfig
 from pipelines.compress.quantize import QuantizeConfig
 from pipelines.data import AUGMENT_VIEWS, MEDMNIST_SIZES, USER_LAYOUTS, dataset_names
+from pipelines.deploy.engines import ENGINES
 from pipelines.errors import ConfigError, unknown_name
 from pipelines.files import sha256_file
 from pipelines.hybrid import DEFAULT_EXPERT_INIT, HybridConfig, StageBudget
@@ -248,16 +249,33 @@ class Space:
 LATENCY_SOURCES = ("measured", "predicted")
 
 
+ENGINE_SETTINGS: tuple[str, ...] = (AUTO, *ENGINES)  # measure.engine
+
+
 @dataclass(frozen=True)
 class MeasureSettings:
+    """How trials are timed: at batch 1 on ``engine`` with ``latency_threads`` threads, interleaved with the
+    teacher's int8 bundle (:mod:`search.latency`): ``latency_repeats`` timed calls of each, in
+    ``latency_rounds`` rounds that alternate the two, so a busy machine slows both alike."""
+
     latency_threads: int = 1
-    latency_repeats: int = 30
-    int8_engine: bool = True  # trials are timed on ONNX Runtime int8 (fp32 for 32-bit trials)
+    latency_repeats: int = 30  # timed calls of the trial's model (and as many of the teacher's) per trial
+    latency_rounds: int = 10  # rounds those calls are split into (at most latency_repeats)
+    int8_engine: bool = True  # trials are deployed int8 (fp32 for 32-bit trials)
+    engine: str = AUTO  # auto (the faster one on the teacher at the study's start) | onnxruntime | openvino
     # measured: each trial's bundle is timed; predicted: its latency comes from the per-device kernel table
     # (pipelines.deploy.latency_model), kept under <results>/profiles/ unless ``profile`` names a file.
     latency: str = "measured"
     profile: str | None = None
     profile_any_cpu: bool = False  # accept a ``profile`` measured on another CPU (a cross-device prediction)
+
+    @property
+    def rounds(self) -> int:
+        return min(self.latency_rounds, self.latency_repeats)
+
+    @property
+    def calls_per_round(self) -> int:
+        return math.ceil(self.latency_repeats / self.rounds)
 
 
 @dataclass(frozen=True)
@@ -417,6 +435,9 @@ def _validate(cfg: SearchConfig) -> None:
             "measure.profile_any_cpu: true needs measure.profile, the table of the other device; set it or "
             "drop profile_any_cpu."
         )
+    _check_range("measure.latency_rounds", cfg.measure.latency_rounds, 1, 10000)
+    if cfg.measure.engine not in ENGINE_SETTINGS:
+        raise unknown_name("measure.engine", cfg.measure.engine, ENGINE_SETTINGS)
     for name in ("max_latency_ms", "max_size_kb", "max_mmacs"):
         value = getattr(cfg.constraints, name)
         if value is not None and value <= 0:

@@ -1,8 +1,9 @@
 """The torch side of a trial, without Optuna: train a configuration's model, measure a trained model.
 
 Training (:func:`train_model`) compresses the teacher with the configuration; measuring (:func:`measure`)
-saves a trained model with the trial's inference settings (test-time views), deploys it to ONNX Runtime
-and records accuracy, MACs, size and latency of what is deployed. The two are separate because one
+saves a trained model with the trial's inference settings (test-time views), deploys it as ONNX, runs it on
+the study's engine and records accuracy, MACs, size and latency (against the teacher: :mod:`search.latency`)
+of what is deployed. The two are separate because one
 trained model is measured under several inference settings (:mod:`search.model_cache`).
 """
 
@@ -26,7 +27,7 @@ from pipelines.data import Dataset
 from pipelines.deploy.bundle import agreement, deploy_moe
 from pipelines.deploy.latency_model import default_table_path, load_table, predict_deployed
 from pipelines.deploy.runtime import load_bundle, measure_moe_latency
-from pipelines.errors import CompressionError
+from pipelines.errors import CompressionError, ConfigError
 from pipelines.hybrid import DEFAULT_EXPERT_INIT, HybridConfig, compress_expert, compress_hybrid
 from pipelines.measure import count_macs, count_params, packed_size_bytes
 from pipelines.moe import (
@@ -41,6 +42,7 @@ from pipelines.moe import (
 from pipelines.serialize import save_checkpoint
 from pipelines.train import evaluate
 from search.config import Budget, ModelSettings, SearchConfig, setup_fingerprint
+from search.latency import LatencyReference, reference_bundle, time_against_teacher
 from search.model_cache import TrainedModel
 from search.record import Measurement, Training, TrialRecord
 from search.targets import compute_targets, distillation_targets
@@ -69,6 +71,9 @@ class TrialContext:
     # The cache keys of ``distill_from`` (search.baseline.baseline_key): with them, distillation targets are
     # kept under the results root's baselines/ and shared by every process; without, computed here only.
     teacher_keys: tuple[str, ...] = ()
+    # The study's engine and teacher latency (search.latency.study_reference): trials are timed interleaved
+    # with the teacher's bundle and scored by the ratio. None: timed alone on ONNX Runtime (no study).
+    latency: LatencyReference | None = None
     _ensembles: dict[str, Dataset] = field(default_factory=dict, repr=False)
 
     def setup(self) -> str:
@@ -271,7 +276,9 @@ def measure(
             "params": dict(params),
         },
     )
-    bundle = load_bundle(folder / "bundle", threads=threads)
+    reference = ctx.latency
+    engine = reference.engine if reference is not None else "onnxruntime"
+    bundle = load_bundle(folder / "bundle", threads=threads, engine=engine)
     seconds["deploy"] = time.perf_counter() - started
 
     started = time.perf_counter()
@@ -284,9 +291,7 @@ def measure(
     if cfg.measure.latency == "predicted":
         timing = predicted_timing(ctx, folder / "bundle", threads, val_images[:1])
     else:
-        timing = measure_moe_latency(
-            bundle, val_images[:1], threads=threads, batch=1, repeats=repeats, warmup=5
-        )
+        timing = _time(ctx, bundle, val_images[:1], threads, repeats)
     macs = count_macs(moe, data.val.images)  # routed: gate + the experts each val image (and view) used
     size = packed_size_bytes(moe, lambda name: bits_by_layer.get(name, 32), skip=moe.idle_parts)
     seconds["measure"] = time.perf_counter() - started
@@ -295,7 +300,7 @@ def measure(
         val_accuracy=deployed_val,
         val_accuracy_torch=torch_val,
         mmacs=macs / 1e6,
-        latency_ms=timing["latency"]["median_ms"],
+        latency_ms=timing["latency_ms"],
         latency=timing["latency"],
         routing_share=timing["routing_share"],
         size_kb=size / 1024,
@@ -305,6 +310,10 @@ def measure(
         top1_agreement_with_torch=agree["top1_agreement"],
         routing_per_class=table.tolist(),
         effective_top_k=hybrid.moe.top_k,
+        engine=engine,
+        latency_ratio=timing["latency_ratio"],
+        latency_ratio_min=timing["latency_ratio_min"],
+        teacher_latency=timing["teacher_latency"],
     )
     return measurement, seconds
 
@@ -315,11 +324,53 @@ def predicted_timing(ctx: TrialContext, bundle: Path, threads: int, image: np.nd
     ``image`` routes (the image a measured timing would use)."""
     settings = ctx.cfg.measure
     root = ctx.study_folder.parent
-    path = Path(settings.profile) if settings.profile else default_table_path(root, "onnxruntime", threads)
-    table = load_table(path, "onnxruntime", threads, any_cpu=settings.profile_any_cpu)
+    engine = ctx.latency.engine if ctx.latency is not None else "onnxruntime"  # the study's engine
+    path = Path(settings.profile) if settings.profile else default_table_path(root, engine, threads)
+    table = load_table(path, engine, threads, any_cpu=settings.profile_any_cpu)
     milliseconds = predict_deployed(bundle, table, image=image)
     latency = {"median_ms": milliseconds, "source": "predicted", "table": str(path), "cpu": table.cpu}
-    return {"latency": latency, "routing_share": None}
+    return {
+        "latency": latency,
+        "routing_share": None,
+        "latency_ms": milliseconds,
+        "latency_ratio": None,
+        "latency_ratio_min": None,
+        "teacher_latency": None,
+    }
+
+
+def _time(ctx: TrialContext, bundle, image: np.ndarray, threads: int, repeats: int) -> dict:
+    """The batch-1 latency of a deployed ``bundle``: with the study's reference, interleaved with the teacher's
+    bundle on its engine (``latency_ms`` = ratio x the teacher's quiet median); without, alone."""
+    reference = ctx.latency
+    if reference is None:
+        timing = measure_moe_latency(bundle, image, threads=threads, batch=1, repeats=repeats, warmup=5)
+        return {
+            **timing,
+            "latency_ms": timing["latency"]["median_ms"],
+            "latency_ratio": None,
+            "latency_ratio_min": None,
+            "teacher_latency": None,
+        }
+    if threads != reference.threads:
+        raise ConfigError(
+            f"threads: {threads}, but the study's teacher latency was timed with {reference.threads} thread(s); "
+            "its ratio would compare unlike runs. Measure with the study's measure.latency_threads."
+        )
+    teacher = load_bundle(reference_bundle(ctx.study_folder), threads=threads, engine=reference.engine)
+    settings = ctx.cfg.measure
+    rounds = min(settings.rounds, repeats)
+    stats, share = time_against_teacher(
+        bundle, teacher, image, reference, rounds=rounds, calls_per_round=math.ceil(repeats / rounds)
+    )
+    return {
+        "latency": stats.candidate.as_dict(),
+        "routing_share": share,
+        "latency_ms": stats.ratio * reference.teacher_median_ms,
+        "latency_ratio": stats.ratio,
+        "latency_ratio_min": stats.ratio_min,
+        "teacher_latency": stats.reference.as_dict(),
+    }
 
 
 def log_measured(label: str, seconds: dict[str, float]) -> None:

@@ -3,7 +3,8 @@
 Objectives (a true multi-objective study, not a weighted sum):
   val_accuracy (maximize)  top-1 on the validation split, of the deployed engine (int8 ONNX Runtime)
   mmacs        (minimize)  millions of MACs per input actually executed: gate + top_k experts
-  latency_ms   (minimize)  median batch-1 latency of the deployed engine (harness: pipelines.measure)
+  latency_ms   (minimize)  batch-1 latency of the deployed engine: its ratio to the int8 teacher, timed
+                           interleaved, times the teacher's quiet latency (search.latency)
 
 A configuration measured before under the same inference settings reuses that trial's result (a repeat,
 not counted toward ``study.trials``); one whose model is cached (:mod:`search.model_cache`) is only

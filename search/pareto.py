@@ -1,20 +1,26 @@
-"""The Pareto front, computed once from Optuna's ``study.best_trials`` into a table; selection policies.
+"""The Pareto front, computed once with Optuna's front function into a table; selection policies.
 
 The front is Optuna's (constraints included: with constraints, only feasible trials are on it). This
-module only turns it into a pandas table with units and picks a point from it.
+module only turns it into a pandas table with units and picks a point from it. Latencies re-timed quietly
+after the search (``hycomp front --remeasure``, :mod:`search.remeasure`) replace the search-time ones when
+given (``latency``: {trial number: ms}); the front is then recomputed on the replaced values.
 """
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import optuna
 import pandas as pd
+from optuna.study._multi_objective import _get_pareto_front_trials_by_trials
 from optuna.trial import TrialState
 
 from pipelines.errors import ConfigError
 from pipelines.hybrid import DEFAULT_EXPERT_INIT
 from pipelines.moe import DEFAULT_ROUTING
+from search.latency import LatencyReference, stored_reference
 from search.record import TrialRecord
 from search.space import GATE_ONLY
 
@@ -26,6 +32,7 @@ _COLUMNS = {
     "val_accuracy": "val acc",
     "mmacs": "MMACs",
     "latency_ms": "latency ms",
+    "latency_ratio": "x teacher",
     "size_kb": "size KB",
     "params": "params",
     "achieved_sparsity": "sparsity",
@@ -42,13 +49,57 @@ def _feasible(trial: optuna.trial.FrozenTrial) -> bool:
     return all(value <= 0 for value in trial.constraints.values())
 
 
-def trials_table(study: optuna.Study) -> pd.DataFrame:
-    """Every completed trial, one row each, with its objectives, settings and front membership."""
+Latencies = Mapping[int, float]  # trial number -> latency ms that replaces the search-time objective
+
+
+def _with_latency(trial: optuna.trial.FrozenTrial, latency: float) -> optuna.trial.FrozenTrial:
+    """A copy of ``trial`` with its latency objective (and its latency constraint, if any) replaced."""
+    replaced = copy.deepcopy(trial)
+    replaced.values = [*trial.values[:2], latency]
+    if "latency_ms" in trial.constraints:
+        limit = trial.values[2] - trial.constraints["latency_ms"]  # set as latency - max_latency_ms
+        replaced.system_attrs = {**trial.system_attrs, "constraints:latency_ms": latency - limit}
+    return replaced
+
+
+def completed_with_latency(study: optuna.Study, latency: Latencies | None = None) -> list:
+    """The completed trials, copies with ``latency`` replacing their latency objective where given."""
+    trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    latency = latency or {}
+    return [
+        _with_latency(trial, latency[trial.number]) if trial.number in latency else trial for trial in trials
+    ]
+
+
+def front_numbers(study: optuna.Study, latency: Latencies | None = None) -> set[int]:
+    """The trials on the Pareto front (feasible ones only when the study has constraints), computed by
+    Optuna's own front function (what ``study.best_trials`` calls) on the values with ``latency`` replaced.
+    It is a private Optuna function: ``study.best_trials`` takes no replaced values."""
+    trials = completed_with_latency(study, latency)
+    constrained = any(trial.constraints for trial in trials)
+    front = _get_pareto_front_trials_by_trials(trials, study.directions, consider_constraint=constrained)
+    return {trial.number for trial in front}
+
+
+def _ratio(measured, latency_ms: float, remeasured: bool, teacher_ms: float | None) -> float | None:
+    """The model's latency over the teacher's behind ``latency_ms``: a latency timed against the teacher (at
+    search time or re-timed) is that ratio times the teacher's quiet median, on the study's one scale."""
+    if teacher_ms is None or not (remeasured or measured.latency_ratio is not None):
+        return None  # timed alone (a study made before the teacher yardstick), never re-timed
+    return latency_ms / teacher_ms
+
+
+def trials_table(study: optuna.Study, latency: Latencies | None = None) -> pd.DataFrame:
+    """Every completed trial, one row each, with its objectives, settings and front membership; ``latency``
+    (re-timed quietly, :mod:`search.remeasure`) replaces the search-time latency of the trials it holds."""
     records = {trial.number: TrialRecord.of(trial) for trial in study.get_trials(deepcopy=False)}
     # A trial that reused an identical earlier trial's result (``repeat_of``) is listed, not on the front.
-    front = {trial.number for trial in study.best_trials if not records[trial.number].is_repeat}
+    front = {number for number in front_numbers(study, latency) if not records[number].is_repeat}
+    yardstick = stored_reference(study)
+    teacher_ms = yardstick.teacher_median_ms if yardstick is not None else None
+    latency = latency or {}
     rows = []
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+    for trial in completed_with_latency(study, latency):
         record = records[trial.number]
         measured, training = record.measurement, record.training
         config = record.parameters(trial.params)
@@ -59,6 +110,9 @@ def trials_table(study: optuna.Study) -> pd.DataFrame:
                 "val_accuracy": trial.values[0],
                 "mmacs": trial.values[1],
                 "latency_ms": trial.values[2],
+                "search_latency_ms": measured.latency_ms,
+                "latency_ratio": _ratio(measured, trial.values[2], trial.number in latency, teacher_ms),
+                "remeasured": trial.number in latency,
                 "size_kb": measured.size_kb,
                 "params": measured.params,
                 "achieved_sparsity": training.achieved_sparsity,
@@ -75,7 +129,7 @@ def trials_table(study: optuna.Study) -> pd.DataFrame:
                 "on_front": trial.number in front,
                 "reference": record.reference,
                 "repeat_of": record.repeat_of,
-                "engine": measured.precision or "",
+                "engine": f"{measured.engine} {measured.precision or ''}".strip(),
                 "latency_backend": measured.latency.get("backend", ""),
                 "latency_threads": measured.latency.get("threads"),
                 "seconds": record.seconds.get("total"),
@@ -89,9 +143,9 @@ def repeat_count(table: pd.DataFrame) -> int:
     return int(table["repeat_of"].notna().sum()) if not table.empty else 0
 
 
-def front_table(study: optuna.Study) -> pd.DataFrame:
-    """The non-dominated (and feasible) trials, best accuracy first."""
-    table = trials_table(study)
+def front_table(study: optuna.Study, latency: Latencies | None = None) -> pd.DataFrame:
+    """The non-dominated (and feasible) trials, best accuracy first (``latency``: as in :func:`trials_table`)."""
+    table = trials_table(study, latency)
     if table.empty:
         return table
     return (
@@ -130,6 +184,7 @@ def pick_trial(
     max_latency_ms: float | None = None,
     max_size_kb: float | None = None,
     max_mmacs: float | None = None,
+    latency: Latencies | None = None,
 ) -> Pick:
     """Choose the point to export.
 
@@ -137,6 +192,8 @@ def pick_trial(
     - budgets (``max_latency_ms`` / ``max_size_kb`` / ``max_mmacs``): the most accurate front trial within them;
     - ``policy``: ``max-accuracy``, ``knee`` (front point closest to the ideal point after scaling each
       objective to [0, 1] over the front), ``min-latency`` or ``min-macs``.
+
+    ``latency`` (re-timed latencies, :func:`trials_table`) replaces the search-time ones on the front.
     """
     completed = {t.number: t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))}
     if not completed:
@@ -155,7 +212,7 @@ def pick_trial(
                 f"{', '.join(map(str, sorted(completed)))}."
             )
         return Pick(trial, f"trial {trial} chosen by --trial")
-    front = _exportable_front(study)
+    front = _exportable_front(study, latency)
     budgets = {"latency_ms": max_latency_ms, "size_kb": max_size_kb, "mmacs": max_mmacs}
     if any(value is not None for value in budgets.values()):
         best = _within(front, budgets).iloc[0]
@@ -190,6 +247,7 @@ DISPLAY_COLUMNS = (
     "val_accuracy",
     "mmacs",
     "latency_ms",
+    "latency_ratio",
     "size_kb",
     "sparsity",
     "blocks_removed",
@@ -215,8 +273,11 @@ def display_columns(table: pd.DataFrame) -> pd.DataFrame:
     return table[columns].copy()
 
 
-def format_table(table: pd.DataFrame, baseline: dict | None = None) -> str:
-    """A readable terminal table with units; the baseline as a reference row when given."""
+def format_table(
+    table: pd.DataFrame, baseline: dict | None = None, latency: LatencyReference | None = None
+) -> str:
+    """A readable terminal table with units; the baseline as a reference row when given, with the study's
+    int8 teacher latency on its engine when ``latency`` is given (else torch fp32 eager)."""
     shown = display_columns(table)
     if baseline is not None:
         reference = {
@@ -224,6 +285,7 @@ def format_table(table: pd.DataFrame, baseline: dict | None = None) -> str:
             "val_accuracy": baseline.get("val_accuracy"),
             "mmacs": baseline.get("macs", 0) / 1e6,
             "latency_ms": (baseline.get("latency") or {}).get("median_ms"),
+            "latency_ratio": None,
             "size_kb": baseline.get("size_bytes_fp32", 0) / 1024,
             "sparsity": 0.0,
             "blocks_removed": 0,
@@ -240,13 +302,17 @@ def format_table(table: pd.DataFrame, baseline: dict | None = None) -> str:
         }
         if "blocks_removed" not in shown.columns:
             del reference["blocks_removed"]
+        if latency is not None:  # the yardstick the trials were timed against
+            reference.update(
+                latency_ms=latency.teacher_median_ms, latency_ratio=1.0, engine=f"{latency.engine} int8"
+            )
         shown = pd.concat([shown, pd.DataFrame([reference])], ignore_index=True)
     shown = shown.rename(columns={**_COLUMNS, "num_experts": "experts"})
     return shown.to_string(index=False, float_format=lambda value: f"{value:.4g}")
 
 
-def _exportable_front(study: optuna.Study) -> pd.DataFrame:
-    front = front_table(study)
+def _exportable_front(study: optuna.Study, latency: Latencies | None = None) -> pd.DataFrame:
+    front = front_table(study, latency)
     if front.empty:
         raise ConfigError(
             "the Pareto front is empty: no completed trial satisfies the constraints. Relax them and re-run."
@@ -256,9 +322,9 @@ def _exportable_front(study: optuna.Study) -> pd.DataFrame:
     return compressed if not compressed.empty else front
 
 
-def _exportable_others(study: optuna.Study) -> pd.DataFrame:
+def _exportable_others(study: optuna.Study, latency: Latencies | None = None) -> pd.DataFrame:
     """Completed trials off the front that could still be exported: feasible, compressed, not a repeat."""
-    table = trials_table(study)
+    table = trials_table(study, latency)
     keep = ~table["on_front"] & table["feasible"] & (table["reference"] == "") & table["repeat_of"].isna()
     return table[keep]
 
@@ -289,6 +355,7 @@ def pick_candidates(
     max_latency_ms: float | None = None,
     max_size_kb: float | None = None,
     max_mmacs: float | None = None,
+    latency: Latencies | None = None,
 ) -> list[Pick]:
     """The ``count`` most accurate trials within the budgets (the front's, most accurate first, without
     budgets): the candidates that ``hycomp export --candidates`` retrains at the full budget before choosing
@@ -301,9 +368,9 @@ def pick_candidates(
         raise ConfigError(f"--candidates: {count} must be at least 1.")
     budgets = {"latency_ms": max_latency_ms, "size_kb": max_size_kb, "mmacs": max_mmacs}
     budgeted = any(value is not None for value in budgets.values())
-    pool = _exportable_front(study)
+    pool = _exportable_front(study, latency)
     if budgeted:  # the budgets are the constraints now: rank every feasible trial inside them
-        pool = pd.concat([pool, _exportable_others(study)], ignore_index=True)
+        pool = pd.concat([pool, _exportable_others(study, latency)], ignore_index=True)
     within = _within(pool, budgets)
     where = f"within {_said(budgets)}" if budgeted else "on the front"
     return [

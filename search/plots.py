@@ -31,9 +31,10 @@ def plot_front_png(table: pd.DataFrame, baseline: dict | None, path: Path) -> Pa
 
     figure, axes = plt.subplots(1, 2, figsize=(11, 4.4), constrained_layout=True)
     threads = int(table["latency_threads"].iloc[0]) if not table.empty else 1
+    engine = str(table["engine"].iloc[0]).split()[0] if not table.empty else "onnxruntime"
     panels = (
         (axes[0], "mmacs", "MMACs per input (gate + top-k experts), log scale"),
-        (axes[1], "latency_ms", f"latency ms (ONNX Runtime, {threads} thread, batch 1), log scale"),
+        (axes[1], "latency_ms", f"latency ms ({engine}, {threads} thread, batch 1), log scale"),
     )
     colours = {1: "tab:blue", 2: "tab:orange", 3: "tab:green", 4: "tab:red"}
     for axis, column, label in panels:

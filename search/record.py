@@ -47,9 +47,11 @@ class Measurement:
     val_accuracy: float  # top-1 of the deployed engine
     val_accuracy_torch: float
     mmacs: float
+    # the latency objective: latency_ratio x the teacher's quiet median (search.latency), or, without a
+    # ratio, the model's own median
     latency_ms: float
-    latency: dict[str, Any]  # the full latency statistics, with backend, threads and versions
-    routing_share: float
+    latency: dict[str, Any]  # the model's latency statistics, with backend, threads and versions
+    routing_share: float | None
     size_kb: float
     params: int
     bits: int
@@ -57,6 +59,12 @@ class Measurement:
     top1_agreement_with_torch: float
     routing_per_class: list[list[int]]
     effective_top_k: int
+    # Timed interleaved with the teacher's int8 bundle (search.latency). Records written before these
+    # fields existed load with these defaults: they were timed alone, on ONNX Runtime.
+    engine: str = "onnxruntime"
+    latency_ratio: float | None = None  # model / teacher: the median over rounds of their medians' ratio
+    latency_ratio_min: float | None = None
+    teacher_latency: dict[str, Any] | None = None  # the teacher's statistics from the same rounds
 
     @property
     def objectives(self) -> tuple[float, float, float]:

@@ -10,6 +10,7 @@ from pathlib import Path
 import optuna
 
 from search.config import SearchConfig, dump_config
+from search.latency import stored_reference
 from search.pareto import (
     display_columns,
     failures_table,
@@ -19,6 +20,7 @@ from search.pareto import (
     trials_table,
 )
 from search.plots import plot_front_png
+from search.remeasure import load_remeasured
 
 __all__ = ["write_report"]
 
@@ -36,8 +38,10 @@ def _markdown_table(frame) -> str:
 
 def write_report(cfg: SearchConfig, study: optuna.Study, folder: Path) -> tuple[Path, Path]:
     """Write ``folder/report.md`` and ``folder/report.html``; returns their paths."""
-    table = trials_table(study)
-    front = front_table(study)
+    remeasured = load_remeasured(folder)  # quiet latencies of `front --remeasure`, where there are any
+    table = trials_table(study, remeasured)
+    front = front_table(study, remeasured)
+    reference = stored_reference(study)
     baseline = study.user_attrs.get("baseline")
     plot = plot_front_png(table, baseline, folder / "front.png")
     shown = display_columns(front) if not front.empty else front
@@ -59,10 +63,23 @@ def write_report(cfg: SearchConfig, study: optuna.Study, folder: Path) -> tuple[
     ]
     if not table.empty:
         backends = " / ".join(sorted({str(backend) for backend in table["latency_backend"] if backend}))
-        lines.append(
-            f"Latency: {backends} (the column `engine` says which), {int(table['latency_threads'].iloc[0])} "
-            "thread(s), batch 1, median of repeated runs. MACs per input = gate + top_k experts (FLOPs = 2 x MACs)."
-        )
+        if reference is None:
+            lines.append(
+                f"Latency: {backends} (the column `engine` says which), {int(table['latency_threads'].iloc[0])} "
+                "thread(s), batch 1, median of repeated runs. MACs per input = gate + top_k experts (FLOPs = 2 x MACs)."
+            )
+        else:
+            timed = (
+                "re-timed quietly after the search (`hycomp front --remeasure`) where `remeasured`"
+                if remeasured
+                else "timed during the search"
+            )
+            lines.append(
+                f"Latency: batch 1 on {reference.engine} {reference.version}, {reference.threads} thread(s): the "
+                f"model's time over the int8 teacher's (`x teacher`, timed interleaved so machine load cancels) "
+                f"times the teacher's quiet {reference.teacher_median_ms:.3f} ms at the study's start; "
+                f"{timed}. {reference.summary()}. MACs per input = gate + top_k experts (FLOPs = 2 x MACs)."
+            )
         lines.append("")
     if baseline:
         lines += [
@@ -108,7 +125,7 @@ def write_report(cfg: SearchConfig, study: optuna.Study, folder: Path) -> tuple[
         f"<p>{html.escape(counted)}, {len(front)} on the Pareto front.</p>",
         f'<img src="{plot.name}" style="max-width:100%">',
         "<h2>Pareto front</h2>",
-        f"<pre>{html.escape(format_table(shown, baseline)) if not shown.empty else 'none'}</pre>",
+        f"<pre>{html.escape(format_table(shown, baseline, reference)) if not shown.empty else 'none'}</pre>",
         "<h2>Failed, rejected or stopped trials</h2>",
         failures.to_html(index=False) if not failures.empty else "<p>none</p>",
         "<h2>Search settings</h2>",

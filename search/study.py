@@ -20,6 +20,7 @@ from pipelines.errors import CompressionError, ConfigError
 from pipelines.reference_accuracy import reference_warning
 from search.config import SearchConfig, dump_config, load_config, parse_config
 from search.evaluation import TrialContext
+from search.latency import check_engine, study_reference
 from search.objective import DIRECTIONS, OBJECTIVES, Objective, is_repeat, reference_missing
 from search.progress import Progress, configure_worker_logging
 from search.record import TrialRecord
@@ -144,6 +145,7 @@ def run_search(
     """
     if workers < 1:
         raise ConfigError(f"--workers: {workers} must be >= 1.")
+    check_engine(cfg.measure.engine)  # before any work: an engine this machine lacks is named now
     folder = study_dir(cfg.study.name, results)
     data = load_data(cfg)
     cfg, probe = resolve_augment(
@@ -169,6 +171,9 @@ def run_search(
     warning = reference_warning(data.name, record["test_accuracy"], data.image_size)
     if warning:
         log.warning(warning)
+    # Teachers ready, no trial running yet: the machine is as quiet as this study will see it. The engine
+    # and the teacher's latency are chosen once and stored; workers and resumed runs read them.
+    context.latency = study_reference(cfg, data, context.teacher, folder, study)
     if cfg.study.enqueue_baseline and reference_missing(study):
         # A new study, or one whose reference was interrupted: queued again (the interrupted one has the
         # same parameters, so skip_if_exists, which lets machines started together enqueue it once, is
@@ -242,5 +247,7 @@ def _worker_main(
     results_path = Path(results) if results else None
     data = load_data(cfg)
     study = open_study(cfg, make_storage(url))
-    context, _ = trial_context(cfg, data, study_dir(cfg.study.name, results_path))
+    folder = study_dir(cfg.study.name, results_path)
+    context, _ = trial_context(cfg, data, folder)
+    context.latency = study_reference(cfg, data, context.teacher, folder, study)  # stored by the parent
     run_trials(context, study)

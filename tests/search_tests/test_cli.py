@@ -15,6 +15,7 @@ import yaml
 
 from pipelines.errors import ConfigError
 from search.cli import main
+from search.latency import stored_reference
 from search.record import TrialRecord
 
 REPO = Path(__file__).resolve().parents[2]
@@ -52,6 +53,9 @@ def test_search_runs_and_records_everything(searched: dict) -> None:
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     records = {t.number: TrialRecord.of(t) for t in complete}
     assert len([t for t in complete if not records[t.number].is_repeat]) == 3
+    yardstick = stored_reference(study)  # chosen at the start, before any trial
+    assert yardstick.engine in yardstick.timings and yardstick.teacher_median_ms > 0
+    assert (folder / "reference" / "bundle" / "manifest.json").exists()
     assert study.metric_names == ["val_accuracy", "mmacs", "latency_ms"]
     reference = records[0]
     assert reference.config["sparsity"] == 0.0 and reference.config["bits"] == 32 and reference.reference
@@ -62,7 +66,10 @@ def test_search_runs_and_records_everything(searched: dict) -> None:
         assert measured.params > 0 and measured.size_kb > 0 and 0.0 <= measured.routing_share <= 1.0
         assert records[trial.number].seconds["total"] > 0
         assert measured.latency["batch"] == 1 and measured.latency["threads"] == 1
-        assert "onnxruntime" in measured.latency["backend"]
+        # timed against the teacher's int8 bundle on the study's engine, scored by the ratio
+        assert measured.engine == yardstick.engine and yardstick.engine in measured.latency["backend"]
+        assert measured.latency_ms == pytest.approx(measured.latency_ratio * yardstick.teacher_median_ms)
+        assert measured.teacher_latency["median_ms"] > 0 and measured.teacher_latency["batch"] == 1
     sampled = [t for t in complete if t.number > 0]
     assert all(records[t.number].training.achieved_sparsity > 0.1 for t in sampled)
     # compressed trials really compute less than the uncompressed reference
@@ -78,10 +85,12 @@ def test_rerun_resumes_without_new_work(searched: dict) -> None:
         return {path: path.stat().st_mtime_ns for root in artifacts for path in root.rglob("*")}
 
     before = written()
-    before_trials = len(optuna.load_study(study_name="tiny", storage=f"sqlite:///{study_db}").trials)
+    first = optuna.load_study(study_name="tiny", storage=f"sqlite:///{study_db}")
+    before_trials, engine = len(first.trials), stored_reference(first)
     assert main(["search", "--space", str(searched["space"]), "--no-progress"]) == 0
     study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{study_db}")
     assert len(study.trials) == before_trials
+    assert stored_reference(study) == engine  # the engine and the teacher's quiet latency are not re-chosen
     assert before and written() == before, "a resumed search that has nothing to do rewrote trial files"
 
 
@@ -563,4 +572,27 @@ def test_export_chooses_its_trial_one_way(flags: list[str], expected: list[str],
     """Checked before the study is opened: the folder need not exist for the message to be about the flags."""
     refused(
         ["export", str(workspace["root"] / "work" / "results" / "tiny"), *flags], expected, workspace, capsys
+    )
+
+
+def test_an_unknown_latency_engine_is_refused_with_the_valid_names(workspace, capsys) -> None:
+    space = _space_with(workspace, measure={"engine": "tensorrt"})
+    refused(
+        ["search", "--space", space, "--no-progress"],
+        ["measure.engine", "'tensorrt'", "Valid values: auto, onnxruntime, openvino"],
+        workspace,
+        capsys,
+    )
+
+
+def test_a_latency_engine_that_is_not_installed_is_named_with_the_fix(workspace, monkeypatch, capsys) -> None:
+    from search import latency
+
+    monkeypatch.setattr(latency, "engine_available", lambda name: name == "onnxruntime")
+    space = _space_with(workspace, measure={"engine": "openvino"})
+    refused(
+        ["search", "--space", space, "--no-progress"],
+        ["measure.engine", "'openvino' is not installed", "pip install openvino", "measure.engine: auto"],
+        workspace,
+        capsys,
     )

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
+
+from search.latency import LatencyReference
 
 
 def test_ensemble_targets_are_computed_once_per_augment(tiny_data, tmp_path: Path) -> None:
@@ -55,3 +58,44 @@ def test_a_context_with_teacher_keys_keeps_its_targets_beside_the_teachers(tiny_
     other = TrialContext(parse_config({}), tiny_data, teacher, study, teacher_keys=("key",))
     again = other.training_data(Budget(kd_targets="ensemble", augment="flips")).train.teacher_logits
     assert torch.equal(again, targets)
+
+
+def test_a_trial_is_timed_against_the_teacher_and_scored_by_the_ratio(tiny_data, tmp_path: Path) -> None:
+    from pipelines.models import ModelSpec, build_model
+    from pipelines.moe import MoEConfig, build_moe, moe_description
+    from search.config import parse_config
+    from search.evaluation import TrialContext, measure
+    from search.latency import deploy_reference, reference_bundle
+    from search.model_cache import TrainedModel
+    from search.record import Training, TrialRecord
+
+    cfg = parse_config(
+        {"model": {"arch": "resnet8", "width": 0.25}, "measure": {"latency_repeats": 6, "latency_rounds": 3}}
+    )
+    channels, classes = tiny_data.channels, tiny_data.num_classes
+    teacher = build_model("resnet8", channels, classes, 0.25).eval()
+    moe = build_moe(build_model("resnet8", channels, classes, 0.25), channels, MoEConfig(2, 1, 4), 0)
+    description = moe_description(ModelSpec("resnet8", width=0.25), channels, classes, 28, moe, 4)
+    training = Training(expert_params=10, achieved_sparsity=0.0, class_assignment=None, stage_val_accuracy={})
+    model = TrainedModel(moe, {**description, "bits_by_layer": {}}, training, {})
+    params = {"sparsity": 0.0, "pruner": "l1", "bits": 8, "num_experts": 2, "top_k": 1, "gate_size": 4}
+    study = tmp_path / "study"
+    deploy_reference(cfg, tiny_data, teacher, study)
+    quiet = LatencyReference("onnxruntime", "x", 1, 1, teacher_min_ms=1.5, teacher_median_ms=2.0)
+    context = TrialContext(cfg, tiny_data, teacher, study, latency=quiet)
+    measured, _ = measure(context, params, model, tmp_path / "trial")
+    assert measured.engine == "onnxruntime" and measured.precision == "int8"
+    assert measured.latency_ms == pytest.approx(measured.latency_ratio * 2.0)  # ratio x the quiet teacher
+    assert measured.latency_ratio_min > 0 and measured.latency_ratio > 0
+    for stats in (measured.latency, measured.teacher_latency):  # the raw numbers of both, same rounds
+        assert 0 < stats["min_ms"] <= stats["median_ms"] and stats["repeats"] == 6 and stats["batch"] == 1
+    assert "onnxruntime" in measured.latency["backend"] and 0.0 <= measured.routing_share <= 1.0
+    assert reference_bundle(study).exists()
+    record = TrialRecord(measurement=measured)
+    assert TrialRecord.from_dict(record.to_dict(), "trial").measurement == measured  # stored as it is
+    # a record written before these fields: loads with the defaults (timed alone, on ONNX Runtime)
+    old = record.to_dict()
+    for name in ("engine", "latency_ratio", "latency_ratio_min", "teacher_latency"):
+        del old["measurement"][name]
+    loaded = TrialRecord.from_dict(old, "trial").measurement
+    assert loaded.engine == "onnxruntime" and loaded.latency_ratio is None and loaded.teacher_latency is None

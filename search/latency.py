@@ -1,0 +1,290 @@
+"""The study's latency yardstick: the teacher deployed once as an int8 bundle, the engine that runs it fastest,
+and its latency timed quietly at the study's start.
+
+A trial's model is timed interleaved with that teacher bundle on the same engine (:func:`time_against_teacher`),
+so other work on the machine slows both alike and their ratio holds; the study's latency objective is that
+ratio times the teacher's quiet median. The choice is stored in the study (:data:`LATENCY_KEY`), so worker
+processes and resumed runs use the same engine and the same teacher figure.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import shutil
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from optuna.trial import TrialState
+
+from pipelines.deploy.bundle import deploy_moe
+from pipelines.deploy.engines import ENGINES, engine_available, engine_version
+from pipelines.deploy.manifest import read_manifest
+from pipelines.deploy.runtime import backend_label, load_bundle
+from pipelines.errors import ConfigError, HycompError
+from pipelines.moe import Gate, MixtureOfExperts
+from pipelines.timing import LatencyStats, measure_interleaved, measure_latency
+from search.config import AUTO, MeasureSettings, SearchConfig
+
+__all__ = [
+    "LATENCY_KEY",
+    "REFERENCE_FORMAT",
+    "LatencyReference",
+    "check_engine",
+    "candidate_engines",
+    "reference_bundle",
+    "deploy_reference",
+    "time_quietly",
+    "choose_engine",
+    "stored_reference",
+    "check_resumable",
+    "study_reference",
+    "time_against_teacher",
+]
+
+LATENCY_KEY = "hycomp_latency_reference"  # the study user attribute holding the LatencyReference
+REFERENCE_FORMAT = 1
+QUIET_WARMUP = 10
+log = logging.getLogger("hycomp")
+
+
+@dataclass(frozen=True)
+class LatencyReference:
+    """The engine a study times on and its teacher's quiet latency there (batch ``batch``, ``threads``)."""
+
+    engine: str
+    version: str
+    threads: int
+    batch: int
+    teacher_min_ms: float
+    teacher_median_ms: float
+    # every engine timed at the start: {engine: {"version", "min_ms", "median_ms"}}
+    timings: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": REFERENCE_FORMAT, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str) -> LatencyReference:
+        """The reference ``data`` (from :meth:`to_dict`); ``where`` names it in the error."""
+        if not isinstance(data, dict) or data.get("format") != REFERENCE_FORMAT:
+            found = data.get("format") if isinstance(data, dict) else data
+            raise ConfigError(
+                f"{where}: latency reference format {found!r}, this hycomp reads {REFERENCE_FORMAT}. Re-run "
+                "`hycomp search` into a new study name (study.name)."
+            )
+        values = {key: value for key, value in data.items() if key != "format"}
+        names = {item.name for item in fields(cls)}
+        missing, unknown = names - set(values) - {"timings"}, set(values) - names
+        if missing or unknown:
+            raise ConfigError(
+                f"{where}: latency reference without {sorted(missing)} or with unknown {sorted(unknown)}. Re-run "
+                "`hycomp search` into a new study name (study.name)."
+            )
+        return cls(**values)
+
+    def summary(self) -> str:
+        """One line: the chosen engine and every engine's quiet teacher latency."""
+        timed = ", ".join(
+            f"{name} {timing['median_ms']:.3f} ms (min {timing['min_ms']:.3f})"
+            for name, timing in self.timings.items()
+        )
+        return (
+            f"latency engine: {self.engine} {self.version} ({self.threads} thread(s), batch {self.batch}); "
+            f"int8 teacher timed quietly: {timed}"
+        )
+
+
+def check_engine(setting: str) -> None:
+    """``measure.engine`` names an engine this machine has (``auto`` needs ONNX Runtime, always installed)."""
+    if setting not in (AUTO, *ENGINES):
+        raise ConfigError(
+            f"measure.engine: unknown value {setting!r}. Valid values: {', '.join((AUTO, *ENGINES))}."
+        )
+    if setting != AUTO and not engine_available(setting):
+        raise ConfigError(
+            f"measure.engine: {setting!r} is not installed here. Install it (`pip install {setting}`), or set "
+            "measure.engine: auto (every installed engine is tried) or onnxruntime."
+        )
+
+
+def candidate_engines(setting: str) -> tuple[str, ...]:
+    """The engines ``measure.engine`` lets the study choose from: ``auto``: every installed one."""
+    check_engine(setting)
+    if setting != AUTO:
+        return (setting,)
+    return tuple(name for name in ENGINES if engine_available(name))
+
+
+def reference_bundle(study_folder: Path) -> Path:
+    """Where a study keeps its teacher's int8 bundle."""
+    return study_folder / "reference" / "bundle"
+
+
+def deploy_reference(cfg: SearchConfig, data, teacher, study_folder: Path) -> Path:
+    """Deploy ``teacher`` as a one-expert int8 bundle into the study folder (once: an existing bundle whose
+    manifest reads is kept) and return its folder. Calibrated like a trial (512 train images, ``seed``)."""
+    folder = reference_bundle(study_folder)
+    if (folder / "manifest.json").exists():
+        try:
+            read_manifest(folder)
+            return folder
+        except HycompError:
+            pass  # a damaged or partial bundle: deployed again
+    moe = MixtureOfExperts(Gate(data.channels, 1, 4), [copy.deepcopy(teacher)], top_k=1).eval()
+    calibration = data.train.subset(min(1.0, 512 / max(1, len(data.train))), seed=cfg.seed).images
+    staging = folder.with_name("bundle.partial")
+    shutil.rmtree(staging, ignore_errors=True)  # left by an interrupted run
+    deploy_moe(moe, staging, calibration, int8=True, extra_manifest={"dataset": data.name, "role": "teacher"})
+    if folder.exists():
+        shutil.rmtree(folder)
+    staging.replace(folder)
+    return folder
+
+
+def time_quietly(folder: Path, engine: str, threads: int, repeats: int, image: np.ndarray) -> LatencyStats:
+    """Latency of the bundle in ``folder`` on ``engine`` at batch 1, alone (nothing of the study runs then)."""
+    bundle = load_bundle(folder, threads=threads, engine=engine)
+    return measure_latency(
+        lambda: bundle(image),
+        backend=backend_label(bundle),
+        threads=threads,
+        batch=1,
+        warmup=QUIET_WARMUP,
+        repeats=repeats,
+    )
+
+
+def quiet_repeats(settings: MeasureSettings) -> int:
+    """Timed calls of the teacher at the study's start: more than a trial's, since it sets the scale."""
+    return max(50, 3 * settings.latency_repeats)
+
+
+Timer = Callable[[Path, str, int, int, np.ndarray], LatencyStats]
+
+
+def choose_engine(
+    cfg: SearchConfig, folder: Path, image: np.ndarray, timer: Timer = time_quietly
+) -> LatencyReference:
+    """Time the teacher bundle in ``folder`` on each engine ``measure.engine`` allows and keep the fastest
+    (lowest median) at batch 1 with the study's threads."""
+    settings = cfg.measure
+    threads = settings.latency_threads
+    stats = {
+        engine: timer(folder, engine, threads, quiet_repeats(settings), image)
+        for engine in candidate_engines(settings.engine)
+    }
+    engine = min(stats, key=lambda name: stats[name].median_ms)
+    return LatencyReference(
+        engine=engine,
+        version=engine_version(engine) or "unknown",
+        threads=threads,
+        batch=1,
+        teacher_min_ms=stats[engine].min_ms,
+        teacher_median_ms=stats[engine].median_ms,
+        timings={
+            name: {"version": engine_version(name), "min_ms": item.min_ms, "median_ms": item.median_ms}
+            for name, item in stats.items()
+        },
+    )
+
+
+def stored_reference(study) -> LatencyReference | None:
+    """The latency reference a study holds (None for a study that has not chosen one yet)."""
+    data = study.user_attrs.get(LATENCY_KEY)
+    return None if data is None else LatencyReference.from_dict(data, f"study {study.study_name!r}")
+
+
+def check_resumable(cfg: SearchConfig, reference: LatencyReference, study) -> None:
+    """A resumed study keeps its engine and threads: its trials' latencies are on that scale."""
+    settings = cfg.measure
+    if settings.engine not in (AUTO, reference.engine):
+        raise ConfigError(
+            f"measure.engine: {settings.engine!r}, but study {study.study_name!r} times its trials on "
+            f"{reference.engine!r}. Set measure.engine: {reference.engine} (or auto) to resume it, or pick another "
+            "study.name."
+        )
+    if settings.latency_threads != reference.threads:
+        raise ConfigError(
+            f"measure.latency_threads: {settings.latency_threads}, but study {study.study_name!r} times its trials "
+            f"with {reference.threads} thread(s). Set measure.latency_threads: {reference.threads} to resume it, "
+            "or pick another study.name."
+        )
+    if not engine_available(reference.engine):
+        raise ConfigError(
+            f"measure.engine: study {study.study_name!r} times its trials on {reference.engine!r}, which is not "
+            f"installed here. Install it (`pip install {reference.engine}`) to resume or re-measure this study."
+        )
+
+
+def study_reference(
+    cfg: SearchConfig,
+    data,
+    teacher,
+    study_folder: Path,
+    study,
+    timer: Timer = time_quietly,
+    warn_earlier: bool = True,
+) -> LatencyReference:
+    """The study's latency reference: the stored one (a resumed study, a worker), or chosen now and stored.
+    The teacher bundle is deployed into the study folder when missing. Logs the choice, and with
+    ``warn_earlier`` warns about trials that were timed before it (alone, on another scale)."""
+    folder = deploy_reference(cfg, data, teacher, study_folder)
+    reference = stored_reference(study)
+    if reference is not None:
+        check_resumable(cfg, reference, study)
+        return reference
+    image = data.val.images[:1].numpy()
+    reference = choose_engine(cfg, folder, image, timer)
+    study.set_user_attr(LATENCY_KEY, reference.to_dict())
+    log.info(reference.summary())
+    earlier = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if earlier and warn_earlier:  # a study made before trials were timed against the teacher
+        log.warning(
+            "study %s: its %d completed trial(s) were timed alone, not against the teacher; their latencies are "
+            "on another scale. `hycomp front %s --remeasure` re-times the front on this one.",
+            study.study_name,
+            len(earlier),
+            study_folder,
+        )
+    return reference
+
+
+def time_against_teacher(
+    bundle,
+    teacher_bundle,
+    image: np.ndarray,
+    reference: LatencyReference,
+    *,
+    rounds: int,
+    calls_per_round: int,
+    warmup: int = 5,
+):
+    """Time ``bundle`` interleaved with ``teacher_bundle`` (both loaded on the reference's engine and threads)
+    on one ``image`` at batch 1. Returns the interleaved statistics and the median share of the trial model's
+    calls spent outside its experts (gate and routing; None for a model without a ``last_timing``)."""
+    shares: list[float] = []
+
+    def candidate() -> object:
+        output = bundle(image)
+        timing = getattr(bundle, "last_timing", None)
+        if timing and timing.get("total", 0) > 0:
+            shares.append(timing["gate_and_routing"] / timing["total"])
+        return output
+
+    stats = measure_interleaved(
+        candidate,
+        lambda: teacher_bundle(image),
+        rounds=rounds,
+        calls_per_round=calls_per_round,
+        warmup=warmup,
+        backend=(backend_label(bundle), backend_label(teacher_bundle)),
+        threads=reference.threads,
+        batch=reference.batch,
+    )
+    shares = shares[warmup:]  # the warm-up calls are not timed
+    share = float(np.median(shares)) if shares else None
+    return stats, share
