@@ -113,3 +113,13 @@ def test_channel_multiple_benchmark_picks_the_sparsity_closest_to_the_macs_targe
         teacher, PruneConfig(sparsity=sparsity, channel_multiple=8), example.repeat(2, 1, 1, 1)
     ).model
     assert count_macs(pruned, example) == macs
+
+
+def test_study_latency_comparisons_can_fail() -> None:
+    from search.benchmarks.study_latency import error_summary, spearman
+
+    assert spearman([1.0, 2.0, 3.0, 4.0], [10.0, 20.0, 30.0, 40.0]) == pytest.approx(1.0)
+    assert spearman([1.0, 2.0, 3.0, 4.0], [40.0, 30.0, 20.0, 10.0]) == pytest.approx(-1.0)
+    summary = error_summary([1.05, 2.0, 3.6], [1.0, 2.0, 3.0])  # 5%, 0%, 20%
+    assert summary["predicted_mape"] == pytest.approx((0.05 + 0.0 + 0.2) / 3)
+    assert summary["predicted_within_10pct"] == pytest.approx(2 / 3)

@@ -1,0 +1,239 @@
+"""Latency benchmark of a finished study: every trained model re-timed quietly against the int8 teacher on the
+study's engine (batch 1 and batch 64, interleaved rounds), compared with what the search recorded while
+its workers trained (Spearman rank correlation) and with the per-kernel latency model (MAPE, share within
+10%). Writes Markdown and JSON (rows of model, mmacs, engine, threads, batch, min_ms, median_ms,
+teacher_min_ms; and the comparison block).
+
+    python -m search.benchmarks.study_latency results/bloodmnist-resnet20 --out results/benchmarks/latency.md
+
+Run it with nothing else on the machine: these are the quiet numbers the search's are judged against.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import optuna
+from optuna.trial import TrialState
+
+from pipelines.deploy.latency_model import default_table_path, load_table, predict_deployed
+from pipelines.deploy.runtime import load_bundle
+from pipelines.timing import cpu_description, measure_interleaved
+from search.config import load_config
+from search.latency import reference_bundle, stored_reference
+from search.record import TrialRecord
+from search.setup import load_data
+from search.workspace import resolve_study_dir
+
+__all__ = ["spearman", "error_summary", "main"]
+
+
+def spearman(first: list[float], second: list[float]) -> float:
+    """Spearman rank correlation (ties get their average rank)."""
+    from scipy.stats import spearmanr
+
+    if len(first) < 3:
+        return float("nan")
+    return float(spearmanr(first, second).statistic)
+
+
+def error_summary(predicted: list[float], measured: list[float]) -> dict:
+    """Mean absolute percentage error and the share of models predicted within 10%."""
+    errors = [abs(p - m) / m for p, m in zip(predicted, measured, strict=True) if m > 0]
+    if not errors:
+        return {"predicted_mape": None, "predicted_within_10pct": None}
+    return {
+        "predicted_mape": float(np.mean(errors)),
+        "predicted_within_10pct": float(np.mean([error <= 0.10 for error in errors])),
+    }
+
+
+def _trained_trials(
+    study: optuna.Study, folder: Path
+) -> list[tuple[optuna.trial.FrozenTrial, TrialRecord, Path]]:
+    """Completed trials that measured a model of their own (not repeats), with their bundle folder."""
+    found = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        record = TrialRecord.of(trial)
+        bundle = folder / "trials" / f"trial_{trial.number}" / "bundle"
+        if record.measurement is None or record.is_repeat or not (bundle / "manifest.json").exists():
+            continue
+        found.append((trial, record, bundle))
+    return found
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("study", help="study folder (results/<name>)")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 64])
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument(
+        "--calls", type=int, default=10, help="calls per round at batch 1 (fewer at larger batches)"
+    )
+    parser.add_argument(
+        "--table", type=Path, help="latency table (default: this machine's under the results root)"
+    )
+    parser.add_argument("--out", type=Path, default=Path("results/benchmarks/latency.md"))
+    args = parser.parse_args(argv)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    folder = resolve_study_dir(args.study)
+    storage = f"sqlite:///{folder / 'study.db'}"
+    (name,) = optuna.get_all_study_names(storage)
+    study = optuna.load_study(study_name=name, storage=storage)
+    reference = stored_reference(study)
+    if reference is None:
+        raise SystemExit(
+            f"{folder}: the study has no latency reference; run `hycomp front {folder} --remeasure`."
+        )
+    engine, threads = reference.engine, reference.threads
+    teacher = load_bundle(reference_bundle(folder), threads=threads, engine=engine)
+    baseline = study.user_attrs.get("baseline", {})
+    teacher_mmacs = baseline.get("macs", 0) / 1e6 if baseline else None
+    table_path = args.table or default_table_path(folder.parent, engine, threads)
+    table = load_table(table_path, engine, threads)
+    # the study's own validation images: each model is routed as real inputs route it
+    cfg = load_config(folder / "config.yaml", source="study folder")
+    images = load_data(cfg).val.images[: max(args.batches)].numpy()
+    rows, comparison = [], []
+    trials = _trained_trials(study, folder)
+    for trial, record, bundle_folder in trials:
+        bundle = load_bundle(bundle_folder, threads=threads, engine=engine)
+        quiet = {}
+        for batch in args.batches:
+            batch_images = np.ascontiguousarray(images[:batch])
+            calls = max(1, math.ceil(args.calls / batch))
+            stats = measure_interleaved(
+                lambda b=bundle, x=batch_images: b(x),
+                lambda x=batch_images: teacher(x),
+                rounds=args.rounds,
+                calls_per_round=calls,
+                warmup=3,
+                backend=engine,
+                threads=threads,
+                batch=batch,
+            )
+            quiet[batch] = stats
+            rows.append(
+                {
+                    "model": f"trial {trial.number}",
+                    "mmacs": record.measurement.mmacs,
+                    "engine": f"{engine} {reference.version}",
+                    "threads": threads,
+                    "batch": batch,
+                    "min_ms": stats.candidate.min_ms,
+                    "median_ms": stats.candidate.median_ms,
+                    "teacher_min_ms": stats.reference.min_ms,
+                    "teacher_median_ms": stats.reference.median_ms,
+                    "latency_ratio": stats.ratio,
+                    "macs_ratio": record.measurement.mmacs / teacher_mmacs if teacher_mmacs else None,
+                }
+            )
+        one = quiet[1] if 1 in quiet else next(iter(quiet.values()))
+        try:
+            predicted = predict_deployed(bundle_folder, table, image=images[:1])
+        except Exception as error:  # a layout the latency model does not cover: say so in the row
+            predicted = None
+            print(f"trial {trial.number}: no prediction ({error})", flush=True)
+        comparison.append(
+            {
+                "trial": trial.number,
+                "mmacs": record.measurement.mmacs,
+                "search_ms": trial.values[2],
+                "search_ratio": record.measurement.latency_ratio,
+                "quiet_ms": one.ratio * reference.teacher_median_ms,
+                "quiet_ratio": one.ratio,
+                "quiet_min_ms": one.candidate.min_ms,
+                "predicted_ms": predicted,
+            }
+        )
+        print(
+            f"trial {trial.number}: {record.measurement.mmacs:.2f} MMACs, search {trial.values[2]:.4f} ms, "
+            f"quiet {one.ratio * reference.teacher_median_ms:.4f} ms (x{one.ratio:.3f}), predicted {predicted}",
+            flush=True,
+        )
+    ratios_search = [
+        row["search_ratio"] if row["search_ratio"] is not None else row["search_ms"] for row in comparison
+    ]
+    ratios_quiet = [row["quiet_ratio"] for row in comparison]
+    with_prediction = [row for row in comparison if row["predicted_ms"] is not None]
+    block = {
+        "spearman_search_vs_quiet": spearman(
+            [row["search_ms"] for row in comparison], [row["quiet_ms"] for row in comparison]
+        ),
+        "spearman_search_ratio_vs_quiet_ratio": spearman(ratios_search, ratios_quiet),
+        **error_summary(
+            [row["predicted_ms"] for row in with_prediction], [row["quiet_min_ms"] for row in with_prediction]
+        ),
+        "models": len(comparison),
+        "predicted_models": len(with_prediction),
+    }
+    result = {
+        "study": str(folder),
+        "engine": engine,
+        "engine_version": reference.version,
+        "threads": threads,
+        "teacher_quiet_median_ms": reference.teacher_median_ms,
+        "teacher_mmacs": teacher_mmacs,
+        "cpu": cpu_description(),
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "command": "python -m search.benchmarks.study_latency "
+        + " ".join(sys.argv[1:] if argv is None else argv),
+        "table": str(table_path),
+        "comparison": block,
+        "models": comparison,
+        "rows": rows,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    lines = [
+        "# Latency of a study's models: search-time, quiet and predicted",
+        "",
+        f"Reproduce: `{result['command']}` ({result['date']}; {result['cpu']}).",
+        "",
+        f"Study `{folder}`: engine {engine} {reference.version}, {threads} thread(s); the int8 teacher's quiet "
+        f"batch-1 median {reference.teacher_median_ms:.4f} ms, {teacher_mmacs:.2f} MMACs. Each model is timed in "
+        f"{args.rounds} rounds alternating with the teacher (same engine, same run); ratio = median of the "
+        "per-round ratios. Predicted: the per-kernel table (`hycomp profile`), against the quiet batch-1 minimum.",
+        "",
+        f"- Spearman rank correlation, search-time (2 workers training) vs quiet batch-1 latency: "
+        f"**{block['spearman_search_vs_quiet']:.3f}** over {block['models']} models",
+        f"- Predicted vs quiet measured: MAPE **{(block['predicted_mape'] or float('nan')) * 100:.1f}%**, "
+        f"within 10% on **{(block['predicted_within_10pct'] or float('nan')) * 100:.0f}%** of "
+        f"{block['predicted_models']} models",
+        "",
+        "| trial | MMACs | search ms | quiet ms | x teacher (quiet) | predicted ms | quiet min ms |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in comparison:
+        predicted = f"{row['predicted_ms']:.4f}" if row["predicted_ms"] is not None else "-"
+        lines.append(
+            f"| {row['trial']} | {row['mmacs']:.2f} | {row['search_ms']:.4f} | {row['quiet_ms']:.4f} "
+            f"| {row['quiet_ratio']:.3f} | {predicted} | {row['quiet_min_ms']:.4f} |"
+        )
+    lines += [
+        "",
+        "## Every model, each batch (min and median of the interleaved calls)",
+        "",
+        "| model | MMACs | engine | threads | batch | min ms | median ms | teacher min ms | x teacher | MACs ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        macs_ratio = f"{row['macs_ratio']:.3f}" if row["macs_ratio"] else "-"
+        lines.append(
+            f"| {row['model']} | {row['mmacs']:.2f} | {row['engine']} | {row['threads']} | {row['batch']} "
+            f"| {row['min_ms']:.4f} | {row['median_ms']:.4f} | {row['teacher_min_ms']:.4f} "
+            f"| {row['latency_ratio']:.3f} | {macs_ratio} |"
+        )
+    args.out.write_text("\n".join(lines) + "\n")
+    print(json.dumps(block, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
