@@ -32,7 +32,7 @@ from search.benchmarks.samplers import _hypervolume
 from search.config import load_config
 from search.early_stop import EARLY_STOP
 from search.record import TrialRecord
-from search.setup import load_data, trial_context
+from search.setup import load_data, resolve_augment, trial_context
 from search.study import run_search
 from search.workspace import study_dir
 
@@ -135,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     stamp = folder / "benchmark_start.json"
     if not args.analyze_only:
         data = load_data(cfg)
+        cfg, _ = resolve_augment(cfg, data)  # the probe's cached choice, as run_search resolves it
         # Teachers and distillation targets are per-teacher products, cached for every later search.
         context, _ = trial_context(cfg, data, folder, jobs=args.workers)
         context.training_data(cfg.trial)

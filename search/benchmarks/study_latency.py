@@ -79,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--table", type=Path, help="latency table (default: this machine's under the results root)"
     )
+    parser.add_argument(
+        "--exports", type=Path, nargs="*", default=[], help="export folders timed too (rows only)"
+    )
     parser.add_argument("--out", type=Path, default=Path("results/benchmarks/latency.md"))
     args = parser.parse_args(argv)
     optuna.logging.set_verbosity(optuna.logging.ERROR)
@@ -101,18 +104,17 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(folder / "config.yaml", source="study folder")
     images = load_data(cfg).val.images[: max(args.batches)].numpy()
     rows, comparison = [], []
-    trials = _trained_trials(study, folder)
-    for trial, record, bundle_folder in trials:
-        bundle = load_bundle(bundle_folder, threads=threads, engine=engine)
+
+    def timed(name: str, bundle, mmacs: float) -> dict:
+        """Interleaved statistics of ``bundle`` per batch size; one row each."""
         quiet = {}
         for batch in args.batches:
             batch_images = np.ascontiguousarray(images[:batch])
-            calls = max(1, math.ceil(args.calls / batch))
             stats = measure_interleaved(
                 lambda b=bundle, x=batch_images: b(x),
                 lambda x=batch_images: teacher(x),
                 rounds=args.rounds,
-                calls_per_round=calls,
+                calls_per_round=max(1, math.ceil(args.calls / batch)),
                 warmup=3,
                 backend=engine,
                 threads=threads,
@@ -121,8 +123,8 @@ def main(argv: list[str] | None = None) -> int:
             quiet[batch] = stats
             rows.append(
                 {
-                    "model": f"trial {trial.number}",
-                    "mmacs": record.measurement.mmacs,
+                    "model": name,
+                    "mmacs": mmacs,
                     "engine": f"{engine} {reference.version}",
                     "threads": threads,
                     "batch": batch,
@@ -131,9 +133,19 @@ def main(argv: list[str] | None = None) -> int:
                     "teacher_min_ms": stats.reference.min_ms,
                     "teacher_median_ms": stats.reference.median_ms,
                     "latency_ratio": stats.ratio,
-                    "macs_ratio": record.measurement.mmacs / teacher_mmacs if teacher_mmacs else None,
+                    "macs_ratio": mmacs / teacher_mmacs if teacher_mmacs else None,
                 }
             )
+        return quiet
+
+    for export in args.exports:
+        report = json.loads((export / "report.json").read_text())
+        mmacs = report.get("mmacs") or report.get("exported", {}).get("mmacs")
+        timed(f"export {export.name}", load_bundle(export / "bundle", threads=threads, engine=engine), mmacs)
+    trials = _trained_trials(study, folder)
+    for trial, record, bundle_folder in trials:
+        bundle = load_bundle(bundle_folder, threads=threads, engine=engine)
+        quiet = timed(f"trial {trial.number}", bundle, record.measurement.mmacs)
         one = quiet[1] if 1 in quiet else next(iter(quiet.values()))
         try:
             predicted = predict_deployed(bundle_folder, table, image=images[:1])
