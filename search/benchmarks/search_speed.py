@@ -118,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--minutes", type=float, default=30.0)
     parser.add_argument("--name", default="search-speed", help="study name of the benchmark run")
     parser.add_argument("--before", type=Path, help="a `hycomp report` page whose front is compared")
+    parser.add_argument(
+        "--before-trainings", type=int, help="models the --before study trained (its report's count)"
+    )
     parser.add_argument("--reference", type=float, nargs=3, default=list(DEFAULT_REFERENCE))
     parser.add_argument("--analyze-only", action="store_true", help="re-read the finished study, do not run")
     parser.add_argument("--out", type=Path, default=Path("results/benchmarks/search_speed.md"))
@@ -177,8 +180,8 @@ def main(argv: list[str] | None = None) -> int:
         "study": str(folder),
         "started": started.isoformat(),
         "cpu": cpu_description(),
-        "command": "python -m search.benchmarks.search_speed "
-        + shlex.join(sys.argv[1:] if argv is None else argv),
+        "command": "python -m search.benchmarks.search_speed "  # the run's; --analyze-only only re-reads it
+        + shlex.join(arg for arg in (sys.argv[1:] if argv is None else argv) if arg != "--analyze-only"),
         "before": before,
         "date": time.strftime("%Y-%m-%d %H:%M"),
     }
@@ -200,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     if before:
         lines.append(
-            f"| before ({args.before}) | 12 | - | {before['hypervolume']:.5g} | {before['hypervolume_accuracy_mmacs']:.5g} |"
+            f"| before ({args.before}) | {args.before_trainings if args.before_trainings is not None else '-'} | - | {before['hypervolume']:.5g} | {before['hypervolume_accuracy_mmacs']:.5g} |"
         )
     args.out.write_text("\n".join(lines) + "\n")
     print(json.dumps({key: result[key] for key in list(result)[:6]}, indent=2))
