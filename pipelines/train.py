@@ -367,21 +367,28 @@ def predict_logits(model: nn.Module, data: Split, batch_size: int = 512) -> torc
 
 
 @torch.no_grad()
-def ensemble_logits(teacher: nn.Module, data: Split, augment: str, batch_size: int = 512) -> torch.Tensor:
+def ensemble_logits(
+    teacher: nn.Module,
+    data: Split,
+    augment: str,
+    batch_size: int = 512,
+    on_batch: Callable[[int, int], None] | None = None,
+) -> torch.Tensor:
     """The teacher's logits on every sample of ``data``, averaged over the symmetries of ``augment``
-    (:func:`pipelines.data.symmetry_views`: 8 views for d4).
+    (:func:`pipelines.data.symmetry_views`: 8 views for d4). ``on_batch(done, total)`` follows each batch.
 
     Distilling from these instead of the teacher's output on each augmented batch gives targets that do
     not change when the student sees a flipped or transposed image, from a test-time-augmented teacher
     that is more accurate than the teacher alone; and a training step no longer runs the teacher.
     """
     teacher.eval()
-    return torch.cat(
-        [
-            torch.stack([teacher(view) for view in symmetry_views(images, augment)]).mean(dim=0)
-            for images, _ in data.batches(batch_size)
-        ]
-    )
+    total = math.ceil(len(data) / batch_size)
+    outputs = []
+    for index, (images, _) in enumerate(data.batches(batch_size)):
+        outputs.append(torch.stack([teacher(view) for view in symmetry_views(images, augment)]).mean(dim=0))
+        if on_batch is not None:  # ``on_batch(done, total)``: a long pass reports its progress
+            on_batch(index + 1, total)
+    return torch.cat(outputs)
 
 
 def evaluate(model: nn.Module, data: Split, batch_size: int = 512) -> float:

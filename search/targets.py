@@ -46,9 +46,35 @@ def targets_path(teacher_keys: Sequence[str], augment: str, data: Dataset, root:
     return baseline_dir("targets", root) / f"{stable_hash(identity)}.pt"
 
 
+PROGRESS_SECONDS = 30.0  # a line at least this often while the targets are computed
+
+
 def compute_targets(teachers: Sequence[nn.Module], split: Split, augment: str) -> torch.Tensor:
-    """The teachers' logits on ``split`` averaged over the views of ``augment``, then over the teachers."""
-    return torch.stack([ensemble_logits(teacher, split, augment) for teacher in teachers]).mean(dim=0)
+    """The teachers' logits on ``split`` averaged over the views of ``augment``, then over the teachers;
+    a progress line every :data:`PROGRESS_SECONDS` (large datasets take minutes)."""
+    started = last = time.perf_counter()
+    logits = []
+    for number, teacher in enumerate(teachers, start=1):
+
+        def on_batch(done: int, total: int, number: int = number) -> None:
+            nonlocal last
+            now = time.perf_counter()
+            if now - last >= PROGRESS_SECONDS or (done == total and number == len(teachers)):
+                last = now
+                fraction = ((number - 1) + done / total) / len(teachers)
+                eta = (now - started) * (1 - fraction) / fraction if fraction > 0 else float("nan")
+                log.info(
+                    "distillation targets: teacher %d/%d, batch %d/%d (%.0f%%, ETA %.0f s)",
+                    number,
+                    len(teachers),
+                    done,
+                    total,
+                    100 * fraction,
+                    eta,
+                )
+
+        logits.append(ensemble_logits(teacher, split, augment, on_batch=on_batch))
+    return torch.stack(logits).mean(dim=0)
 
 
 def distillation_targets(

@@ -121,3 +121,21 @@ def test_a_second_process_loads_the_kept_targets(tiny_data, synthetic_root: Path
     assert "distillation targets: loaded" in result.stderr
     assert path.stat().st_mtime_ns == written
     assert torch.equal(torch.load(tmp_path / "out.pt", weights_only=True), kept)
+
+
+def test_computing_targets_reports_progress(tiny_data, monkeypatch, caplog) -> None:
+    """A long computation says how far it is: with the interval at 0, one line per batch of each teacher,
+    and the last one at 100%."""
+    import logging
+
+    monkeypatch.setattr(targets, "PROGRESS_SECONDS", 0.0)
+    teachers = _teachers(tiny_data)
+    with caplog.at_level(logging.INFO, logger="hycomp"):
+        compute_targets(teachers, tiny_data.train, "flips")
+    lines = [
+        record.getMessage()
+        for record in caplog.records
+        if "distillation targets: teacher" in record.getMessage()
+    ]
+    assert any(line.startswith("distillation targets: teacher 1/2") for line in lines)
+    assert lines[-1].startswith("distillation targets: teacher 2/2") and "(100%" in lines[-1]
