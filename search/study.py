@@ -24,7 +24,7 @@ from search.latency import check_engine, study_reference
 from search.objective import DIRECTIONS, OBJECTIVES, Objective, is_repeat, reference_missing
 from search.progress import Progress, configure_worker_logging
 from search.record import TrialRecord
-from search.samplers import sampler_class
+from search.samplers import sampler_class, sampler_options
 from search.setup import load_data, resolve_augment, trial_context
 from search.space import baseline_params
 from search.stopping import stop_rules
@@ -48,7 +48,8 @@ log = logging.getLogger("hycomp")
 def make_sampler(cfg: SearchConfig) -> optuna.samplers.BaseSampler:
     """The study's sampler (its name, seed and options were checked when the configuration was parsed)."""
     settings = cfg.study.sampler
-    return sampler_class(settings.name)(seed=settings.seed, **settings.options)
+    options = sampler_options(settings.name, settings.options)
+    return sampler_class(settings.name)(seed=settings.seed, **options)
 
 
 def open_study(cfg: SearchConfig, storage: optuna.storages.BaseStorage) -> optuna.Study:

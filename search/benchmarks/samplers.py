@@ -38,6 +38,7 @@ from pipelines.timing import cpu_description
 from search.baseline import get_baseline
 from search.config import SearchConfig, load_config, parse_config
 from search.objective import DIRECTIONS, OBJECTIVES, is_repeat
+from search.samplers import DEFAULT_OPTIONS
 from search.setup import load_data, trial_context
 from search.study import completed_trials, evaluated_trials, run_search
 from search.workspace import study_dir
@@ -46,14 +47,6 @@ __all__ = ["run", "main", "hypervolume_at", "accuracy_macs_hypervolume", "DEFAUL
 
 REPO = Path(__file__).resolve().parents[2]
 
-# What each sampler is compared with: TPE as Optuna advises for dependent parameters and parallel workers
-# (multivariate, constant liar); the others with their defaults.
-DEFAULT_OPTIONS: dict[str, dict] = {
-    "tpe": {"multivariate": True, "constant_liar": True},
-    "nsga2": {},
-    "gp": {},
-    "random": {},
-}
 MARKS = (0.25, 0.5, 0.75, 1.0)  # fractions of the wall-time budget at which the hypervolume is reported
 
 

@@ -108,3 +108,17 @@ def test_repeats_and_timeout_stop_the_study_quietly() -> None:
     study = optuna.create_study(directions=DIRECTIONS)
     study.optimize(lambda trial: [0.5, 1.0, 1.0], n_trials=5, callbacks=[expired])
     assert len(study.trials) == 1
+
+
+def test_tpe_is_multivariate_with_constant_liar_unless_the_space_says_otherwise() -> None:
+    cfg = parse_config({"study": {"name": "s", "trials": 2}})
+    sampler = make_sampler(cfg)
+    assert isinstance(sampler, optuna.samplers.TPESampler)
+    assert sampler._multivariate and sampler._constant_liar
+    override = parse_config(
+        {"study": {"name": "s", "trials": 2, "sampler": {"name": "tpe", "options": {"multivariate": False}}}}
+    )
+    sampler = make_sampler(override)
+    assert not sampler._multivariate and sampler._constant_liar
+    random = make_sampler(parse_config({"study": {"name": "s", "trials": 2, "sampler": {"name": "random"}}}))
+    assert isinstance(random, optuna.samplers.RandomSampler)
