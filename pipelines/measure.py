@@ -22,11 +22,26 @@ import torch
 from torch import nn
 
 __all__ = [
+    "forward_with_hooks",
     "count_macs",
     "count_params",
     "packed_size_bytes",
     "torch_runner",
 ]
+
+
+def forward_with_hooks(model: nn.Module, example_input: torch.Tensor, handles: list) -> None:
+    """One eval-mode, no-grad forward pass of ``model`` for the forward hooks in ``handles``, which are removed
+    afterwards; the model's training mode is restored, so counting never moves BatchNorm statistics."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(example_input)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
 
 
 def count_macs(model: nn.Module, example_input: torch.Tensor) -> int:
@@ -58,15 +73,7 @@ def count_macs(model: nn.Module, example_input: torch.Tensor) -> int:
             handles.append(module.register_forward_hook(conv_hook))
         elif isinstance(module, nn.Linear):
             handles.append(module.register_forward_hook(linear_hook))
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(example_input)
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
+    forward_with_hooks(model, example_input, handles)
     return int(round(total / example_input.shape[0]))
 
 

@@ -66,17 +66,25 @@ def write_synthetic_medmnist(
     return path
 
 
-def recorded(
-    *, size_kb: float = 10.0, reference: str = "", repeat_of: int | None = None, config: dict | None = None
-) -> dict:
-    """The user attributes of a measured trial (``search.record.TrialRecord``) with made-up numbers, for
-    studies built from known points without training; the objectives are the trial's own values."""
+def made_up_record(
+    *,
+    accuracy: float = 0.9,
+    mmacs: float = 1.0,
+    size_kb: float = 10.0,
+    stages: dict[str, float] | None = None,
+    reference: str = "",
+    repeat_of: int | None = None,
+    config: dict | None = None,
+    seconds: dict[str, float] | None = None,
+):
+    """A measured trial's ``search.record.TrialRecord`` with made-up numbers, for studies built from known
+    points without training."""
     from search.record import Measurement, Training, TrialRecord
 
     measurement = Measurement(
-        val_accuracy=0.9,
-        val_accuracy_torch=0.9,
-        mmacs=1.0,
+        val_accuracy=accuracy,
+        val_accuracy_torch=accuracy,
+        mmacs=mmacs,
         latency_ms=0.1,
         latency={"backend": "onnxruntime-int8", "threads": 1, "median_ms": 0.1},
         routing_share=0.1,
@@ -89,15 +97,24 @@ def recorded(
         effective_top_k=1,
     )
     training = Training(
-        expert_params=500, achieved_sparsity=0.5, class_assignment=None, stage_val_accuracy={}
+        expert_params=500, achieved_sparsity=0.5, class_assignment=None, stage_val_accuracy=stages or {}
     )
-    record = TrialRecord(
+    return TrialRecord(
         config=config,
         reference=reference,
         repeat_of=repeat_of,
         trained=repeat_of is None,
         training=training,
         measurement=measurement,
-        seconds={"total": 1.0},
+        seconds=seconds or {"total": 1.0},
     )
-    return record.user_attrs()
+
+
+def recorded(
+    *, size_kb: float = 10.0, reference: str = "", repeat_of: int | None = None, config: dict | None = None
+) -> dict:
+    """The user attributes of a measured trial with made-up numbers (:func:`made_up_record`); the
+    objectives are the trial's own values."""
+    return made_up_record(
+        size_kb=size_kb, reference=reference, repeat_of=repeat_of, config=config
+    ).user_attrs()

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipelines.errors import CompressionError, ConfigError
-from pipelines.measure import count_macs
+from pipelines.measure import count_macs, forward_with_hooks
 from pipelines.models import BasicBlock
 
 __all__ = ["DepthConfig", "DepthResult", "RemovedBlock", "removable_blocks", "remove_blocks"]
@@ -114,15 +114,7 @@ def removable_blocks(model: nn.Module, example_input: torch.Tensor) -> list[str]
         )
         for name in names
     ]
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(example_input)
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
+    forward_with_hooks(model, example_input, handles)
     return [name for name in names if name in shapes and shapes[name][0] == shapes[name][1]]
 
 

@@ -14,8 +14,9 @@ from pipelines.errors import ConfigError
 from search.config import EarlyStopSettings, parse_config
 from search.early_stop import EARLY_STOP, StoppedEarly, judge, replay, stage_check
 from search.pareto import failures_table, front_table
-from search.record import Measurement, Training, TrialRecord
+from search.record import TrialRecord
 from search.stopping import MaxEarlyStops
+from tests.helpers import made_up_record
 
 REPO = Path(__file__).resolve().parents[2]
 ON = EarlyStopSettings(min_trials=4, quantile=1.0, slack=0.005)
@@ -24,32 +25,14 @@ ON = EarlyStopSettings(min_trials=4, quantile=1.0, slack=0.005)
 def _record(
     accuracy: float, mmacs: float, stages: dict[str, float], reference: str = "", repeat_of: int | None = None
 ) -> TrialRecord:
-    measurement = Measurement(
-        val_accuracy=accuracy,
-        val_accuracy_torch=accuracy,
-        mmacs=mmacs,
-        latency_ms=0.1,
-        latency={"backend": "onnxruntime-int8", "threads": 1, "median_ms": 0.1},
-        routing_share=0.1,
-        size_kb=10.0,
-        params=1000,
-        bits=8,
-        precision="int8",
-        top1_agreement_with_torch=1.0,
-        routing_per_class=[],
-        effective_top_k=1,
-    )
-    training = Training(
-        expert_params=500, achieved_sparsity=0.5, class_assignment=None, stage_val_accuracy=stages
-    )
     seconds = {"prune": 1.0, "finetune": 4.0, "moe": 3.0, "quantize": 1.0, "deploy": 1.0, "measure": 2.0}
-    return TrialRecord(
-        config={"sparsity": 0.5},
+    return made_up_record(
+        accuracy=accuracy,
+        mmacs=mmacs,
+        stages=stages,
         reference=reference,
         repeat_of=repeat_of,
-        trained=repeat_of is None,
-        training=training,
-        measurement=measurement,
+        config={"sparsity": 0.5},
         seconds={**seconds, "total": sum(seconds.values())},
     )
 
