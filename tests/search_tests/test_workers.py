@@ -11,6 +11,7 @@ import yaml
 from optuna.trial import TrialState
 
 from search.cli import main
+from search.early_stop import EARLY_STOP
 from search.record import TrialRecord
 
 REPO = Path(__file__).resolve().parents[2]
@@ -65,8 +66,13 @@ def check_exact_count(study: optuna.Study, target: int, *trials_folders: Path) -
         assert any(bundle.exists() for bundle in bundles), f"trial {trial.number} left no bundle"
     pruned = [trial for trial in trials if trial.state == TrialState.PRUNED]
     for trial in pruned:
-        # the space has no constraints, so the only reason to prune is a worker that lost the race
-        assert SURPLUS_REASON in records[trial.number].fail_reason, trial.user_attrs
+        # the space has no constraints: a trial is pruned by a worker that lost the race (before any work) or
+        # by the early-stop rule after a stage (its partial numbers kept, nothing measured)
+        reason = records[trial.number].fail_reason
+        if reason.startswith(EARLY_STOP):
+            assert records[trial.number].measurement is None and records[trial.number].partial_val_accuracy
+            continue
+        assert SURPLUS_REASON in reason, trial.user_attrs
         assert records[trial.number].config is None, "a surplus trial must stop before doing any work"
     for trial in trials:
         if trial.state == TrialState.FAIL:
