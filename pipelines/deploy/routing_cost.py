@@ -18,10 +18,9 @@ from pipelines.timing import measure_latency
 __all__ = ["measure_routing_overhead"]
 
 
-def _routed_rows(folder: Path, images: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+def _routed_rows(bundle, images: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
     """(the view-expanded batch the experts see, for each expert the rows of it routed there), routed by the
     bundle's own files with ONNX Runtime (OpenVINO's int8 gate may round a near tie the other way)."""
-    bundle = load_bundle(folder, threads=1)
     stacked = np.ascontiguousarray(np.concatenate(symmetry.views(images, bundle.views)))
     if bundle.num_experts == 1:
         return stacked, [np.arange(len(stacked))]
@@ -68,6 +67,8 @@ def measure_routing_overhead(
     _, expert_names = file_names(manifest.num_experts, manifest.precision)
     expert_paths = [verified(folder, name, manifest) for name in expert_names]
     merged_path = verified(folder, manifest.single_file, manifest)
+    # loaded once: it routes every batch on every engine and is timed itself on ONNX Runtime
+    glue = load_bundle(folder, threads=threads)
     result: dict[str, dict] = {}
     for engine in engines:
         merged = open_model(merged_path, engine, threads)
@@ -86,7 +87,7 @@ def measure_routing_overhead(
                     repeats=repeats,
                 ).as_dict()
             }
-            stacked, routed = _routed_rows(folder, batch_images)
+            stacked, routed = _routed_rows(glue, batch_images)
             expert_min, expert_median = 0.0, 0.0
             for expert, rows in zip(experts, routed, strict=True):
                 if rows.size == 0:
@@ -107,7 +108,6 @@ def measure_routing_overhead(
             # minima are the least disturbed by other load on the machine
             timing["routing_share_min"] = max(0.0, 1.0 - expert_min / timing["single_file"]["min_ms"])
             if engine == "onnxruntime":
-                glue = load_bundle(folder, threads=threads)
                 timing["folder"] = measure_latency(
                     lambda model=glue, inputs=batch_images: model(inputs),
                     backend=f"{label} per-expert files + numpy routing",
