@@ -518,6 +518,11 @@ class ExperimentCommand:
             action="store_true",
             help="write the report from the (row, seed) pairs already saved; run nothing",
         )
+        parser.add_argument(
+            "--single-from",
+            default=None,
+            help="take the best single compressed net from this study (same data, teachers and budget)",
+        )
         _add_quiet(parser)
 
     def take_action(self, args: argparse.Namespace) -> int:
@@ -532,8 +537,17 @@ class ExperimentCommand:
             raise ConfigError(f"--seeds: {args.seeds} must be one or more seeds >= 0.")
         folder = resolve_study_dir(args.study)
         out = Path(args.out) if args.out else folder / "experiment" / "REPORT.md"
+        single_from = resolve_study_dir(args.single_from) if args.single_from else None
         path = run(
-            folder, args.trial, args.seeds, out, args.threads, args.jobs, tuple(args.also), args.report_only
+            folder,
+            args.trial,
+            args.seeds,
+            out,
+            args.threads,
+            args.jobs,
+            tuple(args.also),
+            args.report_only,
+            single_from,
         )
         print(path.read_text())
         return 0

@@ -14,7 +14,9 @@ Rows, each at the study's full export budget, over several seeds (mean +- std of
 test split is read here only to report, nothing is chosen with it):
   1. the fp32 teacher (cached baseline; one seed);
   2. the chosen trial's configuration (the exported MoE), compressed again per seed;
-  3. the best single compressed model of the study (most accurate 1-expert trial), per seed;
+  3. the best single compressed model (:func:`best_single`: the most accurate 1-expert trial on validation
+     among those within 5% of the exported trial's MACs), per seed; ``--single-from STUDY`` takes it from
+     another study of the same setup (data, teachers, budget), e.g. a MoE-only study against the default one;
      (``--also M``: trial M's configuration too, e.g. the best multi-expert point when a single was exported);
   4. the "no search" control: the same architecture family trained from scratch, plainly (no pruning,
      no distillation), its width chosen so its MACs match the exported MoE's, with the teacher's
@@ -47,6 +49,7 @@ from pipelines.timing import measure_latency
 from pipelines.train import evaluate, train
 from search.baseline import teacher_recipe
 from search.candidates import find_candidate
+from search.config import setup_fingerprint
 from search.evaluation import TrialContext, estimate_cost, train_and_measure
 from search.experiment_report import CONTROL, MOE, SINGLE, ExperimentRun, write_report
 from search.export import bundle_accuracy
@@ -146,6 +149,24 @@ def _control_row(cfg, data, width: float, seed: int, scratch: Path, threads: int
     }
 
 
+MACS_TOLERANCE = 0.05  # "equal MACs": the best single net is looked for within this fraction of the MoE's
+
+
+def best_single(table, mmacs: float) -> int | None:
+    """The trial number of the most accurate (validation) single compressed net of a trials ``table``
+    (:func:`search.pareto.trials_table`) within :data:`MACS_TOLERANCE` of ``mmacs``; with none that close,
+    the most accurate single compressed net at any MACs. None when the table holds no compressed single net."""
+    removed = table["blocks_removed"].fillna(0) if "blocks_removed" in table else 0
+    singles = table[(table["num_experts"] == 1) & ((table["sparsity"] > 0) | (removed > 0))]
+    singles = singles[singles["val_accuracy"].notna()]
+    if singles.empty:
+        return None
+    near = singles[(singles["mmacs"] - mmacs).abs() <= MACS_TOLERANCE * mmacs]
+    pool = near if not near.empty else singles
+    ranked = pool.sort_values(["val_accuracy", "trial"], ascending=[False, True])  # ties: the earliest trial
+    return int(ranked.iloc[0]["trial"])
+
+
 @dataclass
 class _Setup:
     """What every seed of one experiment shares (built once per process)."""
@@ -155,11 +176,12 @@ class _Setup:
     params: dict
     single_trial: int | None
     single_params: dict | None
+    single_from: Path | None  # the study the best single net comes from, when not this one
     configs: dict[int, dict]  # every completed trial's configuration, by number (for --also)
 
 
 @functools.cache
-def _setup(study_folder: Path, trial_number: int) -> _Setup:
+def _setup(study_folder: Path, trial_number: int, single_from: Path | None = None) -> _Setup:
     cfg, study = load_study(study_folder)
     trial = next((t for t in study.trials if t.number == trial_number), None)
     if trial is None or TrialRecord.of(trial).config is None and not trial.params:
@@ -167,13 +189,25 @@ def _setup(study_folder: Path, trial_number: int) -> _Setup:
     data = load_data(cfg)
     context, _ = trial_context(cfg, data, study_folder)  # teachers cached by the search: loaded, not trained
     table = trials_table(study)
-    singles = table[(table["num_experts"] == 1) & (table["sparsity"] > 0)].sort_values(
-        "val_accuracy", ascending=False
+    exported = table[table["trial"] == trial_number]
+    mmacs = (
+        float(exported["mmacs"].iloc[0])
+        if not exported.empty
+        else estimate_cost(context, trial.params)["mmacs"]
     )
-    single_trial = single_params = None
-    if not singles.empty:
-        single_trial = int(singles.iloc[0]["trial"])
-        single = next(t for t in study.trials if t.number == single_trial)
+    source = study
+    if single_from is not None:
+        other_cfg, source = load_study(single_from)
+        if setup_fingerprint(other_cfg, data.fingerprint) != context.setup():
+            raise ConfigError(
+                f"--single-from {single_from}: its data, model, teachers or export budget differ from "
+                f"{study_folder}'s, so its nets would not be trained like this study's rows. Use a study made "
+                "from the same space file apart from its search dimensions."
+            )
+    single_trial = best_single(trials_table(source), mmacs)
+    single_params = None
+    if single_trial is not None:
+        single = next(t for t in source.trials if t.number == single_trial)
         single_params = TrialRecord.of(single).parameters(single.params)
     return _Setup(
         cfg=cfg,
@@ -181,6 +215,7 @@ def _setup(study_folder: Path, trial_number: int) -> _Setup:
         params=TrialRecord.of(trial).parameters(trial.params),
         single_trial=single_trial,
         single_params=single_params,
+        single_from=single_from,
         configs={
             t.number: TrialRecord.of(t).parameters(t.params)
             for t in study.trials
@@ -189,17 +224,19 @@ def _setup(study_folder: Path, trial_number: int) -> _Setup:
     )
 
 
-def _names(study_folder: Path, trial_number: int, also: tuple[int, ...] = ()) -> list[str]:
+def _names(
+    study_folder: Path, trial_number: int, also: tuple[int, ...] = (), single_from: Path | None = None
+) -> list[str]:
     """The rows of the report, in its order (compressed rows, then the control). A trial that is already a
     row (the exported one, the best single) is not run twice."""
-    setup = _setup(study_folder, trial_number)
+    setup = _setup(study_folder, trial_number, single_from)
     names = [MOE]
     for number in also:
         if number not in setup.configs:
             raise ConfigError(f"--also {number}: no such completed trial in {study_folder}.")
         if number not in (trial_number, setup.single_trial) and f"trial {number}" not in names:
             names.append(f"trial {number}")
-    if setup.single_params is not None and setup.single_trial != trial_number:
+    if setup.single_params is not None and (single_from is not None or setup.single_trial != trial_number):
         names.append(SINGLE)
     names.append(CONTROL)
     return names
@@ -221,23 +258,23 @@ def _longest_first(tasks: list[tuple[str, int]], cfg) -> list[tuple[str, int]]:
 
 
 @functools.cache
-def _control_width(study_folder: Path, trial_number: int) -> float:
+def _control_width(study_folder: Path, trial_number: int, single_from: Path | None = None) -> float:
     """The control's width: its MACs match the exported configuration's, computed from shapes (prune +
     speedup, no training), so the control does not wait for the exported row's training."""
-    setup = _setup(study_folder, trial_number)
+    setup = _setup(study_folder, trial_number, single_from)
     target = estimate_cost(setup.ctx, setup.params)["mmacs"] * 1e6
     return _width_for_macs(setup.cfg.model.spec, setup.ctx.data, target)
 
 
-def _identity(study_folder: Path, trial_number: int, name: str) -> object:
+def _identity(study_folder: Path, trial_number: int, name: str, single_from: Path | None = None) -> object:
     """What a row's result depends on besides its seed: the configuration, or the control's width."""
-    setup = _setup(study_folder, trial_number)
+    setup = _setup(study_folder, trial_number, single_from)
     if name == MOE:
         return setup.params
     if name == SINGLE:
         return setup.single_params
     if name == CONTROL:
-        return _control_width(study_folder, trial_number)
+        return _control_width(study_folder, trial_number, single_from)
     return setup.configs[int(name.split()[1])]
 
 
@@ -260,18 +297,20 @@ def _reusable(
     return kept
 
 
-def _row(study_folder: Path, trial_number: int, name: str, seed: int, threads: int) -> dict:
+def _row(
+    study_folder: Path, trial_number: int, name: str, seed: int, threads: int, single_from: Path | None = None
+) -> dict:
     """One row of the experiment for one seed (runs in a worker process with ``--jobs``)."""
-    setup = _setup(study_folder, trial_number)
+    setup = _setup(study_folder, trial_number, single_from)
     ctx = setup.ctx
     started = time.time()
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
         if name == CONTROL:
-            width = _control_width(study_folder, trial_number)
+            width = _control_width(study_folder, trial_number, single_from)
             result = _control_row(setup.cfg, ctx.data, width, seed, scratch, threads)
         else:
-            params = _identity(study_folder, trial_number, name)
+            params = _identity(study_folder, trial_number, name, single_from)
             result = _compressed_row(ctx, params, seed, scratch / "row", threads, f"{name}, seed {seed}")
     return {**result, "seconds": time.time() - started}  # wall-clock of this (row, seed), training included
 
@@ -317,6 +356,7 @@ def run(
     jobs: int = 1,
     also: tuple[int, ...] = (),
     report_only: bool = False,
+    single_from: Path | None = None,
 ) -> Path:
     """Every row for every seed, then the report. ``jobs`` > 1 runs (row, seed) pairs in that many processes,
     each pinned to its own share of the CPUs (latency is measured at ``threads`` threads inside that share).
@@ -336,9 +376,11 @@ def run(
         staging.replace(partial)
         return rows
 
-    names = _names(study_folder, trial_number, tuple(also))
+    single_from = Path(single_from) if single_from is not None else None
+    names = _names(study_folder, trial_number, tuple(also), single_from)
     tasks = _longest_first(
-        [(name, seed) for name in names for seed in seeds], _setup(study_folder, trial_number).cfg
+        [(name, seed) for name in names for seed in seeds],
+        _setup(study_folder, trial_number, single_from).cfg,
     )
     try:
         saved = json.loads(partial.read_text()) if partial.exists() else []
@@ -347,8 +389,8 @@ def run(
             f"{partial}: not readable JSON ({error}); it holds the results an earlier run saved. Move it away "
             "to start the experiment over."
         ) from error
-    identity = {name: _identity(study_folder, trial_number, name) for name in names}
-    fingerprint = _setup(study_folder, trial_number).ctx.setup()
+    identity = {name: _identity(study_folder, trial_number, name, single_from) for name in names}
+    fingerprint = _setup(study_folder, trial_number, single_from).ctx.setup()
     done: list[dict] = _reusable(saved, tasks, identity, fingerprint)
     reused = len(done)
     tasks = [task for task in tasks if task not in [(entry["row"], entry["seed"]) for entry in done]]
@@ -356,7 +398,9 @@ def run(
     if report_only and not done:
         raise ConfigError(f"--report-only: {partial} holds no finished (row, seed) of this experiment yet.")
     if any(name != CONTROL for name, _ in tasks):  # here, once: the row processes load the kept targets
-        _setup(study_folder, trial_number).ctx.training_data(_setup(study_folder, trial_number).cfg.export)
+        _setup(study_folder, trial_number, single_from).ctx.training_data(
+            _setup(study_folder, trial_number, single_from).cfg.export
+        )
     units = Units("experiment", len(tasks), "(row, seed)")
 
     def finished(job: tuple, result: dict) -> None:
@@ -365,12 +409,20 @@ def run(
 
     try:
         run_pinned(
-            _row, [(study_folder, trial_number, name, seed, threads) for name, seed in tasks], jobs, finished
+            _row,
+            [(study_folder, trial_number, name, seed, threads, single_from) for name, seed in tasks],
+            jobs,
+            finished,
         )
     finally:
         units.close()
-    setup = _setup(study_folder, trial_number)
-    rows = _merge(done, seeds, names, trial_number if setup.single_trial == trial_number else None)
+    setup = _setup(study_folder, trial_number, single_from)
+    same = single_from is None and setup.single_trial == trial_number
+    rows = _merge(done, seeds, names, trial_number if same else None)
+    if SINGLE in rows and setup.single_trial is not None and not same:
+        origin = f" of {single_from}" if single_from is not None else ""
+        rows[SINGLE]["note"] = f"trial {setup.single_trial}{origin}: `{rows[SINGLE].get('params')}`"
+
     return write_report(
         ExperimentRun(
             study_folder=study_folder,
@@ -379,6 +431,7 @@ def run(
             threads=threads,
             jobs=jobs,
             also=tuple(also),
+            single_from=single_from,
             started=started,
             partial=partial,
             reused=reused,

@@ -133,3 +133,30 @@ def test_an_experiment_worker_ends_when_the_experiment_process_is_killed() -> No
     while running() and time.time() < deadline:
         time.sleep(0.2)
     assert not running()
+
+
+def test_best_single_is_the_most_accurate_compressed_single_net_at_equal_macs() -> None:
+    """The experiment's single-net row: within 5% of the MoE's MACs when there is one, never a MoE or the
+    uncompressed reference, ties to the earliest trial."""
+    import pandas as pd
+
+    from search.experiment import best_single
+
+    table = pd.DataFrame(
+        [
+            # trial, val, mmacs, experts, sparsity, blocks removed
+            (0, 0.990, 31.0, 1, 0.0, 0),  # the reference: not compressed
+            (1, 0.985, 10.0, 1, 0.5, 0),  # more accurate, but 35% more MACs
+            (2, 0.970, 7.5, 1, 0.5, 4),
+            (3, 0.970, 7.3, 1, 0.5, 4),  # tie with trial 2: the earlier one wins
+            (4, 0.995, 7.4, 2, 0.5, 4),  # a MoE
+            (5, 0.960, 7.4, 1, 0.0, 4),  # depth alone is compression too
+            (6, None, 7.4, 1, 0.5, 0),  # failed: no accuracy
+        ],
+        columns=["trial", "val_accuracy", "mmacs", "num_experts", "sparsity", "blocks_removed"],
+    )
+    assert best_single(table, 7.44) == 2
+    assert best_single(table, 10.2) == 1
+    assert best_single(table, 100.0) == 1  # none within 5%: the most accurate at any MACs
+    assert best_single(table[table["trial"].isin([0, 4])], 7.4) is None
+    assert best_single(table[table["trial"] == 5], 7.4) == 5
