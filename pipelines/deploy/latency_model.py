@@ -142,7 +142,9 @@ class LatencyTable:
     """Per-kernel latencies (ms) and per-call overheads measured on one CPU with one engine and thread count.
 
     ``overhead_ms``: ``session`` (one engine call of an almost empty model), ``moe_single`` (what the
-    MoE runtime adds around a one-expert call) and ``routing`` (gate softmax, top-k and combining).
+    MoE runtime adds around a one-expert call), ``routing`` (gate softmax, top-k and combining),
+    ``per_expert_call`` and the test-time views' stacking and mean (``views`` behind a gate,
+    ``views_single`` for one net).
     """
 
     cpu: str
@@ -503,9 +505,10 @@ def predict_bundle_latency(
     ((expert id, batch); :func:`default_calls` when None) and the runtime's overheads around them."""
     calls = calls if calls is not None else default_calls(len(experts), top_k, views)
     expert_ms = sum(predict_latency(experts[index], table, batch) for index, batch in calls)
-    overhead = table.overhead_ms.get("views", 0.0) if views > 1 else 0.0
     if len(experts) == 1:
+        overhead = table.overhead_ms.get("views_single", 0.0) if views > 1 else 0.0
         return overhead + table.overhead_ms.get("moe_single", 0.0) + expert_ms
+    overhead = table.overhead_ms.get("views", 0.0) if views > 1 else 0.0
     routing = table.overhead_ms.get("routing", 0.0) + table.overhead_ms.get("per_expert_call", 0.0) * (
         len(calls) - 1
     )
@@ -823,11 +826,16 @@ def _time_moe_overheads(engine: str, threads: int, repeats: int, scratch: Path) 
         gate, experts, 1, views=2
     )  # both views of a blank image to one expert: two calls at batch 2
     views = max(quiet(lambda: viewed(two)) - 2 * call_two - routing, 0.0)
+    # A single net skips the gate: its views cost only the stacking and the mean (a different code path).
+    viewed_single = OrtMoE(tiny(1), [session_one], 1, views=2)
+    session_two = quiet(lambda: session_one(np.concatenate([one, one])))
+    views_single = max(quiet(lambda: viewed_single(one)) - session_two - max(single_ms - session, 0.0), 0.0)
     return {
         "moe_single": max(single_ms - session, 0.0),
         "routing": routing,
         "per_expert_call": per_call,
         "views": views,
+        "views_single": views_single,
     }
 
 
@@ -847,7 +855,7 @@ def profile_kernels(
     missing = sorted({kernel for kernel in kernels if kernel.key() not in table.kernels}, key=Kernel.key)
     with tempfile.TemporaryDirectory(prefix="hycomp-profile-") as folder:
         scratch = Path(folder)
-        if overheads and not {"session", "routing", "views"} <= table.overhead_ms.keys():
+        if overheads and not {"session", "routing", "views", "views_single"} <= table.overhead_ms.keys():
             table.overhead_ms["session"] = _time_model(
                 _empty_model(), table.engine, table.threads, repeats, scratch
             )

@@ -109,7 +109,14 @@ def test_table_round_trips_and_is_not_retimed(tmp_path):
     assert profile_kernels(table, kernels, repeats=3) == 2
     again = load_table(path, "onnxruntime", 1)
     assert again.kernels == table.kernels and again.overhead_ms == table.overhead_ms
-    assert set(again.overhead_ms) == {"session", "moe_single", "routing", "per_expert_call", "views"}
+    assert set(again.overhead_ms) == {
+        "session",
+        "moe_single",
+        "routing",
+        "per_expert_call",
+        "views",
+        "views_single",
+    }
     assert again.cpu == cpu_description() and again.engine_version == engine_version("onnxruntime")
     assert profile_kernels(again, kernels, repeats=3) == 0  # cached: nothing timed twice
     assert all(value >= 0 for value in again.kernels.values())
@@ -162,12 +169,16 @@ def test_bundle_prediction_counts_gate_views_and_each_expert_call(tmp_path):
 
     path = residual_model(tmp_path / "m.onnx")
     table = LatencyTable(cpu_description(), "onnxruntime", "x", 1, overhead_ms={"session": 1.0})
-    table.overhead_ms.update(routing=10.0, per_expert_call=100.0, views=1000.0, moe_single=10000.0)
+    table.overhead_ms.update(
+        routing=10.0, per_expert_call=100.0, views=1000.0, moe_single=10000.0, views_single=100000.0
+    )
     for batch in (1, 2):
         table.kernels.update({kernel.key(): 0.0 for kernel in kernels_of(path, batch)})
     # gate (1 session) + two expert calls (2 sessions) + routing + one extra call + views
     assert predict_bundle_latency(path, [path, path], 1, table, 2, [(0, 1), (1, 1)]) == pytest.approx(1113.0)
     assert predict_bundle_latency(path, [path], 1, table, 1) == pytest.approx(10001.0)
+    # one net skips the gate: its views pay their own (numpy-only) overhead, not the gated path's
+    assert predict_bundle_latency(path, [path], 1, table, 2) == pytest.approx(110001.0)
 
 
 @pytest.mark.parametrize("engine", ["onnxruntime", "openvino"])
@@ -178,4 +189,4 @@ def test_two_input_kernels_are_timed_on_the_engine(engine):
     conv = Kernel("conv", "int8", (4, 8, 8), out_channels=8, kernel=3, stride=2, pads=1)
     assert profile_kernels(table, [add, conv], repeats=5) == 2
     assert {add.key(), conv.key()} <= table.kernels.keys()
-    assert {"session", "routing", "per_expert_call", "views"} <= table.overhead_ms.keys()
+    assert {"session", "routing", "per_expert_call", "views", "views_single"} <= table.overhead_ms.keys()
