@@ -22,6 +22,7 @@ from optuna.trial import TrialState
 
 from pipelines.deploy.bundle import deploy_moe
 from pipelines.deploy.engines import ENGINES, engine_available, engine_version
+from pipelines.deploy.int8 import INT8_RECIPE
 from pipelines.deploy.manifest import read_manifest
 from pipelines.deploy.runtime import backend_label, load_bundle
 from pipelines.errors import ConfigError, HycompError
@@ -40,6 +41,7 @@ __all__ = [
     "time_quietly",
     "choose_engine",
     "stored_reference",
+    "check_recipe",
     "check_resumable",
     "study_reference",
     "time_against_teacher",
@@ -63,6 +65,8 @@ class LatencyReference:
     teacher_median_ms: float
     # every engine timed at the start: {engine: {"version", "min_ms", "median_ms"}}
     timings: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # how the study's int8 files are made (pipelines.deploy.int8.INT8_RECIPE); 1 for studies made before it was kept
+    int8_recipe: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         return {"format": REFERENCE_FORMAT, **asdict(self)}
@@ -78,7 +82,7 @@ class LatencyReference:
             )
         values = {key: value for key, value in data.items() if key != "format"}
         names = {item.name for item in fields(cls)}
-        missing, unknown = names - set(values) - {"timings"}, set(values) - names
+        missing, unknown = names - set(values) - {"timings", "int8_recipe"}, set(values) - names
         if missing or unknown:
             raise ConfigError(
                 f"{where}: latency reference without {sorted(missing)} or with unknown {sorted(unknown)}. Re-run "
@@ -189,6 +193,7 @@ def choose_engine(
             name: {"version": engine_version(name), "min_ms": item.min_ms, "median_ms": item.median_ms}
             for name, item in stats.items()
         },
+        int8_recipe=INT8_RECIPE,
     )
 
 
@@ -220,6 +225,18 @@ def check_resumable(cfg: SearchConfig, reference: LatencyReference, study) -> No
         )
 
 
+def check_recipe(reference: LatencyReference, study) -> None:
+    """New trials of a study are deployed like its teacher was: int8 files of another recipe would be timed on
+    another scale (the re-measure of its existing files is still allowed)."""
+    if reference.int8_recipe != INT8_RECIPE:
+        raise ConfigError(
+            f"study {study.study_name!r}: its teacher and trials were deployed with int8 recipe "
+            f"{reference.int8_recipe}, and this hycomp deploys recipe {INT8_RECIPE} (the image-reading stem stays "
+            "fp32), so new trials would be timed on another scale. Continue in a new study (another study.name); "
+            "`hycomp front --remeasure`, `export` and the reports still read this one."
+        )
+
+
 def study_reference(
     cfg: SearchConfig,
     data,
@@ -228,14 +245,18 @@ def study_reference(
     study,
     timer: Timer = time_quietly,
     warn_earlier: bool = True,
+    new_trials: bool = True,
 ) -> LatencyReference:
     """The study's latency reference: the stored one (a resumed study, a worker), or chosen now and stored.
     The teacher bundle is deployed into the study folder when missing. Logs the choice, and with
-    ``warn_earlier`` warns about trials that were timed before it (alone, on another scale)."""
+    ``warn_earlier`` warns about trials that were timed before it (alone, on another scale). ``new_trials``:
+    the caller deploys new trials, which must use the study's int8 recipe (:func:`check_recipe`)."""
     folder = deploy_reference(cfg, data, teacher, study_folder)
     reference = stored_reference(study)
     if reference is not None:
         check_resumable(cfg, reference, study)
+        if new_trials:
+            check_recipe(reference, study)
         return reference
     image = data.val.images[:1].numpy()
     reference = choose_engine(cfg, folder, image, timer)

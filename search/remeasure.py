@@ -84,7 +84,7 @@ def _reference(cfg: SearchConfig, study: optuna.Study, folder: Path, data) -> La
         check_resumable(cfg, reference, study)
         return reference
     context, _ = trial_context(cfg, data, folder)
-    return study_reference(cfg, data, context.teacher, folder, study, warn_earlier=False)
+    return study_reference(cfg, data, context.teacher, folder, study, warn_earlier=False, new_trials=False)
 
 
 def _entry(

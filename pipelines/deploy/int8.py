@@ -22,9 +22,13 @@ from onnxruntime.quantization import (
 from pipelines.deploy.engines import as_array
 from pipelines.errors import DataError, unknown_name
 
-__all__ = ["quantize_onnx_int8", "quantize_with_grid", "WIDE_WEIGHT_POLICIES"]
+__all__ = ["quantize_onnx_int8", "quantize_with_grid", "WIDE_WEIGHT_POLICIES", "INT8_RECIPE", "float_layers"]
 
 _CALIBRATION_BATCH = 32
+# What an int8 file is made of, so that latencies of files made differently are never compared: 1 had
+# every convolution in int8; 2 keeps the convolutions that read the image on few channels in fp32.
+INT8_RECIPE = 2
+FLOAT_INPUT_CHANNELS = 4  # a convolution on the model input with at most this many channels stays fp32
 
 
 class _ImageReader(CalibrationDataReader):
@@ -58,7 +62,8 @@ def quantize_onnx_int8(
     """Statically quantize an fp32 ONNX model to QDQ int8 (per-channel int8 weights, uint8 activations).
 
     Activation ranges come from MinMax calibration on ``calibration_images`` (B, C, H, W). The final
-    linear layer stays fp32 (see :func:`_classifier_nodes`). Weights that NNI left on a grid of at most
+    linear layer and the convolutions that read a few-channel image stay fp32 (:func:`_classifier_nodes`,
+    :func:`float_layers`). Weights that NNI left on a grid of at most
     129 levels (2- to 7-bit, and any coarser) are carried exactly (see :func:`_weight_grid_overrides`).
     ``reduce_range`` keeps weights to [-64, 64]: on AVX2 without VNNI the uint8 x int8 kernels saturate
     intermediate sums otherwise (README, "Conventions for the numbers").
@@ -101,7 +106,7 @@ def quantize_with_grid(
             root_logger.setLevel(max(root_logger.level, logging.ERROR))
             quant_pre_process(str(fp32_path), str(preprocessed))
             model = onnx.load(str(preprocessed))
-            excluded = _classifier_nodes(model)
+            excluded = _classifier_nodes(model) + float_layers(model)
             overrides, rounded = _weight_grid_overrides(model, excluded, wide_weights)
             quantize_static(
                 str(preprocessed),
@@ -199,3 +204,25 @@ def _classifier_nodes(model: onnx.ModelProto) -> list[str]:
     """
     linear = [node.name for node in model.graph.node if node.op_type in ("Gemm", "MatMul")]
     return linear[-1:]
+
+
+def float_layers(model: onnx.ModelProto) -> list[str]:
+    """The ungrouped convolutions that read the model's input on at most :data:`FLOAT_INPUT_CHANNELS` channels
+    (an RGB or grey stem), kept in fp32: int8 kernels gain nothing on so few input channels and run slower than
+    the float ones on both engines, and fp32 holds any weight grid exactly."""
+    inputs = {value.name for value in model.graph.input}
+    initializers = {tensor.name: tensor for tensor in model.graph.initializer}
+    kept = []
+    for node in model.graph.node:
+        if node.op_type != "Conv" or not node.input or node.input[0] not in inputs or len(node.input) < 2:
+            continue
+        group = next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == "group"), 1)
+        weight = initializers.get(node.input[1])
+        if (
+            group == 1
+            and weight is not None
+            and len(weight.dims) == 4
+            and weight.dims[1] <= FLOAT_INPUT_CHANNELS
+        ):
+            kept.append(node.name)
+    return kept

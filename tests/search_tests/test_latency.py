@@ -144,6 +144,33 @@ def test_a_resumed_study_keeps_its_engine_and_teacher_latency(
         )
 
 
+def test_a_study_deployed_with_another_int8_recipe_takes_no_new_trials(
+    both_installed, tiny_data, teacher, reference_folder: Path
+) -> None:
+    """Trials deployed by another int8 recipe than the study's teacher would be timed on another scale: a
+    search refuses to add them, a re-measure of the existing files goes on."""
+    from pipelines.deploy.int8 import INT8_RECIPE
+
+    study = optuna.create_study(directions=["maximize", "minimize", "minimize"])
+    cfg = parse_config({})
+    made = study_reference(
+        cfg, tiny_data, teacher, reference_folder, study, _timer({"onnxruntime": 1.0, "openvino": 2.0})
+    )
+    assert made.int8_recipe == INT8_RECIPE
+    older = {
+        key: value for key, value in made.to_dict().items() if key != "int8_recipe"
+    }  # made before recipes
+    study.set_user_attr(LATENCY_KEY, older)
+    assert stored_reference(study).int8_recipe == 1
+    with pytest.raises(
+        ConfigError, match=f"int8 recipe 1, and this hycomp deploys recipe {INT8_RECIPE}.*new study"
+    ):
+        study_reference(cfg, tiny_data, teacher, reference_folder, study)
+    assert (
+        study_reference(cfg, tiny_data, teacher, reference_folder, study, new_trials=False).int8_recipe == 1
+    )
+
+
 def test_unknown_or_missing_engines_are_named_with_the_fix(monkeypatch) -> None:
     with pytest.raises(
         ConfigError,

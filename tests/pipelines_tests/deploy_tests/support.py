@@ -95,6 +95,8 @@ def _engine_weight_errors(fp32_path: Path, int8_path: Path) -> list[float]:
         if levels is not None and levels.dtype in (np.int8, np.uint8) and levels.ndim == 4:
             zero = arrays[node.input[2]].astype(np.float64).reshape(-1, 1, 1, 1)
             engine.append((levels.astype(np.float64) - zero) * arrays[node.input[1]].reshape(-1, 1, 1, 1))
+        elif node.op_type == "Conv" and arrays.get(node.input[1]) is not None:  # kept in fp32 (float_layers)
+            engine.append(arrays[node.input[1]].astype(np.float64))
     sources = {init.name: onnx.numpy_helper.to_array(init) for init in fp32_graph.initializer}
     errors = []
     for node in fp32_graph.node:  # names change in pre-processing: match by shape and closeness

@@ -49,8 +49,10 @@ def test_int8_single_model_is_smaller_and_agrees(classifier: nn.Module, data, tm
     [
         (4, "first", "all"),
         (6, "none", "all"),
-        (8, "none", "none"),  # 255 levels do not fit the fast kernels' [-64, 64]
-        (8, "first", "first"),  # the conv reading the image is held as uint8, the others rounded
+        # 255 levels do not fit the fast kernels' [-64, 64]: rounded, except the conv reading the image,
+        # which stays fp32 under every policy (float_layers)
+        (8, "none", "first"),
+        (8, "first", "first"),
         (8, "all", "all"),
     ],
 )
@@ -75,3 +77,36 @@ def test_int8_engine_holds_nni_weight_grid_exactly(
             assert 1e-4 < error <= 0.5 / 64 + 1e-6
     with pytest.raises(ConfigError, match="wide_weights"):
         quantize_onnx_int8(fp32_path, tmp_path / "x.onnx", images[:CALIBRATION], wide_weights="some")
+
+
+def test_the_stem_on_few_input_channels_stays_fp32_and_the_rest_is_int8(
+    classifier, data, tmp_path: Path
+) -> None:
+    """The conv that reads the 3-channel image keeps float weights (int8 kernels are slower there); every other
+    conv runs int8; a conv reading a many-channel input (a shared-trunk expert's feature map) is int8 too."""
+    import numpy as np
+
+    from pipelines.deploy.int8 import float_layers
+
+    images = data[0]
+    fp32_path = export_onnx(classifier.eval(), images[:2], tmp_path / "model.onnx")
+    int8_path = quantize_onnx_int8(fp32_path, tmp_path / "model.int8.onnx", images[:CALIBRATION])
+    graph = onnx.load(str(int8_path)).graph
+    floats = {init.name for init in graph.initializer if init.data_type == onnx.TensorProto.FLOAT}
+    convs = [node for node in graph.node if node.op_type == "Conv"]
+    inputs = {value.name for value in graph.input}
+    stems = [node for node in convs if node.input[0] in inputs]
+    assert len(convs) > 1 and len(stems) == 1 and stems[0].input[1] in floats  # float weights on the image
+    assert all(
+        node.input[1] not in floats for node in convs if node not in stems
+    )  # the rest via DequantizeLinear
+    source = onnx.load(str(fp32_path))
+    assert float_layers(source) == [node.name for node in source.graph.node if node.op_type == "Conv"][:1]
+    wide = onnx.helper.make_graph(
+        [onnx.helper.make_node("Conv", ["x", "w"], ["y"], name="wide", kernel_shape=[3, 3])],
+        "wide",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 16, 8, 8])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+        [onnx.numpy_helper.from_array(np.zeros((8, 16, 3, 3), np.float32), "w")],
+    )
+    assert float_layers(onnx.helper.make_model(wide)) == []
