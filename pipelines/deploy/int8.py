@@ -58,6 +58,7 @@ def quantize_onnx_int8(
     calibration_images: np.ndarray,
     *,
     wide_weights: str = "first",
+    float_stem: bool = True,
 ) -> Path:
     """Statically quantize an fp32 ONNX model to QDQ int8 (per-channel int8 weights, uint8 activations).
 
@@ -70,8 +71,9 @@ def quantize_onnx_int8(
     ``wide_weights`` says which layers with 8-bit weights (more levels than that range) are held exactly
     as uint8 weights by slower uint8 x uint8 kernels: ``"first"`` the layers that read the model input,
     ``"all"``, or ``"none"``; the others are rounded to the range.
+    ``float_stem=False`` quantizes the stem too (:data:`INT8_RECIPE` 1; kept to compare the two).
     """
-    quantize_with_grid(Path(fp32_path), Path(int8_path), calibration_images, wide_weights)
+    quantize_with_grid(Path(fp32_path), Path(int8_path), calibration_images, wide_weights, float_stem)
     return Path(int8_path)
 
 
@@ -83,6 +85,7 @@ def quantize_with_grid(
     int8_path: Path,
     calibration_images: np.ndarray,
     wide_weights: str,
+    float_stem: bool = True,
 ) -> dict:
     """:func:`quantize_onnx_int8`; returns ``{"exact": [...], "rounded": [...]}``, the weight tensors the
     engine holds exactly and those it rounds to its own grid."""
@@ -106,7 +109,7 @@ def quantize_with_grid(
             root_logger.setLevel(max(root_logger.level, logging.ERROR))
             quant_pre_process(str(fp32_path), str(preprocessed))
             model = onnx.load(str(preprocessed))
-            excluded = _classifier_nodes(model) + float_layers(model)
+            excluded = _classifier_nodes(model) + (float_layers(model) if float_stem else [])
             overrides, rounded = _weight_grid_overrides(model, excluded, wide_weights)
             quantize_static(
                 str(preprocessed),
