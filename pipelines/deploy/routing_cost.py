@@ -1,6 +1,7 @@
 """What a bundle's one-file MoE (``model.onnx``) spends outside its experts: the merged file timed against
-the sum of its chosen experts run alone on the rows routed to them, on ONNX Runtime and on OpenVINO.
-The rest (gate, softmax, top-k, gathering, scattering, views) is the routing overhead. Torch-free."""
+the sum of its chosen experts run alone on the rows routed to them (plus, for a shared-trunk bundle, the trunk
+on the whole batch), on ONNX Runtime and on OpenVINO. The rest (gate, softmax, top-k, gathering, scattering,
+views) is the routing overhead. Torch-free."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import numpy as np
 
 from pipelines import symmetry
 from pipelines.deploy.engines import ENGINES, as_array, open_model
-from pipelines.deploy.manifest import file_names, read_manifest, verified
+from pipelines.deploy.manifest import file_names, read_manifest, trunk_file_name, verified
 from pipelines.deploy.runtime import load_bundle
 from pipelines.errors import ConfigError, DataError, unknown_name
 from pipelines.timing import measure_latency
@@ -18,14 +19,17 @@ from pipelines.timing import measure_latency
 __all__ = ["measure_routing_overhead"]
 
 
-def _routed_rows(bundle, images: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
-    """(the view-expanded batch the experts see, for each expert the rows of it routed there), routed by the
-    bundle's own files with ONNX Runtime (OpenVINO's int8 gate may round a near tie the other way)."""
+def _routed_rows(bundle, images: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    """(the view-expanded batch, what the experts read: that batch or the trunk's feature map of it, for
+    each expert the rows routed there), routed by the bundle's own files with ONNX Runtime (OpenVINO's int8
+    gate may round a near tie the other way)."""
     stacked = np.ascontiguousarray(np.concatenate(symmetry.views(images, bundle.views)))
+    features = stacked if bundle.trunk is None else np.ascontiguousarray(bundle.trunk(stacked))
     if bundle.num_experts == 1:
-        return stacked, [np.arange(len(stacked))]
+        return stacked, features, [np.arange(len(stacked))]
     chosen, _ = bundle.route(stacked)
-    return stacked, [np.nonzero((chosen == expert).any(axis=1))[0] for expert in range(bundle.num_experts)]
+    routed = [np.nonzero((chosen == expert).any(axis=1))[0] for expert in range(bundle.num_experts)]
+    return stacked, features, routed
 
 
 def measure_routing_overhead(
@@ -41,11 +45,13 @@ def measure_routing_overhead(
     """For each engine and batch: latency of the bundle's ``model.onnx`` on the first ``batch`` images, the
     summed latencies of its chosen experts alone on the rows routed to each, and ``routing_share`` = 1 -
     experts / merged (of the medians; ``routing_share_min`` of the minima): the share spent in gate, routing
-    and views. On ONNX Runtime the per-expert
-    folder with numpy routing (``OrtMoE``) is timed too, as ``folder``.
+    and views. A shared-layout bundle's trunk is network, not routing: it is timed on the view-expanded batch
+    (``trunk``) and counted with the experts. On ONNX Runtime the per-expert folder with numpy routing
+    (``OrtMoE``) is timed too, as ``folder``.
 
     Returns ``{engine: {"batch_<n>": {"single_file": stats, "experts": {"min_ms", "median_ms"},
-    "routing_share": float, "routing_share_min": float, ["folder": stats]}}}`` with ``stats`` from :func:`pipelines.timing.measure_latency`.
+    ["trunk": {"min_ms", "median_ms"}], "routing_share": float, "routing_share_min": float,
+    ["folder": stats]}}}`` with ``stats`` from :func:`pipelines.timing.measure_latency`.
     """
     folder = Path(folder)
     for engine in engines:
@@ -59,13 +65,10 @@ def measure_routing_overhead(
             f"images: batch {max(batches)} needs at least {max(batches)} images, got {len(array)}."
         )
     manifest = read_manifest(folder)
-    if manifest.layout != "separate":
-        raise ConfigError(
-            f"folder: {folder} holds a {manifest.layout}-layout bundle; the routing overhead is measured for "
-            "the separate layout only (its experts read the image). Measure model.onnx's latency instead."
-        )
     _, expert_names = file_names(manifest.num_experts, manifest.precision)
     expert_paths = [verified(folder, name, manifest) for name in expert_names]
+    shared = manifest.layout == "shared"
+    trunk_path = verified(folder, trunk_file_name(manifest.precision), manifest) if shared else None
     merged_path = verified(folder, manifest.single_file, manifest)
     # loaded once: it routes every batch on every engine and is timed itself on ONNX Runtime
     glue = load_bundle(folder, threads=threads)
@@ -73,6 +76,7 @@ def measure_routing_overhead(
     for engine in engines:
         merged = open_model(merged_path, engine, threads)
         experts = [open_model(path, engine, threads) for path in expert_paths]
+        trunk = open_model(trunk_path, engine, threads) if trunk_path is not None else None
         label = f"{engine}-{manifest.precision}"
         result[engine] = {}
         for batch in batches:
@@ -87,12 +91,24 @@ def measure_routing_overhead(
                     repeats=repeats,
                 ).as_dict()
             }
-            stacked, routed = _routed_rows(glue, batch_images)
+            stacked, features, routed = _routed_rows(glue, batch_images)
+            network_min, network_median = 0.0, 0.0
+            if trunk is not None:
+                stats = measure_latency(
+                    lambda model=trunk, inputs=stacked: model(inputs),
+                    backend=f"{label} trunk",
+                    threads=threads,
+                    batch=len(stacked),
+                    warmup=warmup,
+                    repeats=repeats,
+                )
+                timing["trunk"] = {"min_ms": stats.min_ms, "median_ms": stats.median_ms}
+                network_min, network_median = stats.min_ms, stats.median_ms
             expert_min, expert_median = 0.0, 0.0
             for expert, rows in zip(experts, routed, strict=True):
                 if rows.size == 0:
                     continue
-                inputs = np.ascontiguousarray(stacked[rows])
+                inputs = np.ascontiguousarray(features[rows])
                 stats = measure_latency(
                     lambda model=expert, inputs=inputs: model(inputs),
                     backend=f"{label} expert",
@@ -104,9 +120,10 @@ def measure_routing_overhead(
                 expert_min += stats.min_ms
                 expert_median += stats.median_ms
             timing["experts"] = {"min_ms": expert_min, "median_ms": expert_median}
-            timing["routing_share"] = max(0.0, 1.0 - expert_median / timing["single_file"]["median_ms"])
+            network_min, network_median = network_min + expert_min, network_median + expert_median
+            timing["routing_share"] = max(0.0, 1.0 - network_median / timing["single_file"]["median_ms"])
             # minima are the least disturbed by other load on the machine
-            timing["routing_share_min"] = max(0.0, 1.0 - expert_min / timing["single_file"]["min_ms"])
+            timing["routing_share_min"] = max(0.0, 1.0 - network_min / timing["single_file"]["min_ms"])
             if engine == "onnxruntime":
                 timing["folder"] = measure_latency(
                     lambda model=glue, inputs=batch_images: model(inputs),
