@@ -6,6 +6,7 @@ subgraphs. Torch-free."""
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -22,16 +23,40 @@ _MIN_OPSET = 16  # ScatterND's reduction="add"
 
 
 class _Builder:
-    """Accumulates the nodes and constants of the merged graph, each under a unique name."""
+    """Accumulates the nodes and constants of the merged graph, each under a unique name. A branch builder
+    (an ``If`` body) has its own nodes but shares the names and the constants: every constant and weight
+    lives in the main graph, which the bodies read from the enclosing scope."""
 
-    def __init__(self) -> None:
+    def __init__(self, parent: _Builder | None = None) -> None:
         self.nodes: list[onnx.NodeProto] = []
-        self.initializers: list[onnx.TensorProto] = []
-        self._count = 0
+        self.initializers: list[onnx.TensorProto] = parent.initializers if parent else []
+        self.counter = parent.counter if parent else itertools.count(1)
 
     def name(self, stem: str) -> str:
-        self._count += 1
-        return f"moe/{stem}_{self._count}"
+        return f"moe/{stem}_{next(self.counter)}"
+
+    def branch(self) -> _Builder:
+        return _Builder(self)
+
+    def graph(self, stem: str, outputs: list[onnx.ValueInfoProto]) -> onnx.GraphProto:
+        """The nodes as an ``If`` body (no inputs: it reads the enclosing graph's tensors)."""
+        return helper.make_graph(self.nodes, self.name(stem), [], outputs)
+
+    def if_node(
+        self, condition: str, then_branch: onnx.GraphProto, else_branch: onnx.GraphProto, stem: str
+    ) -> str:
+        output = self.name(stem)
+        self.nodes.append(
+            helper.make_node(
+                "If",
+                [condition],
+                [output],
+                name=f"{output}/If",
+                then_branch=then_branch,
+                else_branch=else_branch,
+            )
+        )
+        return output
 
     def constant(self, stem: str, value: np.ndarray) -> str:
         name = self.name(stem)
@@ -130,72 +155,190 @@ def _view_mean(builder: _Builder, logits: str, images: str, count: int, classes:
     return builder.op("Div", [total, builder.constant("count", np.array(count, np.float32))], output=output)
 
 
-def _routed_expert(
+def _logits_info(name: str, classes: int) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, TensorProto.FLOAT, [None, classes])
+
+
+def _run_expert(builder: _Builder, expert: onnx.GraphProto, inputs: str, stem: str) -> str:
+    """Append a copy of ``expert``'s nodes reading ``inputs``; returns its logits. Its weights are not
+    copied: they stay in the main graph under the expert's names (so a file holding an expert twice, in
+    two ``If`` bodies, is not larger), while every tensor the copy computes gets a fresh name."""
+    weights = {initializer.name for initializer in expert.initializer}
+    renamed = {expert.input[0].name: inputs}
+    # short names: the copies' names are most of what the copies add to the file
+    for node in expert.node:
+        for output in node.output:
+            if output:
+                renamed[output] = f"{stem}/{next(builder.counter)}"
+    for node in expert.node:
+        copy = onnx.NodeProto()
+        copy.CopyFrom(node)
+        copy.name = f"{stem}/{next(builder.counter)}"
+        for field in (copy.input, copy.output):
+            for position, name in enumerate(field):
+                if name and name not in weights:
+                    field[position] = renamed[name]
+        builder.nodes.append(copy)
+    return renamed[expert.output[0].name]
+
+
+def _expert_by_id(
     builder: _Builder,
-    expert: onnx.GraphProto,
-    index: int,
-    images: str,
+    experts: list[onnx.GraphProto],
     chosen: str,
-    weights: str,
-    combined: str,
+    inputs: str,
     classes: int,
+    low: int,
+    high: int,
 ) -> str:
-    """``combined`` plus expert ``index``'s weighted logits on the rows routed to it (an If skips it when none)."""
-    hits = builder.op("Equal", [chosen, builder.constant("expert", np.array(index, np.int64))], "hits")
-    positions = builder.op("NonZero", [hits], "positions")  # (2, M): row, top-k slot; rows ascending
-    rows = builder.op("Gather", [positions, builder.constant("zero", np.array(0, np.int64))], "rows", axis=0)
-    slot_pairs = builder.op("Transpose", [positions], "pairs", perm=[1, 0])
-    row_weights = builder.op("GatherND", [weights, slot_pairs], "row_weights")
-    # The branch reads the expert's (prefixed) input name from the enclosing graph.
-    builder.op("Gather", [images, rows], output=expert.input[0].name, axis=0)
+    """The logits of expert ``chosen`` (a scalar id in [low, high)) on ``inputs``: a binary tree of ``If``
+    on ``chosen < middle``, so one call walks log2(experts) conditions and runs one expert."""
+    if high - low == 1:
+        return _run_expert(builder, experts[low], inputs, f"moe/e{low}")
+    middle = (low + high) // 2
+    branches = []
+    for start, stop in ((low, middle), (middle, high)):
+        branch = builder.branch()
+        logits = _expert_by_id(branch, experts, chosen, inputs, classes, start, stop)
+        branches.append(branch.graph(f"experts_{start}_to_{stop - 1}", [_logits_info(logits, classes)]))
+    below = builder.op("Less", [chosen, builder.constant("middle", np.array(middle, np.int64))], "below")
+    return builder.if_node(below, *branches, f"experts_{low}_to_{high - 1}")
+
+
+def _empty_logits(builder: _Builder, classes: int) -> str:
+    """(0, classes) float32: what a skipped expert gives."""
+    # ConstantOfShape rather than an empty Constant: OpenVINO reads a zero-size Constant as a scalar.
+    return builder.op(
+        "ConstantOfShape",
+        [builder.constant("empty_shape", np.array([0, classes], np.int64))],
+        "empty",
+        value=numpy_helper.from_array(np.zeros(1, np.float32)),
+    )
+
+
+def _expert_on_rows(
+    builder: _Builder, expert: onnx.GraphProto, index: int, images: str, rows: str, classes: int
+) -> str:
+    """Expert ``index``'s logits on ``images[rows]``; an ``If`` skips it when no row is routed to it."""
     routed = builder.op(
         "Greater",
         [builder.op("Size", [rows], "count"), builder.constant("none", np.array(0, np.int64))],
         "routed",
     )
-    then_branch = helper.make_graph(
-        list(expert.node),
-        f"expert_{index}",
-        [],
-        list(expert.output),
-        initializer=list(expert.initializer),
-        value_info=list(expert.value_info),
+    run, skip = builder.branch(), builder.branch()
+    inputs = run.op("Gather", [images, rows], f"expert_{index}_inputs", axis=0)
+    logits = _run_expert(run, expert, inputs, f"moe/e{index}")
+    empty = _empty_logits(skip, classes)
+    return builder.if_node(
+        routed,
+        run.graph(f"expert_{index}", [_logits_info(logits, classes)]),
+        skip.graph(f"expert_{index}_skipped", [_logits_info(empty, classes)]),
+        f"expert_{index}_logits",
     )
-    empty_name = f"expert_{index}/empty"
-    # ConstantOfShape rather than an empty Constant: OpenVINO reads a zero-size Constant as a scalar.
-    else_branch = helper.make_graph(
-        [
-            helper.make_node(
-                "ConstantOfShape",
-                [f"{empty_name}_shape"],
-                [empty_name],
-                name=f"{empty_name}/ConstantOfShape",
-                value=numpy_helper.from_array(np.zeros(1, np.float32)),
-            )
-        ],
-        f"expert_{index}_skipped",
-        [],
-        [helper.make_tensor_value_info(empty_name, TensorProto.FLOAT, [0, classes])],
-        initializer=[numpy_helper.from_array(np.array([0, classes], np.int64), f"{empty_name}_shape")],
+
+
+def _rows_of(builder: _Builder, hits: str) -> str:
+    """The row indices (ascending) where the (rows, k) boolean ``hits`` holds."""
+    positions = builder.op("NonZero", [hits], "positions")  # (2, M): row, top-k slot; rows ascending
+    return builder.op("Gather", [positions, builder.constant("zero", np.array(0, np.int64))], "rows", axis=0)
+
+
+def _top1_mixed(
+    builder: _Builder, experts: list[onnx.GraphProto], images: str, chosen: str, classes: int
+) -> str:
+    """Top-1 logits of a batch whose rows chose different experts: each expert on its rows, and one
+    ScatterND puts every row back (the rows of all experts are a permutation of the batch; weights are 1)."""
+    rows, logits = [], []
+    for index, expert in enumerate(experts):
+        hits = builder.op("Equal", [chosen, builder.constant("expert", np.array(index, np.int64))], "hits")
+        rows.append(_rows_of(builder, hits))
+        logits.append(_expert_on_rows(builder, expert, index, images, rows[-1], classes))
+    gathered = builder.op("Concat", logits, "by_expert", axis=0)
+    indices = builder.op(
+        "Unsqueeze",
+        [builder.op("Concat", rows, "rows", axis=0), builder.constant("column", np.array([1], np.int64))],
+        "indices",
     )
-    logits = builder.name(f"expert_{index}_logits")
+    # every row is written once, so the data ScatterND starts from is overwritten: no zeros needed
+    return builder.op("ScatterND", [gathered, indices, gathered], "combined")
+
+
+def _top1(
+    builder: _Builder, experts: list[onnx.GraphProto], images: str, probabilities: str, classes: int
+) -> str:
+    """Top-1 routing: the logits of each row's best expert (combine weight p / p = 1). When all rows chose
+    one expert (always at batch 1 with one view), an ``If`` runs it on the whole batch with no gathering."""
+    # ArgMax picks the first of equal maxima: TopK's and the stable argsort's order.
+    chosen = builder.op("ArgMax", [probabilities], "chosen", axis=1, keepdims=1)
+    first = builder.op("ReduceMin", [chosen], "first", keepdims=0)
+    uniform = builder.op("Equal", [first, builder.op("ReduceMax", [chosen], "last", keepdims=0)], "uniform")
+    one, mixed = builder.branch(), builder.branch()
+    one_logits = _expert_by_id(one, experts, first, images, classes, 0, len(experts))
+    mixed_logits = _top1_mixed(mixed, experts, images, chosen, classes)
+    return builder.if_node(
+        uniform,
+        one.graph("one_expert", [_logits_info(one_logits, classes)]),
+        mixed.graph("mixed_experts", [_logits_info(mixed_logits, classes)]),
+        "routed",
+    )
+
+
+def _top_k(
+    builder: _Builder,
+    experts: list[onnx.GraphProto],
+    images: str,
+    probabilities: str,
+    top_k: int,
+    classes: int,
+) -> str:
+    """Top-k routing (k > 1): each expert on the rows that chose it, weighted by its renormalized
+    probability and added into its rows (ScatterND add; top-k picks distinct experts, so it is exact)."""
+    # TopK returns the largest first and, among equal values, the lowest index first (torch.topk's order).
+    top_values = builder.name("top_values")
+    chosen = builder.name("chosen")
     builder.nodes.append(
         helper.make_node(
-            "If",
-            [routed],
-            [logits],
-            name=f"expert_{index}/If",
-            then_branch=then_branch,
-            else_branch=else_branch,
+            "TopK",
+            [probabilities, builder.constant("k", np.array([top_k], np.int64))],
+            [top_values, chosen],
+            name="moe/TopK",
+            axis=1,
+            largest=1,
+            sorted=1,
         )
     )
-    column = builder.constant("column", np.array([1], np.int64))
-    weighted = builder.op(
-        "Mul", [logits, builder.op("Unsqueeze", [row_weights, column], "weight")], "weighted"
+    total = builder.op(
+        "ReduceSum", [top_values, builder.constant("axis", np.array([1], np.int64))], "total", keepdims=1
     )
-    indices = builder.op("Unsqueeze", [rows, column], "indices")
-    # top-k picks distinct experts, so a row gets at most one update per expert: "add" is exact.
-    return builder.op("ScatterND", [combined, indices, weighted], "combined", reduction="add")
+    weights = builder.op("Div", [top_values, total], "weights")
+    shape = builder.op(
+        "Concat",
+        [
+            builder.op("Shape", [images], "rows", start=0, end=1),
+            builder.constant("classes", np.array([classes], np.int64)),
+        ],
+        "shape",
+        axis=0,
+    )
+    combined = builder.op(
+        "ConstantOfShape", [shape], "zeros", value=numpy_helper.from_array(np.zeros(1, np.float32))
+    )
+    column = builder.constant("column", np.array([1], np.int64))
+    for index, expert in enumerate(experts):
+        hits = builder.op("Equal", [chosen, builder.constant("expert", np.array(index, np.int64))], "hits")
+        positions = builder.op("NonZero", [hits], "positions")  # (2, M): row, top-k slot; rows ascending
+        rows = builder.op(
+            "Gather", [positions, builder.constant("zero", np.array(0, np.int64))], "rows", axis=0
+        )
+        slot_pairs = builder.op("Transpose", [positions], "pairs", perm=[1, 0])
+        row_weights = builder.op("GatherND", [weights, slot_pairs], "row_weights")
+        logits = _expert_on_rows(builder, expert, index, images, rows, classes)
+        weighted = builder.op(
+            "Mul", [logits, builder.op("Unsqueeze", [row_weights, column], "weight")], "weighted"
+        )
+        indices = builder.op("Unsqueeze", [rows, column], "indices")
+        combined = builder.op("ScatterND", [combined, indices, weighted], "combined", reduction="add")
+    return combined
 
 
 def _opsets(models: list[onnx.ModelProto]) -> list[onnx.OperatorSetIdProto]:
@@ -280,39 +423,14 @@ def merge_moe_onnx(
         builder.initializers.extend(gate.initializer)
         value_info.extend(gate.value_info)
         probabilities = builder.op("Softmax", [gate.output[0].name], "probabilities", axis=1)
-        # TopK returns the largest first and, among equal values, the lowest index first (torch.topk's order).
-        top_values = builder.name("top_values")
-        chosen = builder.name("chosen")
-        builder.nodes.append(
-            helper.make_node(
-                "TopK",
-                [probabilities, builder.constant("k", np.array([top_k], np.int64))],
-                [top_values, chosen],
-                name="moe/TopK",
-                axis=1,
-                largest=1,
-                sorted=1,
-            )
-        )
-        total = builder.op(
-            "ReduceSum", [top_values, builder.constant("axis", np.array([1], np.int64))], "total", keepdims=1
-        )
-        weights = builder.op("Div", [top_values, total], "weights")
-        shape = builder.op(
-            "Concat",
-            [
-                builder.op("Shape", [images], "rows", start=0, end=1),
-                builder.constant("classes", np.array([classes], np.int64)),
-            ],
-            "shape",
-            axis=0,
-        )
-        combined = builder.op(
-            "ConstantOfShape", [shape], "zeros", value=numpy_helper.from_array(np.zeros(1, np.float32))
-        )
-        for index, model in enumerate(experts):
-            expert = _prefixed(model, f"expert_{index}/")
-            combined = _routed_expert(builder, expert, index, images, chosen, weights, combined, classes)
+        # The experts' weights sit in the main graph once; their nodes are copied into the If bodies.
+        graphs = [_prefixed(model, f"expert_{index}/") for index, model in enumerate(experts)]
+        for expert in graphs:
+            builder.initializers.extend(expert.initializer)
+        if top_k == 1:
+            combined = _top1(builder, graphs, images, probabilities, classes)
+        else:
+            combined = _top_k(builder, graphs, images, probabilities, top_k, classes)
     output = _view_mean(builder, combined, source_input.name, views, classes, "output")
 
     batch = source_input.type.tensor_type.shape.dim[0]
