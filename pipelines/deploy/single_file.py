@@ -24,8 +24,7 @@ _MIN_OPSET = 16  # ScatterND's reduction="add"
 
 class _Builder:
     """Accumulates the nodes and constants of the merged graph, each under a unique name. A branch builder
-    (an ``If`` body) has its own nodes but shares the names and the constants: every constant and weight
-    lives in the main graph, which the bodies read from the enclosing scope."""
+    (an ``If`` body) has its own nodes but shares the names and the small constants of the main graph."""
 
     def __init__(self, parent: _Builder | None = None) -> None:
         self.nodes: list[onnx.NodeProto] = []
@@ -38,9 +37,11 @@ class _Builder:
     def branch(self) -> _Builder:
         return _Builder(self)
 
-    def graph(self, stem: str, outputs: list[onnx.ValueInfoProto]) -> onnx.GraphProto:
+    def graph(
+        self, stem: str, outputs: list[onnx.ValueInfoProto], initializers: list[onnx.TensorProto] = ()
+    ) -> onnx.GraphProto:
         """The nodes as an ``If`` body (no inputs: it reads the enclosing graph's tensors)."""
-        return helper.make_graph(self.nodes, self.name(stem), [], outputs)
+        return helper.make_graph(self.nodes, self.name(stem), [], outputs, initializer=list(initializers))
 
     def if_node(
         self, condition: str, then_branch: onnx.GraphProto, else_branch: onnx.GraphProto, stem: str
@@ -159,52 +160,6 @@ def _logits_info(name: str, classes: int) -> onnx.ValueInfoProto:
     return helper.make_tensor_value_info(name, TensorProto.FLOAT, [None, classes])
 
 
-def _run_expert(builder: _Builder, expert: onnx.GraphProto, inputs: str, stem: str) -> str:
-    """Append a copy of ``expert``'s nodes reading ``inputs``; returns its logits. Its weights are not
-    copied: they stay in the main graph under the expert's names (so a file holding an expert twice, in
-    two ``If`` bodies, is not larger), while every tensor the copy computes gets a fresh name."""
-    weights = {initializer.name for initializer in expert.initializer}
-    renamed = {expert.input[0].name: inputs}
-    # short names: the copies' names are most of what the copies add to the file
-    for node in expert.node:
-        for output in node.output:
-            if output:
-                renamed[output] = f"{stem}/{next(builder.counter)}"
-    for node in expert.node:
-        copy = onnx.NodeProto()
-        copy.CopyFrom(node)
-        copy.name = f"{stem}/{next(builder.counter)}"
-        for field in (copy.input, copy.output):
-            for position, name in enumerate(field):
-                if name and name not in weights:
-                    field[position] = renamed[name]
-        builder.nodes.append(copy)
-    return renamed[expert.output[0].name]
-
-
-def _expert_by_id(
-    builder: _Builder,
-    experts: list[onnx.GraphProto],
-    chosen: str,
-    inputs: str,
-    classes: int,
-    low: int,
-    high: int,
-) -> str:
-    """The logits of expert ``chosen`` (a scalar id in [low, high)) on ``inputs``: a binary tree of ``If``
-    on ``chosen < middle``, so one call walks log2(experts) conditions and runs one expert."""
-    if high - low == 1:
-        return _run_expert(builder, experts[low], inputs, f"moe/e{low}")
-    middle = (low + high) // 2
-    branches = []
-    for start, stop in ((low, middle), (middle, high)):
-        branch = builder.branch()
-        logits = _expert_by_id(branch, experts, chosen, inputs, classes, start, stop)
-        branches.append(branch.graph(f"experts_{start}_to_{stop - 1}", [_logits_info(logits, classes)]))
-    below = builder.op("Less", [chosen, builder.constant("middle", np.array(middle, np.int64))], "below")
-    return builder.if_node(below, *branches, f"experts_{low}_to_{high - 1}")
-
-
 def _empty_logits(builder: _Builder, classes: int) -> str:
     """(0, classes) float32: what a skipped expert gives."""
     # ConstantOfShape rather than an empty Constant: OpenVINO reads a zero-size Constant as a scalar.
@@ -226,12 +181,14 @@ def _expert_on_rows(
         "routed",
     )
     run, skip = builder.branch(), builder.branch()
-    inputs = run.op("Gather", [images, rows], f"expert_{index}_inputs", axis=0)
-    logits = _run_expert(run, expert, inputs, f"moe/e{index}")
+    # The body reads the expert's (prefixed) input name from the enclosing graph; its weights stay in the body
+    # (each expert is in the file once): ONNX Runtime pre-packs a body's own int8 weights, not outer ones.
+    run.op("Gather", [images, rows], output=expert.input[0].name, axis=0)
+    run.nodes.extend(expert.node)
     empty = _empty_logits(skip, classes)
     return builder.if_node(
         routed,
-        run.graph(f"expert_{index}", [_logits_info(logits, classes)]),
+        run.graph(f"expert_{index}", [_logits_info(expert.output[0].name, classes)], expert.initializer),
         skip.graph(f"expert_{index}_skipped", [_logits_info(empty, classes)]),
         f"expert_{index}_logits",
     )
@@ -243,11 +200,14 @@ def _rows_of(builder: _Builder, hits: str) -> str:
     return builder.op("Gather", [positions, builder.constant("zero", np.array(0, np.int64))], "rows", axis=0)
 
 
-def _top1_mixed(
-    builder: _Builder, experts: list[onnx.GraphProto], images: str, chosen: str, classes: int
+def _top1(
+    builder: _Builder, experts: list[onnx.GraphProto], images: str, probabilities: str, classes: int
 ) -> str:
-    """Top-1 logits of a batch whose rows chose different experts: each expert on its rows, and one
-    ScatterND puts every row back (the rows of all experts are a permutation of the batch; weights are 1)."""
+    """Top-1 routing: each row gets its best expert's logits (the combine weight p / p is 1: no weighting).
+    Each expert runs on its rows, skipped by an ``If`` when it has none, and one ScatterND puts every row
+    back (the rows of all experts are a permutation of the batch, so no zeros to add into)."""
+    # ArgMax picks the first of equal maxima: TopK's and the stable argsort's order.
+    chosen = builder.op("ArgMax", [probabilities], "chosen", axis=1, keepdims=1)
     rows, logits = [], []
     for index, expert in enumerate(experts):
         hits = builder.op("Equal", [chosen, builder.constant("expert", np.array(index, np.int64))], "hits")
@@ -259,28 +219,7 @@ def _top1_mixed(
         [builder.op("Concat", rows, "rows", axis=0), builder.constant("column", np.array([1], np.int64))],
         "indices",
     )
-    # every row is written once, so the data ScatterND starts from is overwritten: no zeros needed
     return builder.op("ScatterND", [gathered, indices, gathered], "combined")
-
-
-def _top1(
-    builder: _Builder, experts: list[onnx.GraphProto], images: str, probabilities: str, classes: int
-) -> str:
-    """Top-1 routing: the logits of each row's best expert (combine weight p / p = 1). When all rows chose
-    one expert (always at batch 1 with one view), an ``If`` runs it on the whole batch with no gathering."""
-    # ArgMax picks the first of equal maxima: TopK's and the stable argsort's order.
-    chosen = builder.op("ArgMax", [probabilities], "chosen", axis=1, keepdims=1)
-    first = builder.op("ReduceMin", [chosen], "first", keepdims=0)
-    uniform = builder.op("Equal", [first, builder.op("ReduceMax", [chosen], "last", keepdims=0)], "uniform")
-    one, mixed = builder.branch(), builder.branch()
-    one_logits = _expert_by_id(one, experts, first, images, classes, 0, len(experts))
-    mixed_logits = _top1_mixed(mixed, experts, images, chosen, classes)
-    return builder.if_node(
-        uniform,
-        one.graph("one_expert", [_logits_info(one_logits, classes)]),
-        mixed.graph("mixed_experts", [_logits_info(mixed_logits, classes)]),
-        "routed",
-    )
 
 
 def _top_k(
@@ -423,10 +362,7 @@ def merge_moe_onnx(
         builder.initializers.extend(gate.initializer)
         value_info.extend(gate.value_info)
         probabilities = builder.op("Softmax", [gate.output[0].name], "probabilities", axis=1)
-        # The experts' weights sit in the main graph once; their nodes are copied into the If bodies.
         graphs = [_prefixed(model, f"expert_{index}/") for index, model in enumerate(experts)]
-        for expert in graphs:
-            builder.initializers.extend(expert.initializer)
         if top_k == 1:
             combined = _top1(builder, graphs, images, probabilities, classes)
         else:
