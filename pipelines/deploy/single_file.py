@@ -6,6 +6,7 @@ subgraphs. Torch-free."""
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -22,16 +23,41 @@ _MIN_OPSET = 16  # ScatterND's reduction="add"
 
 
 class _Builder:
-    """Accumulates the nodes and constants of the merged graph, each under a unique name."""
+    """Accumulates the nodes and constants of the merged graph, each under a unique name. A branch builder
+    (an ``If`` body) has its own nodes but shares the names and the small constants of the main graph."""
 
-    def __init__(self) -> None:
+    def __init__(self, parent: _Builder | None = None) -> None:
         self.nodes: list[onnx.NodeProto] = []
-        self.initializers: list[onnx.TensorProto] = []
-        self._count = 0
+        self.initializers: list[onnx.TensorProto] = parent.initializers if parent else []
+        self.counter = parent.counter if parent else itertools.count(1)
 
     def name(self, stem: str) -> str:
-        self._count += 1
-        return f"moe/{stem}_{self._count}"
+        return f"moe/{stem}_{next(self.counter)}"
+
+    def branch(self) -> _Builder:
+        return _Builder(self)
+
+    def graph(
+        self, stem: str, outputs: list[onnx.ValueInfoProto], initializers: list[onnx.TensorProto] = ()
+    ) -> onnx.GraphProto:
+        """The nodes as an ``If`` body (no inputs: it reads the enclosing graph's tensors)."""
+        return helper.make_graph(self.nodes, self.name(stem), [], outputs, initializer=list(initializers))
+
+    def if_node(
+        self, condition: str, then_branch: onnx.GraphProto, else_branch: onnx.GraphProto, stem: str
+    ) -> str:
+        output = self.name(stem)
+        self.nodes.append(
+            helper.make_node(
+                "If",
+                [condition],
+                [output],
+                name=f"{output}/If",
+                then_branch=then_branch,
+                else_branch=else_branch,
+            )
+        )
+        return output
 
     def constant(self, stem: str, value: np.ndarray) -> str:
         name = self.name(stem)
@@ -130,72 +156,128 @@ def _view_mean(builder: _Builder, logits: str, images: str, count: int, classes:
     return builder.op("Div", [total, builder.constant("count", np.array(count, np.float32))], output=output)
 
 
-def _routed_expert(
-    builder: _Builder,
-    expert: onnx.GraphProto,
-    index: int,
-    images: str,
-    chosen: str,
-    weights: str,
-    combined: str,
-    classes: int,
+def _logits_info(name: str, classes: int) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, TensorProto.FLOAT, [None, classes])
+
+
+def _empty_logits(builder: _Builder, classes: int) -> str:
+    """(0, classes) float32: what a skipped expert gives."""
+    # ConstantOfShape rather than an empty Constant: OpenVINO reads a zero-size Constant as a scalar.
+    return builder.op(
+        "ConstantOfShape",
+        [builder.constant("empty_shape", np.array([0, classes], np.int64))],
+        "empty",
+        value=numpy_helper.from_array(np.zeros(1, np.float32)),
+    )
+
+
+def _expert_on_rows(
+    builder: _Builder, expert: onnx.GraphProto, index: int, images: str, rows: str, classes: int
 ) -> str:
-    """``combined`` plus expert ``index``'s weighted logits on the rows routed to it (an If skips it when none)."""
-    hits = builder.op("Equal", [chosen, builder.constant("expert", np.array(index, np.int64))], "hits")
-    positions = builder.op("NonZero", [hits], "positions")  # (2, M): row, top-k slot; rows ascending
-    rows = builder.op("Gather", [positions, builder.constant("zero", np.array(0, np.int64))], "rows", axis=0)
-    slot_pairs = builder.op("Transpose", [positions], "pairs", perm=[1, 0])
-    row_weights = builder.op("GatherND", [weights, slot_pairs], "row_weights")
-    # The branch reads the expert's (prefixed) input name from the enclosing graph.
-    builder.op("Gather", [images, rows], output=expert.input[0].name, axis=0)
+    """Expert ``index``'s logits on ``images[rows]``; an ``If`` skips it when no row is routed to it."""
     routed = builder.op(
         "Greater",
         [builder.op("Size", [rows], "count"), builder.constant("none", np.array(0, np.int64))],
         "routed",
     )
-    then_branch = helper.make_graph(
-        list(expert.node),
-        f"expert_{index}",
-        [],
-        list(expert.output),
-        initializer=list(expert.initializer),
-        value_info=list(expert.value_info),
+    run, skip = builder.branch(), builder.branch()
+    # The body reads the expert's (prefixed) input name from the enclosing graph; its weights stay in the body
+    # (each expert is in the file once): ONNX Runtime pre-packs a body's own int8 weights, not outer ones.
+    run.op("Gather", [images, rows], output=expert.input[0].name, axis=0)
+    run.nodes.extend(expert.node)
+    empty = _empty_logits(skip, classes)
+    return builder.if_node(
+        routed,
+        run.graph(f"expert_{index}", [_logits_info(expert.output[0].name, classes)], expert.initializer),
+        skip.graph(f"expert_{index}_skipped", [_logits_info(empty, classes)]),
+        f"expert_{index}_logits",
     )
-    empty_name = f"expert_{index}/empty"
-    # ConstantOfShape rather than an empty Constant: OpenVINO reads a zero-size Constant as a scalar.
-    else_branch = helper.make_graph(
-        [
-            helper.make_node(
-                "ConstantOfShape",
-                [f"{empty_name}_shape"],
-                [empty_name],
-                name=f"{empty_name}/ConstantOfShape",
-                value=numpy_helper.from_array(np.zeros(1, np.float32)),
-            )
-        ],
-        f"expert_{index}_skipped",
-        [],
-        [helper.make_tensor_value_info(empty_name, TensorProto.FLOAT, [0, classes])],
-        initializer=[numpy_helper.from_array(np.array([0, classes], np.int64), f"{empty_name}_shape")],
+
+
+def _rows_of(builder: _Builder, hits: str) -> str:
+    """The row indices (ascending) where the (rows, k) boolean ``hits`` holds."""
+    positions = builder.op("NonZero", [hits], "positions")  # (2, M): row, top-k slot; rows ascending
+    return builder.op("Gather", [positions, builder.constant("zero", np.array(0, np.int64))], "rows", axis=0)
+
+
+def _top1(
+    builder: _Builder, experts: list[onnx.GraphProto], images: str, probabilities: str, classes: int
+) -> str:
+    """Top-1 routing: each row gets its best expert's logits (the combine weight p / p is 1: no weighting).
+    Each expert runs on its rows, skipped by an ``If`` when it has none, and one ScatterND puts every row
+    back (the rows of all experts are a permutation of the batch, so no zeros to add into)."""
+    # ArgMax picks the first of equal maxima: TopK's and the stable argsort's order.
+    chosen = builder.op("ArgMax", [probabilities], "chosen", axis=1, keepdims=1)
+    rows, logits = [], []
+    for index, expert in enumerate(experts):
+        hits = builder.op("Equal", [chosen, builder.constant("expert", np.array(index, np.int64))], "hits")
+        rows.append(_rows_of(builder, hits))
+        logits.append(_expert_on_rows(builder, expert, index, images, rows[-1], classes))
+    gathered = builder.op("Concat", logits, "by_expert", axis=0)
+    indices = builder.op(
+        "Unsqueeze",
+        [builder.op("Concat", rows, "rows", axis=0), builder.constant("column", np.array([1], np.int64))],
+        "indices",
     )
-    logits = builder.name(f"expert_{index}_logits")
+    return builder.op("ScatterND", [gathered, indices, gathered], "combined")
+
+
+def _top_k(
+    builder: _Builder,
+    experts: list[onnx.GraphProto],
+    images: str,
+    probabilities: str,
+    top_k: int,
+    classes: int,
+) -> str:
+    """Top-k routing (k > 1): each expert on the rows that chose it, weighted by its renormalized
+    probability and added into its rows (ScatterND add; top-k picks distinct experts, so it is exact)."""
+    # TopK returns the largest first and, among equal values, the lowest index first (torch.topk's order).
+    top_values = builder.name("top_values")
+    chosen = builder.name("chosen")
     builder.nodes.append(
         helper.make_node(
-            "If",
-            [routed],
-            [logits],
-            name=f"expert_{index}/If",
-            then_branch=then_branch,
-            else_branch=else_branch,
+            "TopK",
+            [probabilities, builder.constant("k", np.array([top_k], np.int64))],
+            [top_values, chosen],
+            name="moe/TopK",
+            axis=1,
+            largest=1,
+            sorted=1,
         )
     )
-    column = builder.constant("column", np.array([1], np.int64))
-    weighted = builder.op(
-        "Mul", [logits, builder.op("Unsqueeze", [row_weights, column], "weight")], "weighted"
+    total = builder.op(
+        "ReduceSum", [top_values, builder.constant("axis", np.array([1], np.int64))], "total", keepdims=1
     )
-    indices = builder.op("Unsqueeze", [rows, column], "indices")
-    # top-k picks distinct experts, so a row gets at most one update per expert: "add" is exact.
-    return builder.op("ScatterND", [combined, indices, weighted], "combined", reduction="add")
+    weights = builder.op("Div", [top_values, total], "weights")
+    shape = builder.op(
+        "Concat",
+        [
+            builder.op("Shape", [images], "rows", start=0, end=1),
+            builder.constant("classes", np.array([classes], np.int64)),
+        ],
+        "shape",
+        axis=0,
+    )
+    combined = builder.op(
+        "ConstantOfShape", [shape], "zeros", value=numpy_helper.from_array(np.zeros(1, np.float32))
+    )
+    column = builder.constant("column", np.array([1], np.int64))
+    for index, expert in enumerate(experts):
+        hits = builder.op("Equal", [chosen, builder.constant("expert", np.array(index, np.int64))], "hits")
+        positions = builder.op("NonZero", [hits], "positions")  # (2, M): row, top-k slot; rows ascending
+        rows = builder.op(
+            "Gather", [positions, builder.constant("zero", np.array(0, np.int64))], "rows", axis=0
+        )
+        slot_pairs = builder.op("Transpose", [positions], "pairs", perm=[1, 0])
+        row_weights = builder.op("GatherND", [weights, slot_pairs], "row_weights")
+        logits = _expert_on_rows(builder, expert, index, images, rows, classes)
+        weighted = builder.op(
+            "Mul", [logits, builder.op("Unsqueeze", [row_weights, column], "weight")], "weighted"
+        )
+        indices = builder.op("Unsqueeze", [rows, column], "indices")
+        combined = builder.op("ScatterND", [combined, indices, weighted], "combined", reduction="add")
+    return combined
 
 
 def _opsets(models: list[onnx.ModelProto]) -> list[onnx.OperatorSetIdProto]:
@@ -280,39 +362,11 @@ def merge_moe_onnx(
         builder.initializers.extend(gate.initializer)
         value_info.extend(gate.value_info)
         probabilities = builder.op("Softmax", [gate.output[0].name], "probabilities", axis=1)
-        # TopK returns the largest first and, among equal values, the lowest index first (torch.topk's order).
-        top_values = builder.name("top_values")
-        chosen = builder.name("chosen")
-        builder.nodes.append(
-            helper.make_node(
-                "TopK",
-                [probabilities, builder.constant("k", np.array([top_k], np.int64))],
-                [top_values, chosen],
-                name="moe/TopK",
-                axis=1,
-                largest=1,
-                sorted=1,
-            )
-        )
-        total = builder.op(
-            "ReduceSum", [top_values, builder.constant("axis", np.array([1], np.int64))], "total", keepdims=1
-        )
-        weights = builder.op("Div", [top_values, total], "weights")
-        shape = builder.op(
-            "Concat",
-            [
-                builder.op("Shape", [images], "rows", start=0, end=1),
-                builder.constant("classes", np.array([classes], np.int64)),
-            ],
-            "shape",
-            axis=0,
-        )
-        combined = builder.op(
-            "ConstantOfShape", [shape], "zeros", value=numpy_helper.from_array(np.zeros(1, np.float32))
-        )
-        for index, model in enumerate(experts):
-            expert = _prefixed(model, f"expert_{index}/")
-            combined = _routed_expert(builder, expert, index, images, chosen, weights, combined, classes)
+        graphs = [_prefixed(model, f"expert_{index}/") for index, model in enumerate(experts)]
+        if top_k == 1:
+            combined = _top1(builder, graphs, images, probabilities, classes)
+        else:
+            combined = _top_k(builder, graphs, images, probabilities, top_k, classes)
     output = _view_mean(builder, combined, source_input.name, views, classes, "output")
 
     batch = source_input.type.tensor_type.shape.dim[0]

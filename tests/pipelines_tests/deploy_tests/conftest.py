@@ -1,4 +1,5 @@
-"""Fixtures of the deploy tests: data, a fitted classifier, and int8 / fp32 bundles of a 3-expert MoE."""
+"""Fixtures of the deploy tests: data, a fitted classifier, int8 / fp32 bundles of a 3-expert MoE, and a
+shared-trunk bundle (views 1 and 2)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,15 @@ import torch
 from torch import nn
 
 from pipelines.deploy.bundle import deploy_moe
-from pipelines.moe import MixtureOfExperts
+from pipelines.moe import MixtureOfExperts, SharedTrunkMoE
 from tests.helpers import synthetic_images
-from tests.pipelines_tests.deploy_tests.support import CALIBRATION, NUM_CLASSES, _classifier, _moe
+from tests.pipelines_tests.deploy_tests.support import (
+    CALIBRATION,
+    NUM_CLASSES,
+    _classifier,
+    _moe,
+    _shared_moe,
+)
 
 
 @pytest.fixture(scope="module")
@@ -51,3 +58,13 @@ def fp32_bundle(
     moe = _moe(1, images[:CALIBRATION], labels[:CALIBRATION])
     folder = tmp_path_factory.mktemp("bundle_fp32")
     return moe, folder, deploy_moe(moe, folder, images[:CALIBRATION], int8=False)
+
+
+@pytest.fixture(scope="module", params=[1, 2], ids=["views1", "views2"])
+def shared_bundle(request, tmp_path_factory: pytest.TempPathFactory, data) -> tuple[SharedTrunkMoE, Path]:
+    """A top-2, 3-expert shared-trunk MoE deployed int8 with 1 and 2 test-time views: (torch MoE, folder)."""
+    images, labels = data
+    moe = _shared_moe(images[:CALIBRATION], labels[:CALIBRATION], request.param)
+    folder = tmp_path_factory.mktemp("shared")
+    deploy_moe(moe, folder, images[:CALIBRATION])
+    return moe, folder

@@ -14,7 +14,7 @@ from torch import nn
 
 from pipelines.deploy.runtime import OrtModel
 from pipelines.models import build_model
-from pipelines.moe import MixtureOfExperts, MoEConfig, build_moe
+from pipelines.moe import MixtureOfExperts, MoEConfig, SharedTrunkMoE, build_moe
 
 NUM_CLASSES = 8
 
@@ -121,3 +121,27 @@ class _CountingModel:
     def __call__(self, images: np.ndarray) -> np.ndarray:
         self.calls.append(len(images))
         return self.model(images)
+
+
+def _shared_moe(images: torch.Tensor, labels: torch.Tensor, views: int) -> SharedTrunkMoE:
+    """Three fitted classifiers split at stage 1: the trunk of the first, each expert the tail of one of them
+    (their stage-1 weights differ, so the tails disagree a little), a gate fitted to the trunk's features."""
+    cfg = MoEConfig(num_experts=3, top_k=2, gate_size=4, layout="shared", split_at=1, views=views)
+    moe = build_moe(_classifier(100, images, labels), 3, cfg)
+    for index, expert in enumerate(moe.experts[1:], start=1):
+        donor = build_moe(_classifier(100 + index, images, labels), 3, cfg)
+        expert.load_state_dict(donor.experts[0].state_dict())
+    _bake_on_grid(moe, 6)
+    gate = moe.gate
+    features = moe.trunk.eval()(images).detach()
+    _recalibrate_batchnorm(gate, features)
+    with torch.no_grad():  # fit the gate's scores to class groups (label mod 3): routing follows the input
+        pooled = torch.flatten(gate.pool(gate.relu(gate.bn(gate.conv(features)))), 1)
+        design = torch.cat([pooled, torch.ones(len(pooled), 1)], dim=1)
+        targets = torch.nn.functional.one_hot(labels % 3, 3).float() * 6 - 2
+        solution = torch.linalg.solve(
+            design.T @ design + 0.1 * torch.eye(design.shape[1]), design.T @ targets
+        )
+        gate.fc.weight.copy_(solution[:-1].T)
+        gate.fc.bias.copy_(solution[-1])
+    return moe.eval()

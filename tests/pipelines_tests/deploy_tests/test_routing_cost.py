@@ -1,10 +1,14 @@
-"""pipelines.deploy.routing_cost: the one-file MoE timed against its chosen experts alone, on both engines."""
+"""pipelines.deploy.routing_cost: the one-file MoE timed against its chosen experts alone (and a shared
+trunk), on both engines."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
+from pipelines import symmetry
 from pipelines.deploy.routing_cost import measure_routing_overhead
+from pipelines.deploy.runtime import load_bundle
 from pipelines.errors import ConfigError, DataError
 from tests.pipelines_tests.deploy_tests.support import CALIBRATION
 
@@ -21,8 +25,28 @@ def test_overhead_is_measured_per_engine_and_batch(int8_bundle, data) -> None:
             merged = timing["single_file"]
             assert merged["batch"] == batch and merged["min_ms"] <= merged["median_ms"]
             assert 0.0 < timing["experts"]["min_ms"] <= timing["experts"]["median_ms"]
+            assert 0.0 < timing["call"]["min_ms"] < merged["min_ms"]  # an empty graph costs less
             assert 0.0 <= timing["routing_share"] < 1.0 and 0.0 <= timing["routing_share_min"] < 1.0
             assert ("folder" in timing) == (engine == "onnxruntime")
+
+
+def test_a_shared_trunk_counts_as_network_not_routing(shared_bundle, data) -> None:
+    _, folder = shared_bundle
+    images = data[0][CALIBRATION:].numpy()
+    bundle = load_bundle(folder)
+    result = measure_routing_overhead(folder, images, batches=(1, 8), repeats=3, warmup=1)
+    for per_batch in result.values():
+        for name, timing in per_batch.items():
+            batch = int(name.split("_")[1])
+            chosen, _ = bundle.route(np.concatenate(symmetry.views(images[:batch], bundle.views)))
+            # the experts ran on the trunk's feature map (an image would not fit their input)
+            assert 0.0 < timing["trunk"]["min_ms"] <= timing["trunk"]["median_ms"]
+            assert timing["experts"]["min_ms"] > 0.0 and timing["call"]["min_ms"] > 0.0
+            # trunk and each used expert were called apart: all calls but one are taken off
+            network = timing["trunk"]["min_ms"] + timing["experts"]["min_ms"]
+            network -= len(np.unique(chosen)) * timing["call"]["min_ms"]
+            share = max(0.0, 1.0 - network / timing["single_file"]["min_ms"])
+            assert timing["routing_share_min"] == pytest.approx(share)
 
 
 def test_bad_arguments_are_named(int8_bundle, data) -> None:

@@ -12,8 +12,8 @@ import pytest
 
 from pipelines import symmetry
 from pipelines.deploy.engines import OpenVinoModel
-from pipelines.deploy.manifest import file_names
-from pipelines.deploy.runtime import OrtModel, OrtMoE, load_single_file
+from pipelines.deploy.manifest import file_names, trunk_file_name
+from pipelines.deploy.runtime import BundleMoE, OrtModel, OrtMoE, load_bundle, load_single_file
 from pipelines.deploy.single_file import merge_moe_onnx
 from pipelines.errors import ConfigError
 from tests.pipelines_tests.deploy_tests.support import CALIBRATION
@@ -84,25 +84,102 @@ def test_one_expert_skips_the_gate(int8_bundle, data, tmp_path) -> None:
     np.testing.assert_allclose(_plain(path, images), expected, atol=1e-5)
 
 
-def test_int8_branches_keep_quantized_kernels_after_optimization(int8_bundle, tmp_path) -> None:
-    _, folder, _ = int8_bundle
-    path, _ = _merged(folder, "int8", 2, 1, tmp_path / "model.onnx")
+def _bodies(graph: onnx.GraphProto) -> list[onnx.GraphProto]:
+    """Every If body of ``graph``, nested ones included."""
+    found = []
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.type == onnx.AttributeProto.GRAPH:
+                found += [attribute.g, *_bodies(attribute.g)]
+    return found
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_int8_branches_keep_quantized_kernels_after_optimization(int8_bundle, tmp_path, top_k) -> None:
+    _, folder = int8_bundle[:2]
+    path, _ = _merged(folder, "int8", top_k, 1, tmp_path / "model.onnx")
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
     ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    branches = [
-        attribute.g
-        for node in onnx.load(str(tmp_path / "optimized.onnx")).graph.node
-        if node.op_type == "If"
-        for attribute in node.attribute
-        if attribute.name == "then_branch"
-    ]
-    assert len(branches) == 3
-    for branch in branches:
-        ops = [node.op_type for node in branch.node]
-        assert ops.count("QLinearConv") >= 8, ops  # resnet8: every conv runs as an int8 kernel
-        assert "Conv" not in ops and "DequantizeLinear" in ops  # only the fp32 classifier is dequantized
+    bodies = _bodies(onnx.load(str(tmp_path / "optimized.onnx")).graph)
+    ops = [node.op_type for body in bodies for node in body.node]
+    convs = sum(
+        node.op_type == "Conv"
+        for index in range(3)
+        for node in onnx.load(str(folder / f"expert_{index}.onnx")).graph.node
+    )
+    # every conv of every expert runs as an int8 kernel; only the classifiers dequantize
+    assert ops.count("QLinearConv") == convs, ops
+    assert "Conv" not in ops and "DequantizeLinear" in ops
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_expert_weights_are_stored_once(int8_bundle, tmp_path, top_k) -> None:
+    _, folder = int8_bundle[:2]
+    path, _ = _merged(folder, "int8", top_k, 1, tmp_path / "model.onnx")
+    graph = onnx.load(str(path)).graph
+    expected = sorted(
+        f"expert_{index}/{initializer.name}"
+        for index in range(3)
+        for initializer in onnx.load(str(folder / f"expert_{index}.int8.onnx")).graph.initializer
+    )
+    stored = sorted(
+        initializer.name
+        for body in [graph, *_bodies(graph)]
+        for initializer in body.initializer
+        if initializer.name.startswith("expert_")
+    )
+    assert stored == expected  # each expert weight once, in its expert's If body
+
+
+@pytest.mark.parametrize("engine", ["onnxruntime", "openvino"])
+def test_batch_one_runs_the_chosen_expert_for_each_expert(int8_bundle, data, tmp_path, engine) -> None:
+    _, folder = int8_bundle[:2]
+    images = data[0][CALIBRATION:].numpy()
+    path, glue = _merged(folder, "int8", 1, 1, tmp_path / "model.onnx")
+    model = OrtModel(path) if engine == "onnxruntime" else OpenVinoModel(path)
+    chosen, _ = glue.route(images)
+    for expert in range(3):
+        index = int(np.nonzero(chosen[:, 0] == expert)[0][0])
+        image = images[index : index + 1]
+        expected = glue.experts[expert](image)  # top-1: the chosen expert's logits, weight 1
+        tolerance = 1e-5 if engine == "onnxruntime" else 0.5 * np.abs(expected).max()
+        np.testing.assert_allclose(model(image), expected, atol=tolerance)
+    uniform = images[chosen[:, 0] == 2]  # a batch that chose one expert
+    assert len(uniform) >= 2
+    np.testing.assert_allclose(_plain(path, uniform), glue(uniform), atol=1e-5)
+
+
+@pytest.mark.parametrize(("top_k", "views"), [(1, 2), (2, 1), (2, 2)])
+def test_each_image_alone_equals_the_numpy_routing(int8_bundle, data, tmp_path, top_k, views) -> None:
+    _, folder = int8_bundle[:2]
+    images = data[0][CALIBRATION : CALIBRATION + 24].numpy()
+    path, glue = _merged(folder, "int8", top_k, views, tmp_path / "model.onnx")
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for index in range(len(images)):
+        image = images[index : index + 1]
+        np.testing.assert_allclose(session.run(None, {"input": image})[0], glue(image), atol=1e-5)
+
+
+def test_a_shared_trunk_top1_file_matches_the_numpy_routing(shared_bundle, data, tmp_path) -> None:
+    _, folder = shared_bundle
+    images = data[0][CALIBRATION:].numpy()
+    bundle = load_bundle(folder)
+    glue = BundleMoE(bundle.gate, bundle.experts, 1, bundle.views, trunk=bundle.trunk)
+    gate_name, expert_names = file_names(3, "int8")
+    path = merge_moe_onnx(
+        folder / gate_name,
+        [folder / name for name in expert_names],
+        1,
+        bundle.views,
+        tmp_path / "model.onnx",
+        trunk_path=folder / trunk_file_name("int8"),
+    )
+    np.testing.assert_allclose(_plain(path, images), glue(images), atol=1e-5)
+    for index in range(8):
+        image = images[index : index + 1]
+        np.testing.assert_allclose(_plain(path, image), glue(image), atol=1e-5)
 
 
 def test_openvino_runs_the_file(int8_bundle, data, tmp_path) -> None:
