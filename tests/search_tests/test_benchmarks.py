@@ -123,3 +123,21 @@ def test_study_latency_comparisons_can_fail() -> None:
     summary = error_summary([1.05, 2.0, 3.6], [1.0, 2.0, 3.0])  # 5%, 0%, 20%
     assert summary["predicted_mape"] == pytest.approx((0.05 + 0.0 + 0.2) / 3)
     assert summary["predicted_within_10pct"] == pytest.approx(2 / 3)
+
+
+def test_expert_training_table_shows_each_mode_and_the_studys_numbers() -> None:
+    from search.benchmarks.expert_training import table
+
+    stored = {"finetuned": 0.97, "moe": 0.969, "quantized": 0.968}
+    rows = [
+        {"trial": 27, "layout": "shared", "expert_training": mode, **values, "stored": stored, "seconds": 1.0}
+        for mode, values in (
+            ("joint", {"finetuned": 0.97, "moe": 0.9696, "quantized": 0.9679}),
+            ("group", {"finetuned": 0.97, "moe": 0.9712, "quantized": 0.9701}),
+        )
+    ]
+    rows.append({**rows[1], "layout": "separate", "stored": {}})
+    lines = table(rows).splitlines()
+    assert len(lines) == 2 + len(rows)
+    assert lines[2] == "| 27 | shared | joint | 0.9700 | 0.9696 | 0.9679 | 0.9690 / 0.9680 |"
+    assert lines[3].startswith("| 27 | shared | group |") and lines[4].endswith("| - |")
