@@ -21,8 +21,9 @@ from pathlib import Path
 
 import torch
 
+from pipelines.data import Split
 from pipelines.errors import ConfigError
-from pipelines.moe import EXPERT_TRAININGS
+from pipelines.moe import EXPERT_TRAININGS, MixtureOfExperts
 from search.config import load_config
 from search.evaluation import train_model
 from search.record import TrialRecord
@@ -55,6 +56,26 @@ def study_parameters(study: Path, trials: list[int]) -> dict[int, tuple[dict, di
     return found
 
 
+@torch.no_grad()
+def routing_diagnostics(moe: MixtureOfExperts, val: Split) -> dict[str, float]:
+    """Where the trained MoE's errors come from: ``routed_to_group``, the share of ``val`` whose first choice
+    is the expert of its label's class group, and ``oracle``, the accuracy when every image goes to that
+    expert alone (routing by label, what group training trains for)."""
+    moe.eval()
+    groups = torch.as_tensor(moe.class_to_expert)
+    routed = correct = 0
+    for images, labels in val.batches(512):
+        target = groups[labels]
+        _, top_index, _ = moe.route(images)
+        routed += int((top_index[:, 0] == target).sum())
+        features = moe.expert_input(images)
+        for expert_id, expert in enumerate(moe.experts):
+            rows = torch.nonzero(target == expert_id).flatten()
+            if len(rows):
+                correct += int((expert(features[rows]).argmax(dim=1) == labels[rows]).sum())
+    return {"routed_to_group": routed / len(val), "oracle": correct / len(val)}
+
+
 def run(
     study: Path, trials: list[int], layouts: list[str] | None, data_root: str | None, threads: int
 ) -> list[dict]:
@@ -79,6 +100,7 @@ def run(
                     "layout": layout,
                     "expert_training": mode,
                     **{stage: model.training.stage_val_accuracy.get(stage) for stage in STAGES},
+                    **routing_diagnostics(model.moe, data.val),
                     "stored": stored if layout == params.get("layout", "separate") else {},
                     "seconds": time.perf_counter() - started,
                 }
@@ -90,15 +112,17 @@ def run(
 def table(rows: list[dict]) -> str:
     """The rows as a markdown table: joint and group side by side per trial and layout."""
     lines = [
-        "| trial | layout | training | finetuned | moe | quantized | study's joint (moe / quantized) |",
-        "|---|---|---|---|---|---|---|",
+        "| trial | layout | training | finetuned | moe | quantized | routed to group | oracle "
+        "| study's joint (moe / quantized) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         stored = row["stored"]
         study_value = f"{stored['moe']:.4f} / {stored['quantized']:.4f}" if stored else "-"
         lines.append(
             f"| {row['trial']} | {row['layout']} | {row['expert_training']} | {row['finetuned']:.4f} | "
-            f"{row['moe']:.4f} | {row['quantized']:.4f} | {study_value} |"
+            f"{row['moe']:.4f} | {row['quantized']:.4f} | {row['routed_to_group']:.4f} | {row['oracle']:.4f} | "
+            f"{study_value} |"
         )
     return "\n".join(lines)
 
