@@ -1,7 +1,8 @@
 """The hybrid compression pipeline of one configuration, end to end (torch only, no Optuna):
 
     teacher --remove residual blocks (depth)--> shallower --NNI prune + ModelSpeedup--> pruned --KD fine-tune--> expert
-            --copy K times + gate (or split: shared trunk + K expert tails)--> MoE --gate warm start, joint KD training (sparse top-k)-->
+            --copy K times + gate (or split: shared trunk + K expert tails)--> MoE --gate warm start, joint KD training (sparse top-k)
+              (or, moe.expert_training group, each expert on its class group's images alone)-->
             --NNI QAT of experts (bits) and gate (8 bit), baked--> compressed MoE
 
 ``expert_init`` says where the K experts come from:
@@ -34,6 +35,7 @@ from pipelines.compress.prune import PruneConfig, PruneResult, check_exclude, pr
 from pipelines.compress.quantize import QuantizeConfig, quantize
 from pipelines.data import Dataset
 from pipelines.errors import ConfigError, unknown_name
+from pipelines.group_training import train_on_groups
 from pipelines.measure import count_params
 from pipelines.moe import MixtureOfExperts, MoEConfig, build_moe, warm_start_gate
 from pipelines.train import TrainConfig, evaluate, train
@@ -173,7 +175,10 @@ def compress_hybrid(
     # One unpruned expert behind a gate that can only pick it is the teacher: training would only
     # distil the teacher into itself.
     if budget.moe_epochs > 0 and not (unpruned and cfg.moe.num_experts == 1):
-        train(moe, data.train, base.replace(epochs=budget.moe_epochs), teacher)
+        if cfg.moe.expert_training == "group":
+            train_on_groups(moe, data.train, base.replace(epochs=budget.moe_epochs), teacher)
+        else:
+            train(moe, data.train, base.replace(epochs=budget.moe_epochs), teacher)
     seconds["moe"] = time.perf_counter() - started
     stage_accuracy["moe"] = evaluate(moe, data.val)
     report("moe", seconds["moe"], stage_accuracy["moe"])

@@ -20,6 +20,10 @@ the gate its own small conv net on the image; ``shared`` (:class:`SharedTrunkMoE
 of the compressed network once per input (the trunk), the gate reads the trunk's feature map
 (:class:`TrunkGate`), and each expert is a copy of the later stages from ``split_at`` on.
 
+Expert training (``MoEConfig.expert_training``): ``joint`` (default) trains gate and experts together on
+what the gate routes; ``group`` trains each expert alone on its class group's images (hard routing by label;
+the gate keeps its warm start and the shared trunk stays frozen: :mod:`pipelines.group_training`).
+
 Test-time views (``MoEConfig.views``): in eval mode the MoE averages its logits over the first ``views``
 symmetries of :mod:`pipelines.symmetry` (identity, horizontal flip, vertical flip, both, then
 their transposes), each routed on its own. It costs ``views`` times the MACs and latency of one pass and
@@ -38,7 +42,7 @@ from torch import nn
 
 from pipelines import stages, symmetry
 from pipelines.data import Split
-from pipelines.errors import ConfigError
+from pipelines.errors import ConfigError, unknown_name
 from pipelines.models import ModelSpec
 
 __all__ = [
@@ -49,6 +53,8 @@ __all__ = [
     "SharedTrunkMoE",
     "LAYOUTS",
     "DEFAULT_LAYOUT",
+    "EXPERT_TRAININGS",
+    "DEFAULT_EXPERT_TRAINING",
     "build_moe",
     "class_groups",
     "warm_start_gate",
@@ -62,6 +68,10 @@ ROUTINGS = ("class-groups", "learned")
 DEFAULT_ROUTING = "class-groups"  # one default for MoEConfig, MixtureOfExperts and old checkpoints
 LAYOUTS = ("separate", "shared")
 DEFAULT_LAYOUT = "separate"  # what a configuration or checkpoint without a layout gets
+# joint: the MoE trains end to end on what the gate routes | group: each expert alone on its class group's
+# images (pipelines.group_training)
+EXPERT_TRAININGS = ("joint", "group")
+DEFAULT_EXPERT_TRAINING = "joint"  # what a configuration without expert_training gets
 
 
 @dataclass(frozen=True)
@@ -77,6 +87,7 @@ class MoEConfig:
         DEFAULT_LAYOUT  # separate | shared (LAYOUTS): whole-network experts, or one trunk + expert tails
     )
     split_at: int = 1  # shared layout: the first stage the experts own (1..stages-1; checked on the model)
+    expert_training: str = DEFAULT_EXPERT_TRAINING  # joint | group (EXPERT_TRAININGS); training only
 
     def __post_init__(self) -> None:
         if not 1 <= self.num_experts <= 16:
@@ -103,6 +114,8 @@ class MoEConfig:
             raise ConfigError(
                 f"moe.split_at: {self.split_at!r} must be an integer >= 1 (the first stage the experts own)."
             )
+        if self.expert_training not in EXPERT_TRAININGS:
+            raise unknown_name("moe.expert_training", self.expert_training, EXPERT_TRAININGS)
 
 
 class Gate(nn.Module):

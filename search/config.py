@@ -28,7 +28,7 @@ from pipelines.errors import ConfigError, unknown_name
 from pipelines.files import sha256_file
 from pipelines.hybrid import DEFAULT_EXPERT_INIT, HybridConfig, StageBudget
 from pipelines.models import ModelSpec
-from pipelines.moe import DEFAULT_LAYOUT, DEFAULT_ROUTING, MoEConfig
+from pipelines.moe import DEFAULT_EXPERT_TRAINING, DEFAULT_LAYOUT, DEFAULT_ROUTING, MoEConfig
 from pipelines.stages import num_stages
 from pipelines.symmetry import check_views
 from pipelines.train import TrainConfig
@@ -246,6 +246,8 @@ class Space:
     split_at: IntRange = field(
         default_factory=lambda: IntRange(1, 1)
     )  # shared layout: first stage of the experts
+    # joint | group: each expert trained alone on its class group's images (pipelines/group_training.py)
+    expert_training: tuple[str, ...] = (DEFAULT_EXPERT_TRAINING,)
 
 
 LATENCY_SOURCES = ("measured", "predicted")
@@ -544,6 +546,11 @@ def _validate_space(cfg: SearchConfig) -> None:
         )
     if "shared" in space.layout:
         _validate_shared(cfg)
+    for training in space.expert_training:
+        _checked(
+            lambda training=training: MoEConfig(expert_training=training),
+            {"moe.expert_training": "space.expert_training"},
+        )
     for views in space.views:
         check_views(views, "space.views")
         for prefix, budget in (("trial", cfg.trial), ("export", cfg.export)):

@@ -31,6 +31,7 @@ from pipelines.errors import CompressionError, ConfigError
 from pipelines.hybrid import DEFAULT_EXPERT_INIT, HybridConfig, compress_expert, compress_hybrid
 from pipelines.measure import count_macs, count_params, packed_size_bytes
 from pipelines.moe import (
+    DEFAULT_EXPERT_TRAINING,
     DEFAULT_LAYOUT,
     DEFAULT_ROUTING,
     Gate,
@@ -105,7 +106,8 @@ class TrialContext:
 
 def hybrid_config(params: dict, model: ModelSettings) -> HybridConfig:
     """The pipelines' configuration of a trial's parameters; a parameter the space does not search (a
-    one-choice ``routing``, ``expert_init`` or ``views``, or no ``blocks_removed``) takes the pipelines' default."""
+    one-choice ``routing``, ``expert_init``, ``views`` or ``expert_training``, or no ``blocks_removed``) takes the
+    pipelines' default."""
     return HybridConfig(
         prune=PruneConfig(
             sparsity=float(params["sparsity"]),
@@ -124,6 +126,7 @@ def hybrid_config(params: dict, model: ModelSettings) -> HybridConfig:
             views=int(params.get("views", MoEConfig.views)),
             layout=params.get("layout", DEFAULT_LAYOUT),
             split_at=int(params.get("split_at", MoEConfig.split_at)),
+            expert_training=params.get("expert_training", DEFAULT_EXPERT_TRAINING),
         ),
         expert_init=params.get("expert_init", DEFAULT_EXPERT_INIT),
         depth=DepthConfig(blocks_removed=int(params.get("blocks_removed", 0))),

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from pipelines.hybrid import DEFAULT_EXPERT_INIT
-from pipelines.moe import DEFAULT_LAYOUT
+from pipelines.moe import DEFAULT_EXPERT_TRAINING, DEFAULT_LAYOUT
 from search.config import IntRange, Space
 from search.record import TrialRecord
 
@@ -63,6 +63,8 @@ def suggest(trial: Any, space: Space) -> dict:
     if params.get("layout") == "shared":  # where the experts start matters to the shared layout only
         split = space.split_at
         params["split_at"] = trial.suggest_int("split_at", split.low, split.high, step=split.step)
+    if space.expert_training != (DEFAULT_EXPERT_TRAINING,):  # a one-choice default adds no parameter
+        params["expert_training"] = trial.suggest_categorical("expert_training", list(space.expert_training))
     params["effective_top_k"] = min(params["top_k"], params["num_experts"])
     return params
 
@@ -90,6 +92,8 @@ def baseline_params(space: Space) -> dict:
         params["layout"] = space.layout[0]
         if params["layout"] == "shared":
             params["split_at"] = space.split_at.low
+    if space.expert_training != (DEFAULT_EXPERT_TRAINING,):
+        params["expert_training"] = space.expert_training[0]
     if REFERENCE_BITS not in space.bits:
         del params["bits"]  # not a valid categorical choice: suggest() fills it in for the reference
     return params

@@ -123,3 +123,68 @@ def test_study_latency_comparisons_can_fail() -> None:
     summary = error_summary([1.05, 2.0, 3.6], [1.0, 2.0, 3.0])  # 5%, 0%, 20%
     assert summary["predicted_mape"] == pytest.approx((0.05 + 0.0 + 0.2) / 3)
     assert summary["predicted_within_10pct"] == pytest.approx(2 / 3)
+
+
+def test_expert_training_table_shows_each_mode_and_the_studys_numbers() -> None:
+    from search.benchmarks.expert_training import table
+
+    stored = {"finetuned": 0.97, "moe": 0.969, "quantized": 0.968}
+    rows = [
+        {"trial": 27, "layout": "shared", "expert_training": mode, **values, "stored": stored, "seconds": 1.0}
+        for mode, values in (
+            (
+                "joint",
+                {
+                    "finetuned": 0.97,
+                    "moe": 0.9696,
+                    "quantized": 0.9679,
+                    "routed_to_group": 0.95,
+                    "oracle": 0.98,
+                },
+            ),
+            (
+                "group",
+                {
+                    "finetuned": 0.97,
+                    "moe": 0.9712,
+                    "quantized": 0.9701,
+                    "routed_to_group": 0.9,
+                    "oracle": 0.99,
+                },
+            ),
+        )
+    ]
+    rows.append({**rows[1], "layout": "separate", "stored": {}})
+    lines = table(rows).splitlines()
+    assert len(lines) == 2 + len(rows)
+    assert (
+        lines[2] == "| 27 | shared | joint | 0.9700 | 0.9696 | 0.9679 | 0.9500 | 0.9800 | 0.9690 / 0.9680 |"
+    )
+    assert lines[3].startswith("| 27 | shared | group |") and lines[4].endswith("| - |")
+
+
+def test_routing_diagnostics_of_a_perfectly_routed_moe() -> None:
+    """A gate that routes by the image's label group: everything routed to its group, and the oracle
+    accuracy is that of the experts on their own groups."""
+    from torch import nn
+
+    from pipelines.data import Split
+    from pipelines.moe import MixtureOfExperts
+    from search.benchmarks.expert_training import routing_diagnostics
+
+    class LabelGate(nn.Module):  # pixel value = label; labels 0, 1 -> expert 0, label 2 -> expert 1
+        def forward(self, images: torch.Tensor) -> torch.Tensor:
+            return nn.functional.one_hot((images[:, 0, 0, 0] >= 2).long(), 2).float() * 10
+
+    class Constant(nn.Module):  # always predicts one class
+        def __init__(self, label: int) -> None:
+            super().__init__()
+            self.label = label
+
+        def forward(self, images: torch.Tensor) -> torch.Tensor:
+            return nn.functional.one_hot(torch.full((len(images),), self.label), 3).float()
+
+    moe = MixtureOfExperts(LabelGate(), [Constant(0), Constant(2)], top_k=1, class_to_expert=[0, 0, 1])
+    labels = torch.tensor([0, 0, 1, 2])
+    images = labels.float().view(-1, 1, 1, 1).expand(-1, 3, 4, 4).clone()
+    assert routing_diagnostics(moe, Split(images, labels)) == {"routed_to_group": 1.0, "oracle": 0.75}

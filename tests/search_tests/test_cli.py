@@ -235,6 +235,20 @@ def test_bad_space_exits_2_without_writing(tmp_path: Path, synthetic_root: Path,
     assert not (tmp_path / "results").exists()
 
 
+def test_unknown_expert_training_exits_2(tmp_path: Path, synthetic_root: Path, monkeypatch, capsys) -> None:
+    monkeypatch.setenv("HYCOMP_RESULTS", str(tmp_path / "results"))
+    space = write_space(tmp_path, synthetic_root, space={"expert_training": ["joint", "solo"]})
+    assert main(["search", "--space", str(space), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        "space.expert_training" in err
+        and "'solo'" in err
+        and "group, joint" in err
+        and "Traceback" not in err
+    )
+    assert not (tmp_path / "results").exists()
+
+
 def test_missing_data_exits_2(tmp_path: Path, monkeypatch, capsys) -> None:
     monkeypatch.setenv("HYCOMP_RESULTS", str(tmp_path / "results"))
     space = write_space(tmp_path, tmp_path / "nowhere")

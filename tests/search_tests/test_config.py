@@ -63,6 +63,7 @@ def test_dump_round_trips() -> None:
             ["space.expert_init", "baseline.teachers is 1", "baseline.teachers: 2"],
         ),
         ({"space": {"views": [3]}}, ["space.views", "3", "1, 2, 4, 8"]),
+        ({"space": {"expert_training": ["solo"]}}, ["space.expert_training", "solo", "group, joint"]),
         ({"space": {"blocks_removed": {"low": -1, "high": 2}}}, ["space.blocks_removed.low", "-1", ">= 0"]),
         ({"space": {"blocks_removed": {"low": 3, "high": 1}}}, ["space.blocks_removed", "swap"]),
         (  # flips trains on 4 of the 8 symmetries

@@ -6,6 +6,7 @@ from __future__ import annotations
 import optuna
 
 from search.config import parse_config
+from search.evaluation import hybrid_config
 from search.record import TrialRecord
 from search.space import baseline_params, suggest
 
@@ -84,3 +85,20 @@ def test_blocks_removed_is_a_parameter_only_when_searched() -> None:
     assert 1 <= suggest(trial, cfg.space)["blocks_removed"] <= 6
     assert isinstance(trial.distributions["blocks_removed"], optuna.distributions.IntDistribution)
     assert baseline_params(cfg.space)["blocks_removed"] == 0  # the reference keeps every block
+
+
+def test_expert_training_is_a_parameter_only_when_there_is_a_choice() -> None:
+    """The default (joint only) adds no parameter; a choice is categorical and reaches the pipelines' config."""
+    study = optuna.create_study(directions=["maximize", "minimize", "minimize"])
+    assert "expert_training" not in suggest(study.ask(), parse_config({}).space)
+    assert "expert_training" not in baseline_params(parse_config({}).space)
+    cfg = parse_config({"space": {"expert_training": ["joint", "group"]}})
+    trial = study.ask()
+    params = suggest(trial, cfg.space)
+    assert params["expert_training"] in ("joint", "group")
+    assert isinstance(trial.distributions["expert_training"], optuna.distributions.CategoricalDistribution)
+    assert hybrid_config(params, cfg.model).moe.expert_training == params["expert_training"]
+    assert hybrid_config({**params, "expert_training": "group"}, cfg.model).moe.expert_training == "group"
+    del params["expert_training"]
+    assert hybrid_config(params, cfg.model).moe.expert_training == "joint"  # a study without it: joint
+    assert baseline_params(cfg.space)["expert_training"] == "joint"
