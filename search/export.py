@@ -28,7 +28,7 @@ import optuna
 import yaml
 
 from pipelines.data import Dataset
-from pipelines.deploy.bundle import agreement
+from pipelines.deploy.bundle import agreement, remerge_single_file
 from pipelines.deploy.int8 import quantize_onnx_int8
 from pipelines.deploy.onnx import export_onnx
 from pipelines.deploy.routing_cost import measure_routing_overhead
@@ -143,6 +143,7 @@ def export_trial(
             for name in ("model.pt", "model.json"):
                 shutil.copy2(source / name, staging / name)
             shutil.copytree(source / "bundle", staging / "bundle")
+            remerge_single_file(staging / "bundle")  # the one deployed file with this version's routing graph
         description, layers, state = load_checkpoint(staging / "model")
         moe = rebuild_moe(description, layers, state)
         torch_val = evaluate(moe, data.val)

@@ -3,6 +3,7 @@ manifest) and checks how closely the engine reproduces the torch model."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,14 @@ import torch
 from torch import nn
 
 from pipelines.deploy.int8 import quantize_with_grid
-from pipelines.deploy.manifest import SINGLE_FILE, Manifest, file_names, trunk_file_name
+from pipelines.deploy.manifest import (
+    SINGLE_FILE,
+    Manifest,
+    file_names,
+    read_manifest,
+    trunk_file_name,
+    verified,
+)
 from pipelines.deploy.onnx import export_onnx
 from pipelines.deploy.runtime import OrtModel, OrtMoE
 from pipelines.deploy.single_file import merge_moe_onnx
@@ -18,7 +26,7 @@ from pipelines.errors import ConfigError, DataError
 from pipelines.files import sha256_file
 from pipelines.moe import MixtureOfExperts, SharedTrunkMoE
 
-__all__ = ["MIN_EXPERT_CALIBRATION", "agreement", "deploy_moe"]
+__all__ = ["MIN_EXPERT_CALIBRATION", "agreement", "deploy_moe", "remerge_single_file"]
 
 # An expert calibrated on fewer routed images than this gets all calibration images instead: a handful
 # of samples gives activation ranges that clip the inputs it will meet later.
@@ -154,6 +162,29 @@ def deploy_moe(
     )
     manifest.write(folder)
     return manifest
+
+
+def remerge_single_file(folder: Path) -> Manifest:
+    """Write the bundle's ``model.onnx`` again from its own (checked) gate, expert and trunk files with this
+    hycomp's :func:`~pipelines.deploy.single_file.merge_moe_onnx`, and reseal the manifest: an export of a model
+    deployed by an earlier version carries the current routing graph. Returns the new manifest."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    gate_name, expert_names = file_names(manifest.num_experts, manifest.precision)
+    experts = [verified(folder, name, manifest) for name in expert_names]
+    gate = verified(folder, gate_name, manifest) if manifest.num_experts > 1 else None
+    trunk = (
+        verified(folder, trunk_file_name(manifest.precision), manifest)
+        if manifest.layout == "shared"
+        else None
+    )
+    merge_moe_onnx(
+        gate, experts, manifest.top_k, manifest.views, folder / manifest.single_file, trunk_path=trunk
+    )
+    files = {**manifest.files, manifest.single_file: sha256_file(folder / manifest.single_file)}
+    updated = dataclasses.replace(manifest, files=files)
+    updated.write(folder)
+    return updated
 
 
 def agreement(
