@@ -157,6 +157,18 @@ class InterleavedStats:
     def as_dict(self) -> dict:
         return {**asdict(self), "ratio": self.ratio}
 
+    def as_row(self) -> dict:
+        """One report row's timing columns, the reference named ``teacher`` (the benchmarks' yardstick)."""
+        return {
+            "threads": self.candidate.threads,
+            "batch": self.candidate.batch,
+            "min_ms": self.candidate.min_ms,
+            "median_ms": self.candidate.median_ms,
+            "teacher_min_ms": self.reference.min_ms,
+            "teacher_median_ms": self.reference.median_ms,
+            "latency_ratio": self.ratio,
+        }
+
 
 def measure_interleaved(
     candidate: Callable[[], object],

@@ -126,13 +126,7 @@ def main(argv: list[str] | None = None) -> int:
                     "model": name,
                     "mmacs": mmacs,
                     "engine": f"{engine} {reference.version}",
-                    "threads": threads,
-                    "batch": batch,
-                    "min_ms": stats.candidate.min_ms,
-                    "median_ms": stats.candidate.median_ms,
-                    "teacher_min_ms": stats.reference.min_ms,
-                    "teacher_median_ms": stats.reference.median_ms,
-                    "latency_ratio": stats.ratio,
+                    **stats.as_row(),
                     "macs_ratio": mmacs / teacher_mmacs if teacher_mmacs else None,
                 }
             )

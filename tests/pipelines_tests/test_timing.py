@@ -104,6 +104,9 @@ def test_interleaved_alternates_the_order_and_warms_both() -> None:
         2,
         4,
     )
+    row = stats.as_row()  # a benchmark report's columns: the candidate's, the teacher's, their ratio
+    assert (row["threads"], row["batch"], row["latency_ratio"]) == (2, 4, stats.ratio)
+    assert (row["min_ms"], row["teacher_median_ms"]) == (stats.candidate.min_ms, stats.reference.median_ms)
     with pytest.raises(ConfigError, match="rounds"):
         measure_interleaved(
             lambda: None, lambda: None, rounds=0, calls_per_round=1, warmup=0, backend="x", threads=1, batch=1
