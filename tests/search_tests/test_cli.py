@@ -610,3 +610,13 @@ def test_a_latency_engine_that_is_not_installed_is_named_with_the_fix(workspace,
         workspace,
         capsys,
     )
+
+
+def test_experiment_single_from_a_folder_that_is_no_study_exits_2(
+    searched: dict, tmp_path: Path, capsys
+) -> None:
+    code = main(
+        ["experiment", str(searched["folder"]), "--trial", "1", "--single-from", str(tmp_path / "nothing")]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and "study folder" in err and "nothing" in err and "Traceback" not in err
