@@ -191,7 +191,7 @@ def export_trial(
                 ),
                 # model.onnx (the one deployed file) against its chosen experts alone, per engine
                 "routing_overhead": measure_routing_overhead(
-                    staging / "bundle", test_images[:64], threads=threads, repeats=20, warmup=3
+                    staging / "bundle", test_images[:64], threads=threads, repeats=100, warmup=10
                 ),
                 "agreement_with_torch": agreement(moe, bundle, data.val.images),  # the whole val split
                 "engine_weight_grid": weight_grid_totals(bundle.manifest),
