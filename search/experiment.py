@@ -421,7 +421,7 @@ def run(
     rows = _merge(done, seeds, names, trial_number if same else None)
     if SINGLE in rows and setup.single_trial is not None and not same:
         origin = f" of {single_from}" if single_from is not None else ""
-        rows[SINGLE]["note"] = f"trial {setup.single_trial}{origin}: `{rows[SINGLE].get('params')}`"
+        rows[SINGLE]["source"] = f"trial {setup.single_trial}{origin}"
 
     return write_report(
         ExperimentRun(

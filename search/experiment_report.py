@@ -161,6 +161,8 @@ def write_report(run: ExperimentRun, rows: dict[str, dict], out: Path) -> Path:
         note = row.get("note") or (
             f"width {row['width']:.3f}" if "width" in row else f"`{row.get('params')}`"
         )
+        if row.get("source") and not row.get("note"):  # the best single net, named by trial (and study)
+            note = f"{row['source']}: {note}"
         label = "exported (a single model: 1 expert)" if name == MOE and single else name
         experts = (row.get("params") or {}).get("num_experts", 1)
         if name.startswith("trial ") and experts > 1:
