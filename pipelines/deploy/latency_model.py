@@ -777,7 +777,18 @@ def _time_model(model: onnx.ModelProto, engine: str, threads: int, repeats: int,
     return stats.min_ms
 
 
+OVERHEAD_ROUNDS = 5  # each overhead is a difference of two minima: the median of 5 steadies it
+
+
 def _time_moe_overheads(engine: str, threads: int, repeats: int, scratch: Path) -> dict[str, float]:
+    """What :class:`~pipelines.deploy.runtime.OrtMoE` adds around its engine calls: the median over
+    :data:`OVERHEAD_ROUNDS` rounds of :func:`_moe_overheads_once` (one round's differences of minima moved by
+    up to 2x between profiles of the same machine)."""
+    rounds = [_moe_overheads_once(engine, threads, repeats, scratch) for _ in range(OVERHEAD_ROUNDS)]
+    return {key: float(np.median([values[key] for values in rounds])) for key in rounds[0]}
+
+
+def _moe_overheads_once(engine: str, threads: int, repeats: int, scratch: Path) -> dict[str, float]:
     """What :class:`~pipelines.deploy.runtime.OrtMoE` adds around its engine calls, on almost empty models."""
     from pipelines.deploy.engines import EngineModel, open_model
     from pipelines.deploy.runtime import OrtMoE

@@ -52,10 +52,11 @@ def _work(iterations: int) -> Callable[[], object]:
 
 
 @contextlib.contextmanager
-def _cpu_burners(seconds: float) -> Iterator[None]:
-    """One busy subprocess per usable core; each stops itself after ``seconds`` and is killed on exit."""
+def _cpu_burners(seconds: float, per_core: int = 1) -> Iterator[None]:
+    """``per_core`` busy subprocesses per usable core; each stops itself after ``seconds`` and is killed on exit."""
     code = f"import time\nend = time.time() + {seconds}\nwhile time.time() < end:\n    pass\n"
-    burners = [subprocess.Popen([sys.executable, "-c", code]) for _ in range(len(os.sched_getaffinity(0)))]
+    count = per_core * len(os.sched_getaffinity(0))
+    burners = [subprocess.Popen([sys.executable, "-c", code]) for _ in range(count)]
     try:
         time.sleep(0.2)  # let them start before the timing does
         yield
@@ -119,6 +120,7 @@ def test_a_plain_ratio_is_distorted_by_load_that_changes_between_the_two_runs() 
     scheduler slice, so they are preempted) gives a ratio far from the true 2."""
     small, large = _work(200_000), _work(400_000)
     reference = measure_latency(small, backend="N", threads=1, batch=1, warmup=2, repeats=20)
-    with _cpu_burners(seconds=6):
+    # two burners a core: the candidate gets at most about a third of one, whatever the scheduler's mood
+    with _cpu_burners(seconds=6, per_core=2):
         candidate = measure_latency(large, backend="2N", threads=1, batch=1, warmup=2, repeats=20)
     assert candidate.median_ms / reference.median_ms > 2.5
