@@ -32,16 +32,17 @@ from pipelines.deploy.bundle import agreement, remerge_single_file
 from pipelines.deploy.int8 import quantize_onnx_int8
 from pipelines.deploy.onnx import export_onnx
 from pipelines.deploy.routing_cost import measure_routing_overhead
-from pipelines.deploy.runtime import OrtModel, load_bundle, measure_moe_latency
+from pipelines.deploy.runtime import OrtModel, load_bundle, load_single_file, measure_moe_latency
 from pipelines.errors import ConfigError, HycompError
 from pipelines.measure import torch_runner
 from pipelines.moe import rebuild_moe
 from pipelines.serialize import load_checkpoint
-from pipelines.timing import measure_latency
+from pipelines.timing import measure_interleaved, measure_latency
 from pipelines.train import evaluate
 from search.config import SearchConfig, stable_hash
 from search.evaluation import TrialContext, train_and_measure
 from search.export_report import render_report, weight_grid_totals
+from search.latency import reference_bundle, stored_reference
 from search.record import TrialRecord
 from search.setup import get_teachers, load_data, teacher_keys
 
@@ -86,6 +87,40 @@ def _baseline_engine_latency(teacher, data: Dataset, folder: Path, threads: int,
     ).as_dict()
     shutil.rmtree(onnx_folder)
     return results
+
+
+def _against_reference(
+    study: optuna.Study, study_folder: Path, bundle: Path, images: np.ndarray, threads: int, macs_ratio: float
+) -> dict:
+    """The exported ``model.onnx`` timed interleaved with the study's int8 teacher (its reference bundle, made
+    by the study's int8 recipe, on the study's engine) at batch 1 and 64: {"batch_<n>": row} with the
+    latency ratio beside the MACs ratio. Empty for a study without a latency reference."""
+    reference = stored_reference(study)
+    folder = reference_bundle(study_folder)
+    if reference is None or not (folder / "manifest.json").exists():
+        return {}
+    teacher = load_bundle(folder, threads=threads, engine=reference.engine)
+    exported = load_single_file(bundle, threads, reference.engine)
+    rows = {}
+    for batch in (1, 64):
+        inputs = np.ascontiguousarray(images[:batch])
+        stats = measure_interleaved(
+            lambda x=inputs: exported(x),
+            lambda x=inputs: teacher(x),
+            rounds=10,
+            calls_per_round=20 if batch == 1 else 2,
+            warmup=3,
+            backend=reference.engine,
+            threads=threads,
+            batch=batch,
+        )
+        rows[f"batch_{batch}"] = {
+            **stats.as_row(),
+            "engine": f"{reference.engine} {reference.version}",
+            "macs_ratio": macs_ratio,
+            "ratio_over_macs": stats.ratio / macs_ratio,
+        }
+    return rows
 
 
 def export_trial(
@@ -188,6 +223,15 @@ def export_trial(
                 ),
                 "latency_batch64": measure_moe_latency(
                     bundle, test_images[:64], threads=threads, batch=64, repeats=10, warmup=2
+                ),
+                # model.onnx against the study's int8 teacher, interleaved, batch 1 and 64 (issue #25's yardstick)
+                "against_teacher": _against_reference(
+                    study,
+                    study_folder,
+                    staging / "bundle",
+                    test_images[:64],
+                    threads,
+                    measured.mmacs / (baseline["macs"] / 1e6),
                 ),
                 # model.onnx (the one deployed file) against its chosen experts alone, per engine
                 "routing_overhead": measure_routing_overhead(

@@ -126,6 +126,22 @@ def _routing_share_line(exported: dict) -> str:
     )
 
 
+def _against_teacher_line(rows: dict | None) -> list[str]:
+    """model.onnx against the study's int8 teacher, interleaved: the latency ratio beside the MACs ratio."""
+    if not rows:
+        return []
+    first = next(iter(rows.values()))
+    parts = [
+        f"batch {row['batch']} x{row['latency_ratio']:.3f} ({row['min_ms']:.3f} vs {row['teacher_min_ms']:.3f} ms min, "
+        f"{row['ratio_over_macs']:.2f}x the MACs ratio)"
+        for row in rows.values()
+    ]
+    return [
+        f"- Against the study's int8 teacher (its reference bundle), interleaved on {first['engine']}, "
+        f"{first['threads']} thread(s), MACs ratio {first['macs_ratio']:.3f}: " + "; ".join(parts) + "."
+    ]
+
+
 def render_report(report: dict) -> str:
     exported, baseline = report["exported"], report["baseline"]
     latency = exported["latency"]["latency"]
@@ -152,6 +168,7 @@ def render_report(report: dict) -> str:
         f"- Latency ratio to the torch fp32 baseline: {latency['median_ms'] / base_latency['torch-fp32-eager']['median_ms']:.3f}x; "
         + _routing_share_line(exported),
         f"- Batch 64: {_latency_cell(exported['latency_batch64']['latency'])} per batch.",
+        *_against_teacher_line(exported.get("against_teacher")),
         f"- Torch model of the export: test {exported['test_accuracy_torch']:.4f}, val {exported['val_accuracy_torch']:.4f}; "
         f"engine vs torch top-1 agreement on the whole val split {exported['agreement_with_torch']['top1_agreement']:.4f}, "
         f"max |logit diff| {exported['agreement_with_torch']['max_abs_diff']:.4g}.",

@@ -124,6 +124,15 @@ def test_export_reproduces_trial_and_predict_matches(searched: dict, synthetic_r
     assert report["baseline"]["latency"]["torch-fp32-eager"]["median_ms"] > 0
     assert set(exported["routing_overhead"]) == {"onnxruntime", "openvino"}  # model.onnx vs its experts
     assert "chosen experts alone" in (export / "report.md").read_text()
+    # the deployed file against the study's int8 teacher, interleaved, with the MACs ratio beside the time ratio
+    against = exported["against_teacher"]
+    assert set(against) == {"batch_1", "batch_64"}
+    for name, row in against.items():
+        assert (
+            row["batch"] == int(name.split("_")[1]) and row["latency_ratio"] > 0 and row["teacher_min_ms"] > 0
+        )
+        assert row["ratio_over_macs"] == pytest.approx(row["latency_ratio"] / row["macs_ratio"])
+    assert "Against the study's int8 teacher" in (export / "report.md").read_text()
     # the weights load without unpickling code
     import torch
 
