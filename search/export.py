@@ -29,7 +29,7 @@ import yaml
 
 from pipelines.data import Dataset
 from pipelines.deploy.bundle import agreement, remerge_single_file
-from pipelines.deploy.int8 import quantize_onnx_int8
+from pipelines.deploy.int8 import INT8_RECIPE, quantize_onnx_int8
 from pipelines.deploy.onnx import export_onnx
 from pipelines.deploy.routing_cost import measure_routing_overhead
 from pipelines.deploy.runtime import OrtModel, load_bundle, load_single_file, measure_moe_latency
@@ -90,11 +90,18 @@ def _baseline_engine_latency(teacher, data: Dataset, folder: Path, threads: int,
 
 
 def _against_reference(
-    study: optuna.Study, study_folder: Path, bundle: Path, images: np.ndarray, threads: int, macs_ratio: float
+    study: optuna.Study,
+    study_folder: Path,
+    bundle: Path,
+    images: np.ndarray,
+    threads: int,
+    macs_ratio: float,
+    deployed_now: bool,
 ) -> dict:
     """The exported ``model.onnx`` timed interleaved with the study's int8 teacher (its reference bundle, made
     by the study's int8 recipe, on the study's engine) at batch 1 and 64: {"batch_<n>": row} with the
-    latency ratio beside the MACs ratio. Empty for a study without a latency reference."""
+    latency ratio beside the MACs ratio and both files' int8 recipes (``deployed_now``: the export was
+    retrained and deployed by this version; else its files are the trial's). Empty without a reference."""
     reference = stored_reference(study)
     folder = reference_bundle(study_folder)
     if reference is None or not (folder / "manifest.json").exists():
@@ -119,6 +126,8 @@ def _against_reference(
             "engine": f"{reference.engine} {reference.version}",
             "macs_ratio": macs_ratio,
             "ratio_over_macs": stats.ratio / macs_ratio,
+            "teacher_int8_recipe": reference.int8_recipe,
+            "exported_int8_recipe": INT8_RECIPE if deployed_now else reference.int8_recipe,
         }
     return rows
 
@@ -232,6 +241,7 @@ def export_trial(
                     test_images[:64],
                     threads,
                     measured.mmacs / (baseline["macs"] / 1e6),
+                    deployed_now=retrain,  # retrained (or taken from export_best's retraining): deployed now
                 ),
                 # model.onnx (the one deployed file) against its chosen experts alone, per engine
                 "routing_overhead": measure_routing_overhead(

@@ -136,9 +136,18 @@ def _against_teacher_line(rows: dict | None) -> list[str]:
         f"{row['ratio_over_macs']:.2f}x the MACs ratio)"
         for row in rows.values()
     ]
+    recipes = (first.get("teacher_int8_recipe"), first.get("exported_int8_recipe"))
+    unlike = (
+        f" Not like for like: the teacher's int8 files are recipe {recipes[0]}, the export's recipe {recipes[1]}."
+        if recipes[0] != recipes[1]
+        else ""
+    )
     return [
         f"- Against the study's int8 teacher (its reference bundle), interleaved on {first['engine']}, "
-        f"{first['threads']} thread(s), MACs ratio {first['macs_ratio']:.3f}: " + "; ".join(parts) + "."
+        f"{first['threads']} thread(s), MACs ratio {first['macs_ratio']:.3f}: "
+        + "; ".join(parts)
+        + "."
+        + unlike
     ]
 
 
