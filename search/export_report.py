@@ -169,7 +169,7 @@ def render_report(report: dict) -> str:
         f"| baseline {baseline['arch']} | | | {baseline['mmacs']:.3f} | | {_latency_cell(base_latency['onnxruntime-fp32'])} | onnxruntime fp32 |",
         f"| baseline {baseline['arch']} | | | {baseline['mmacs']:.3f} | | {_latency_cell(base_latency['onnxruntime-int8'])} | onnxruntime int8 |",
         *_ensemble_row(baseline),
-        f"| **exported MoE** ({exported['precision']}, {exported['bits']}-bit weights) | **{exported['test_accuracy']:.4f}** | "
+        f"| **exported {'MoE' if report['params'].get('num_experts', 1) > 1 else 'model'}** ({exported['precision']}, {exported['bits']}-bit weights) | **{exported['test_accuracy']:.4f}** | "
         f"{exported['val_accuracy']:.4f} | {exported['mmacs']:.3f} | {exported['size_kb']:.1f} | {_latency_cell(latency)} | {latency['backend']} |",
         "",
         f"Threads: {latency['threads']}. Versions: {latency['versions']}.",
