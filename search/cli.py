@@ -616,14 +616,9 @@ class ProfileCommand:
         )
 
     def take_action(self, args: argparse.Namespace) -> int:
-        from pipelines.deploy.latency_model import (
-            default_table_path,
-            kernels_of,
-            load_table,
-            predict_deployed,
-            predict_latency,
-            profile_kernels,
-        )
+        from pipelines.deploy.kernel_profile import profile_kernels
+        from pipelines.deploy.latency_model import kernels_of, predict_deployed, predict_latency
+        from pipelines.deploy.latency_table import default_table_path, load_table
         from pipelines.errors import ConfigError
         from search.workspace import results_root
 

@@ -25,7 +25,8 @@ from pipelines.compress.prune import PruneConfig
 from pipelines.compress.quantize import QuantizeConfig
 from pipelines.data import Dataset
 from pipelines.deploy.bundle import agreement, deploy_moe
-from pipelines.deploy.latency_model import default_table_path, load_table, predict_deployed
+from pipelines.deploy.latency_model import predict_deployed
+from pipelines.deploy.latency_table import default_table_path, load_table
 from pipelines.deploy.runtime import load_bundle, measure_moe_latency
 from pipelines.errors import CompressionError, ConfigError
 from pipelines.hybrid import DEFAULT_EXPERT_INIT, HybridConfig, compress_expert, compress_hybrid

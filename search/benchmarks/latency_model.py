@@ -18,14 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.deploy.latency_model import (
-    LatencyTable,
-    bundle_kernels,
-    expert_calls,
-    load_table,
-    predict_bundle_latency,
-    profile_kernels,
-)
+from pipelines.deploy.kernel_profile import profile_kernels
+from pipelines.deploy.latency_model import bundle_kernels, expert_calls, predict_bundle_latency
+from pipelines.deploy.latency_table import LatencyTable, load_table
 from pipelines.deploy.manifest import file_names, read_manifest
 from pipelines.deploy.runtime import load_bundle, measure_moe_latency
 from pipelines.timing import cpu_description

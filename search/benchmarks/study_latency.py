@@ -22,7 +22,8 @@ import numpy as np
 import optuna
 from optuna.trial import TrialState
 
-from pipelines.deploy.latency_model import default_table_path, load_table, predict_deployed
+from pipelines.deploy.latency_model import predict_deployed
+from pipelines.deploy.latency_table import default_table_path, load_table
 from pipelines.deploy.runtime import load_bundle
 from pipelines.timing import cpu_description, measure_interleaved
 from search.config import load_config

@@ -6,7 +6,8 @@ from __future__ import annotations
 import onnx
 import pytest
 
-from pipelines.deploy.latency_model import Kernel, kernel_model, load_table
+from pipelines.deploy.kernel_profile import kernel_model
+from pipelines.deploy.latency_table import Kernel, load_table
 from pipelines.errors import ConfigError
 from search.cli import main
 from search.config import parse_config

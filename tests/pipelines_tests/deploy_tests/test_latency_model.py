@@ -10,15 +10,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from pipelines.deploy.latency_model import (
-    Kernel,
-    LatencyTable,
-    kernel_model,
-    kernels_of,
-    load_table,
-    predict_latency,
-    profile_kernels,
-)
+from pipelines.deploy.kernel_profile import kernel_model, profile_kernels
+from pipelines.deploy.latency_model import kernels_of, predict_latency
+from pipelines.deploy.latency_table import Kernel, LatencyTable, load_table
 from pipelines.errors import ConfigError
 from pipelines.timing import cpu_description
 
@@ -98,7 +92,7 @@ def test_missing_key_is_interpolated_from_the_same_op():
 
 
 def test_table_round_trips_and_is_not_retimed(tmp_path):
-    from pipelines.deploy.latency_model import engine_version
+    from pipelines.deploy.latency_table import engine_version
 
     path = tmp_path / "table.json"
     table = load_table(path, "onnxruntime", 1)
@@ -152,7 +146,7 @@ def test_default_calls_spread_rows_over_distinct_experts():
 
 
 def test_chained_kernel_model_repeats_the_kernel(tmp_path):
-    from pipelines.deploy.latency_model import chainable
+    from pipelines.deploy.kernel_profile import chainable
 
     conv = Kernel("conv", "int8", (4, 8, 8), out_channels=4, kernel=3, pads=1)
     path = tmp_path / "chain.onnx"

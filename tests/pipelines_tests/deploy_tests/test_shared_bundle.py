@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from pipelines.deploy.bundle import agreement, deploy_moe
-from pipelines.deploy.latency_model import LatencyTable, predict_deployed
+from pipelines.deploy.latency_model import predict_deployed
+from pipelines.deploy.latency_table import LatencyTable
 from pipelines.deploy.runtime import load_bundle, load_single_file
 from pipelines.errors import ConfigError
 from pipelines.moe import MoEConfig, build_moe
