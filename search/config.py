@@ -268,7 +268,7 @@ class MeasureSettings:
     int8_engine: bool = True  # trials are deployed int8 (fp32 for 32-bit trials)
     engine: str = AUTO  # auto (the faster one on the teacher at the study's start) | onnxruntime | openvino
     # measured: each trial's bundle is timed; predicted: its latency comes from the per-device kernel table
-    # (pipelines.deploy.latency_model), kept under <results>/profiles/ unless ``profile`` names a file.
+    # (pipelines.deploy.latency_table), kept under <results>/profiles/ unless ``profile`` names a file.
     latency: str = "measured"
     profile: str | None = None
     profile_any_cpu: bool = False  # accept a ``profile`` measured on another CPU (a cross-device prediction)
