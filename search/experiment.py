@@ -377,11 +377,9 @@ def run(
         return rows
 
     single_from = Path(single_from) if single_from is not None else None
+    setup = _setup(study_folder, trial_number, single_from)
     names = _names(study_folder, trial_number, tuple(also), single_from)
-    tasks = _longest_first(
-        [(name, seed) for name in names for seed in seeds],
-        _setup(study_folder, trial_number, single_from).cfg,
-    )
+    tasks = _longest_first([(name, seed) for name in names for seed in seeds], setup.cfg)
     try:
         saved = json.loads(partial.read_text()) if partial.exists() else []
     except json.JSONDecodeError as error:
@@ -390,7 +388,7 @@ def run(
             "to start the experiment over."
         ) from error
     identity = {name: _identity(study_folder, trial_number, name, single_from) for name in names}
-    fingerprint = _setup(study_folder, trial_number, single_from).ctx.setup()
+    fingerprint = setup.ctx.setup()
     done: list[dict] = _reusable(saved, tasks, identity, fingerprint)
     reused = len(done)
     tasks = [task for task in tasks if task not in [(entry["row"], entry["seed"]) for entry in done]]
@@ -398,9 +396,7 @@ def run(
     if report_only and not done:
         raise ConfigError(f"--report-only: {partial} holds no finished (row, seed) of this experiment yet.")
     if any(name != CONTROL for name, _ in tasks):  # here, once: the row processes load the kept targets
-        _setup(study_folder, trial_number, single_from).ctx.training_data(
-            _setup(study_folder, trial_number, single_from).cfg.export
-        )
+        setup.ctx.training_data(setup.cfg.export)
     units = Units("experiment", len(tasks), "(row, seed)")
 
     def finished(job: tuple, result: dict) -> None:
@@ -416,7 +412,6 @@ def run(
         )
     finally:
         units.close()
-    setup = _setup(study_folder, trial_number, single_from)
     same = single_from is None and setup.single_trial == trial_number
     rows = _merge(done, seeds, names, trial_number if same else None)
     if SINGLE in rows and setup.single_trial is not None and not same:

@@ -194,10 +194,12 @@ def _expert_on_rows(
     )
 
 
-def _rows_of(builder: _Builder, hits: str) -> str:
-    """The row indices (ascending) where the (rows, k) boolean ``hits`` holds."""
+def _rows_of(builder: _Builder, hits: str) -> tuple[str, str]:
+    """(positions, rows) where the (rows, k) boolean ``hits`` holds: NonZero's (2, M) row and top-k slot
+    pairs, and their row indices (ascending)."""
     positions = builder.op("NonZero", [hits], "positions")  # (2, M): row, top-k slot; rows ascending
-    return builder.op("Gather", [positions, builder.constant("zero", np.array(0, np.int64))], "rows", axis=0)
+    rows = builder.op("Gather", [positions, builder.constant("zero", np.array(0, np.int64))], "rows", axis=0)
+    return positions, rows
 
 
 def _top1(
@@ -211,7 +213,7 @@ def _top1(
     rows, logits = [], []
     for index, expert in enumerate(experts):
         hits = builder.op("Equal", [chosen, builder.constant("expert", np.array(index, np.int64))], "hits")
-        rows.append(_rows_of(builder, hits))
+        rows.append(_rows_of(builder, hits)[1])
         logits.append(_expert_on_rows(builder, expert, index, images, rows[-1], classes))
     gathered = builder.op("Concat", logits, "by_expert", axis=0)
     indices = builder.op(
@@ -265,10 +267,7 @@ def _top_k(
     column = builder.constant("column", np.array([1], np.int64))
     for index, expert in enumerate(experts):
         hits = builder.op("Equal", [chosen, builder.constant("expert", np.array(index, np.int64))], "hits")
-        positions = builder.op("NonZero", [hits], "positions")  # (2, M): row, top-k slot; rows ascending
-        rows = builder.op(
-            "Gather", [positions, builder.constant("zero", np.array(0, np.int64))], "rows", axis=0
-        )
+        positions, rows = _rows_of(builder, hits)
         slot_pairs = builder.op("Transpose", [positions], "pairs", perm=[1, 0])
         row_weights = builder.op("GatherND", [weights, slot_pairs], "row_weights")
         logits = _expert_on_rows(builder, expert, index, images, rows, classes)

@@ -27,6 +27,7 @@ from pipelines.deploy.int8 import quantize_onnx_int8
 from pipelines.deploy.manifest import read_manifest
 from pipelines.errors import ConfigError
 from pipelines.timing import measure_interleaved
+from search.export import bundle_accuracy
 from search.latency import reference_bundle
 from search.setup import load_data
 from search.study import load_study
@@ -56,12 +57,6 @@ def _mmacs(folder: Path) -> float:
     return float(report["exported"]["mmacs"])
 
 
-def _accuracy(path: Path, images: np.ndarray, labels: np.ndarray) -> float:
-    model = open_model(path, "onnxruntime", THREADS)
-    predicted = np.concatenate([model(images[i : i + 256]).argmax(1) for i in range(0, len(images), 256)])
-    return float((predicted == labels).mean())
-
-
 def run(study_folder: Path, exports: list[Path], rounds: int, scratch: Path) -> dict:
     cfg, study = load_study(study_folder)
     data = load_data(cfg)
@@ -76,7 +71,9 @@ def run(study_folder: Path, exports: list[Path], rounds: int, scratch: Path) -> 
         for recipe, float_stem in RECIPES.items():
             out = scratch / f"{name}.recipe{recipe}.int8.onnx"
             files[name, recipe] = quantize_onnx_int8(source, out, calibration, float_stem=float_stem)
-            accuracy.setdefault(name, {})[recipe] = _accuracy(out, val_images, val_labels)
+            accuracy.setdefault(name, {})[recipe] = bundle_accuracy(
+                open_model(out, "onnxruntime", THREADS), val_images, val_labels
+            )
     engines = [engine for engine in ENGINES if engine_available(engine)]
     rows = []
     for folder in exports:
