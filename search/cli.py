@@ -100,7 +100,7 @@ def _load_cfg(args: argparse.Namespace):
         overrides["study"] = study
     constraints = {
         key: getattr(args, key)
-        for key in ("max_latency_ms", "max_size_kb", "min_accuracy", "max_mmacs")
+        for key in ("max_latency_ms", "max_size_kb", "min_accuracy", "max_mmacs", "max_routing_share")
         if getattr(args, key, None) is not None
     }
     if constraints:
@@ -129,6 +129,7 @@ OVERRIDE_FLAGS = {
     "constraints.max_size_kb": "--max-size-kb",
     "constraints.max_mmacs": "--max-mmacs",
     "constraints.min_accuracy": "--min-accuracy",
+    "constraints.max_routing_share": "--max-routing-share",
 }
 
 
@@ -164,6 +165,11 @@ class SearchCommand:
         parser.add_argument("--max-mmacs", type=BUDGET, help="constraint: compute budget")
         parser.add_argument(
             "--min-accuracy", type=FRACTION, help="constraint: minimum validation accuracy (0..1)"
+        )
+        parser.add_argument(
+            "--max-routing-share",
+            type=FRACTION,
+            help="constraint: a multi-expert model's gate + routing share of batch-1 latency (default 0.1)",
         )
         parser.add_argument(
             "--workers", type=COUNT, default=1, help="worker processes on this machine sharing the study"

@@ -282,12 +282,18 @@ class MeasureSettings:
         return math.ceil(self.latency_repeats / self.rounds)
 
 
+# A multi-expert model spending more of its batch-1 latency than this on gate and routing (measured on its
+# model.onnx) is infeasible: a single net of its experts' size would serve better (issues #25 and #26).
+MAX_ROUTING_SHARE = 0.10
+
+
 @dataclass(frozen=True)
 class Constraints:
     max_latency_ms: float | None = None
     max_size_kb: float | None = None
     min_accuracy: float | None = None
     max_mmacs: float | None = None
+    max_routing_share: float | None = MAX_ROUTING_SHARE  # of multi-expert models only; null: no limit
 
 
 @dataclass(frozen=True)
@@ -448,6 +454,12 @@ def _validate(cfg: SearchConfig) -> None:
             raise ConfigError(f"constraints.{name}: {value} must be > 0 (or null for no limit).")
     if cfg.constraints.min_accuracy is not None:
         _check_range("constraints.min_accuracy", cfg.constraints.min_accuracy, 0.0, 1.0)
+    share = cfg.constraints.max_routing_share
+    if share is not None and not 0.0 < share <= 1.0:
+        raise ConfigError(
+            f"constraints.max_routing_share: {share} must be in (0, 1] (a share of batch-1 latency, e.g. "
+            "0.1), or null for no limit."
+        )
 
 
 def _validate_early_stop(settings: EarlyStopSettings) -> None:

@@ -27,7 +27,8 @@ from pipelines.data import Dataset
 from pipelines.deploy.bundle import agreement, deploy_moe
 from pipelines.deploy.latency_model import predict_deployed
 from pipelines.deploy.latency_table import default_table_path, load_table
-from pipelines.deploy.runtime import load_bundle, measure_moe_latency
+from pipelines.deploy.routing_cost import routing_share
+from pipelines.deploy.runtime import load_bundle, load_single_file, measure_moe_latency
 from pipelines.errors import CompressionError, ConfigError
 from pipelines.hybrid import DEFAULT_EXPERT_INIT, HybridConfig, compress_expert, compress_hybrid
 from pipelines.measure import count_macs, count_params, packed_size_bytes
@@ -46,7 +47,7 @@ from pipelines.train import evaluate
 from search.config import Budget, ModelSettings, SearchConfig, setup_fingerprint
 from search.latency import LatencyReference, reference_bundle, time_against_teacher
 from search.model_cache import TrainedModel
-from search.record import Measurement, Training, TrialRecord
+from search.record import PER_EXPERT_FILES, SINGLE_FILE, Measurement, Training, TrialRecord
 from search.targets import compute_targets, distillation_targets
 
 __all__ = [
@@ -283,6 +284,9 @@ def measure(
     reference = ctx.latency
     engine = reference.engine if reference is not None else "onnxruntime"
     bundle = load_bundle(folder / "bundle", threads=threads, engine=engine)
+    # A multi-expert model deploys as its one file (model.onnx, routing in the graph): that file is timed,
+    # and its gate + routing share measured; a single net's bundle is one network call either way.
+    multi = manifest.num_experts > 1
     seconds["deploy"] = time.perf_counter() - started
 
     started = time.perf_counter()
@@ -295,7 +299,17 @@ def measure(
     if cfg.measure.latency == "predicted":
         timing = predicted_timing(ctx, folder / "bundle", threads, val_images[:1])
     else:
-        timing = _time(ctx, bundle, val_images[:1], threads, repeats)
+        timed = load_single_file(folder / "bundle", threads=threads, engine=engine) if multi else bundle
+        timing = _time(ctx, timed, val_images[:1], threads, repeats)
+        if multi:
+            timing["routing_share"] = routing_share(
+                folder / "bundle",
+                val_images[:1],
+                engine=engine,
+                threads=threads,
+                repeats=repeats,
+                rounds=min(cfg.measure.rounds, repeats),
+            )
     macs = count_macs(moe, data.val.images)  # routed: gate + the experts each val image (and view) used
     size = packed_size_bytes(moe, lambda name: bits_by_layer.get(name, 32), skip=moe.idle_parts)
     seconds["measure"] = time.perf_counter() - started
@@ -307,6 +321,7 @@ def measure(
         latency_ms=timing["latency_ms"],
         latency=timing["latency"],
         routing_share=timing["routing_share"],
+        routing_share_of=SINGLE_FILE if multi else PER_EXPERT_FILES,
         size_kb=size / 1024,
         params=count_params(moe),
         bits=hybrid.quantize.bits,

@@ -272,6 +272,7 @@ def export_trial(
             "class_names": data.class_names,
             "seconds": time.perf_counter() - started,
         }
+        _check_routing_share(report, cfg, study, trial_number)
         config = cfg.to_dict()
         config["exported_trial"] = {"number": trial_number, "params": params}
         (staging / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
@@ -286,6 +287,29 @@ def export_trial(
         raise
     report["folder"] = str(target)
     return report
+
+
+def _check_routing_share(report: dict, cfg: SearchConfig, study: optuna.Study, trial_number: int) -> None:
+    """Note in ``report`` (and warn) when a multi-expert export spends more of its batch-1 latency on gate
+    and routing, on the study's engine, than ``constraints.max_routing_share`` allows."""
+    limit = cfg.constraints.max_routing_share
+    reference = stored_reference(study)
+    engine = reference.engine if reference is not None else "onnxruntime"
+    overhead = report["exported"].get("routing_overhead") or {}
+    timing = overhead.get(engine, {}).get("batch_1")
+    if limit is None or timing is None or report["params"].get("num_experts", 1) <= 1:
+        return
+    share = timing["routing_share"]
+    report["exported"]["routing_limit"] = {"engine": engine, "max_routing_share": limit, "share": share}
+    if share > limit:
+        log.warning(
+            "export of trial %d: gate + routing take %.1f%% of model.onnx's batch-1 latency on %s, over "
+            "constraints.max_routing_share %.0f%%; a single net of its experts' size may serve better",
+            trial_number,
+            100 * share,
+            engine,
+            100 * limit,
+        )
 
 
 EXPORT_KIND = "hycomp-export"  # report.json's "kind": what marks a folder as an export hycomp wrote

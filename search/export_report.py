@@ -85,12 +85,16 @@ def routing_overhead_lines(overhead: dict | None) -> list[str]:
     as a markdown table: per engine and batch, model.onnx vs its chosen experts alone."""
     if not overhead:
         return []
-    trunk = any("trunk" in timing for per_batch in overhead.values() for timing in per_batch.values())
+    trunk = any(
+        "trunk" in timing or timing.get("layout") == "shared"
+        for per_batch in overhead.values()
+        for timing in per_batch.values()
+    )
     network = "trunk + chosen experts alone" if trunk else "chosen experts alone"
     lines = [
-        f"One-file model (`model.onnx`) against its {network} (median ms, min in brackets; each file timed "
-        "apart pays the engine's call cost, taken off all but once); the routing share is the rest: gate, "
-        "top-k, gathering, combining and views:",
+        f"One-file model (`model.onnx`) against its {network} (median ms, min in brackets; timed in "
+        "alternating rounds; each file called apart pays the engine's call cost, taken off all but once); the "
+        "routing share is the rest: gate, top-k, gathering, combining and views:",
         "",
         f"| engine | batch | model.onnx | {network} | routing share (of minima) | per-expert files + numpy routing |",
         "|---|---|---|---|---|---|",
@@ -98,8 +102,9 @@ def routing_overhead_lines(overhead: dict | None) -> list[str]:
     for engine, per_batch in overhead.items():
         for name, timing in per_batch.items():
             merged, folder = timing["single_file"], timing.get("folder")
-            parts = [timing["experts"], *([timing["trunk"]] if "trunk" in timing else [])]
-            median, minimum = (sum(part[key] for part in parts) for key in ("median_ms", "min_ms"))
+            # "network": one interleaved callable; exports before it timed "experts" and "trunk" apart
+            parts = [timing["network"]] if "network" in timing else [timing["experts"], timing.get("trunk")]
+            median, minimum = (sum(part[key] for part in parts if part) for key in ("median_ms", "min_ms"))
             glue = f"{folder['median_ms']:.3f} ({folder['min_ms']:.3f})" if folder else ""
             lines.append(
                 f"| {engine} | {name.removeprefix('batch_')} | {merged['median_ms']:.3f} ({merged['min_ms']:.3f}) | "
@@ -118,6 +123,13 @@ def _routing_share_line(exported: dict) -> str:
         if "batch_1" in per_batch
     ]
     glue = f"{exported['latency']['routing_share']:.1%}"
+    limit = exported.get("routing_limit")
+    if limit is not None:
+        verdict = "over" if limit["share"] > limit["max_routing_share"] else "within"
+        shares.append(
+            f"{verdict} constraints.max_routing_share {limit['max_routing_share']:.0%} on the study's engine "
+            f"({limit['engine']})"
+        )
     if not shares:
         return f"gate + routing share of MoE latency (per-expert files, numpy routing): {glue}."
     return (

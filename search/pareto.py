@@ -21,7 +21,7 @@ from pipelines.errors import ConfigError
 from pipelines.hybrid import DEFAULT_EXPERT_INIT
 from pipelines.moe import DEFAULT_ROUTING
 from search.latency import LatencyReference, stored_reference
-from search.record import TrialRecord
+from search.record import SINGLE_FILE, TrialRecord
 from search.space import GATE_ONLY
 
 __all__ = ["trials_table", "front_table", "failures_table", "Pick", "pick_trial", "PICKS"]
@@ -38,6 +38,7 @@ _COLUMNS = {
     "achieved_sparsity": "sparsity",
     "expert_init": "experts from",
     "blocks_removed": "blocks removed",
+    "routing_share": "routing share",
 }
 
 
@@ -125,6 +126,8 @@ def trials_table(study: optuna.Study, latency: Latencies | None = None) -> pd.Da
                 # without a gate, what only a gate uses means nothing
                 **{key: config.get(key, GATE_DEFAULTS.get(key)) if gated else "-" for key in GATE_ONLY},
                 "views": config.get("views", 1),
+                # gate + routing share of model.onnx at batch 1 (multi-expert trials measured on it)
+                "routing_share": measured.routing_share if measured.routing_share_of == SINGLE_FILE else None,
                 "feasible": _feasible(trial),
                 "on_front": trial.number in front,
                 "reference": record.reference,
@@ -259,18 +262,31 @@ DISPLAY_COLUMNS = (
     "routing",
     "expert_init",
     "views",
+    "routing_share",
     "engine",
     "feasible",
 )
 
 
+def _percent(value) -> str:
+    """A share as a percentage; "-" where none was measured (idempotent: formatted text stays)."""
+    if isinstance(value, str):
+        return value
+    return "-" if value is None or pd.isna(value) else f"{value:.1%}"
+
+
 def display_columns(table: pd.DataFrame) -> pd.DataFrame:
     """The columns a person reads, in reading order (those the table has; ``blocks_removed`` only where a
-    trial removed blocks)."""
+    trial removed blocks, ``routing_share`` only where one was measured)."""
     columns = [column for column in DISPLAY_COLUMNS if column in table.columns]
     if "blocks_removed" in columns and not (table["blocks_removed"].fillna(0) != 0).any():
         columns.remove("blocks_removed")
-    return table[columns].copy()
+    if "routing_share" in columns and table["routing_share"].isna().all():
+        columns.remove("routing_share")  # no multi-expert model.onnx measured
+    shown = table[columns].copy()
+    if "routing_share" in columns:
+        shown["routing_share"] = shown["routing_share"].map(_percent)
+    return shown
 
 
 def format_table(

@@ -17,6 +17,8 @@ __all__ = [
     "RECORD_KEY",
     "INTERRUPTED",
     "KILLED",
+    "PER_EXPERT_FILES",
+    "SINGLE_FILE",
     "Training",
     "Measurement",
     "TrialRecord",
@@ -28,6 +30,10 @@ RECORD_KEY = "hycomp_record"
 INTERRUPTED = "interrupted (Ctrl-C)"
 # Recorded when a trial starts and replaced when it ends: a trial whose process dies keeps this reason.
 KILLED = "worker killed while running this trial; retried"
+
+# What a trial's latency and routing share were measured on (Measurement.routing_share_of).
+SINGLE_FILE = "model.onnx"
+PER_EXPERT_FILES = "per-expert files + numpy routing"
 
 
 @dataclass(frozen=True)
@@ -51,6 +57,8 @@ class Measurement:
     # ratio, the model's own median
     latency_ms: float
     latency: dict[str, Any]  # the model's latency statistics, with backend, threads and versions
+    # gate + routing share of batch-1 latency: of model.onnx (SINGLE_FILE, interleaved with its network
+    # alone: pipelines.deploy.routing_cost) for a multi-expert model; else of the per-expert files' numpy glue
     routing_share: float | None
     size_kb: float
     params: int
@@ -65,6 +73,7 @@ class Measurement:
     latency_ratio: float | None = None  # model / teacher: the median over rounds of their medians' ratio
     latency_ratio_min: float | None = None
     teacher_latency: dict[str, Any] | None = None  # the teacher's statistics from the same rounds
+    routing_share_of: str = PER_EXPERT_FILES  # what ``routing_share`` was measured on (and latency timed)
 
     @property
     def objectives(self) -> tuple[float, float, float]:

@@ -16,7 +16,7 @@ from typing import Any
 
 import optuna
 
-from pipelines.deploy.runtime import load_bundle
+from pipelines.deploy.runtime import load_bundle, load_single_file
 from pipelines.errors import ConfigError
 from search.config import SearchConfig
 from search.latency import (
@@ -29,7 +29,7 @@ from search.latency import (
     time_quietly,
 )
 from search.pareto import front_numbers
-from search.record import TrialRecord
+from search.record import SINGLE_FILE, TrialRecord
 from search.setup import load_data, trial_context
 from search.study import completed_trials
 
@@ -143,7 +143,10 @@ def remeasure_front(
             if not (bundle_folder / "manifest.json").exists():
                 log.warning("trial %d: no bundle at %s; its search-time latency stays", number, bundle_folder)
                 continue
-            bundle = load_bundle(bundle_folder, threads=threads, engine=reference.engine)
+            # what the search timed: a multi-expert model's one file, else the bundle
+            one_file = records[number].measurement.routing_share_of == SINGLE_FILE
+            load = load_single_file if one_file else load_bundle
+            bundle = load(bundle_folder, threads=threads, engine=reference.engine)
             stats, _ = time_against_teacher(
                 bundle, teacher, image, reference, rounds=rounds, calls_per_round=calls, warmup=10
             )

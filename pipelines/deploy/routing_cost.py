@@ -1,13 +1,15 @@
-"""What a bundle's one-file MoE (``model.onnx``) spends outside its experts: the merged file timed against
-the sum of its chosen experts run alone on the rows routed to them (plus, for a shared-trunk bundle, the trunk
-on the whole batch), on ONNX Runtime and on OpenVINO. The rest (gate, softmax, top-k, gathering, scattering,
-views) is the routing overhead. Each separately timed file pays the engine's fixed cost of a call once (on
-OpenVINO about as much as a small expert's compute), the merged file once in all: the extra calls are
-measured on an empty graph and taken off. Torch-free."""
+"""What a bundle's one-file MoE (``model.onnx``) spends outside its experts: the merged file timed, in
+alternating rounds, against its network alone (for a shared-trunk bundle the trunk on the whole batch, then
+its chosen experts on the rows routed to them), on ONNX Runtime and on OpenVINO. The rest (gate, softmax,
+top-k, gathering, scattering, views) is the routing overhead. Each separately called file pays the engine's
+fixed cost of a call (on OpenVINO about as much as a small expert's compute), the merged file once in all:
+the extra calls are measured on an empty graph and taken off. Interleaving makes the share a ratio of runs
+that saw the same load, so the search can measure it beside a training worker. Torch-free."""
 
 from __future__ import annotations
 
 import functools
+import math
 import tempfile
 from pathlib import Path
 
@@ -20,9 +22,9 @@ from pipelines.deploy.engines import ENGINES, as_array, open_model
 from pipelines.deploy.manifest import file_names, read_manifest, trunk_file_name, verified
 from pipelines.deploy.runtime import load_bundle
 from pipelines.errors import ConfigError, DataError, unknown_name
-from pipelines.timing import LatencyStats, measure_latency
+from pipelines.timing import LatencyStats, measure_interleaved, measure_latency
 
-__all__ = ["measure_routing_overhead"]
+__all__ = ["measure_routing_overhead", "routing_share"]
 
 
 def _routed_rows(bundle, images: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
@@ -67,6 +69,104 @@ def _timed(
     )
 
 
+def _min_median(stats: LatencyStats) -> dict[str, float]:
+    return {"min_ms": stats.min_ms, "median_ms": stats.median_ms}
+
+
+def _share(
+    merged,
+    parts: list[tuple[object, np.ndarray]],
+    probe,
+    images: np.ndarray,
+    *,
+    label: str,
+    threads: int,
+    rounds: int,
+    calls_per_round: int,
+    warmup: int,
+) -> dict:
+    """``merged`` on ``images`` timed interleaved with the network alone (each ``(model, inputs)`` of
+    ``parts`` called in turn) and, when that is more than one call, the empty ``probe`` interleaved with the
+    network too: both are ratios to the same network, so load that slows all of them cancels out.
+    routing share = 1 - (network - extra calls) / merged."""
+
+    def network() -> None:
+        for model, inputs in parts:
+            model(inputs)
+
+    interleaved = functools.partial(
+        measure_interleaved,
+        rounds=rounds,
+        calls_per_round=calls_per_round,
+        warmup=warmup,
+        threads=threads,
+        batch=len(images),
+    )
+    against = interleaved(
+        lambda: merged(images), network, backend=(f"{label} model.onnx", f"{label} network")
+    )
+    extra = len(parts) - 1  # calls the merged file does not pay
+    call = (
+        interleaved(lambda: probe(images), network, backend=(f"{label} empty call", f"{label} network"))
+        if extra
+        else None
+    )
+    call_ratio = call.ratio if call is not None else 0.0  # one call's cost / the network's
+    call_min = call.candidate.min_ms if call is not None else 0.0
+    shares = {
+        # round-median ratios: network-alone / merged = (1 - extra x call ratio) / (merged / network)
+        "routing_share": 1.0 - (1.0 - extra * call_ratio) / against.ratio,
+        # minima are the least disturbed by other load on the machine
+        "routing_share_min": 1.0 - (against.reference.min_ms - extra * call_min) / against.candidate.min_ms,
+    }
+    timing = {
+        "single_file": against.candidate.as_dict(),
+        "network": _min_median(against.reference),
+        "calls": len(parts),
+        "ratio": against.ratio,
+        # clipped: on tiny files under load the call cost taken off can exceed what they measured
+        **{key: min(1.0, max(0.0, value)) for key, value in shares.items()},
+    }
+    if call is not None:
+        timing["call"] = _min_median(call.candidate)
+    return timing
+
+
+def _parts(glue, trunk, experts: list, images: np.ndarray) -> list[tuple[object, np.ndarray]]:
+    """What the network alone runs on ``images``: the trunk (shared layout) on the view-expanded batch, then
+    each used expert on the rows routed to it."""
+    stacked, features, routed = _routed_rows(glue, images)
+    parts = [(trunk, stacked)] if trunk is not None else []
+    return parts + [
+        (expert, np.ascontiguousarray(features[rows]))
+        for expert, rows in zip(experts, routed, strict=True)
+        if rows.size
+    ]
+
+
+class _Files:
+    """A bundle's merged file, trunk and experts opened on one engine, with the call probe."""
+
+    def __init__(self, folder: Path, engine: str, threads: int, probe_path: Path) -> None:
+        manifest = read_manifest(folder)
+        _, expert_names = file_names(manifest.num_experts, manifest.precision)
+        shared = manifest.layout == "shared"
+        self.layout = manifest.layout
+        self.label = f"{engine}-{manifest.precision}"
+        self.merged = open_model(verified(folder, manifest.single_file, manifest), engine, threads)
+        self.experts = [
+            open_model(verified(folder, name, manifest), engine, threads) for name in expert_names
+        ]
+        trunk_name = trunk_file_name(manifest.precision)
+        self.trunk = open_model(verified(folder, trunk_name, manifest), engine, threads) if shared else None
+        self.probe = open_model(probe_path, engine, threads)
+
+
+def _rounds(repeats: int, rounds: int | None) -> tuple[int, int]:
+    rounds = min(15, repeats) if rounds is None else rounds
+    return rounds, math.ceil(repeats / rounds)
+
+
 def measure_routing_overhead(
     folder: Path,
     images: np.ndarray,
@@ -76,19 +176,22 @@ def measure_routing_overhead(
     engines: tuple[str, ...] = ENGINES,
     repeats: int = 30,
     warmup: int = 5,
+    rounds: int | None = None,
 ) -> dict:
-    """For each engine and batch: latency of the bundle's ``model.onnx`` on the first ``batch`` images, the
-    summed latencies of its chosen experts alone on the rows routed to each, and ``routing_share`` = 1 -
-    network / merged (of the medians; ``routing_share_min`` of the minima): the share spent in gate, routing
-    and views. A shared-layout bundle's trunk is network, not routing: it is timed on the view-expanded batch
-    (``trunk``) and counted with the experts. network = trunk + experts - (files timed - 1) * ``call``, the
-    latency of an empty graph: the merged file pays the engine's call cost once. On ONNX Runtime the
-    per-expert folder with numpy routing (``OrtMoE``) is timed too, as ``folder``.
+    """For each engine and batch: the bundle's ``model.onnx`` on the first ``batch`` images timed in
+    alternating rounds against its network alone (a shared trunk on the view-expanded batch, then each
+    chosen expert on the rows routed to it, each file called apart), and ``routing_share`` = 1 - network /
+    merged: the share spent in gate, top-k, gathering, combining and views. Every separately called file
+    pays the engine's fixed cost of a call, which the merged file pays once: an empty graph, interleaved
+    with the network too, gives that cost, taken off all calls but one. ``routing_share`` comes from the
+    median per-round ratios, ``routing_share_min`` from the minima. ``repeats`` calls of each file in all,
+    in ``rounds`` rounds (default ``min(15, repeats)``). On ONNX Runtime the per-expert folder with numpy
+    routing (``OrtMoE``) is timed too, as ``folder``.
 
-    Returns ``{engine: {"batch_<n>": {"single_file": stats, "experts": {"min_ms", "median_ms"},
-    ["trunk": {"min_ms", "median_ms"}], "call": {"min_ms", "median_ms"}, "routing_share": float,
-    "routing_share_min": float, ["folder": stats]}}}`` with ``stats`` from
-    :func:`pipelines.timing.measure_latency`.
+    Returns ``{engine: {"batch_<n>": {"single_file": stats, "network": {"min_ms", "median_ms"}, "calls": int,
+    "layout": str,
+    ["call": {"min_ms", "median_ms"}], "ratio": float, "routing_share": float, "routing_share_min": float,
+    ["folder": stats]}}}`` with ``stats`` from :func:`pipelines.timing.measure_latency`.
     """
     folder = Path(folder)
     for engine in engines:
@@ -101,54 +204,70 @@ def measure_routing_overhead(
         raise DataError(
             f"images: batch {max(batches)} needs at least {max(batches)} images, got {len(array)}."
         )
-    manifest = read_manifest(folder)
-    _, expert_names = file_names(manifest.num_experts, manifest.precision)
-    expert_paths = [verified(folder, name, manifest) for name in expert_names]
-    shared = manifest.layout == "shared"
-    trunk_path = verified(folder, trunk_file_name(manifest.precision), manifest) if shared else None
-    merged_path = verified(folder, manifest.single_file, manifest)
+    rounds, calls_per_round = _rounds(repeats, rounds)
     # loaded once: it routes every batch on every engine and is timed itself on ONNX Runtime
     glue = load_bundle(folder, threads=threads)
     result: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as scratch:
         probe_path = _call_probe(Path(scratch), *array.shape[1:])
-        probes = {engine: open_model(probe_path, engine, threads) for engine in engines}
-    for engine in engines:
-        merged = open_model(merged_path, engine, threads)
-        experts = [open_model(path, engine, threads) for path in expert_paths]
-        trunk = open_model(trunk_path, engine, threads) if trunk_path is not None else None
-        label = f"{engine}-{manifest.precision}"
-        timed = functools.partial(_timed, threads=threads, warmup=warmup, repeats=repeats)
-
+        files = {engine: _Files(folder, engine, threads, probe_path) for engine in engines}
+    for engine, opened in files.items():
         result[engine] = {}
         for batch in batches:
             batch_images = np.ascontiguousarray(array[:batch])
-            timing = {"single_file": timed(merged, batch_images, f"{label} single file").as_dict()}
-            stacked, features, routed = _routed_rows(glue, batch_images)
-            parts = [timed(trunk, stacked, f"{label} trunk")] if trunk is not None else []
-            if parts:
-                timing["trunk"] = {"min_ms": parts[0].min_ms, "median_ms": parts[0].median_ms}
-            experts_timed = [
-                timed(expert, np.ascontiguousarray(features[rows]), f"{label} expert")
-                for expert, rows in zip(experts, routed, strict=True)
-                if rows.size
-            ]
-            timing["experts"] = {
-                "min_ms": sum(stats.min_ms for stats in experts_timed),
-                "median_ms": sum(stats.median_ms for stats in experts_timed),
-            }
-            parts += experts_timed
-            call = timed(probes[engine], batch_images, f"{label} empty call")
-            timing["call"] = {"min_ms": call.min_ms, "median_ms": call.median_ms}
-            for statistic, key in (("median_ms", "routing_share"), ("min_ms", "routing_share_min")):
-                # minima are the least disturbed by other load on the machine
-                network = sum(getattr(stats, statistic) for stats in parts)
-                network -= (len(parts) - 1) * getattr(call, statistic)
-                # clipped: on tiny files under load the call cost taken off can exceed what they measured
-                timing[key] = min(1.0, max(0.0, 1.0 - network / timing["single_file"][statistic]))
+            timing = _share(
+                opened.merged,
+                _parts(glue, opened.trunk, opened.experts, batch_images),
+                opened.probe,
+                batch_images,
+                label=opened.label,
+                threads=threads,
+                rounds=rounds,
+                calls_per_round=calls_per_round,
+                warmup=warmup,
+            )
+            timing["layout"] = opened.layout
             if engine == "onnxruntime":
-                timing["folder"] = timed(
-                    glue, batch_images, f"{label} per-expert files + numpy routing"
+                timing["folder"] = _timed(
+                    glue,
+                    batch_images,
+                    f"{opened.label} per-expert files + numpy routing",
+                    threads=threads,
+                    warmup=warmup,
+                    repeats=repeats,
                 ).as_dict()
             result[engine][f"batch_{batch}"] = timing
     return result
+
+
+def routing_share(
+    folder: Path,
+    image: np.ndarray,
+    *,
+    engine: str,
+    threads: int = 1,
+    repeats: int = 60,
+    warmup: int = 5,
+    rounds: int | None = None,
+) -> float:
+    """The batch-1 ``routing_share`` of :func:`measure_routing_overhead` on one engine for one ``image``
+    (shape (1, C, H, W)): what the search records per multi-expert trial."""
+    if engine not in ENGINES:
+        raise unknown_name("engine", engine, ENGINES)
+    array = as_array(image)[:1]
+    rounds, calls_per_round = _rounds(repeats, rounds)
+    glue = load_bundle(folder, threads=threads)
+    with tempfile.TemporaryDirectory() as scratch:
+        opened = _Files(Path(folder), engine, threads, _call_probe(Path(scratch), *array.shape[1:]))
+    timing = _share(
+        opened.merged,
+        _parts(glue, opened.trunk, opened.experts, array),
+        opened.probe,
+        array,
+        label=opened.label,
+        threads=threads,
+        rounds=rounds,
+        calls_per_round=calls_per_round,
+        warmup=warmup,
+    )
+    return timing["routing_share"]

@@ -32,7 +32,7 @@ from search.record import TrialRecord
 from search.setup import load_data
 from search.workspace import resolve_study_dir
 
-__all__ = ["spearman", "error_summary", "main"]
+__all__ = ["spearman", "error_summary", "trained_trials", "main"]
 
 
 def spearman(first: list[float], second: list[float]) -> float:
@@ -55,7 +55,7 @@ def error_summary(predicted: list[float], measured: list[float]) -> dict:
     }
 
 
-def _trained_trials(
+def trained_trials(
     study: optuna.Study, folder: Path
 ) -> list[tuple[optuna.trial.FrozenTrial, TrialRecord, Path]]:
     """Completed trials that measured a model of their own (not repeats), with their bundle folder."""
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     # The predictor is judged in milliseconds and, as measured latencies are, in ratios to the teacher: this
     # VM's speed drifts between the profile and the benchmark (by 20% within a day), which ratios cancel.
     teacher_predicted = predict_deployed(reference_bundle(folder), table, image=images[:1])
-    trials = _trained_trials(study, folder)
+    trials = trained_trials(study, folder)
     for trial, record, bundle_folder in trials:
         bundle = load_bundle(bundle_folder, threads=threads, engine=engine)
         quiet = timed(f"trial {trial.number}", bundle, record.measurement.mmacs)

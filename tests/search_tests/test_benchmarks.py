@@ -188,3 +188,28 @@ def test_routing_diagnostics_of_a_perfectly_routed_moe() -> None:
     labels = torch.tensor([0, 0, 1, 2])
     images = labels.float().view(-1, 1, 1, 1).expand(-1, 3, 4, 4).clone()
     assert routing_diagnostics(moe, Split(images, labels)) == {"routed_to_group": 1.0, "oracle": 0.75}
+
+
+def test_routing_share_benchmark_counts_models_within_the_limit() -> None:
+    from search.benchmarks.routing_share import _markdown, _summary
+
+    def row(trial: int, mmacs: float, share: float, engine: str = "onnxruntime") -> dict:
+        return {
+            "trial": trial, "layout": "shared", "num_experts": 2, "top_k": 1, "views": 1, "mmacs": mmacs,
+            "val_accuracy": 0.97, "engine": engine, "version": "1.0", "threads": 1, "batch": 1, "min_ms": 0.1,
+            "median_ms": 0.12, "network_min_ms": 0.09, "network_median_ms": 0.1, "calls": 2,
+            "routing_share": share, "routing_share_min": share, "search_routing_share": None,
+            "search_routing_share_of": "model.onnx",
+        }  # fmt: skip
+
+    rows = [row(1, 2.0, 0.30), row(2, 7.0, 0.15), row(3, 15.0, 0.08), row(3, 15.0, 0.25, "openvino")]
+    summary = _summary(rows, 0.10)
+    assert summary["onnxruntime"]["models"] == 3 and summary["onnxruntime"]["within_limit"] == 1
+    assert summary["onnxruntime"]["spearman_share_vs_mmacs"] == pytest.approx(-1.0)  # larger: cheaper routing
+    assert summary["openvino"]["within_limit"] == 0
+    text = _markdown(
+        {"study": "s", "date": "d", "cpu": "c", "repeats": 150, "rounds": 15, "max_routing_share": 0.1,
+         "summary": summary, "rows": rows},
+        "cmd",
+    )  # fmt: skip
+    assert "1 of 3 models within 10%" in text and "| 3 | shared | 2 | 1 | 1 | 15.00 |" in text

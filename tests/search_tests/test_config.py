@@ -296,6 +296,8 @@ def test_valid_sampler_options_pass() -> None:
         ({"export": {"finetune_epochs": float("inf")}}, ["export.finetune_epochs", "inf"]),
         ({"constraints": {"max_latency_ms": float("nan")}}, ["constraints.max_latency_ms", "nan"]),
         ({"constraints": {"min_accuracy": float("-inf")}}, ["constraints.min_accuracy", "-inf"]),
+        ({"constraints": {"max_routing_share": 0}}, ["constraints.max_routing_share", "0", "(0, 1]", "null"]),
+        ({"constraints": {"max_routing_share": 1.5}}, ["constraints.max_routing_share", "1.5", "(0, 1]"]),
         ({"model": {"width": float("nan")}}, ["model.width", "nan"]),
         ({"model": {"kwargs": {"dropout": float("inf")}}}, ["model.kwargs.dropout", "inf"]),
         ({"study": {"timeout_minutes": float("inf")}}, ["study.timeout_minutes", "inf", "null"]),

@@ -78,3 +78,35 @@ def test_folders_hycomp_did_not_write_are_refused_even_with_force(tmp_path: Path
     with pytest.raises(ConfigError, match="is a file"):
         check_target(a_file, study, force=force)
     assert _tree(tmp_path) == before
+
+
+@pytest.mark.parametrize(("share", "verdict"), [(0.2, "over"), (0.05, "within")])
+def test_a_multi_expert_export_is_held_to_the_routing_share(share: float, verdict: str, caplog) -> None:
+    """The export report says whether model.onnx's batch-1 gate + routing share on the study's engine is
+    within constraints.max_routing_share, and warns when it is not."""
+    import optuna
+
+    from search.config import SearchConfig
+    from search.export import _check_routing_share
+    from search.export_report import _routing_share_line
+
+    timing = {"routing_share": share, "routing_share_min": share}
+    report = {
+        "params": {"num_experts": 2},
+        "exported": {
+            "latency": {"routing_share": 0.3},
+            "routing_overhead": {"onnxruntime": {"batch_1": timing}, "openvino": {"batch_1": timing}},
+        },
+    }
+    study = optuna.create_study(directions=["maximize", "minimize", "minimize"])  # no reference: ORT
+    _check_routing_share(report, SearchConfig(), study, 7)
+    limit = report["exported"]["routing_limit"]
+    assert limit == {"engine": "onnxruntime", "max_routing_share": 0.1, "share": share}
+    assert f"{verdict} constraints.max_routing_share 10% on the study's engine" in _routing_share_line(
+        report["exported"]
+    )
+    assert ("over constraints.max_routing_share" in caplog.text) == (verdict == "over")
+    exported = {key: value for key, value in report["exported"].items() if key != "routing_limit"}
+    single = {"params": {"num_experts": 1}, "exported": exported}
+    _check_routing_share(single, SearchConfig(), study, 8)
+    assert "routing_limit" not in single["exported"]  # one net: no gate, nothing to hold

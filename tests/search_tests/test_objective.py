@@ -12,7 +12,7 @@ import yaml
 from optuna.trial import TrialState
 
 from search.cli import main
-from search.record import INTERRUPTED, TrialRecord
+from search.record import INTERRUPTED, PER_EXPERT_FILES, SINGLE_FILE, TrialRecord
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -144,7 +144,8 @@ def test_a_compute_budget_rejects_configurations_before_training(
     uncompressed reference among them); every completed trial is within the budget."""
     monkeypatch.setenv("HYCOMP_RESULTS", str(tmp_path / "results"))
     space = _tiny_space(tmp_path, synthetic_root, "budget", trials=2)
-    assert main(["search", "--space", str(space), "--max-mmacs", "1.6", "--no-progress"]) == 0
+    command = ["search", "--space", str(space), "--max-mmacs", "1.6", "--max-routing-share", "0.5"]
+    assert main([*command, "--no-progress"]) == 0
     folder = tmp_path / "results" / "budget"
     study = optuna.load_study(study_name="budget", storage=f"sqlite:///{folder / 'study.db'}")
     rejected = study.get_trials(states=(TrialState.PRUNED,))
@@ -155,9 +156,44 @@ def test_a_compute_budget_rejects_configurations_before_training(
         assert "constraints.max_mmacs 1.6" in TrialRecord.of(trial).fail_reason
         assert not (folder / "trials" / f"trial_{trial.number}").exists(), "nothing was trained"
     assert len([t for t in complete if not TrialRecord.of(t).is_repeat]) == 2
-    assert all(
-        t.values[1] <= 1.6 and t.constraints == {"mmacs": pytest.approx(t.values[1] - 1.6)} for t in complete
-    )
+    for t in complete:
+        measured = TrialRecord.of(t).measurement
+        # a multi-expert model is timed as its model.onnx, and its routing share is a constraint too
+        multi = TrialRecord.of(t).parameters(t.params).get("num_experts", 1) > 1
+        assert (measured.routing_share_of == SINGLE_FILE) == multi
+        expected = {"mmacs": pytest.approx(t.values[1] - 1.6)}
+        if multi:
+            expected["routing_share"] = pytest.approx(measured.routing_share - 0.5)
+        assert t.values[1] <= 1.6 and t.constraints == expected
+
+
+def test_a_multi_expert_model_over_the_routing_share_is_infeasible() -> None:
+    """constraints.max_routing_share binds the model.onnx share of multi-expert trials only; null lifts it."""
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from search.config import SearchConfig
+    from search.objective import Objective
+    from tests.helpers import made_up_record
+
+    def constraints(share_of: str, share: float, limit: float | None) -> dict:
+        cfg = SearchConfig().replace(constraints={"max_routing_share": limit})
+        objective = Objective.__new__(Objective)
+        objective.ctx = SimpleNamespace(cfg=cfg)
+        record = made_up_record()
+        record = replace(
+            record, measurement=replace(record.measurement, routing_share=share, routing_share_of=share_of)
+        )
+        study = optuna.create_study(directions=["maximize", "minimize", "minimize"])
+        trial = study.ask()
+        objective._set_constraints(trial, record)
+        study.tell(trial, [0.9, 1.0, 0.1])
+        return study.trials[0].constraints
+
+    assert constraints(SINGLE_FILE, 0.25, 0.1) == {"routing_share": pytest.approx(0.15)}  # infeasible
+    assert constraints(SINGLE_FILE, 0.05, 0.1) == {"routing_share": pytest.approx(-0.05)}
+    assert constraints(PER_EXPERT_FILES, 0.25, 0.1) == {}  # a single net's numpy-glue share binds nothing
+    assert constraints(SINGLE_FILE, 0.25, None) == {}
 
 
 @pytest.mark.slow

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from pipelines import symmetry
-from pipelines.deploy.routing_cost import measure_routing_overhead
+from pipelines.deploy.routing_cost import measure_routing_overhead, routing_share
 from pipelines.deploy.runtime import load_bundle
 from pipelines.errors import ConfigError, DataError
 from tests.pipelines_tests.deploy_tests.support import CALIBRATION
@@ -24,7 +24,9 @@ def test_overhead_is_measured_per_engine_and_batch(int8_bundle, data) -> None:
             batch = int(name.split("_")[1])
             merged = timing["single_file"]
             assert merged["batch"] == batch and merged["min_ms"] <= merged["median_ms"]
-            assert 0.0 < timing["experts"]["min_ms"] <= timing["experts"]["median_ms"]
+            assert 0.0 < timing["network"]["min_ms"] <= timing["network"]["median_ms"]
+            # top-2 of 2 experts: both run, so two calls, one of them taken off
+            assert timing["calls"] == 2
             assert 0.0 < timing["call"]["min_ms"] < merged["min_ms"]  # an empty graph costs less
             assert 0.0 <= timing["routing_share"] <= 1.0 and 0.0 <= timing["routing_share_min"] <= 1.0
             assert ("folder" in timing) == (engine == "onnxruntime")
@@ -39,14 +41,23 @@ def test_a_shared_trunk_counts_as_network_not_routing(shared_bundle, data) -> No
         for name, timing in per_batch.items():
             batch = int(name.split("_")[1])
             chosen, _ = bundle.route(np.concatenate(symmetry.views(images[:batch], bundle.views)))
-            # the experts ran on the trunk's feature map (an image would not fit their input)
-            assert 0.0 < timing["trunk"]["min_ms"] <= timing["trunk"]["median_ms"]
-            assert timing["experts"]["min_ms"] > 0.0 and timing["call"]["min_ms"] > 0.0
             # trunk and each used expert were called apart: all calls but one are taken off
-            network = timing["trunk"]["min_ms"] + timing["experts"]["min_ms"]
-            network -= len(np.unique(chosen)) * timing["call"]["min_ms"]
-            share = max(0.0, 1.0 - network / timing["single_file"]["min_ms"])
+            assert timing["calls"] == 1 + len(np.unique(chosen))
+            assert 0.0 < timing["network"]["min_ms"] <= timing["network"]["median_ms"]
+            network = timing["network"]["min_ms"] - (timing["calls"] - 1) * timing["call"]["min_ms"]
+            share = min(1.0, max(0.0, 1.0 - network / timing["single_file"]["min_ms"]))
             assert timing["routing_share_min"] == pytest.approx(share)
+            # the median share comes from the interleaved rounds' ratio to the same network
+            assert 0.0 <= timing["routing_share"] <= 1.0 and timing["ratio"] > 0.0
+
+
+def test_the_search_share_is_the_batch_1_share_of_one_engine(shared_bundle, data) -> None:
+    _, folder = shared_bundle
+    images = data[0][CALIBRATION:].numpy()
+    share = routing_share(folder, images[:1], engine="onnxruntime", repeats=6, warmup=1)
+    assert 0.0 <= share <= 1.0
+    with pytest.raises(ConfigError, match="engine: unknown value .tensorrt."):
+        routing_share(folder, images[:1], engine="tensorrt")
 
 
 def test_bad_arguments_are_named(int8_bundle, data) -> None:

@@ -1,0 +1,187 @@
+"""Gate + routing share of every multi-expert model a study trained: each trial's ``model.onnx``, re-merged
+with this version's routing graph, timed in alternating rounds against its own trunk and chosen experts
+called alone (:func:`pipelines.deploy.routing_cost.measure_routing_overhead`), on each engine, at batch 1 on
+the study's first validation image (what the search times). Writes Markdown and JSON: one row per trial and
+engine, and per engine the count within ``constraints.max_routing_share``.
+
+    python -m search.benchmarks.routing_share results/shared-trunk --out results/benchmarks/routing_share.md
+
+Run it with nothing else on the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import optuna
+
+from pipelines.deploy.bundle import remerge_single_file
+from pipelines.deploy.engines import ENGINES
+from pipelines.deploy.routing_cost import measure_routing_overhead
+from pipelines.timing import cpu_description
+from search.benchmarks.study_latency import spearman, trained_trials
+from search.config import load_config
+from search.record import SINGLE_FILE
+from search.setup import load_data
+from search.workspace import resolve_study_dir
+
+__all__ = ["main"]
+
+
+def _rows(folder: Path, trials, images, engines: tuple[str, ...], repeats: int, rounds: int) -> list[dict]:
+    rows = []
+    for trial, record, bundle in trials:
+        params = record.parameters(trial.params)
+        with tempfile.TemporaryDirectory() as scratch:
+            copy = Path(scratch) / "bundle"
+            shutil.copytree(bundle, copy)
+            remerge_single_file(copy)  # the routing graph a new trial or an export gets
+            overhead = measure_routing_overhead(
+                copy, images, batches=(1,), engines=engines, repeats=repeats, rounds=rounds, warmup=10
+            )
+        measured = record.measurement
+        for engine, per_batch in overhead.items():
+            timing = per_batch["batch_1"]
+            rows.append(
+                {
+                    "trial": trial.number,
+                    "layout": params.get("layout", "separate"),
+                    "num_experts": params.get("num_experts"),
+                    "top_k": params.get("effective_top_k", params.get("top_k")),
+                    "views": params.get("views", 1),
+                    "mmacs": trial.values[1],
+                    "val_accuracy": trial.values[0],
+                    "engine": engine,
+                    "version": (timing["single_file"].get("versions") or {}).get(engine),
+                    "threads": timing["single_file"]["threads"],
+                    "batch": 1,
+                    "min_ms": timing["single_file"]["min_ms"],
+                    "median_ms": timing["single_file"]["median_ms"],
+                    "network_min_ms": timing["network"]["min_ms"],
+                    "network_median_ms": timing["network"]["median_ms"],
+                    "calls": timing["calls"],
+                    "routing_share": timing["routing_share"],
+                    "routing_share_min": timing["routing_share_min"],
+                    "search_routing_share": measured.routing_share,
+                    "search_routing_share_of": measured.routing_share_of,
+                }
+            )
+        print(
+            f"trial {trial.number}: "
+            + ", ".join(f"{row['engine']} {row['routing_share']:.1%}" for row in rows[-len(overhead) :]),
+            flush=True,
+        )
+    return rows
+
+
+def _summary(rows: list[dict], limit: float) -> dict:
+    summary = {}
+    for engine in sorted({row["engine"] for row in rows}):
+        mine = [row for row in rows if row["engine"] == engine]
+        summary[engine] = {
+            "models": len(mine),
+            "within_limit": sum(row["routing_share"] <= limit for row in mine),
+            "spearman_share_vs_mmacs": spearman(
+                [row["routing_share"] for row in mine], [row["mmacs"] for row in mine]
+            ),
+        }
+    return summary
+
+
+def _markdown(result: dict, command: str) -> str:
+    limit = result["max_routing_share"]
+    lines = [
+        f"# Gate + routing share of `model.onnx`: study `{result['study']}`",
+        "",
+        f"{result['date']}, {result['cpu']}. Reproduce: `{command}`.",
+        "",
+        "Each multi-expert trial's `model.onnx` (re-merged with the current routing graph) timed in "
+        f"{result['rounds']} alternating rounds ({result['repeats']} calls of each in all) against its trunk "
+        "and chosen experts called alone, batch 1, the study's first validation image; the call cost of each "
+        "extra file (an empty graph, interleaved too) is taken off. Share = 1 - network / model.onnx, from "
+        "the median per-round ratios (of minima in brackets). `search` is what the search recorded "
+        f"(`{SINGLE_FILE}` since this benchmark's version; older trials timed the numpy glue).",
+        "",
+    ]
+    for engine, block in result["summary"].items():
+        lines.append(
+            f"- **{engine}**: {block['within_limit']} of {block['models']} models within "
+            f"{limit:.0%}; Spearman(share, MMACs) = {block['spearman_share_vs_mmacs']:.2f}."
+        )
+    lines += [
+        "",
+        "| trial | layout | experts | top-k | views | MMACs | val | engine | threads | model.onnx ms min / median "
+        "| network ms min / median | routing share (of minima) | search |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in sorted(result["rows"], key=lambda row: (row["engine"], row["mmacs"])):
+        search = (
+            f"{row['search_routing_share']:.1%} ({row['search_routing_share_of']})"
+            if row["search_routing_share"] is not None
+            else ""
+        )
+        lines.append(
+            f"| {row['trial']} | {row['layout']} | {row['num_experts']} | {row['top_k']} | {row['views']} | "
+            f"{row['mmacs']:.2f} | {row['val_accuracy']:.4f} | {row['engine']} {row['version'] or ''} | "
+            f"{row['threads']} | {row['min_ms']:.3f} / {row['median_ms']:.3f} | "
+            f"{row['network_min_ms']:.3f} / {row['network_median_ms']:.3f} | "
+            f"{row['routing_share']:.1%} ({row['routing_share_min']:.1%}) | {search} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("study", help="study folder (results/<name>)")
+    parser.add_argument("--trials", type=int, nargs="*", help="these trials only (default: every MoE)")
+    parser.add_argument("--engines", nargs="+", default=list(ENGINES), choices=ENGINES)
+    parser.add_argument("--repeats", type=int, default=150, help="calls of each file in all")
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--out", type=Path, default=Path("results/benchmarks/routing_share.md"))
+    args = parser.parse_args(argv)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    folder = resolve_study_dir(args.study)
+    storage = f"sqlite:///{folder / 'study.db'}"
+    (name,) = optuna.get_all_study_names(storage)
+    study = optuna.load_study(study_name=name, storage=storage)
+    cfg = load_config(folder / "config.yaml", source="study folder")
+    trials = [
+        (trial, record, bundle)
+        for trial, record, bundle in trained_trials(study, folder)
+        if record.parameters(trial.params).get("num_experts", 1) > 1
+        and (not args.trials or trial.number in args.trials)
+    ]
+    if not trials:
+        print(f"{folder}: no multi-expert trial with a bundle", file=sys.stderr)
+        return 2
+    images = load_data(cfg).val.images[:1].numpy()
+    limit = cfg.constraints.max_routing_share or 0.10
+    rows = _rows(folder, trials, images, tuple(args.engines), args.repeats, args.rounds)
+    result = {
+        "study": name,
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "cpu": cpu_description(),
+        "repeats": args.repeats,
+        "rounds": args.rounds,
+        "max_routing_share": limit,
+        "summary": _summary(rows, limit),
+        "rows": rows,
+    }
+    command = "python -m search.benchmarks.routing_share " + " ".join(
+        argv if argv is not None else sys.argv[1:]
+    )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(_markdown(result, command))
+    args.out.with_suffix(".json").write_text(json.dumps({**result, "command": command}, indent=1))
+    print(f"wrote {args.out} and {args.out.with_suffix('.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
