@@ -177,6 +177,7 @@ def measure_routing_overhead(
     repeats: int = 30,
     warmup: int = 5,
     rounds: int | None = None,
+    glue: bool = True,
 ) -> dict:
     """For each engine and batch: the bundle's ``model.onnx`` on the first ``batch`` images timed in
     alternating rounds against its network alone (a shared trunk on the view-expanded batch, then each
@@ -185,8 +186,8 @@ def measure_routing_overhead(
     pays the engine's fixed cost of a call, which the merged file pays once: an empty graph, interleaved
     with the network too, gives that cost, taken off all calls but one. ``routing_share`` comes from the
     median per-round ratios, ``routing_share_min`` from the minima. ``repeats`` calls of each file in all,
-    in ``rounds`` rounds (default ``min(15, repeats)``). On ONNX Runtime the per-expert folder with numpy
-    routing (``OrtMoE``) is timed too, as ``folder``.
+    in ``rounds`` rounds (default ``min(15, repeats)``). With ``glue``, on ONNX Runtime the per-expert folder
+    with numpy routing (``OrtMoE``) is timed too, as ``folder``.
 
     Returns ``{engine: {"batch_<n>": {"single_file": stats, "network": {"min_ms", "median_ms"}, "calls": int,
     "layout": str,
@@ -227,7 +228,7 @@ def measure_routing_overhead(
                 warmup=warmup,
             )
             timing["layout"] = opened.layout
-            if engine == "onnxruntime":
+            if glue and engine == "onnxruntime":
                 timing["folder"] = _timed(
                     glue,
                     batch_images,
@@ -254,20 +255,15 @@ def routing_share(
     (shape (1, C, H, W)): what the search records per multi-expert trial."""
     if engine not in ENGINES:
         raise unknown_name("engine", engine, ENGINES)
-    array = as_array(image)[:1]
-    rounds, calls_per_round = _rounds(repeats, rounds)
-    glue = load_bundle(folder, threads=threads)
-    with tempfile.TemporaryDirectory() as scratch:
-        opened = _Files(Path(folder), engine, threads, _call_probe(Path(scratch), *array.shape[1:]))
-    timing = _share(
-        opened.merged,
-        _parts(glue, opened.trunk, opened.experts, array),
-        opened.probe,
-        array,
-        label=opened.label,
+    overhead = measure_routing_overhead(
+        folder,
+        as_array(image)[:1],
         threads=threads,
-        rounds=rounds,
-        calls_per_round=calls_per_round,
+        batches=(1,),
+        engines=(engine,),
+        repeats=repeats,
         warmup=warmup,
+        rounds=rounds,
+        glue=False,
     )
-    return timing["routing_share"]
+    return overhead[engine]["batch_1"]["routing_share"]

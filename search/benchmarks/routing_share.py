@@ -26,9 +26,9 @@ from pipelines.deploy.engines import ENGINES
 from pipelines.deploy.routing_cost import measure_routing_overhead
 from pipelines.timing import cpu_description
 from search.benchmarks.study_latency import spearman, trained_trials
-from search.config import load_config
 from search.record import SINGLE_FILE
 from search.setup import load_data
+from search.study import load_study
 from search.workspace import resolve_study_dir
 
 __all__ = ["main"]
@@ -147,10 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     folder = resolve_study_dir(args.study)
-    storage = f"sqlite:///{folder / 'study.db'}"
-    (name,) = optuna.get_all_study_names(storage)
-    study = optuna.load_study(study_name=name, storage=storage)
-    cfg = load_config(folder / "config.yaml", source="study folder")
+    cfg, study = load_study(folder)
     trials = [
         (trial, record, bundle)
         for trial, record, bundle in trained_trials(study, folder)
@@ -164,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     limit = cfg.constraints.max_routing_share or 0.10
     rows = _rows(folder, trials, images, tuple(args.engines), args.repeats, args.rounds)
     result = {
-        "study": name,
+        "study": study.study_name,
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "cpu": cpu_description(),
         "repeats": args.repeats,

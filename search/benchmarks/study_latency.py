@@ -26,10 +26,10 @@ from pipelines.deploy.latency_model import predict_deployed
 from pipelines.deploy.latency_table import default_table_path, load_table
 from pipelines.deploy.runtime import load_bundle
 from pipelines.timing import cpu_description, measure_interleaved
-from search.config import load_config
 from search.latency import reference_bundle, stored_reference
 from search.record import TrialRecord
 from search.setup import load_data
+from search.study import load_study
 from search.workspace import resolve_study_dir
 
 __all__ = ["spearman", "error_summary", "trained_trials", "main"]
@@ -87,9 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     folder = resolve_study_dir(args.study)
-    storage = f"sqlite:///{folder / 'study.db'}"
-    (name,) = optuna.get_all_study_names(storage)
-    study = optuna.load_study(study_name=name, storage=storage)
+    cfg, study = load_study(folder)
     reference = stored_reference(study)
     if reference is None:
         raise SystemExit(
@@ -102,7 +100,6 @@ def main(argv: list[str] | None = None) -> int:
     table_path = args.table or default_table_path(folder.parent, engine, threads)
     table = load_table(table_path, engine, threads)
     # the study's own validation images: each model is routed as real inputs route it
-    cfg = load_config(folder / "config.yaml", source="study folder")
     images = load_data(cfg).val.images[: max(args.batches)].numpy()
     rows, comparison = [], []
 
