@@ -313,11 +313,13 @@ def format_table(
             "routing": "-",
             "expert_init": "-",
             "views": 1,
+            "routing_share": "-",
             "engine": "torch",
             "feasible": "",
         }
-        if "blocks_removed" not in shown.columns:
-            del reference["blocks_removed"]
+        for column in ("blocks_removed", "routing_share"):
+            if column not in shown.columns:
+                del reference[column]
         if latency is not None:  # the yardstick the trials were timed against
             reference.update(
                 latency_ms=latency.teacher_median_ms, latency_ratio=1.0, engine=f"{latency.engine} int8"

@@ -177,7 +177,7 @@ def measure_routing_overhead(
     repeats: int = 30,
     warmup: int = 5,
     rounds: int | None = None,
-    glue: bool = True,
+    time_glue: bool = True,
 ) -> dict:
     """For each engine and batch: the bundle's ``model.onnx`` on the first ``batch`` images timed in
     alternating rounds against its network alone (a shared trunk on the view-expanded batch, then each
@@ -186,7 +186,7 @@ def measure_routing_overhead(
     pays the engine's fixed cost of a call, which the merged file pays once: an empty graph, interleaved
     with the network too, gives that cost, taken off all calls but one. ``routing_share`` comes from the
     median per-round ratios, ``routing_share_min`` from the minima. ``repeats`` calls of each file in all,
-    in ``rounds`` rounds (default ``min(15, repeats)``). With ``glue``, on ONNX Runtime the per-expert folder
+    in ``rounds`` rounds (default ``min(15, repeats)``). With ``time_glue``, on ONNX Runtime the per-expert folder
     with numpy routing (``OrtMoE``) is timed too, as ``folder``.
 
     Returns ``{engine: {"batch_<n>": {"single_file": stats, "network": {"min_ms", "median_ms"}, "calls": int,
@@ -211,33 +211,35 @@ def measure_routing_overhead(
     result: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as scratch:
         probe_path = _call_probe(Path(scratch), *array.shape[1:])
-        files = {engine: _Files(folder, engine, threads, probe_path) for engine in engines}
-    for engine, opened in files.items():
-        result[engine] = {}
-        for batch in batches:
-            batch_images = np.ascontiguousarray(array[:batch])
-            timing = _share(
-                opened.merged,
-                _parts(glue, opened.trunk, opened.experts, batch_images),
-                opened.probe,
-                batch_images,
-                label=opened.label,
-                threads=threads,
-                rounds=rounds,
-                calls_per_round=calls_per_round,
-                warmup=warmup,
-            )
-            timing["layout"] = opened.layout
-            if glue and engine == "onnxruntime":
-                timing["folder"] = _timed(
-                    glue,
+        for engine in engines:
+            # one engine's models at a time: an idle OpenVINO model beside slows ONNX Runtime's calls
+            opened = _Files(folder, engine, threads, probe_path)
+            result[engine] = {}
+            for batch in batches:
+                batch_images = np.ascontiguousarray(array[:batch])
+                timing = _share(
+                    opened.merged,
+                    _parts(glue, opened.trunk, opened.experts, batch_images),
+                    opened.probe,
                     batch_images,
-                    f"{opened.label} per-expert files + numpy routing",
+                    label=opened.label,
                     threads=threads,
+                    rounds=rounds,
+                    calls_per_round=calls_per_round,
                     warmup=warmup,
-                    repeats=repeats,
-                ).as_dict()
-            result[engine][f"batch_{batch}"] = timing
+                )
+                timing["layout"] = opened.layout
+                if time_glue and engine == "onnxruntime":
+                    timing["folder"] = _timed(
+                        glue,
+                        batch_images,
+                        f"{opened.label} per-expert files + numpy routing",
+                        threads=threads,
+                        warmup=warmup,
+                        repeats=repeats,
+                    ).as_dict()
+                result[engine][f"batch_{batch}"] = timing
+            del opened  # its sessions go before the next engine's load
     return result
 
 
@@ -264,6 +266,6 @@ def routing_share(
         repeats=repeats,
         warmup=warmup,
         rounds=rounds,
-        glue=False,
+        time_glue=False,
     )
     return overhead[engine]["batch_1"]["routing_share"]
