@@ -212,7 +212,7 @@ def measure_routing_overhead(
     with tempfile.TemporaryDirectory() as scratch:
         probe_path = _call_probe(Path(scratch), *array.shape[1:])
         for engine in engines:
-            # one engine's models at a time: an idle OpenVINO model beside slows ONNX Runtime's calls
+            # one engine's sessions at a time, released before the next engine's load
             opened = _Files(folder, engine, threads, probe_path)
             result[engine] = {}
             for batch in batches:
@@ -239,7 +239,7 @@ def measure_routing_overhead(
                         repeats=repeats,
                     ).as_dict()
                 result[engine][f"batch_{batch}"] = timing
-            del opened  # its sessions go before the next engine's load
+            del opened
     return result
 
 
