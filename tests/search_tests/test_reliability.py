@@ -111,9 +111,16 @@ def _search_process(space: Path, results: Path, env_extra: dict | None = None) -
     )
 
 
-def _wait_for_running_trial(results: Path, name: str, after: int, timeout: float = 240) -> None:
+def _wait_for_running_trial(
+    process: subprocess.Popen, results: Path, name: str, after: int, timeout: float = 240
+) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
+        if process.poll() is not None:  # the search ended before a trial could be caught running: say why
+            out, err = process.communicate()
+            raise AssertionError(
+                f"the search exited ({process.returncode}) before trial {after} ran:\n{out[-2000:]}\n{err[-4000:]}"
+            )
         if (results / name / "study.db").exists():
             try:
                 study = load(results, name)
@@ -122,7 +129,9 @@ def _wait_for_running_trial(results: Path, name: str, after: int, timeout: float
             except Exception:  # the study may not exist yet
                 pass
         time.sleep(0.5)
-    raise AssertionError("no trial started in time")
+    process.kill()
+    out, err = process.communicate()
+    raise AssertionError(f"no trial {after} or later started in {timeout} s:\n{out[-2000:]}\n{err[-4000:]}")
 
 
 @pytest.mark.slow
@@ -131,7 +140,7 @@ def test_ctrl_c_marks_running_trial_and_resumes(tmp_path: Path, synthetic_root: 
     # trials long enough (seconds) that the signal lands inside one, not after the study has ended
     space = write_space(tmp_path, synthetic_root, "interrupt", trials=3, trial={"finetune_epochs": 40})
     process = _search_process(space, results)
-    _wait_for_running_trial(results, "interrupt", after=1)
+    _wait_for_running_trial(process, results, "interrupt", after=1)
     time.sleep(1.0)
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=120)
@@ -160,7 +169,7 @@ def test_sigkill_mid_trial_resumes_and_retries(tmp_path: Path, synthetic_root: P
     space = write_space(tmp_path, synthetic_root, "killed", trials=3, trial={"finetune_epochs": 40})
     fast_heartbeat = {"HYCOMP_HEARTBEAT_SECONDS": "1", "HYCOMP_GRACE_SECONDS": "3"}
     process = _search_process(space, results, fast_heartbeat)
-    _wait_for_running_trial(results, "killed", after=1)
+    _wait_for_running_trial(process, results, "killed", after=1)
     time.sleep(1.0)
     process.kill()
     process.communicate(timeout=60)
