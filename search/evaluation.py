@@ -302,13 +302,10 @@ def measure(
         timed = load_single_file(folder / "bundle", threads=threads, engine=engine) if multi else bundle
         timing = _time(ctx, timed, val_images[:1], threads, repeats)
         if multi:
+            # 150 calls of each file in 15 rounds (its default): about 0.2 s, and steadier than the
+            # latency's repeats under load (results/benchmarks/routing_share_search.md)
             timing["routing_share"] = routing_share(
-                folder / "bundle",
-                val_images[:1],
-                engine=engine,
-                threads=threads,
-                repeats=repeats,
-                rounds=min(cfg.measure.rounds, repeats),
+                folder / "bundle", val_images[:1], engine=engine, threads=threads
             )
     macs = count_macs(moe, data.val.images)  # routed: gate + the experts each val image (and view) used
     size = packed_size_bytes(moe, lambda name: bits_by_layer.get(name, 32), skip=moe.idle_parts)

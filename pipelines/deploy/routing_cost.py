@@ -249,7 +249,7 @@ def routing_share(
     *,
     engine: str,
     threads: int = 1,
-    repeats: int = 60,
+    repeats: int = 150,
     warmup: int = 5,
     rounds: int | None = None,
 ) -> float:

@@ -6,7 +6,8 @@ engine, and per engine the count within ``constraints.max_routing_share``.
 
     python -m search.benchmarks.routing_share results/shared-trunk --out results/benchmarks/routing_share.md
 
-Run it with nothing else on the machine.
+Run it with nothing else on the machine. ``--load N`` times beside N CPU-burning processes instead, and
+``--against QUIET.json`` compares the shares with a quiet run's (how well a busy search's shares hold).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -32,6 +34,12 @@ from search.study import load_study
 from search.workspace import resolve_study_dir
 
 __all__ = ["main"]
+
+# what --load runs in each burner process: one thread of float32 matmuls, until killed
+_BURN = (
+    "import os\nos.environ['OMP_NUM_THREADS'] = '1'\nimport numpy as np\n"
+    "a = np.random.rand(1500, 1500).astype(np.float32)\nwhile True:\n    a = (a @ a) / 1500\n"
+)
 
 
 def _rows(folder: Path, trials, images, engines: tuple[str, ...], repeats: int, rounds: int) -> list[dict]:
@@ -94,6 +102,31 @@ def _summary(rows: list[dict], limit: float) -> dict:
     return summary
 
 
+def _against(rows: list[dict], quiet: dict, limit: float) -> dict:
+    """Per engine, these shares against an earlier (quiet) run's of the same trials: Spearman, mean and
+    largest difference, and the share of models on the same side of ``limit``."""
+    earlier = {(row["trial"], row["engine"]): row["routing_share"] for row in quiet["rows"]}
+    block = {}
+    for engine in sorted({row["engine"] for row in rows}):
+        pairs = [
+            (row["routing_share"], earlier[(row["trial"], engine)])
+            for row in rows
+            if row["engine"] == engine and (row["trial"], engine) in earlier
+        ]
+        if not pairs:
+            continue
+        differences = [now - then for now, then in pairs]
+        block[engine] = {
+            "models": len(pairs),
+            "spearman": spearman([now for now, _ in pairs], [then for _, then in pairs]),
+            "mean_difference": sum(differences) / len(pairs),
+            "mean_abs_difference": sum(abs(d) for d in differences) / len(pairs),
+            "max_abs_difference": max(abs(d) for d in differences),
+            "same_side_of_limit": sum((now <= limit) == (then <= limit) for now, then in pairs) / len(pairs),
+        }
+    return block
+
+
 def _markdown(result: dict, command: str) -> str:
     limit = result["max_routing_share"]
     lines = [
@@ -113,6 +146,18 @@ def _markdown(result: dict, command: str) -> str:
         lines.append(
             f"- **{engine}**: {block['within_limit']} of {block['models']} models within "
             f"{limit:.0%}; Spearman(share, MMACs) = {block['spearman_share_vs_mmacs']:.2f}."
+        )
+    if result.get("load"):
+        lines.append(
+            f"- Timed beside {result['load']} CPU-burning process(es) (a 1500x1500 float32 matmul loop "
+            "each), as the search times a trial beside a training worker."
+        )
+    for engine, block in (result.get("against") or {}).items():
+        lines.append(
+            f"- **{engine} against `{result['against_file']}`** ({block['models']} models): Spearman "
+            f"{block['spearman']:.2f}, {100 * block['mean_difference']:+.1f} points on average "
+            f"({100 * block['mean_abs_difference']:.1f} apart, at most {100 * block['max_abs_difference']:.1f}), "
+            f"{block['same_side_of_limit']:.0%} on the same side of {limit:.0%}."
         )
     lines += [
         "",
@@ -143,6 +188,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--engines", nargs="+", default=list(ENGINES), choices=ENGINES)
     parser.add_argument("--repeats", type=int, default=150, help="calls of each file in all")
     parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--load", type=int, default=0, help="CPU-burning processes running meanwhile")
+    parser.add_argument(
+        "--against", type=Path, help="an earlier run's JSON (quiet) to compare the shares with"
+    )
     parser.add_argument("--out", type=Path, default=Path("results/benchmarks/routing_share.md"))
     args = parser.parse_args(argv)
     optuna.logging.set_verbosity(optuna.logging.ERROR)
@@ -159,7 +208,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     images = load_data(cfg).val.images[:1].numpy()
     limit = cfg.constraints.max_routing_share or 0.10
-    rows = _rows(folder, trials, images, tuple(args.engines), args.repeats, args.rounds)
+    burners = [subprocess.Popen([sys.executable, "-c", _BURN]) for _ in range(args.load)]
+    try:
+        rows = _rows(folder, trials, images, tuple(args.engines), args.repeats, args.rounds)
+    finally:
+        for burner in burners:
+            burner.kill()
+            burner.wait()
     result = {
         "study": study.study_name,
         "date": time.strftime("%Y-%m-%d %H:%M"),
@@ -167,9 +222,13 @@ def main(argv: list[str] | None = None) -> int:
         "repeats": args.repeats,
         "rounds": args.rounds,
         "max_routing_share": limit,
+        "load": args.load,
         "summary": _summary(rows, limit),
         "rows": rows,
     }
+    if args.against is not None:
+        result["against_file"] = str(args.against)
+        result["against"] = _against(rows, json.loads(args.against.read_text()), limit)
     command = "python -m search.benchmarks.routing_share " + " ".join(
         argv if argv is not None else sys.argv[1:]
     )

@@ -191,7 +191,7 @@ def test_routing_diagnostics_of_a_perfectly_routed_moe() -> None:
 
 
 def test_routing_share_benchmark_counts_models_within_the_limit() -> None:
-    from search.benchmarks.routing_share import _markdown, _summary
+    from search.benchmarks.routing_share import _against, _markdown, _summary
 
     def row(trial: int, mmacs: float, share: float, engine: str = "onnxruntime") -> dict:
         return {
@@ -213,3 +213,11 @@ def test_routing_share_benchmark_counts_models_within_the_limit() -> None:
         "cmd",
     )  # fmt: skip
     assert "1 of 3 models within 10%" in text and "| 3 | shared | 2 | 1 | 1 | 15.00 |" in text
+    # a busy run against a quiet one: trial 3 crossed the limit, the others kept their side
+    busy = [row(1, 2.0, 0.32), row(2, 7.0, 0.16), row(3, 15.0, 0.11)]
+    against = _against(busy, {"rows": rows}, 0.10)["onnxruntime"]
+    assert against["models"] == 3 and against["same_side_of_limit"] == pytest.approx(2 / 3)
+    assert against["mean_difference"] == pytest.approx(0.02) and against[
+        "max_abs_difference"
+    ] == pytest.approx(0.03)
+    assert against["spearman"] == pytest.approx(1.0)
