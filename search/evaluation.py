@@ -302,8 +302,8 @@ def measure(
         timed = load_single_file(folder / "bundle", threads=threads, engine=engine) if multi else bundle
         timing = _time(ctx, timed, val_images[:1], threads, repeats)
         if multi:
-            # 150 calls of each file in 15 rounds (its default): about 0.2 s, and steadier than the
-            # latency's repeats under load (results/benchmarks/routing_share_search.md)
+            # 150 calls of each file in 15 rounds (its default): steadier under load than the latency's
+            # repeats, for a fraction of a second (results/benchmarks/routing_share_load_*.md)
             timing["routing_share"] = routing_share(
                 folder / "bundle", val_images[:1], engine=engine, threads=threads
             )
