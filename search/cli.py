@@ -274,13 +274,20 @@ class FrontCommand:
 
 
 def _remeasured_table(rows: list[dict]) -> str:
-    """trial, MMACs, search-time ms, quiet ms, ratio: one line per re-timed model."""
-    lines = [f"{'trial':>5}  {'MMACs':>8}  {'search ms':>9}  {'quiet ms':>8}  {'x teacher':>9}"]
-    lines += [
-        f"{row['trial']:>5}  {row['mmacs']:>8.3f}  {row['search_ms']:>9.3f}  {row['quiet_ms']:>8.3f}  "
-        f"{row['ratio']:>9.3f}"
-        for row in rows
-    ]
+    """trial, MMACs, search-time ms, quiet ms, ratio (and a multi-expert model's routing share, search-time
+    and quiet): one line per re-timed model."""
+    shares = any(row.get("quiet_routing_share") is not None for row in rows)
+    header = f"{'trial':>5}  {'MMACs':>8}  {'search ms':>9}  {'quiet ms':>8}  {'x teacher':>9}"
+    lines = [header + (f"  {'routing share: search':>21}  {'quiet':>5}" if shares else "")]
+    for row in rows:
+        line = (
+            f"{row['trial']:>5}  {row['mmacs']:>8.3f}  {row['search_ms']:>9.3f}  {row['quiet_ms']:>8.3f}  "
+            f"{row['ratio']:>9.3f}"
+        )
+        if shares:
+            search, quiet = row.get("search_routing_share"), row.get("quiet_routing_share")
+            line += f"  {'-' if search is None else f'{search:.1%}':>21}  {'-' if quiet is None else f'{quiet:.1%}':>5}"
+        lines.append(line)
     return "\n".join(lines)
 
 

@@ -3,7 +3,8 @@
 The front is Optuna's (constraints included: with constraints, only feasible trials are on it). This
 module only turns it into a pandas table with units and picks a point from it. Latencies re-timed quietly
 after the search (``hycomp front --remeasure``, :mod:`search.remeasure`) replace the search-time ones when
-given (``latency``: {trial number: ms}); the front is then recomputed on the replaced values.
+given (``latency``: {trial number: :class:`Retimed`}, with a multi-expert model's routing share); the front
+is then recomputed on the replaced values.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from search.latency import LatencyReference, stored_reference
 from search.record import SINGLE_FILE, TrialRecord
 from search.space import GATE_ONLY
 
-__all__ = ["trials_table", "front_table", "failures_table", "Pick", "pick_trial", "PICKS"]
+__all__ = ["trials_table", "front_table", "failures_table", "Pick", "pick_trial", "PICKS", "Retimed"]
 
 PICKS = ("max-accuracy", "knee", "min-latency", "min-macs")
 
@@ -50,16 +51,33 @@ def _feasible(trial: optuna.trial.FrozenTrial) -> bool:
     return all(value <= 0 for value in trial.constraints.values())
 
 
-Latencies = Mapping[int, float]  # trial number -> latency ms that replaces the search-time objective
+@dataclass(frozen=True)
+class Retimed:
+    """A trial's figures re-timed quietly (:mod:`search.remeasure`): its latency and, for a multi-expert
+    ``model.onnx``, its gate + routing share."""
+
+    latency_ms: float
+    routing_share: float | None = None
 
 
-def _with_latency(trial: optuna.trial.FrozenTrial, latency: float) -> optuna.trial.FrozenTrial:
-    """A copy of ``trial`` with its latency objective (and its latency constraint, if any) replaced."""
+Latencies = Mapping[int, Retimed]  # trial number -> what replaces its search-time latency (and share)
+
+
+def _with_latency(trial: optuna.trial.FrozenTrial, retimed: Retimed) -> optuna.trial.FrozenTrial:
+    """A copy of ``trial`` with its latency objective, and the constraints set on it and on the routing
+    share (where one was re-timed), replaced."""
     replaced = copy.deepcopy(trial)
-    replaced.values = [*trial.values[:2], latency]
+    replaced.values = [*trial.values[:2], retimed.latency_ms]
+    attrs = dict(trial.system_attrs)
     if "latency_ms" in trial.constraints:
         limit = trial.values[2] - trial.constraints["latency_ms"]  # set as latency - max_latency_ms
-        replaced.system_attrs = {**trial.system_attrs, "constraints:latency_ms": latency - limit}
+        attrs["constraints:latency_ms"] = retimed.latency_ms - limit
+    if retimed.routing_share is not None and "routing_share" in trial.constraints:
+        measured = TrialRecord.of(trial).measurement.routing_share  # set as share - max_routing_share
+        attrs["constraints:routing_share"] = retimed.routing_share - (
+            measured - trial.constraints["routing_share"]
+        )
+    replaced.system_attrs = attrs
     return replaced
 
 
@@ -88,6 +106,15 @@ def _ratio(measured, latency_ms: float, remeasured: bool, teacher_ms: float | No
     if teacher_ms is None or not (remeasured or measured.latency_ratio is not None):
         return None  # timed alone (a study made before the teacher yardstick), never re-timed
     return latency_ms / teacher_ms
+
+
+def _routing_share(measured, retimed: Retimed | None) -> float | None:
+    """The model.onnx routing share of a multi-expert trial: re-timed where it was, else the search's."""
+    if measured.routing_share_of != SINGLE_FILE:
+        return None
+    if retimed is not None and retimed.routing_share is not None:
+        return retimed.routing_share
+    return measured.routing_share
 
 
 def trials_table(study: optuna.Study, latency: Latencies | None = None) -> pd.DataFrame:
@@ -127,7 +154,7 @@ def trials_table(study: optuna.Study, latency: Latencies | None = None) -> pd.Da
                 **{key: config.get(key, GATE_DEFAULTS.get(key)) if gated else "-" for key in GATE_ONLY},
                 "views": config.get("views", 1),
                 # gate + routing share of model.onnx at batch 1 (multi-expert trials measured on it)
-                "routing_share": measured.routing_share if measured.routing_share_of == SINGLE_FILE else None,
+                "routing_share": _routing_share(measured, latency.get(trial.number)),
                 "feasible": _feasible(trial),
                 "on_front": trial.number in front,
                 "reference": record.reference,

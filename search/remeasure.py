@@ -3,7 +3,9 @@ model at a time), interleaved with the study's int8 teacher bundle as during the
 
 Optuna does not let a finished trial's values change, so the new figures go to a sidecar file beside the study
 (:data:`SIDECAR`), each with the search-time figures it replaces kept as provenance; ``front``, ``export`` and
-``report`` read it (:func:`load_remeasured`) and recompute the front on the replaced latencies.
+``report`` read it (:func:`load_remeasured`) and recompute the front on the replaced latencies. A multi-expert
+model's routing share (a constraint) is re-timed with it, and a MoE kept off the front by its search-time
+share alone is timed too: quietly it may be within the limit.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 
 import optuna
 
+from pipelines.deploy.routing_cost import routing_share
 from pipelines.deploy.runtime import load_bundle, load_single_file
 from pipelines.errors import ConfigError
 from search.config import SearchConfig
@@ -28,7 +31,7 @@ from search.latency import (
     time_against_teacher,
     time_quietly,
 )
-from search.pareto import front_numbers
+from search.pareto import Retimed, front_numbers
 from search.record import SINGLE_FILE, TrialRecord
 from search.setup import load_data, trial_context
 from search.study import completed_trials
@@ -67,13 +70,18 @@ def read_sidecar(folder: Path) -> dict[str, Any] | None:
     return sidecar
 
 
-def load_remeasured(folder: Path) -> dict[int, float]:
-    """{trial number: quietly re-timed latency ms} of the study in ``folder`` (empty when never re-timed):
-    what replaces the search-time latency objective on the front."""
+def _retimed(entry: dict[str, Any]) -> Retimed:
+    share = entry.get("routing_share")
+    return Retimed(float(entry["latency_ms"]), None if share is None else float(share))
+
+
+def load_remeasured(folder: Path) -> dict[int, Retimed]:
+    """{trial number: quietly re-timed figures} of the study in ``folder`` (empty when never re-timed): what
+    replaces the search-time latency objective (and a multi-expert model's routing share) on the front."""
     sidecar = read_sidecar(folder)
     if sidecar is None:
         return {}
-    return {int(number): float(entry["latency_ms"]) for number, entry in sidecar["trials"].items()}
+    return {int(number): _retimed(entry) for number, entry in sidecar["trials"].items()}
 
 
 def _reference(cfg: SearchConfig, study: optuna.Study, folder: Path, data) -> LatencyReference:
@@ -104,6 +112,7 @@ def _entry(
             "latency_ratio": measured.latency_ratio,
             "engine": measured.engine,
             "model_median_ms": measured.latency.get("median_ms"),
+            "routing_share": measured.routing_share if measured.routing_share_of == SINGLE_FILE else None,
         },
     }
 
@@ -129,10 +138,17 @@ def remeasure_front(
         entries = {int(number): entry for number, entry in previous["trials"].items()}
     timed: set[int] = set()
     while True:  # a trial can join the front once the others' latencies change: time it too
-        latency = {number: entry["latency_ms"] for number, entry in entries.items()}
+        latency = {number: _retimed(entry) for number, entry in entries.items()}
+        # A MoE kept off the front by its search-time routing share alone may be within the limit quietly:
+        # time every trial that would be on the front if the shares not re-timed yet were within it.
+        hopeful = {
+            number: Retimed(trials[number].values[2], 0.0)
+            for number, record in records.items()
+            if number not in entries and record.measurement.routing_share_of == SINGLE_FILE
+        }
         todo = sorted(
             number
-            for number in front_numbers(study, latency)
+            for number in front_numbers(study, {**hopeful, **latency})
             if number not in timed and not records[number].is_repeat
         )
         if not todo:
@@ -151,6 +167,10 @@ def remeasure_front(
                 bundle, teacher, image, reference, rounds=rounds, calls_per_round=calls, warmup=10
             )
             entries[number] = _entry(records[number], stats, reference, rounds, calls)
+            if one_file:  # the routing share is a constraint of multi-expert models: re-timed too
+                entries[number]["routing_share"] = routing_share(
+                    bundle_folder, image, engine=reference.engine, threads=threads
+                )
             log.info(
                 "trial %d: %.3f ms quiet (x%.3f teacher)", number, entries[number]["latency_ms"], stats.ratio
             )
@@ -179,6 +199,8 @@ def remeasure_front(
             "search_ms": entries[number]["search_time"]["latency_ms"],
             "quiet_ms": entries[number]["latency_ms"],
             "ratio": entries[number]["latency_ratio"],
+            "search_routing_share": entries[number]["search_time"].get("routing_share"),
+            "quiet_routing_share": entries[number].get("routing_share"),
         }
         for number in sorted(timed & set(entries))
     ]

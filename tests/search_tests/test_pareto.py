@@ -121,3 +121,35 @@ def test_candidates_are_the_most_accurate_trials_within_the_budget() -> None:
     assert [pick.trial for pick in pick_candidates(study, 3)] == [1, 2]  # no budget: the front only
     with pytest.raises(ConfigError, match="no front trial meets mmacs <= 1"):
         pick_candidates(study, 2, max_mmacs=1)
+
+
+def test_a_retimed_routing_share_replaces_the_search_time_one_in_the_constraint() -> None:
+    """front --remeasure re-times a multi-expert model.onnx's routing share too: over the limit at search
+    time (0.15 > 0.10), within it quietly (0.08), the model becomes feasible and joins the front."""
+    from dataclasses import replace
+
+    from search.pareto import Retimed
+    from search.record import SINGLE_FILE
+    from tests.helpers import made_up_record
+
+    study = make_study(POINTS[:2])
+    record = made_up_record(accuracy=0.98, mmacs=5.0)
+    record = replace(
+        record, measurement=replace(record.measurement, routing_share=0.15, routing_share_of=SINGLE_FILE)
+    )
+    study.add_trial(
+        optuna.trial.create_trial(
+            params={"sparsity": 0.5, "pruner": "l1", "bits": 8, "num_experts": 2, "top_k": 1, "gate_size": 4},
+            distributions=DISTRIBUTIONS,
+            values=[0.98, 5.0, 0.5],
+            user_attrs=record.user_attrs(),
+            system_attrs={"constraints:routing_share": 0.15 - 0.10},
+        )
+    )
+    searched = trials_table(study).set_index("trial")
+    assert not searched.loc[2, "feasible"] and not searched.loc[2, "on_front"]
+    assert searched.loc[2, "routing_share"] == pytest.approx(0.15)
+    quiet = trials_table(study, {2: Retimed(0.5, 0.08)}).set_index("trial")
+    assert quiet.loc[2, "feasible"] and quiet.loc[2, "on_front"]
+    assert quiet.loc[2, "routing_share"] == pytest.approx(0.08)
+    assert not bool(trials_table(study, {2: Retimed(0.5, 0.12)}).set_index("trial").loc[2, "feasible"])
