@@ -158,3 +158,49 @@ def test_rounds_without_remeasure_and_a_foreign_sidecar_exit_2(study_folder: Pat
     assert main(["front", str(study_folder)]) == 2
     err = capsys.readouterr().err
     assert SIDECAR in err and "--remeasure" in err and "Traceback" not in err
+
+
+def test_a_moe_kept_off_the_front_by_its_search_time_routing_share_is_re_timed(
+    study_folder: Path, fake_timing: list[int], monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """Trial 3, a multi-expert model.onnx, is the most accurate but over max_routing_share at search time
+    (0.20 > 0.10): infeasible, off the front. Quietly its share is 0.05: --remeasure times it, and it joins
+    the front, its share and its constraint replaced; the search-time share is kept as provenance."""
+    from pipelines.deploy.runtime import load_bundle
+    from search.record import SINGLE_FILE
+
+    shutil.copytree(study_folder / "trials" / "trial_0", study_folder / "trials" / "trial_3")
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{study_folder / 'study.db'}")
+    record = TrialRecord.from_dict(recorded(config={"num_experts": 2})[RECORD_KEY], "trial")
+    measured = replace(
+        record.measurement, val_accuracy=0.95, latency_ms=0.7, latency_ratio=0.35, routing_share=0.2,
+        routing_share_of=SINGLE_FILE,
+    )  # fmt: skip
+    study.add_trial(
+        optuna.trial.create_trial(
+            values=[0.95, 1.0, 0.7],
+            user_attrs=replace(record, measurement=measured).user_attrs(),
+            system_attrs={"constraints:routing_share": 0.2 - 0.1},
+        )
+    )
+    monkeypatch.setitem(POINTS, 3, (0.95, 0.7, 0.7))
+    # the one file is timed like the bundle here (the fake reads the trial from its files' folder)
+    monkeypatch.setattr(remeasure, "load_single_file", lambda folder, **kwargs: load_bundle(folder))
+    shares = []
+    monkeypatch.setattr(
+        remeasure, "routing_share", lambda folder, image, **kwargs: shares.append(folder.parent.name) or 0.05
+    )
+    assert main(["front", str(study_folder)]) == 0
+    capsys.readouterr()
+    assert 3 not in set(pd.read_csv(study_folder / "front.csv")["trial"])  # infeasible at search time
+    assert main(["front", str(study_folder), "--remeasure", "--rounds", "4"]) == 0
+    out = capsys.readouterr().out
+    assert 3 in fake_timing and shares == ["trial_3"]  # only the multi-expert model has a routing share
+    assert load_remeasured(study_folder)[3].routing_share == 0.05
+    sidecar = json.loads((study_folder / SIDECAR).read_text())
+    assert sidecar["trials"]["3"]["search_time"]["routing_share"] == 0.2
+    front = pd.read_csv(study_folder / "front.csv").set_index("trial")
+    assert (
+        3 in front.index and front.loc[3, "routing_share"] == pytest.approx(0.05) and front.loc[3, "feasible"]
+    )
+    assert "20.0%" in out and "5.0%" in out  # search-time and quiet shares side by side
