@@ -35,7 +35,7 @@ from pipelines.measure import count_macs
 from pipelines.models import ResNet, build_model
 from pipelines.timing import measure_interleaved
 
-__all__ = ["Variant", "sparsity_for_macs", "variants", "run", "main"]
+__all__ = ["Variant", "deploy_int8", "random_teacher", "sparsity_for_macs", "variants", "run", "main"]
 
 MULTIPLES = (4, 8, 16, 32)
 MAC_TARGETS = (0.25, 0.40, 0.60)  # shares of the teacher's MACs that the pruned models aim at
@@ -97,7 +97,7 @@ def variants(teacher_macs: int, example: torch.Tensor) -> list[Variant]:
     return rows
 
 
-def _teacher(seed: int = 0) -> nn.Module:
+def random_teacher(seed: int = 0) -> nn.Module:
     """A ResNet-20 with BatchNorm statistics of random images (realistic activation ranges for int8)."""
     torch.manual_seed(seed)
     model = build_model("resnet20", SHAPE[0], CLASSES).train()
@@ -117,7 +117,8 @@ def _build(teacher: nn.Module, variant: Variant, images: torch.Tensor) -> nn.Mod
     return model.eval()
 
 
-def _deploy(model: nn.Module, folder: Path, name: str, calibration: torch.Tensor) -> Path:
+def deploy_int8(model: nn.Module, folder: Path, name: str, calibration: torch.Tensor) -> Path:
+    """``model`` exported to ``folder/<name>.onnx`` and quantized by the current int8 recipe; the int8 path."""
     fp32 = export_onnx(model, calibration[:2], folder / f"{name}.onnx")
     return quantize_onnx_int8(fp32, folder / f"{name}.int8.onnx", calibration.numpy())
 
@@ -132,7 +133,7 @@ def run(out: Path, quick: bool = False, engines: tuple[str, ...] = ENGINES) -> l
     """Build, deploy and time every variant; write ``out`` (markdown) and ``out.json``. Returns the rows."""
     started = time.perf_counter()
     engines = tuple(engine for engine in engines if engine_available(engine))
-    teacher = _teacher()
+    teacher = random_teacher()
     images = torch.randn(256, *SHAPE)
     example = images[:1]
     teacher_macs = count_macs(teacher, example)
@@ -142,11 +143,11 @@ def run(out: Path, quick: bool = False, engines: tuple[str, ...] = ENGINES) -> l
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        teacher_path = _deploy(teacher, folder, "teacher", images[:128])
+        teacher_path = deploy_int8(teacher, folder, "teacher", images[:128])
         for index, variant in enumerate(chosen):
             model = _build(teacher, variant, images)
             macs = count_macs(model, example)
-            path = _deploy(model, folder, f"variant_{index}", images[:128])
+            path = deploy_int8(model, folder, f"variant_{index}", images[:128])
             for engine in engines:
                 candidate = open_model(path, engine, THREADS)
                 reference = open_model(teacher_path, engine, THREADS)

@@ -221,3 +221,22 @@ def test_routing_share_benchmark_counts_models_within_the_limit() -> None:
         "max_abs_difference"
     ] == pytest.approx(0.03)
     assert against["spearman"] == pytest.approx(1.0)
+
+
+def test_block_choice_removes_the_named_blocks_and_refuses_others() -> None:
+    """Early and late removal of four blocks leave the same MACs (what the benchmark compares at)."""
+    import torch
+
+    from pipelines.compress.depth import RemovedBlock
+    from pipelines.measure import count_macs
+    from pipelines.models import build_model
+    from search.benchmarks.block_choice import EARLY, LATE, build
+
+    teacher = build_model("resnet20", 3, 8).eval()
+    images = torch.randn(4, 3, 28, 28)
+    early, late = build(teacher, EARLY, 0.0, images), build(teacher, LATE, 0.0, images)
+    assert all(isinstance(early.get_submodule(name), RemovedBlock) for name in EARLY)
+    assert not any(isinstance(teacher.get_submodule(name), RemovedBlock) for name in EARLY)  # a copy
+    assert count_macs(early, images[:1]) == count_macs(late, images[:1]) < count_macs(teacher, images[:1])
+    with pytest.raises(ValueError, match=r"layers\.1\.0 is not a removable block"):
+        build(teacher, ("layers.1.0",), 0.0, images)  # it halves the resolution: no identity shortcut
