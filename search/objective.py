@@ -25,7 +25,7 @@ from pipelines.errors import CompressionError
 from search.early_stop import StoppedEarly, stage_check
 from search.evaluation import TrialContext, estimate_cost, log_measured, measure, train_model
 from search.model_cache import ModelCache, inference_settings, model_key
-from search.record import INTERRUPTED, KILLED, SINGLE_FILE, TrialRecord
+from search.record import INTERRUPTED, KILLED, TrialRecord
 from search.space import suggest
 
 __all__ = [
@@ -226,9 +226,5 @@ class Objective:
             trial.set_constraint("val_accuracy", limits.min_accuracy - measured.val_accuracy)
         if limits.max_mmacs is not None:
             trial.set_constraint("mmacs", measured.mmacs - limits.max_mmacs)
-        if (
-            limits.max_routing_share is not None
-            and measured.routing_share_of == SINGLE_FILE  # a multi-expert model.onnx, not numpy glue
-            and measured.routing_share is not None
-        ):
-            trial.set_constraint("routing_share", measured.routing_share - limits.max_routing_share)
+        if limits.max_routing_share is not None and measured.file_routing_share is not None:
+            trial.set_constraint("routing_share", measured.file_routing_share - limits.max_routing_share)

@@ -110,11 +110,9 @@ def _ratio(measured, latency_ms: float, remeasured: bool, teacher_ms: float | No
 
 def _routing_share(measured, retimed: Retimed | None) -> float | None:
     """The model.onnx routing share of a multi-expert trial: re-timed where it was, else the search's."""
-    if measured.routing_share_of != SINGLE_FILE:
-        return None
-    if retimed is not None and retimed.routing_share is not None:
+    if measured.routing_share_of == SINGLE_FILE and retimed is not None and retimed.routing_share is not None:
         return retimed.routing_share
-    return measured.routing_share
+    return measured.file_routing_share
 
 
 def trials_table(study: optuna.Study, latency: Latencies | None = None) -> pd.DataFrame:

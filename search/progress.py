@@ -19,7 +19,7 @@ from optuna.trial import TrialState
 
 from pipelines.hybrid import DEFAULT_EXPERT_INIT
 from pipelines.moe import DEFAULT_ROUTING
-from search.record import SINGLE_FILE, TrialRecord
+from search.record import TrialRecord
 
 __all__ = ["Progress", "Units", "progress_shown", "bars_shown", "configure_worker_logging"]
 
@@ -125,12 +125,8 @@ class Progress:
         elif trial.state == TrialState.COMPLETE:
             accuracy, mmacs, latency = trial.values
             stages = ", ".join(f"{key} {value:.0f}s" for key, value in record.seconds.items())
-            measured = record.measurement
-            routing = (
-                f" (gate + routing {measured.routing_share:.0%})"
-                if measured.routing_share_of == SINGLE_FILE and measured.routing_share is not None
-                else ""
-            )
+            share = record.measurement.file_routing_share
+            routing = f" (gate + routing {share:.0%})" if share is not None else ""
             self._tqdm.write(
                 f"trial {trial.number}: val {accuracy:.4f}  {mmacs:.2f} MMACs  {latency:.3f} ms{routing}  "
                 f"[{_describe(record.parameters(trial.params))}]  ({stages})"

@@ -79,6 +79,12 @@ class Measurement:
     def objectives(self) -> tuple[float, float, float]:
         return self.val_accuracy, self.mmacs, self.latency_ms
 
+    @property
+    def file_routing_share(self) -> float | None:
+        """The gate + routing share of a multi-expert ``model.onnx``, what ``constraints.max_routing_share``
+        bounds; None for a single net, a record timed on the numpy glue, or a predicted latency."""
+        return self.routing_share if self.routing_share_of == SINGLE_FILE else None
+
 
 @dataclass(frozen=True)
 class TrialRecord:

@@ -112,7 +112,7 @@ def _entry(
             "latency_ratio": measured.latency_ratio,
             "engine": measured.engine,
             "model_median_ms": measured.latency.get("median_ms"),
-            "routing_share": measured.routing_share if measured.routing_share_of == SINGLE_FILE else None,
+            "routing_share": measured.file_routing_share,
         },
     }
 
