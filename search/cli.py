@@ -100,7 +100,14 @@ def _load_cfg(args: argparse.Namespace):
         overrides["study"] = study
     constraints = {
         key: getattr(args, key)
-        for key in ("max_latency_ms", "max_size_kb", "min_accuracy", "max_mmacs", "max_routing_share")
+        for key in (
+            "max_latency_ms",
+            "max_size_kb",
+            "min_accuracy",
+            "max_mmacs",
+            "max_routing_share",
+            "max_latency_per_mac",
+        )
         if getattr(args, key, None) is not None
     }
     if constraints:
@@ -130,6 +137,7 @@ OVERRIDE_FLAGS = {
     "constraints.max_mmacs": "--max-mmacs",
     "constraints.min_accuracy": "--min-accuracy",
     "constraints.max_routing_share": "--max-routing-share",
+    "constraints.max_latency_per_mac": "--max-latency-per-mac",
 }
 
 
@@ -170,6 +178,11 @@ class SearchCommand:
             "--max-routing-share",
             type=FRACTION,
             help="constraint: a multi-expert model's gate + routing share of batch-1 latency (default 0.1)",
+        )
+        parser.add_argument(
+            "--max-latency-per-mac",
+            type=BUDGET,
+            help="constraint: latency ratio to the teacher at measure.throughput_batch over the MACs ratio (e.g. 1.5)",
         )
         parser.add_argument(
             "--workers", type=COUNT, default=1, help="worker processes on this machine sharing the study"
@@ -274,11 +287,13 @@ class FrontCommand:
 
 
 def _remeasured_table(rows: list[dict]) -> str:
-    """trial, MMACs, search-time ms, quiet ms, ratio (and a multi-expert model's routing share, search-time
-    and quiet): one line per re-timed model."""
+    """trial, MMACs, search-time ms, quiet ms, ratio (and a multi-expert model's routing share and the latency
+    per MAC, search-time and quiet): one line per re-timed model."""
     shares = any(row.get("quiet_routing_share") is not None for row in rows)
     header = f"{'trial':>5}  {'MMACs':>8}  {'search ms':>9}  {'quiet ms':>8}  {'x teacher':>9}"
-    lines = [header + (f"  {'routing share: search':>21}  {'quiet':>5}" if shares else "")]
+    per_mac = any(row.get("quiet_latency_per_mac") is not None for row in rows)
+    header += f"  {'routing share: search':>21}  {'quiet':>5}" if shares else ""
+    lines = [header + (f"  {'latency per MAC: search':>22}  {'quiet':>6}" if per_mac else "")]
     for row in rows:
         line = (
             f"{row['trial']:>5}  {row['mmacs']:>8.3f}  {row['search_ms']:>9.3f}  {row['quiet_ms']:>8.3f}  "
@@ -287,6 +302,9 @@ def _remeasured_table(rows: list[dict]) -> str:
         if shares:
             search, quiet = row.get("search_routing_share"), row.get("quiet_routing_share")
             line += f"  {'-' if search is None else f'{search:.1%}':>21}  {'-' if quiet is None else f'{quiet:.1%}':>5}"
+        if per_mac:
+            search, quiet = row.get("search_latency_per_mac"), row.get("quiet_latency_per_mac")
+            line += f"  {'-' if search is None else f'{search:.2f}x':>22}  {'-' if quiet is None else f'{quiet:.2f}x':>6}"
         lines.append(line)
     return "\n".join(lines)
 

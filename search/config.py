@@ -240,6 +240,9 @@ class Space:
     )  # test-time symmetry views averaged per input: 1 | 2 | 4 | 8 (pipelines/moe.py)
     # residual blocks removed before pruning (pipelines/compress/depth.py); 0..0: not searched
     blocks_removed: IntRange = field(default_factory=lambda: IntRange(0, 0))
+    # which blocks go: output (least output change) | latency (least change per share of the teacher's
+    # deployed latency, measured once per study at measure.throughput_batch; pipelines/compress/depth.py)
+    block_ranking: tuple[str, ...] = ("output",)
     layout: tuple[str, ...] = (
         DEFAULT_LAYOUT,
     )  # separate | shared (one trunk + expert tails; pipelines/moe.py)
@@ -251,6 +254,10 @@ class Space:
 
 
 LATENCY_SOURCES = ("measured", "predicted")
+
+# The batch a trial's latency is also timed at (measure.throughput_batch): batch 1 is latency-bound, a
+# large batch shows whether removed MACs save time where per-call overhead no longer hides it (issue #25).
+THROUGHPUT_BATCH = 64
 
 
 ENGINE_SETTINGS: tuple[str, ...] = (AUTO, *ENGINES)  # measure.engine
@@ -272,6 +279,9 @@ class MeasureSettings:
     latency: str = "measured"
     profile: str | None = None
     profile_any_cpu: bool = False  # accept a ``profile`` measured on another CPU (a cross-device prediction)
+    # each trial is also timed at this batch against the teacher at the same batch (a few short rounds): does
+    # its latency fall as its MACs do (Measurement.latency_per_mac)? null: batch 1 only
+    throughput_batch: int | None = THROUGHPUT_BATCH
 
     @property
     def rounds(self) -> int:
@@ -294,6 +304,9 @@ class Constraints:
     min_accuracy: float | None = None
     max_mmacs: float | None = None
     max_routing_share: float | None = MAX_ROUTING_SHARE  # of multi-expert models only; null: no limit
+    # latency ratio to the teacher at measure.throughput_batch over the MACs ratio: 1 = time falls as MACs do,
+    # 1.5 = half again the time its MACs promise (Measurement.latency_per_mac); null: no limit
+    max_latency_per_mac: float | None = None
 
 
 @dataclass(frozen=True)
@@ -454,11 +467,35 @@ def _validate(cfg: SearchConfig) -> None:
             raise ConfigError(f"constraints.{name}: {value} must be > 0 (or null for no limit).")
     if cfg.constraints.min_accuracy is not None:
         _check_range("constraints.min_accuracy", cfg.constraints.min_accuracy, 0.0, 1.0)
+    _validate_throughput(cfg)
     share = cfg.constraints.max_routing_share
     if share is not None and not 0.0 < share <= 1.0:
         raise ConfigError(
             f"constraints.max_routing_share: {share} must be in (0, 1] (a share of batch-1 latency, e.g. "
             "0.1), or null for no limit."
+        )
+
+
+def _validate_throughput(cfg: SearchConfig) -> None:
+    batch, limit = cfg.measure.throughput_batch, cfg.constraints.max_latency_per_mac
+    if batch is not None:
+        _check_range("measure.throughput_batch", batch, 2, 1024)
+    if limit is None:
+        return
+    if not 0.0 < limit <= 100.0:
+        raise ConfigError(
+            f"constraints.max_latency_per_mac: {limit} must be in (0, 100] (latency ratio over MACs ratio at "
+            "measure.throughput_batch, e.g. 1.5), or null for no limit."
+        )
+    if batch is None:
+        raise ConfigError(
+            f"constraints.max_latency_per_mac: {limit} needs each trial timed at a large batch, but "
+            "measure.throughput_batch is null. Set measure.throughput_batch (e.g. 64) or drop the constraint."
+        )
+    if cfg.measure.latency == "predicted":
+        raise ConfigError(
+            f"constraints.max_latency_per_mac: {limit} needs measured latency, but measure.latency is "
+            "'predicted' (no large-batch timing). Set measure.latency: measured or drop the constraint."
         )
 
 
@@ -511,6 +548,10 @@ def _validate_space(cfg: SearchConfig) -> None:
         _checked(
             lambda end=end: DepthConfig(blocks_removed=getattr(space.blocks_removed, end)),
             {"depth.blocks_removed": f"space.blocks_removed.{end}"},
+        )
+    for ranking in space.block_ranking:
+        _checked(
+            lambda ranking=ranking: DepthConfig(ranking=ranking), {"depth.ranking": "space.block_ranking"}
         )
     for pruner in space.pruner:
         _checked(lambda pruner=pruner: PruneConfig(0.0, pruner=pruner), {"prune.pruner": "space.pruner"})

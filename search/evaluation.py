@@ -45,7 +45,7 @@ from pipelines.moe import (
 from pipelines.serialize import save_checkpoint
 from pipelines.train import evaluate
 from search.config import Budget, ModelSettings, SearchConfig, setup_fingerprint
-from search.latency import LatencyReference, reference_bundle, time_against_teacher
+from search.latency import LatencyReference, read_block_time, reference_bundle, time_against_teacher
 from search.model_cache import TrainedModel
 from search.record import PER_EXPERT_FILES, SINGLE_FILE, Measurement, Training, TrialRecord
 from search.targets import compute_targets, distillation_targets
@@ -62,6 +62,8 @@ __all__ = [
 ]
 
 log = logging.getLogger("hycomp")
+# interleaved rounds of 2 calls each at measure.throughput_batch: about 0.3 s a trial for a ResNet-20 at 64
+THROUGHPUT_ROUNDS = 7
 
 
 @dataclass
@@ -78,6 +80,19 @@ class TrialContext:
     # with the teacher's bundle and scored by the ratio. None: timed alone on ONNX Runtime (no study).
     latency: LatencyReference | None = None
     _ensembles: dict[str, Dataset] = field(default_factory=dict, repr=False)
+    _teacher_mmacs: float | None = field(default=None, repr=False)
+
+    def block_time(self) -> dict[str, float]:
+        """Each removable block's share of the teacher's deployed latency, measured once for the study
+        (:func:`search.latency.study_block_time`) and kept in its folder."""
+        return read_block_time(self.study_folder)
+
+    @property
+    def teacher_mmacs(self) -> float:
+        """The teacher's MMACs per image, the denominator of a trial's MACs ratio."""
+        if self._teacher_mmacs is None:
+            self._teacher_mmacs = count_macs(self.teacher, self.data.val.images[:8]) / 1e6
+        return self._teacher_mmacs
 
     def setup(self) -> str:
         """What shapes a trained model besides its configuration, budget and seed
@@ -106,10 +121,15 @@ class TrialContext:
         return self._ensembles[budget.augment]
 
 
-def hybrid_config(params: dict, model: ModelSettings) -> HybridConfig:
+def hybrid_config(
+    params: dict, model: ModelSettings, block_time: Callable[[], dict[str, float]] | None = None
+) -> HybridConfig:
     """The pipelines' configuration of a trial's parameters; a parameter the space does not search (a
-    one-choice ``routing``, ``expert_init``, ``views`` or ``expert_training``, or no ``blocks_removed``) takes the
-    pipelines' default."""
+    one-choice ``routing``, ``expert_init``, ``views``, ``expert_training`` or ``block_ranking``, or no
+    ``blocks_removed``) takes the pipelines' default. ``block_time`` gives the blocks' latency shares that a
+    ``block_ranking: latency`` trial ranks by (:attr:`TrialContext.block_time`)."""
+    ranking = params.get("block_ranking", DepthConfig.ranking)
+    shares = block_time() if ranking == "latency" and block_time is not None else {}
     return HybridConfig(
         prune=PruneConfig(
             sparsity=float(params["sparsity"]),
@@ -131,7 +151,11 @@ def hybrid_config(params: dict, model: ModelSettings) -> HybridConfig:
             expert_training=params.get("expert_training", DEFAULT_EXPERT_TRAINING),
         ),
         expert_init=params.get("expert_init", DEFAULT_EXPERT_INIT),
-        depth=DepthConfig(blocks_removed=int(params.get("blocks_removed", 0))),
+        depth=DepthConfig(
+            blocks_removed=int(params.get("blocks_removed", 0)),
+            ranking=ranking,
+            block_time=tuple(sorted(shares.items())),
+        ),
     )
 
 
@@ -145,7 +169,7 @@ def _description(ctx: TrialContext, moe, gate_size: int) -> dict:
 def estimate_cost(ctx: TrialContext, params: dict) -> dict:
     """MACs and packed size of a configuration before any training (depth reduction, prune + speedup
     only: seconds)."""
-    cfg = hybrid_config(params, ctx.cfg.model)
+    cfg = hybrid_config(params, ctx.cfg.model, ctx.block_time)
     example = ctx.data.val.images[:2]
     # the expert that training starts from: removed blocks (if any) and pruned channels really gone
     expert = compress_expert(ctx.teacher, cfg, ctx.data.train.images, example).model
@@ -205,7 +229,7 @@ def train_model(
     """Compress the teacher with ``params`` at ``budget``: the trained model and what training reported.
     Each finished stage is logged as ``<label>: <stage> done in N s``, then passed to ``on_stage`` (which
     may raise to stop the training: :mod:`search.early_stop`)."""
-    hybrid = hybrid_config(params, ctx.cfg.model)
+    hybrid = hybrid_config(params, ctx.cfg.model, ctx.block_time)
     logged = stage_logger(label)
 
     def each_stage(stage: str, seconds: float, val_accuracy: float) -> None:
@@ -253,7 +277,7 @@ def measure(
     threads = cfg.measure.latency_threads if threads is None else threads
     repeats = cfg.measure.latency_repeats if repeats is None else repeats
     data = ctx.data
-    hybrid = hybrid_config(params, ctx.cfg.model)
+    hybrid = hybrid_config(params, ctx.cfg.model, ctx.block_time)
     moe = model.moe
     moe.views = hybrid.moe.views
     bits_by_layer = model.description.get("bits_by_layer", {})
@@ -301,6 +325,7 @@ def measure(
     else:
         timed = load_single_file(folder / "bundle", threads=threads, engine=engine) if multi else bundle
         timing = _time(ctx, timed, val_images[:1], threads, repeats)
+        timing.update(_time_batch(ctx, timed, val_images, threads))
         if multi:
             # 150 calls of each file in 15 rounds (its default): steadier under load than the latency's
             # repeats, for a fraction of a second (results/benchmarks/routing_share_load_*.md)
@@ -308,6 +333,7 @@ def measure(
                 folder / "bundle", val_images[:1], engine=engine, threads=threads
             )
     macs = count_macs(moe, data.val.images)  # routed: gate + the experts each val image (and view) used
+    macs_ratio = macs / 1e6 / ctx.teacher_mmacs
     size = packed_size_bytes(moe, lambda name: bits_by_layer.get(name, 32), skip=moe.idle_parts)
     seconds["measure"] = time.perf_counter() - started
     table = routing_table(moe, data.val, data.num_classes)
@@ -330,6 +356,10 @@ def measure(
         latency_ratio=timing["latency_ratio"],
         latency_ratio_min=timing["latency_ratio_min"],
         teacher_latency=timing["teacher_latency"],
+        macs_ratio=macs_ratio,
+        batch_latency_ratio=timing.get("batch_latency_ratio"),
+        batch_latency=timing.get("batch_latency"),
+        teacher_batch_latency=timing.get("teacher_batch_latency"),
     )
     return measurement, seconds
 
@@ -386,6 +416,24 @@ def _time(ctx: TrialContext, bundle, image: np.ndarray, threads: int, repeats: i
         "latency_ratio": stats.ratio,
         "latency_ratio_min": stats.ratio_min,
         "teacher_latency": stats.reference.as_dict(),
+    }
+
+
+def _time_batch(ctx: TrialContext, bundle, images: np.ndarray, threads: int) -> dict:
+    """``bundle`` timed against the teacher's at ``measure.throughput_batch`` (``images`` repeated to fill
+    the batch), in a few short interleaved rounds; empty without a study reference or a throughput batch."""
+    reference, batch = ctx.latency, ctx.cfg.measure.throughput_batch
+    if reference is None or batch is None:
+        return {}
+    teacher = load_bundle(reference_bundle(ctx.study_folder), threads=threads, engine=reference.engine)
+    inputs = np.ascontiguousarray(np.resize(images, (batch, *images.shape[1:])))
+    stats, _ = time_against_teacher(
+        bundle, teacher, inputs, reference, rounds=THROUGHPUT_ROUNDS, calls_per_round=2, warmup=2
+    )
+    return {
+        "batch_latency_ratio": stats.ratio,
+        "batch_latency": stats.candidate.as_dict(),
+        "teacher_batch_latency": stats.reference.as_dict(),
     }
 
 

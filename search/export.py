@@ -97,11 +97,13 @@ def _against_reference(
     threads: int,
     macs_ratio: float,
     deployed_now: bool,
+    large_batch: int,
 ) -> dict:
     """The exported ``model.onnx`` timed interleaved with the study's int8 teacher (its reference bundle, made
     by the study's int8 recipe, on the study's engine) at batch 1 and 64: {"batch_<n>": row} with the
     latency ratio beside the MACs ratio and both files' int8 recipes (``deployed_now``: the export was
-    retrained and deployed by this version; else its files are the trial's). Empty without a reference."""
+    retrained and deployed by this version; else its files are the trial's). ``large_batch`` (the study's
+    throughput batch) replaces 64. Empty without a reference."""
     reference = stored_reference(study)
     folder = reference_bundle(study_folder)
     if reference is None or not (folder / "manifest.json").exists():
@@ -109,8 +111,8 @@ def _against_reference(
     teacher = load_bundle(folder, threads=threads, engine=reference.engine)
     exported = load_single_file(bundle, threads, reference.engine)
     rows = {}
-    for batch in (1, 64):
-        inputs = np.ascontiguousarray(images[:batch])
+    for batch in (1, large_batch):
+        inputs = np.ascontiguousarray(np.resize(images, (batch, *images.shape[1:])))
         stats = measure_interleaved(
             lambda x=inputs: exported(x),
             lambda x=inputs: teacher(x),
@@ -242,6 +244,7 @@ def export_trial(
                     threads,
                     measured.mmacs / (baseline["macs"] / 1e6),
                     deployed_now=retrain,  # retrained (or taken from export_best's retraining): deployed now
+                    large_batch=cfg.measure.throughput_batch or 64,
                 ),
                 # model.onnx (the one deployed file) against its chosen experts alone, per engine
                 "routing_overhead": measure_routing_overhead(
@@ -273,6 +276,7 @@ def export_trial(
             "seconds": time.perf_counter() - started,
         }
         _check_routing_share(report, cfg, study, trial_number)
+        _check_latency_per_mac(report, cfg, trial_number)
         config = cfg.to_dict()
         config["exported_trial"] = {"number": trial_number, "params": params}
         (staging / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
@@ -309,6 +313,31 @@ def _check_routing_share(report: dict, cfg: SearchConfig, study: optuna.Study, t
             100 * share,
             engine,
             100 * limit,
+        )
+
+
+def _check_latency_per_mac(report: dict, cfg: SearchConfig, trial_number: int) -> None:
+    """Note in ``report`` (and warn) when the export's latency ratio to the teacher at the throughput batch is
+    more than ``constraints.max_latency_per_mac`` times its MACs ratio."""
+    limit, batch = cfg.constraints.max_latency_per_mac, cfg.measure.throughput_batch
+    row = (report["exported"].get("against_teacher") or {}).get(f"batch_{batch}")
+    if limit is None or row is None:
+        return
+    value = row["ratio_over_macs"]
+    report["exported"]["latency_per_mac_limit"] = {
+        "batch": batch,
+        "max_latency_per_mac": limit,
+        "latency_per_mac": value,
+    }
+    if value > limit:
+        log.warning(
+            "export of trial %d: at batch %d it runs x%.3f the teacher, %.2fx its MACs ratio, over "
+            "constraints.max_latency_per_mac %.2f",
+            trial_number,
+            batch,
+            row["latency_ratio"],
+            value,
+            limit,
         )
 
 

@@ -138,8 +138,9 @@ def _routing_share_line(exported: dict) -> str:
     )
 
 
-def _against_teacher_line(rows: dict | None) -> list[str]:
-    """model.onnx against the study's int8 teacher, interleaved: the latency ratio beside the MACs ratio."""
+def _against_teacher_line(rows: dict | None, limit: dict | None = None) -> list[str]:
+    """model.onnx against the study's int8 teacher, interleaved: the latency ratio beside the MACs ratio, and
+    the verdict on ``constraints.max_latency_per_mac`` where the study set one (``limit``)."""
     if not rows:
         return []
     first = next(iter(rows.values()))
@@ -160,7 +161,18 @@ def _against_teacher_line(rows: dict | None) -> list[str]:
         + "; ".join(parts)
         + "."
         + unlike
+        + _per_mac_verdict(limit)
     ]
+
+
+def _per_mac_verdict(limit: dict | None) -> str:
+    if not limit:
+        return ""
+    verdict = "over" if limit["latency_per_mac"] > limit["max_latency_per_mac"] else "within"
+    return (
+        f" At batch {limit['batch']}: {verdict} constraints.max_latency_per_mac "
+        f"{limit['max_latency_per_mac']:.2f}x."
+    )
 
 
 def render_report(report: dict) -> str:
@@ -189,7 +201,7 @@ def render_report(report: dict) -> str:
         f"- Latency ratio to the torch fp32 baseline: {latency['median_ms'] / base_latency['torch-fp32-eager']['median_ms']:.3f}x; "
         + _routing_share_line(exported),
         f"- Batch 64: {_latency_cell(exported['latency_batch64']['latency'])} per batch.",
-        *_against_teacher_line(exported.get("against_teacher")),
+        *_against_teacher_line(exported.get("against_teacher"), exported.get("latency_per_mac_limit")),
         f"- Torch model of the export: test {exported['test_accuracy_torch']:.4f}, val {exported['val_accuracy_torch']:.4f}; "
         f"engine vs torch top-1 agreement on the whole val split {exported['agreement_with_torch']['top1_agreement']:.4f}, "
         f"max |logit diff| {exported['agreement_with_torch']['max_abs_diff']:.4g}.",

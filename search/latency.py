@@ -10,8 +10,11 @@ processes and resumed runs use the same engine and the same teacher figure.
 from __future__ import annotations
 
 import copy
+import json
 import logging
+import os
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -20,6 +23,7 @@ from typing import Any
 import numpy as np
 from optuna.trial import TrialState
 
+from pipelines.deploy.block_time import block_time_shares
 from pipelines.deploy.bundle import deploy_moe
 from pipelines.deploy.engines import ENGINES, engine_available, engine_version
 from pipelines.deploy.int8 import INT8_RECIPE
@@ -45,6 +49,9 @@ __all__ = [
     "check_resumable",
     "study_reference",
     "time_against_teacher",
+    "BLOCK_TIME_FILE",
+    "study_block_time",
+    "read_block_time",
 ]
 
 LATENCY_KEY = "hycomp_latency_reference"  # the study user attribute holding the LatencyReference
@@ -285,7 +292,7 @@ def time_against_teacher(
     warmup: int = 5,
 ):
     """Time ``bundle`` interleaved with ``teacher_bundle`` (both loaded on the reference's engine and threads)
-    on one ``image`` at batch 1. Returns the interleaved statistics and the median share of the trial model's
+    on ``image`` (one image, or a batch of them). Returns the interleaved statistics and the median share of the trial model's
     calls spent outside its experts (gate and routing; None for a model without a ``last_timing``)."""
     shares: list[float] = []
 
@@ -304,8 +311,58 @@ def time_against_teacher(
         warmup=warmup,
         backend=(backend_label(bundle), backend_label(teacher_bundle)),
         threads=reference.threads,
-        batch=reference.batch,
+        batch=len(image),
     )
     shares = shares[warmup:]  # the warm-up calls are not timed
     share = float(np.median(shares)) if shares else None
     return stats, share
+
+
+BLOCK_TIME_FILE = "block_time.json"  # in the study folder: {engine, version, threads, batch, shares}
+
+
+def study_block_time(
+    cfg: SearchConfig, data, teacher, study_folder: Path, reference: LatencyReference
+) -> None:
+    """Measure, once per study and before any trial, each removable block's share of the int8 teacher's
+    latency on the study's engine at ``measure.throughput_batch`` (batch 1 without one), and keep it in the
+    study folder for every worker and resumed run. Only when the space ranks removed blocks by latency."""
+    space = cfg.space
+    path = study_folder / BLOCK_TIME_FILE
+    if "latency" not in space.block_ranking or space.blocks_removed.high == 0 or path.exists():
+        return
+    batch = cfg.measure.throughput_batch or 1
+    started = time.perf_counter()
+    shares = block_time_shares(
+        teacher, data.train.images[:128], engine=reference.engine, threads=reference.threads, batch=batch
+    )
+    record = {
+        "engine": reference.engine,
+        "version": reference.version,
+        "threads": reference.threads,
+        "batch": batch,
+        "shares": shares,
+    }
+    staging = path.with_name(f"{path.name}.{os.getpid()}.partial")
+    staging.write_text(json.dumps(record, indent=2))
+    staging.replace(path)
+    log.info(
+        "block time (%s, batch %d, %.0f s): %s",
+        reference.engine,
+        batch,
+        time.perf_counter() - started,
+        ", ".join(f"{name} {share:.1%}" for name, share in shares.items()),
+    )
+
+
+def read_block_time(study_folder: Path) -> dict[str, float]:
+    """The block shares :func:`study_block_time` kept for the study in ``study_folder``."""
+    path = study_folder / BLOCK_TIME_FILE
+    try:
+        shares = json.loads(path.read_text())["shares"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ConfigError(
+            f"{path}: {error}. A trial with block_ranking 'latency' ranks blocks by their share of the teacher's "
+            "latency, measured when the search starts: re-run `hycomp search` on this study to measure it."
+        ) from None
+    return {str(name): float(share) for name, share in shares.items()}

@@ -228,3 +228,5 @@ class Objective:
             trial.set_constraint("mmacs", measured.mmacs - limits.max_mmacs)
         if limits.max_routing_share is not None and measured.file_routing_share is not None:
             trial.set_constraint("routing_share", measured.file_routing_share - limits.max_routing_share)
+        if limits.max_latency_per_mac is not None and measured.latency_per_mac is not None:
+            trial.set_constraint("latency_per_mac", measured.latency_per_mac - limits.max_latency_per_mac)

@@ -40,6 +40,7 @@ _COLUMNS = {
     "expert_init": "experts from",
     "blocks_removed": "blocks removed",
     "routing_share": "routing share",
+    "latency_per_mac": "latency/MACs",
 }
 
 
@@ -53,30 +54,34 @@ def _feasible(trial: optuna.trial.FrozenTrial) -> bool:
 
 @dataclass(frozen=True)
 class Retimed:
-    """A trial's figures re-timed quietly (:mod:`search.remeasure`): its latency and, for a multi-expert
-    ``model.onnx``, its gate + routing share."""
+    """A trial's figures re-timed quietly (:mod:`search.remeasure`): its latency, for a multi-expert
+    ``model.onnx`` its gate + routing share, and where the search timed one its latency per MAC."""
 
     latency_ms: float
     routing_share: float | None = None
+    latency_per_mac: float | None = None
 
 
 Latencies = Mapping[int, Retimed]  # trial number -> what replaces its search-time latency (and share)
 
 
 def _with_latency(trial: optuna.trial.FrozenTrial, retimed: Retimed) -> optuna.trial.FrozenTrial:
-    """A copy of ``trial`` with its latency objective, and the constraints set on it and on the routing
-    share (where one was re-timed), replaced."""
+    """A copy of ``trial`` with its latency objective, and the constraints set on it, on the routing share
+    and on the latency per MAC (where those were re-timed), replaced."""
     replaced = copy.deepcopy(trial)
     replaced.values = [*trial.values[:2], retimed.latency_ms]
     attrs = dict(trial.system_attrs)
     if "latency_ms" in trial.constraints:
         limit = trial.values[2] - trial.constraints["latency_ms"]  # set as latency - max_latency_ms
         attrs["constraints:latency_ms"] = retimed.latency_ms - limit
-    if retimed.routing_share is not None and "routing_share" in trial.constraints:
-        measured = TrialRecord.of(trial).measurement.routing_share  # set as share - max_routing_share
-        attrs["constraints:routing_share"] = retimed.routing_share - (
-            measured - trial.constraints["routing_share"]
-        )
+    measured = TrialRecord.of(trial).measurement
+    # each set as measured value - limit: the limit is what the search-time value says it was
+    for name, value in (
+        ("routing_share", retimed.routing_share),
+        ("latency_per_mac", retimed.latency_per_mac),
+    ):
+        if value is not None and name in trial.constraints:
+            attrs[f"constraints:{name}"] = value - (getattr(measured, name) - trial.constraints[name])
     replaced.system_attrs = attrs
     return replaced
 
@@ -113,6 +118,13 @@ def _routing_share(measured, retimed: Retimed | None) -> float | None:
     if measured.routing_share_of == SINGLE_FILE and retimed is not None and retimed.routing_share is not None:
         return retimed.routing_share
     return measured.file_routing_share
+
+
+def _latency_per_mac(measured, retimed: Retimed | None) -> float | None:
+    """The latency per MAC at the throughput batch: re-timed where it was, else the search's."""
+    if retimed is not None and retimed.latency_per_mac is not None:
+        return retimed.latency_per_mac
+    return measured.latency_per_mac
 
 
 def trials_table(study: optuna.Study, latency: Latencies | None = None) -> pd.DataFrame:
@@ -153,6 +165,8 @@ def trials_table(study: optuna.Study, latency: Latencies | None = None) -> pd.Da
                 "views": config.get("views", 1),
                 # gate + routing share of model.onnx at batch 1 (multi-expert trials measured on it)
                 "routing_share": _routing_share(measured, latency.get(trial.number)),
+                # latency ratio at measure.throughput_batch over the MACs ratio (1: time falls as MACs do)
+                "latency_per_mac": _latency_per_mac(measured, latency.get(trial.number)),
                 "feasible": _feasible(trial),
                 "on_front": trial.number in front,
                 "reference": record.reference,
@@ -288,6 +302,7 @@ DISPLAY_COLUMNS = (
     "expert_init",
     "views",
     "routing_share",
+    "latency_per_mac",
     "engine",
     "feasible",
 )
@@ -300,17 +315,27 @@ def _percent(value) -> str:
     return "-" if value is None or pd.isna(value) else f"{value:.1%}"
 
 
+def _times(value) -> str:
+    """A ratio as "1.23x"; "-" where none was measured (idempotent like :func:`_percent`)."""
+    if isinstance(value, str):
+        return value
+    return "-" if value is None or pd.isna(value) else f"{value:.2f}x"
+
+
 def display_columns(table: pd.DataFrame) -> pd.DataFrame:
     """The columns a person reads, in reading order (those the table has; ``blocks_removed`` only where a
-    trial removed blocks, ``routing_share`` only where one was measured)."""
+    trial removed blocks, ``routing_share`` and ``latency_per_mac`` only where measured)."""
     columns = [column for column in DISPLAY_COLUMNS if column in table.columns]
     if "blocks_removed" in columns and not (table["blocks_removed"].fillna(0) != 0).any():
         columns.remove("blocks_removed")
-    if "routing_share" in columns and table["routing_share"].isna().all():
-        columns.remove("routing_share")  # no multi-expert model.onnx measured
+    for measured in ("routing_share", "latency_per_mac"):  # none measured: no multi-expert model.onnx, or
+        if measured in columns and table[measured].isna().all():  # no throughput batch (older studies)
+            columns.remove(measured)
     shown = table[columns].copy()
     if "routing_share" in columns:
         shown["routing_share"] = shown["routing_share"].map(_percent)
+    if "latency_per_mac" in columns:
+        shown["latency_per_mac"] = shown["latency_per_mac"].map(_times)
     return shown
 
 
@@ -339,10 +364,11 @@ def format_table(
             "expert_init": "-",
             "views": 1,
             "routing_share": "-",
+            "latency_per_mac": "1.00x",
             "engine": "torch",
             "feasible": "",
         }
-        for column in ("blocks_removed", "routing_share"):
+        for column in ("blocks_removed", "routing_share", "latency_per_mac"):
             if column not in shown.columns:
                 del reference[column]
         if latency is not None:  # the yardstick the trials were timed against

@@ -127,6 +127,10 @@ class Progress:
             stages = ", ".join(f"{key} {value:.0f}s" for key, value in record.seconds.items())
             share = record.measurement.file_routing_share
             routing = f" (gate + routing {share:.0%})" if share is not None else ""
+            per_mac = record.measurement.latency_per_mac
+            if per_mac is not None:
+                routing += f" (x{record.measurement.batch_latency_ratio:.2f} teacher at batch "
+                routing += f"{record.measurement.batch_latency['batch']}, {per_mac:.2f}x its MACs ratio)"
             self._tqdm.write(
                 f"trial {trial.number}: val {accuracy:.4f}  {mmacs:.2f} MMACs  {latency:.3f} ms{routing}  "
                 f"[{_describe(record.parameters(trial.params))}]  ({stages})"

@@ -74,6 +74,11 @@ class Measurement:
     latency_ratio_min: float | None = None
     teacher_latency: dict[str, Any] | None = None  # the teacher's statistics from the same rounds
     routing_share_of: str = PER_EXPERT_FILES  # what ``routing_share`` was measured on (and latency timed)
+    macs_ratio: float | None = None  # mmacs / the teacher's
+    # the same file timed against the teacher at measure.throughput_batch (the teacher's statistics beside it)
+    batch_latency_ratio: float | None = None
+    batch_latency: dict[str, Any] | None = None
+    teacher_batch_latency: dict[str, Any] | None = None
 
     @property
     def objectives(self) -> tuple[float, float, float]:
@@ -84,6 +89,14 @@ class Measurement:
         """The gate + routing share of a multi-expert ``model.onnx``, what ``constraints.max_routing_share``
         bounds; None for a single net, a record timed on the numpy glue, or a predicted latency."""
         return self.routing_share if self.routing_share_of == SINGLE_FILE else None
+
+    @property
+    def latency_per_mac(self) -> float | None:
+        """The latency ratio to the teacher at the throughput batch over the MACs ratio, what
+        ``constraints.max_latency_per_mac`` bounds: 1 when time falls as MACs do. None where not timed."""
+        if self.batch_latency_ratio is None or not self.macs_ratio:
+            return None
+        return self.batch_latency_ratio / self.macs_ratio
 
 
 @dataclass(frozen=True)

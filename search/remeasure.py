@@ -4,8 +4,8 @@ model at a time), interleaved with the study's int8 teacher bundle as during the
 Optuna does not let a finished trial's values change, so the new figures go to a sidecar file beside the study
 (:data:`SIDECAR`), each with the search-time figures it replaces kept as provenance; ``front``, ``export`` and
 ``report`` read it (:func:`load_remeasured`) and recompute the front on the replaced latencies. A multi-expert
-model's routing share (a constraint) is re-timed with it, and a MoE kept off the front by its search-time
-share alone is timed too: quietly it may be within the limit.
+model's routing share and any model's latency per MAC at the throughput batch (constraints) are re-timed with
+it, and a model kept off the front by those search-time figures alone is timed too: quietly it may be within.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import optuna
 
 from pipelines.deploy.routing_cost import routing_share
@@ -48,6 +49,7 @@ __all__ = [
 SIDECAR = "remeasured.json"
 SIDECAR_FORMAT = 1
 DEFAULT_ROUNDS = 30
+BATCH_ROUNDS = 15  # of 2 calls each at the throughput batch: twice the search's
 log = logging.getLogger("hycomp")
 
 
@@ -71,8 +73,12 @@ def read_sidecar(folder: Path) -> dict[str, Any] | None:
 
 
 def _retimed(entry: dict[str, Any]) -> Retimed:
-    share = entry.get("routing_share")
-    return Retimed(float(entry["latency_ms"]), None if share is None else float(share))
+    share, per_mac = entry.get("routing_share"), entry.get("latency_per_mac")
+    return Retimed(
+        float(entry["latency_ms"]),
+        None if share is None else float(share),
+        None if per_mac is None else float(per_mac),
+    )
 
 
 def load_remeasured(folder: Path) -> dict[int, Retimed]:
@@ -113,7 +119,29 @@ def _entry(
             "engine": measured.engine,
             "model_median_ms": measured.latency.get("median_ms"),
             "routing_share": measured.file_routing_share,
+            "latency_per_mac": measured.latency_per_mac,
         },
+    }
+
+
+def _time_batch(bundle, teacher, images: np.ndarray, reference: LatencyReference, measured) -> dict[str, Any]:
+    """The latency per MAC re-timed at the batch the search timed it at (empty where it timed none)."""
+    if measured.batch_latency is None or not measured.macs_ratio:
+        return {}
+    batch = int(measured.batch_latency["batch"])
+    inputs = np.ascontiguousarray(np.resize(images, (batch, *images.shape[1:])))
+    stats, _ = time_against_teacher(
+        bundle, teacher, inputs, reference, rounds=BATCH_ROUNDS, calls_per_round=2, warmup=2
+    )
+    return {
+        "batch_latency_ratio": stats.ratio,
+        "latency_per_mac": stats.ratio / measured.macs_ratio,
+        "batch_ms": {
+            "batch": batch,
+            "min_ms": stats.candidate.min_ms,
+            "median_ms": stats.candidate.median_ms,
+        },
+        "teacher_batch_ms": {"min_ms": stats.reference.min_ms, "median_ms": stats.reference.median_ms},
     }
 
 
@@ -126,7 +154,8 @@ def remeasure_front(
         raise ConfigError(f"--rounds: {rounds} must be >= 1.")
     data = load_data(cfg)
     reference = _reference(cfg, study, folder, data)
-    image = data.val.images[:1].numpy()
+    images = data.val.images[:64].numpy()
+    image = images[:1]
     threads, calls = reference.threads, cfg.measure.calls_per_round
     teacher_now = time_quietly(reference_bundle(folder), reference.engine, threads, 50, image)
     teacher = load_bundle(reference_bundle(folder), threads=threads, engine=reference.engine)
@@ -139,12 +168,16 @@ def remeasure_front(
     timed: set[int] = set()
     while True:  # a trial can join the front once the others' latencies change: time it too
         latency = {number: _retimed(entry) for number, entry in entries.items()}
-        # A MoE kept off the front by its search-time routing share alone may be within the limit quietly:
-        # time every trial that would be on the front if the shares not re-timed yet were within it.
+        # A trial kept off the front by its search-time routing share or latency per MAC alone may be within
+        # the limit quietly: time every trial that would be on the front if those not re-timed yet were.
         hopeful = {
-            number: Retimed(trials[number].values[2], 0.0)
+            number: Retimed(trials[number].values[2], 0.0, 0.0)
             for number, record in records.items()
-            if number not in entries and record.measurement.routing_share_of == SINGLE_FILE
+            if number not in entries
+            and (
+                record.measurement.routing_share_of == SINGLE_FILE
+                or record.measurement.latency_per_mac is not None
+            )
         }
         todo = sorted(
             number
@@ -171,6 +204,9 @@ def remeasure_front(
                 entries[number]["routing_share"] = routing_share(
                     bundle_folder, image, engine=reference.engine, threads=threads
                 )
+            entries[number].update(
+                _time_batch(bundle, teacher, images, reference, records[number].measurement)
+            )
             log.info(
                 "trial %d: %.3f ms quiet (x%.3f teacher)", number, entries[number]["latency_ms"], stats.ratio
             )
@@ -201,6 +237,8 @@ def remeasure_front(
             "ratio": entries[number]["latency_ratio"],
             "search_routing_share": entries[number]["search_time"].get("routing_share"),
             "quiet_routing_share": entries[number].get("routing_share"),
+            "search_latency_per_mac": entries[number]["search_time"].get("latency_per_mac"),
+            "quiet_latency_per_mac": entries[number].get("latency_per_mac"),
         }
         for number in sorted(timed & set(entries))
     ]

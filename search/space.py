@@ -19,6 +19,7 @@ GATE_ONLY = ("gate_size", "routing", "expert_init")  # parameters a single exper
 INFERENCE_ONLY = ("views",)  # parameters that change inference only: a trained model is measured again
 REFERENCE_BITS = 32
 NO_DEPTH = IntRange(0, 0)  # a space without blocks_removed adds no parameter: older studies still match
+DEFAULT_RANKING = ("output",)  # space.block_ranking: removed blocks ranked by output change alone
 
 
 def suggest(trial: Any, space: Space) -> dict:
@@ -58,6 +59,8 @@ def suggest(trial: Any, space: Space) -> dict:
     if space.blocks_removed != NO_DEPTH:
         depth = space.blocks_removed
         params["blocks_removed"] = trial.suggest_int("blocks_removed", depth.low, depth.high, step=depth.step)
+    if space.block_ranking != DEFAULT_RANKING:  # a one-choice default adds no parameter
+        params["block_ranking"] = trial.suggest_categorical("block_ranking", list(space.block_ranking))
     if space.layout != (DEFAULT_LAYOUT,):  # a one-choice space adds no parameter: older studies still match
         params["layout"] = trial.suggest_categorical("layout", list(space.layout))
     if params.get("layout") == "shared":  # where the experts start matters to the shared layout only
@@ -88,6 +91,8 @@ def baseline_params(space: Space) -> dict:
         params["views"] = min(space.views)
     if space.blocks_removed != NO_DEPTH:
         params["blocks_removed"] = 0
+    if space.block_ranking != DEFAULT_RANKING:
+        params["block_ranking"] = space.block_ranking[0]
     if space.layout != (DEFAULT_LAYOUT,):
         params["layout"] = space.layout[0]
         if params["layout"] == "shared":

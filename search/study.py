@@ -20,7 +20,7 @@ from pipelines.errors import CompressionError, ConfigError
 from pipelines.reference_accuracy import reference_warning
 from search.config import SearchConfig, dump_config, load_config, parse_config
 from search.evaluation import TrialContext
-from search.latency import check_engine, study_reference
+from search.latency import check_engine, study_block_time, study_reference
 from search.objective import DIRECTIONS, OBJECTIVES, Objective, is_repeat, reference_missing
 from search.progress import Progress, configure_worker_logging
 from search.record import TrialRecord
@@ -175,6 +175,7 @@ def run_search(
     # Teachers ready, no trial running yet: the machine is as quiet as this study will see it. The engine
     # and the teacher's latency are chosen once and stored; workers and resumed runs read them.
     context.latency = study_reference(cfg, data, context.teacher, folder, study)
+    study_block_time(cfg, data, context.teacher, folder, context.latency)
     if cfg.study.enqueue_baseline and reference_missing(study):
         # A new study, or one whose reference was interrupted: queued again (the interrupted one has the
         # same parameters, so skip_if_exists, which lets machines started together enqueue it once, is

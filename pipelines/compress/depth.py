@@ -9,7 +9,10 @@ Bottleneck without ``downsample``, MobileNetV2 InvertedResidual with ``use_res_c
 
 Which blocks: greedily, the block whose bypass changes the model's output least (KL divergence of the
 softmax outputs from the unreduced model's, on a fixed sample of unlabelled images). It needs no labels,
-measures what distillation then has to recover, and costs one forward pass per candidate and step.
+measures what distillation then has to recover, and costs one forward pass per candidate and step. With
+``ranking: latency`` the change is divided by the block's share of the deployed latency
+(:mod:`pipelines.deploy.block_time`): blocks of equal MACs cost unequal time, and a slow block whose
+removal changes the output a little more than a fast one's is the better trade.
 """
 
 from __future__ import annotations
@@ -22,11 +25,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipelines.errors import CompressionError, ConfigError
+from pipelines.errors import CompressionError, ConfigError, unknown_name
 from pipelines.measure import count_macs, forward_with_hooks
 from pipelines.models import BasicBlock
 
-__all__ = ["DepthConfig", "DepthResult", "RemovedBlock", "removable_blocks", "remove_blocks"]
+__all__ = ["RANKINGS", "DepthConfig", "DepthResult", "RemovedBlock", "removable_blocks", "remove_blocks"]
+
+RANKINGS = ("output", "latency")  # DepthConfig.ranking
 
 
 class RemovedBlock(nn.Identity):
@@ -37,10 +42,15 @@ class RemovedBlock(nn.Identity):
 @dataclass(frozen=True)
 class DepthConfig:
     """``blocks_removed``: how many removable blocks to remove, as a count (int >= 0) or a fraction of
-    them (float in [0, 1]). ``scoring_images``: how many images (a fixed sample) rank the blocks."""
+    them (float in [0, 1]). ``scoring_images``: how many images (a fixed sample) rank the blocks.
+    ``ranking``: ``output`` (least output change first) or ``latency`` (least output change per share of
+    latency saved, the shares in ``block_time``: (block name, share) pairs, measured on the deployed engine
+    by :func:`pipelines.deploy.block_time.block_time_shares`)."""
 
     blocks_removed: int | float = 0
     scoring_images: int = 64
+    ranking: str = "output"
+    block_time: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self) -> None:
         value = self.blocks_removed
@@ -59,6 +69,13 @@ class DepthConfig:
             raise ConfigError(
                 f"depth.scoring_images: {self.scoring_images} is out of range; use 1 to 100000."
             )
+        if self.ranking not in RANKINGS:
+            raise unknown_name("depth.ranking", self.ranking, RANKINGS)
+        for name, share in self.block_time:
+            if not 0.0 < share <= 1.0:
+                raise ConfigError(
+                    f"depth.block_time: {name} has share {share}; a block's share of latency is in (0, 1]."
+                )
 
     @property
     def active(self) -> bool:
@@ -134,6 +151,21 @@ def _scoring_sample(images: torch.Tensor, count: int) -> torch.Tensor:
     return images[torch.randperm(len(images), generator=generator)[:count]]
 
 
+def _costs(cfg: DepthConfig, candidates: list[str]) -> dict[str, float]:
+    """What a block's output change is divided by: 1 for ``output``, its latency share for ``latency``."""
+    if cfg.ranking == "output":
+        return dict.fromkeys(candidates, 1.0)
+    shares = dict(cfg.block_time)
+    missing = [name for name in candidates if name not in shares]
+    if missing:
+        raise ConfigError(
+            f"depth.ranking: 'latency' needs each removable block's share of latency, but depth.block_time has "
+            f"none for {', '.join(missing)}. Measure them with pipelines.deploy.block_time.block_time_shares "
+            "on this model, or use ranking 'output'."
+        )
+    return shares
+
+
 def remove_blocks(
     model: nn.Module, cfg: DepthConfig, images: torch.Tensor, example_input: torch.Tensor | None = None
 ) -> DepthResult:
@@ -163,6 +195,7 @@ def remove_blocks(
         )
     removed: list[str] = []
     scores: dict[str, float] = {}
+    cost = _costs(cfg, candidates) if wanted > 0 else {}
     if wanted > 0:
         sample = _scoring_sample(images, cfg.scoring_images)
         with torch.no_grad():
@@ -177,8 +210,11 @@ def remove_blocks(
                     divergence[name] = float(
                         F.kl_div(output, reference, log_target=True, reduction="batchmean")
                     )
-                # the least harmful block; ties (e.g. zero-initialised branches) go to the earliest one
-                chosen = min(remaining, key=lambda name: (divergence[name], remaining.index(name)))
+                # the least harmful block (per time saved); ties (e.g. zero-initialised branches) go to the
+                # earliest one
+                chosen = min(
+                    remaining, key=lambda name: (divergence[name] / cost[name], remaining.index(name))
+                )
                 _replace(shallow, chosen, RemovedBlock())
                 remaining.remove(chosen)
                 removed.append(chosen)

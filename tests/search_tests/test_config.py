@@ -298,6 +298,17 @@ def test_valid_sampler_options_pass() -> None:
         ({"constraints": {"min_accuracy": float("-inf")}}, ["constraints.min_accuracy", "-inf"]),
         ({"constraints": {"max_routing_share": 0}}, ["constraints.max_routing_share", "0", "(0, 1]", "null"]),
         ({"constraints": {"max_routing_share": 1.5}}, ["constraints.max_routing_share", "1.5", "(0, 1]"]),
+        ({"constraints": {"max_latency_per_mac": 0}}, ["constraints.max_latency_per_mac", "0", "(0, 100]"]),
+        (
+            {"constraints": {"max_latency_per_mac": 1.5}, "measure": {"throughput_batch": None}},
+            ["constraints.max_latency_per_mac", "1.5", "measure.throughput_batch is null", "(e.g. 64)"],
+        ),
+        (
+            {"constraints": {"max_latency_per_mac": 1.5}, "measure": {"latency": "predicted"}},
+            ["constraints.max_latency_per_mac", "'predicted'", "measure.latency: measured"],
+        ),
+        ({"measure": {"throughput_batch": 1}}, ["measure.throughput_batch", "1"]),
+        ({"measure": {"throughput_batch": 4096}}, ["measure.throughput_batch", "4096"]),
         ({"model": {"width": float("nan")}}, ["model.width", "nan"]),
         ({"model": {"kwargs": {"dropout": float("inf")}}}, ["model.kwargs.dropout", "inf"]),
         ({"study": {"timeout_minutes": float("inf")}}, ["study.timeout_minutes", "inf", "null"]),

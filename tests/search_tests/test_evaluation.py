@@ -90,6 +90,11 @@ def test_a_trial_is_timed_against_the_teacher_and_scored_by_the_ratio(tiny_data,
     for stats in (measured.latency, measured.teacher_latency):  # the raw numbers of both, same rounds
         assert 0 < stats["min_ms"] <= stats["median_ms"] and stats["repeats"] == 6 and stats["batch"] == 1
     assert "onnxruntime" in measured.latency["backend"] and 0.0 <= measured.routing_share <= 1.0
+    # also timed at measure.throughput_batch against the teacher at that batch, and put beside its MACs ratio
+    for stats in (measured.batch_latency, measured.teacher_batch_latency):
+        assert stats["batch"] == 64 and 0 < stats["min_ms"] <= stats["median_ms"]
+    assert measured.macs_ratio == pytest.approx(measured.mmacs / context.teacher_mmacs)
+    assert measured.latency_per_mac == pytest.approx(measured.batch_latency_ratio / measured.macs_ratio)
     assert reference_bundle(study).exists()
     record = TrialRecord(measurement=measured)
     assert TrialRecord.from_dict(record.to_dict(), "trial").measurement == measured  # stored as it is

@@ -80,6 +80,31 @@ def test_folders_hycomp_did_not_write_are_refused_even_with_force(tmp_path: Path
     assert _tree(tmp_path) == before
 
 
+@pytest.mark.parametrize(("ratio", "verdict"), [(0.6, "over"), (0.4, "within")])
+def test_an_export_is_held_to_the_latency_per_mac(ratio: float, verdict: str, caplog) -> None:
+    """The export report says whether model.onnx's latency ratio to the teacher at the throughput batch is
+    within constraints.max_latency_per_mac times its MACs ratio, and warns when it is not."""
+    from search.config import SearchConfig
+    from search.export import _check_latency_per_mac
+    from search.export_report import _against_teacher_line
+
+    row = {
+        "batch": 64, "latency_ratio": ratio, "min_ms": 1.0, "teacher_min_ms": 2.0, "macs_ratio": 0.3,
+        "ratio_over_macs": ratio / 0.3, "engine": "onnxruntime 1.32.0", "threads": 1,
+    }  # fmt: skip
+    report = {"exported": {"against_teacher": {"batch_64": row}}}
+    cfg = SearchConfig().replace(constraints={"max_latency_per_mac": 1.5})
+    _check_latency_per_mac(report, cfg, 7)
+    limit = report["exported"]["latency_per_mac_limit"]
+    assert limit == {"batch": 64, "max_latency_per_mac": 1.5, "latency_per_mac": pytest.approx(ratio / 0.3)}
+    line = _against_teacher_line(report["exported"]["against_teacher"], limit)[0]
+    assert f"At batch 64: {verdict} constraints.max_latency_per_mac 1.50x" in line
+    assert ("over constraints.max_latency_per_mac" in caplog.text) == (verdict == "over")
+    unlimited = {"exported": {"against_teacher": {"batch_64": row}}}
+    _check_latency_per_mac(unlimited, SearchConfig(), 8)  # no limit set: nothing to hold it to
+    assert "latency_per_mac_limit" not in unlimited["exported"]
+
+
 @pytest.mark.parametrize(("share", "verdict"), [(0.2, "over"), (0.05, "within")])
 def test_a_multi_expert_export_is_held_to_the_routing_share(share: float, verdict: str, caplog) -> None:
     """The export report says whether model.onnx's batch-1 gate + routing share on the study's engine is

@@ -212,3 +212,41 @@ def test_a_study_with_trials_timed_alone_is_warned_about(
             _timer({"onnxruntime": 1.0, "openvino": 2.0}),
         )
     assert "1 completed trial(s) were timed alone" in caplog.text and "--remeasure" in caplog.text
+
+
+def test_block_time_is_measured_once_for_a_space_that_ranks_by_latency(tmp_path, monkeypatch) -> None:
+    """study_block_time measures each block's share at measure.throughput_batch on the study's engine and keeps
+    it in the study folder; a space without latency ranking (or without removed blocks) measures nothing;
+    a missing file names the fix."""
+    import pytest
+    import torch
+
+    from pipelines.errors import ConfigError
+    from search import latency
+    from search.config import parse_config
+    from search.latency import BLOCK_TIME_FILE, LatencyReference, read_block_time, study_block_time
+
+    calls = []
+
+    def fake(teacher, images, *, engine, threads, batch):
+        calls.append((engine, threads, batch, len(images)))
+        return {"layers.0.1": 0.17, "layers.2.2": 0.05}
+
+    monkeypatch.setattr(latency, "block_time_shares", fake)
+    data = type("Data", (), {"train": type("Split", (), {"images": torch.zeros(300, 3, 8, 8)})()})()
+    reference = LatencyReference("openvino", "2026.4", 1, 1, 0.2, 0.25)
+    plain = parse_config({"space": {"blocks_removed": {"low": 0, "high": 4}}})
+    study_block_time(plain, data, None, tmp_path, reference)
+    assert calls == [] and not (tmp_path / BLOCK_TIME_FILE).exists()
+    with pytest.raises(ConfigError, match="re-run `hycomp search`"):
+        read_block_time(tmp_path)
+    ranked = parse_config(
+        {
+            "space": {"blocks_removed": {"low": 0, "high": 4}, "block_ranking": ["latency"]},
+            "measure": {"throughput_batch": 32},
+        }
+    )
+    study_block_time(ranked, data, None, tmp_path, reference)
+    study_block_time(ranked, data, None, tmp_path, reference)  # a resumed run or a worker: kept, not re-timed
+    assert calls == [("openvino", 1, 32, 128)]
+    assert read_block_time(tmp_path) == {"layers.0.1": 0.17, "layers.2.2": 0.05}

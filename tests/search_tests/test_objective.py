@@ -167,6 +167,37 @@ def test_a_compute_budget_rejects_configurations_before_training(
         assert t.values[1] <= 1.6 and t.constraints == expected
 
 
+@pytest.mark.slow
+def test_a_latency_ranked_depth_search_times_its_blocks_once_and_records_batch_figures(
+    tmp_path: Path, synthetic_root: Path, monkeypatch
+) -> None:
+    """A space ranking removed blocks by latency: the study measures the teacher's block shares once, in its
+    folder, before any trial; each trial removes its block by them and is also timed at the throughput
+    batch, its latency per MAC a constraint."""
+    from search.latency import BLOCK_TIME_FILE
+
+    monkeypatch.setenv("HYCOMP_RESULTS", str(tmp_path / "results"))
+    space = _tiny_space(tmp_path, synthetic_root, "ranked", trials=1)
+    mapping = yaml.safe_load(space.read_text())
+    mapping["space"].update(
+        blocks_removed={"low": 1, "high": 1}, block_ranking=["latency"], num_experts={"low": 1, "high": 1}
+    )
+    mapping["study"]["enqueue_baseline"] = False
+    mapping["measure"]["throughput_batch"] = 8
+    mapping["constraints"]["max_latency_per_mac"] = 50.0
+    space.write_text(yaml.safe_dump(mapping))
+    assert main(["search", "--space", str(space), "--no-progress"]) == 0
+    folder = tmp_path / "results" / "ranked"
+    block_time = json.loads((folder / BLOCK_TIME_FILE).read_text())
+    assert block_time["batch"] == 8 and list(block_time["shares"]) == ["layers.0.0"]  # ResNet-8's one block
+    study = optuna.load_study(study_name="ranked", storage=f"sqlite:///{folder / 'study.db'}")
+    (trial,) = study.get_trials(states=(TrialState.COMPLETE,))
+    assert trial.params["block_ranking"] == "latency" and trial.params["blocks_removed"] == 1
+    measured = TrialRecord.of(trial).measurement
+    assert measured.batch_latency["batch"] == 8 and measured.teacher_batch_latency["batch"] == 8
+    assert trial.constraints["latency_per_mac"] == pytest.approx(measured.latency_per_mac - 50.0)
+
+
 def test_a_multi_expert_model_over_the_routing_share_is_infeasible() -> None:
     """constraints.max_routing_share binds the model.onnx share of multi-expert trials only; null lifts it."""
     from dataclasses import replace
@@ -194,6 +225,35 @@ def test_a_multi_expert_model_over_the_routing_share_is_infeasible() -> None:
     assert constraints(SINGLE_FILE, 0.05, 0.1) == {"routing_share": pytest.approx(-0.05)}
     assert constraints(PER_EXPERT_FILES, 0.25, 0.1) == {}  # a single net's numpy-glue share binds nothing
     assert constraints(SINGLE_FILE, 0.25, None) == {}
+
+
+def test_a_model_whose_latency_falls_slower_than_its_macs_is_infeasible() -> None:
+    """constraints.max_latency_per_mac binds the latency ratio at the throughput batch over the MACs ratio,
+    wherever it was timed; null lifts it."""
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from search.config import SearchConfig
+    from search.objective import Objective
+    from tests.helpers import made_up_record
+
+    def constraints(batch_ratio: float | None, macs_ratio: float, limit: float | None) -> dict:
+        cfg = SearchConfig().replace(constraints={"max_latency_per_mac": limit})
+        objective = Objective.__new__(Objective)
+        objective.ctx = SimpleNamespace(cfg=cfg)
+        record = made_up_record()
+        measured = replace(record.measurement, batch_latency_ratio=batch_ratio, macs_ratio=macs_ratio)
+        study = optuna.create_study(directions=["maximize", "minimize", "minimize"])
+        trial = study.ask()
+        objective._set_constraints(trial, replace(record, measurement=measured))
+        study.tell(trial, [0.9, 1.0, 0.1])
+        return study.trials[0].constraints
+
+    # x0.6 the teacher at 0.3 of its MACs: 2.0x, over 1.5
+    assert constraints(0.6, 0.3, 1.5) == {"latency_per_mac": pytest.approx(0.5)}
+    assert constraints(0.4, 0.3, 1.5) == {"latency_per_mac": pytest.approx(0.4 / 0.3 - 1.5)}  # within
+    assert constraints(None, 0.3, 1.5) == {}  # not timed at the batch (predicted latency): nothing to bind
+    assert constraints(0.6, 0.3, None) == {}
 
 
 @pytest.mark.slow

@@ -153,3 +153,31 @@ def test_a_retimed_routing_share_replaces_the_search_time_one_in_the_constraint(
     assert quiet.loc[2, "feasible"] and quiet.loc[2, "on_front"]
     assert quiet.loc[2, "routing_share"] == pytest.approx(0.08)
     assert not bool(trials_table(study, {2: Retimed(0.5, 0.12)}).set_index("trial").loc[2, "feasible"])
+
+
+def test_a_retimed_latency_per_mac_replaces_the_search_time_one_in_the_constraint() -> None:
+    """Over constraints.max_latency_per_mac at search time (2.0 > 1.5), within it quietly (1.2): feasible and
+    on the front; the table shows the figure it was judged on."""
+    from dataclasses import replace
+
+    from search.pareto import Retimed, display_columns
+    from tests.helpers import made_up_record
+
+    study = make_study(POINTS[:2])
+    record = made_up_record(accuracy=0.98, mmacs=5.0)
+    measured = replace(record.measurement, batch_latency_ratio=0.6, macs_ratio=0.3)
+    study.add_trial(
+        optuna.trial.create_trial(
+            params={"sparsity": 0.5, "pruner": "l1", "bits": 8, "num_experts": 1, "top_k": 1, "gate_size": 4},
+            distributions=DISTRIBUTIONS,
+            values=[0.98, 5.0, 0.5],
+            user_attrs=replace(record, measurement=measured).user_attrs(),
+            system_attrs={"constraints:latency_per_mac": 2.0 - 1.5},
+        )
+    )
+    searched = trials_table(study).set_index("trial")
+    assert not searched.loc[2, "feasible"] and searched.loc[2, "latency_per_mac"] == pytest.approx(2.0)
+    quiet = trials_table(study, {2: Retimed(0.5, None, 1.2)}).set_index("trial")
+    assert quiet.loc[2, "feasible"] and quiet.loc[2, "on_front"]
+    assert display_columns(quiet.reset_index()).set_index("trial").loc[2, "latency_per_mac"] == "1.20x"
+    assert not bool(trials_table(study, {2: Retimed(0.5, None, 1.6)}).set_index("trial").loc[2, "feasible"])

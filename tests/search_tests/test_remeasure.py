@@ -204,3 +204,50 @@ def test_a_moe_kept_off_the_front_by_its_search_time_routing_share_is_re_timed(
         3 in front.index and front.loc[3, "routing_share"] == pytest.approx(0.05) and front.loc[3, "feasible"]
     )
     assert "20.0%" in out and "5.0%" in out  # search-time and quiet shares side by side
+
+
+def test_a_model_kept_off_the_front_by_its_search_time_latency_per_mac_is_re_timed(
+    study_folder: Path, fake_timing: list[int], monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """Trial 3 is the most accurate, but at search time it ran x0.6 the teacher at batch 64 on 0.3 of its
+    MACs: 2.0x, over max_latency_per_mac 1.5, off the front. Quietly it runs x0.36 (1.2x): --remeasure
+    re-times it at the batch the search used, and it joins the front, the search-time figure kept."""
+    shutil.copytree(study_folder / "trials" / "trial_0", study_folder / "trials" / "trial_3")
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{study_folder / 'study.db'}")
+    record = TrialRecord.from_dict(recorded(config={"num_experts": 1})[RECORD_KEY], "trial")
+    measured = replace(
+        record.measurement, val_accuracy=0.95, latency_ms=0.7, latency_ratio=0.35, macs_ratio=0.3,
+        batch_latency_ratio=0.6, batch_latency={"batch": 64, "min_ms": 6.0, "median_ms": 6.5},
+    )  # fmt: skip
+    study.add_trial(
+        optuna.trial.create_trial(
+            values=[0.95, 1.0, 0.7],
+            user_attrs=replace(record, measurement=measured).user_attrs(),
+            system_attrs={"constraints:latency_per_mac": 0.6 / 0.3 - 1.5},
+        )
+    )
+    monkeypatch.setitem(POINTS, 3, (0.95, 0.7, 0.7))
+    batch_one = remeasure.time_against_teacher
+    batches = []
+
+    def against_teacher(bundle, teacher, image, reference, *, rounds, calls_per_round, warmup=5):
+        if len(image) == 1:
+            return batch_one(bundle, teacher, image, reference, rounds=4, calls_per_round=calls_per_round)
+        batches.append(len(image))
+        stats = InterleavedStats(_stats(7.2), _stats(20.0), 0.36, 0.35, 0.36, [0.36], rounds, calls_per_round)
+        return stats, None
+
+    monkeypatch.setattr(remeasure, "time_against_teacher", against_teacher)
+    assert main(["front", str(study_folder)]) == 0
+    capsys.readouterr()
+    assert 3 not in set(pd.read_csv(study_folder / "front.csv")["trial"])  # infeasible at search time
+    assert main(["front", str(study_folder), "--remeasure", "--rounds", "4"]) == 0
+    out = capsys.readouterr().out
+    assert 3 in fake_timing and batches == [64]  # the others were not timed at a batch by the search
+    assert load_remeasured(study_folder)[3].latency_per_mac == pytest.approx(1.2)
+    sidecar = json.loads((study_folder / SIDECAR).read_text())
+    assert sidecar["trials"]["3"]["search_time"]["latency_per_mac"] == pytest.approx(2.0)
+    front = pd.read_csv(study_folder / "front.csv").set_index("trial")
+    assert 3 in front.index and front.loc[3, "feasible"]
+    assert front.loc[3, "latency_per_mac"] == pytest.approx(1.2)
+    assert "2.00x" in out and "1.20x" in out  # search-time and quiet side by side

@@ -102,3 +102,33 @@ def test_expert_training_is_a_parameter_only_when_there_is_a_choice() -> None:
     del params["expert_training"]
     assert hybrid_config(params, cfg.model).moe.expert_training == "joint"  # a study without it: joint
     assert baseline_params(cfg.space)["expert_training"] == "joint"
+
+
+def test_block_ranking_is_a_parameter_only_when_there_is_a_choice_and_latency_reads_the_shares() -> None:
+    """The default (output only) adds no parameter; 'latency' hands the study's block shares to the depth
+    config, asked for only then; a ranking the pipelines lack is refused with the field named."""
+    import pytest
+
+    from pipelines.errors import ConfigError
+
+    study = optuna.create_study(directions=["maximize", "minimize", "minimize"])
+    assert "block_ranking" not in suggest(study.ask(), parse_config({}).space)
+    cfg = parse_config(
+        {"space": {"blocks_removed": {"low": 0, "high": 6}, "block_ranking": ["output", "latency"]}}
+    )
+    trial = study.ask()
+    params = suggest(trial, cfg.space)
+    assert params["block_ranking"] in ("output", "latency")
+    assert baseline_params(cfg.space)["block_ranking"] == "output"
+    asked = []
+
+    def shares() -> dict[str, float]:
+        asked.append(True)
+        return {"layers.0.1": 0.17, "layers.2.2": 0.05}
+
+    depth = hybrid_config({**params, "block_ranking": "latency"}, cfg.model, shares).depth
+    assert depth.ranking == "latency" and depth.block_time == (("layers.0.1", 0.17), ("layers.2.2", 0.05))
+    depth = hybrid_config({**params, "block_ranking": "output"}, cfg.model, shares).depth
+    assert depth.ranking == "output" and depth.block_time == () and len(asked) == 1
+    with pytest.raises(ConfigError, match=r"space.block_ranking.*'fast'"):
+        parse_config({"space": {"block_ranking": ["fast"]}})

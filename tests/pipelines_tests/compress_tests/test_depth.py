@@ -133,3 +133,35 @@ def test_torchvision_resnet18_loses_blocks_without_a_downsample() -> None:
     assert result.macs_after < result.macs_before
     with torch.no_grad():
         assert result.model(EXAMPLE).shape == (2, 8)
+
+
+def test_latency_ranking_trades_output_change_for_time_saved(resnet20: nn.Module) -> None:
+    """ranking 'latency' divides each block's output change by its share of latency: with every share
+    equal it picks what 'output' picks; a block given a hundredfold share goes first, whatever its change."""
+    names = removable_blocks(resnet20, EXAMPLE)
+    by_output = remove_blocks(resnet20, DepthConfig(blocks_removed=2), IMAGES).removed
+    equal = tuple((name, 0.1) for name in names)
+    assert (
+        remove_blocks(resnet20, DepthConfig(2, ranking="latency", block_time=equal), IMAGES).removed
+        == by_output
+    )
+    last = next(name for name in reversed(names) if name not in by_output)  # not chosen on its output change
+    slow = tuple((name, 0.9 if name == last else 0.009) for name in names)
+    latency = remove_blocks(resnet20, DepthConfig(1, ranking="latency", block_time=slow), IMAGES)
+    assert latency.removed == (last,)
+    with pytest.raises(ConfigError, match=r"depth.block_time has none for layers.2.2.*ranking 'output'"):
+        remove_blocks(resnet20, DepthConfig(1, ranking="latency", block_time=equal[:-1]), IMAGES)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "words"),
+    [
+        ({"ranking": "speed"}, ["depth.ranking", "speed", "output", "latency"]),
+        ({"block_time": (("layers.0.1", 0.0),)}, ["depth.block_time", "layers.0.1", "(0, 1]"]),
+        ({"block_time": (("layers.0.1", 1.5),)}, ["depth.block_time", "1.5"]),
+    ],
+)
+def test_a_bad_ranking_or_share_is_a_config_error(kwargs: dict, words: list[str]) -> None:
+    with pytest.raises(ConfigError) as error:
+        DepthConfig(1, **kwargs)
+    assert all(word in str(error.value) for word in words)
