@@ -39,6 +39,7 @@ _COLUMNS = {
     "achieved_sparsity": "sparsity",
     "expert_init": "experts from",
     "blocks_removed": "blocks removed",
+    "block_ranking": "blocks by",
     "routing_share": "routing share",
     "latency_per_mac": "latency/MACs",
 }
@@ -157,6 +158,7 @@ def trials_table(study: optuna.Study, latency: Latencies | None = None) -> pd.Da
                 "pruner": config.get("pruner"),
                 "sparsity": config.get("sparsity"),
                 "blocks_removed": config.get("blocks_removed", 0),
+                "block_ranking": config.get("block_ranking", "output"),
                 "bits": config.get("bits"),
                 "num_experts": config.get("num_experts"),
                 "top_k": config.get("effective_top_k", config.get("top_k")),
@@ -293,6 +295,7 @@ DISPLAY_COLUMNS = (
     "size_kb",
     "sparsity",
     "blocks_removed",
+    "block_ranking",
     "pruner",
     "bits",
     "num_experts",
@@ -324,10 +327,17 @@ def _times(value) -> str:
 
 def display_columns(table: pd.DataFrame) -> pd.DataFrame:
     """The columns a person reads, in reading order (those the table has; ``blocks_removed`` only where a
-    trial removed blocks, ``routing_share`` and ``latency_per_mac`` only where measured)."""
+    trial removed blocks, ``block_ranking`` only where a trial ranked them by latency, ``routing_share`` and
+    ``latency_per_mac`` only where measured)."""
     columns = [column for column in DISPLAY_COLUMNS if column in table.columns]
     if "blocks_removed" in columns and not (table["blocks_removed"].fillna(0) != 0).any():
         columns.remove("blocks_removed")
+    if "block_ranking" in columns and (
+        "blocks_removed" not in columns or (table["block_ranking"] == "output").all()
+    ):
+        columns.remove(
+            "block_ranking"
+        )  # nothing removed, or every trial ranked by output change (the default)
     for measured in ("routing_share", "latency_per_mac"):  # none measured: no multi-expert model.onnx, or
         if measured in columns and table[measured].isna().all():  # no throughput batch (older studies)
             columns.remove(measured)
@@ -355,6 +365,7 @@ def format_table(
             "size_kb": baseline.get("size_bytes_fp32", 0) / 1024,
             "sparsity": 0.0,
             "blocks_removed": 0,
+            "block_ranking": "-",
             "pruner": "-",
             "bits": 32,
             "num_experts": 1,
@@ -368,7 +379,7 @@ def format_table(
             "engine": "torch",
             "feasible": "",
         }
-        for column in ("blocks_removed", "routing_share", "latency_per_mac"):
+        for column in ("blocks_removed", "block_ranking", "routing_share", "latency_per_mac"):
             if column not in shown.columns:
                 del reference[column]
         if latency is not None:  # the yardstick the trials were timed against

@@ -69,6 +69,55 @@ def trained_trials(
     return found
 
 
+def _batch_columns(record: TrialRecord, quiet: dict) -> dict:
+    """The search's ratio to the teacher at its throughput batch beside the quiet one at that batch, and the
+    latency per MAC of each (none where the search timed no batch or the benchmark not that one)."""
+    measured = record.measurement
+    batch = (measured.batch_latency or {}).get("batch")
+    if batch not in quiet or not measured.macs_ratio:
+        return {}
+    return {
+        "batch": batch,
+        "search_batch_ratio": measured.batch_latency_ratio,
+        "quiet_batch_ratio": quiet[batch].ratio,
+        "search_latency_per_mac": measured.latency_per_mac,
+        "quiet_latency_per_mac": quiet[batch].ratio / measured.macs_ratio,
+    }
+
+
+def _batch_block(comparison: list[dict], limit: float | None) -> dict:
+    """Spearman of search-time against quiet ratios at the throughput batch, and how many models fall on the
+    same side of the latency-per-MAC limit (the study's, else 1.5) both times."""
+    rows = [row for row in comparison if "quiet_batch_ratio" in row]
+    if len(rows) < 2:
+        return {}
+    limit = limit or 1.5
+    same = sum(
+        (row["search_latency_per_mac"] <= limit) == (row["quiet_latency_per_mac"] <= limit) for row in rows
+    )
+    return {
+        "spearman_batch_search_vs_quiet": spearman(
+            [row["search_batch_ratio"] for row in rows], [row["quiet_batch_ratio"] for row in rows]
+        ),
+        "batch_models": len(rows),
+        "batch": rows[0]["batch"],
+        "latency_per_mac_limit": limit,
+        "latency_per_mac_same_side": same,
+        "latency_per_mac_within_quiet": sum(row["quiet_latency_per_mac"] <= limit for row in rows),
+    }
+
+
+def _batch_lines(block: dict) -> list[str]:
+    if "spearman_batch_search_vs_quiet" not in block:
+        return []
+    return [
+        f"- At batch {block['batch']} (`measure.throughput_batch`): Spearman, search-time vs quiet ratio to the "
+        f"teacher, **{block['spearman_batch_search_vs_quiet']:.3f}** over {block['batch_models']} models; "
+        f"{block['latency_per_mac_same_side']} of them on the same side of latency per MAC "
+        f"{block['latency_per_mac_limit']:.2f}x both times ({block['latency_per_mac_within_quiet']} within it quietly)"
+    ]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("study", help="study folder (results/<name>)")
@@ -160,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
                 "quiet_min_ratio": one.candidate.min_ms / one.reference.min_ms,
                 "predicted_ms": predicted,
                 "predicted_ratio": None if predicted is None else predicted / teacher_predicted,
+                **_batch_columns(record, quiet),
             }
         )
         print(
@@ -187,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
                 [row["quiet_min_ratio"] for row in with_prediction],
             ).items()
         },
+        **_batch_block(comparison, cfg.constraints.max_latency_per_mac),
         "teacher_predicted_ms": teacher_predicted,
         "models": len(comparison),
         "predicted_models": len(with_prediction),
@@ -226,6 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         f"- Predicted vs quiet measured: MAPE **{(block['predicted_mape'] or float('nan')) * 100:.1f}%**, "
         f"within 10% on **{(block['predicted_within_10pct'] or float('nan')) * 100:.0f}%** of "
         f"{block['predicted_models']} models",
+        *_batch_lines(block),
         f"- The same as ratios to the teacher: MAPE {(block['predicted_ratio_mape'] or float('nan')) * 100:.1f}%, "
         f"within 10% on {(block['predicted_ratio_within_10pct'] or float('nan')) * 100:.0f}% (the teacher "
         f"predicted {teacher_predicted:.4f} ms)",

@@ -125,6 +125,34 @@ def test_study_latency_comparisons_can_fail() -> None:
     assert summary["predicted_within_10pct"] == pytest.approx(2 / 3)
 
 
+def test_study_latency_compares_the_throughput_batch_and_counts_sides_of_the_limit() -> None:
+    """Each model's search-time ratio at its throughput batch beside the quiet one; the block ranks them and
+    counts the models on the same side of the latency-per-MAC limit both times (one crosses it here)."""
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from search.benchmarks.study_latency import _batch_block, _batch_columns, _batch_lines
+    from tests.helpers import made_up_record
+
+    rows = []
+    for search, quiet in ((0.40, 0.41), (0.50, 0.52), (0.62, 0.58), (0.70, 0.75)):
+        record = made_up_record()
+        measured = replace(
+            record.measurement, batch_latency_ratio=search, batch_latency={"batch": 64}, macs_ratio=0.4
+        )
+        rows.append(_batch_columns(replace(record, measurement=measured), {64: SimpleNamespace(ratio=quiet)}))
+    assert rows[2] == {
+        "batch": 64, "search_batch_ratio": 0.62, "quiet_batch_ratio": 0.58,
+        "search_latency_per_mac": pytest.approx(1.55), "quiet_latency_per_mac": pytest.approx(1.45),
+    }  # fmt: skip
+    block = _batch_block(rows, 1.5)
+    assert block["spearman_batch_search_vs_quiet"] == pytest.approx(1.0) and block["batch_models"] == 4
+    assert block["latency_per_mac_same_side"] == 3 and block["latency_per_mac_within_quiet"] == 3
+    assert "**1.000** over 4 models; 3 of them on the same side" in _batch_lines(block)[0]
+    assert _batch_columns(made_up_record(), {64: SimpleNamespace(ratio=0.5)}) == {}  # timed at batch 1 only
+    assert _batch_block([], None) == {} and _batch_lines({}) == []
+
+
 def test_expert_training_table_shows_each_mode_and_the_studys_numbers() -> None:
     from search.benchmarks.expert_training import table
 

@@ -181,3 +181,25 @@ def test_a_retimed_latency_per_mac_replaces_the_search_time_one_in_the_constrain
     assert quiet.loc[2, "feasible"] and quiet.loc[2, "on_front"]
     assert display_columns(quiet.reset_index()).set_index("trial").loc[2, "latency_per_mac"] == "1.20x"
     assert not bool(trials_table(study, {2: Retimed(0.5, None, 1.6)}).set_index("trial").loc[2, "feasible"])
+
+
+def test_the_block_ranking_column_shows_only_where_a_trial_ranked_by_latency() -> None:
+    import pandas as pd
+
+    from search.pareto import display_columns
+
+    table = pd.DataFrame(
+        {
+            "trial": [0, 1],
+            "blocks_removed": [0, 3],
+            "block_ranking": ["output", "output"],
+            "val_accuracy": [0.9, 0.8],
+        }
+    )
+    assert "block_ranking" not in display_columns(table).columns  # the default everywhere: nothing to read
+    table.loc[1, "block_ranking"] = "latency"
+    assert display_columns(table)["block_ranking"].tolist() == ["output", "latency"]
+    table["blocks_removed"] = 0
+    assert (
+        "block_ranking" not in display_columns(table).columns
+    )  # no block removed: the ranking chose nothing
