@@ -648,8 +648,14 @@ class ProfileCommand:
 
     def take_action(self, args: argparse.Namespace) -> int:
         from pipelines.deploy.kernel_profile import profile_kernels
-        from pipelines.deploy.latency_model import kernels_of, predict_deployed, predict_latency
+        from pipelines.deploy.latency_model import (
+            deployed_kernels,
+            kernels_of,
+            predict_deployed,
+            predict_latency,
+        )
         from pipelines.deploy.latency_table import default_table_path, load_table
+        from pipelines.deploy.manifest import SINGLE_FILE, read_manifest
         from pipelines.errors import ConfigError
         from search.workspace import results_root
 
@@ -662,7 +668,6 @@ class ProfileCommand:
             elif path.is_dir():
                 found = sorted(manifest.parent for manifest in path.rglob("manifest.json"))
                 bundles += found
-                files += [onnx for bundle in found for onnx in sorted(bundle.glob("*.onnx"))]
                 if not found:
                     files += sorted(path.rglob("*.onnx"))
             if not path.exists() or (not files and not bundles):
@@ -670,6 +675,16 @@ class ProfileCommand:
                     f"models: {text!r} is not an ONNX file or a folder holding bundles or ONNX files; pass a "
                     "deployed model (e.g. results/<study>/trials/trial_0/bundle)."
                 )
+        # A bundle is profiled as predict_deployed models it (gate and experts at each views batch; not its
+        # one-file model.onnx); a shared-trunk bundle, which it does not model, by its parts' kernels.
+        modelled = [bundle for bundle in bundles if read_manifest(bundle).layout == "separate"]
+        parts = [
+            onnx
+            for bundle in bundles
+            if bundle not in modelled
+            for onnx in sorted(bundle.glob("*.onnx"))
+            if onnx.name != SINGLE_FILE
+        ]
         table_path = (
             Path(args.profile)
             if args.profile
@@ -677,15 +692,17 @@ class ProfileCommand:
         )
         table = load_table(table_path, args.engine, args.threads, any_cpu=args.any_cpu)
         if not args.any_cpu:
-            timed = profile_kernels(
-                table, [kernel for path in files for kernel in kernels_of(path)], repeats=args.repeats
-            )
+            kernels = [kernel for path in files + parts for kernel in kernels_of(path)]
+            kernels += [kernel for bundle in modelled for kernel in deployed_kernels(bundle)]
+            timed = profile_kernels(table, kernels, repeats=args.repeats)
             table.save(table_path)
             print(f"timed {timed} new kernel(s); {len(table.kernels)} in {table_path}")
         for path in files:
             print(f"{path}\tpredicted {predict_latency(path, table):.4f} ms")
-        for bundle in bundles:
+        for bundle in modelled:
             print(f"{bundle}\tpredicted {predict_deployed(bundle, table):.4f} ms (bundle, batch 1)")
+        for bundle in sorted(set(bundles) - set(modelled)):
+            print(f"{bundle}\tnot predicted: a shared-trunk bundle (its parts' kernels were profiled)")
         return 0
 
 

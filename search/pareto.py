@@ -391,11 +391,27 @@ def format_table(
     return shown.to_string(index=False, float_format=lambda value: f"{value:.4g}")
 
 
+def _violations(trials: list) -> str:
+    """ " (<constraint>: <n> of <m> trials over, the closest <x> over; ...)" for the constraints the trials
+    recorded, each set as value - limit."""
+    parts = []
+    for name in sorted({name for trial in trials for name in trial.constraints}):
+        excess = [trial.constraints[name] for trial in trials if name in trial.constraints]
+        over = [value for value in excess if value > 0]
+        if over:
+            parts.append(
+                f"{name}: {len(over)} of {len(excess)} trials over, the closest {min(over):.4g} over"
+            )
+    return f" ({'; '.join(parts)})" if parts else ""
+
+
 def _exportable_front(study: optuna.Study, latency: Latencies | None = None) -> pd.DataFrame:
     front = front_table(study, latency)
     if front.empty:
         raise ConfigError(
-            "the Pareto front is empty: no completed trial satisfies the constraints. Relax them and re-run."
+            "the Pareto front is empty: no completed trial satisfies the constraints"
+            f"{_violations(completed_with_latency(study, latency))}. Relax them (the flags and constraints.* of "
+            "`hycomp search`) and search into a new study name: a trial's constraints are fixed when it runs."
         )
     # The enqueued uncompressed reference is on the front by construction; it is not a result to export.
     compressed = front[front["reference"] == ""]

@@ -362,14 +362,17 @@ def profile_kernels(
                 _empty_model(), table.engine, table.threads, repeats, scratch
             )
             table.overhead_ms.update(_time_moe_overheads(table.engine, table.threads, repeats, scratch))
-        session = table.overhead_ms.get("session", 0.0)
         boundaries: dict[tuple, float] = {}
+
+        def above_session(model: onnx.ModelProto) -> float:
+            """``model``'s time less an empty graph's timed right after it: the session's cost is most of a
+            small kernel's, and this VM's speed drifts (by 2 us a call within minutes), so it is taken anew."""
+            elapsed = _time_model(model, table.engine, table.threads, repeats, scratch)
+            return elapsed - _time_model(_empty_model(), table.engine, table.threads, repeats, scratch)
 
         def half_round_trip(shape: tuple[int, ...], precision: str = "int8") -> float:
             if (shape, precision) not in boundaries:
-                model = boundary_model(shape, precision)
-                round_trip = _time_model(model, table.engine, table.threads, repeats, scratch)
-                boundaries[shape, precision] = max(round_trip - session, 0.0) / 2
+                boundaries[shape, precision] = max(above_session(boundary_model(shape, precision)), 0.0) / 2
             return boundaries[shape, precision]
 
         def time(kernel: Kernel, repeat: int = 1) -> float:
@@ -385,9 +388,7 @@ def profile_kernels(
             if kernel.op == "reorder":
                 table.kernels[kernel.key()] = half_round_trip((kernel.batch, *kernel.in_shape), "fp32")
                 continue
-            elapsed = (
-                _time_model(kernel_model(kernel), table.engine, table.threads, repeats, scratch) - session
-            )
+            elapsed = above_session(kernel_model(kernel))
             if kernel.precision != "fp32" and kernel.op not in ("quantize", "dequantize"):
                 boundary_in = half_round_trip((kernel.batch, *kernel.in_shape)) * (
                     2 if kernel.op in ("add", "mul", "sum") else 1

@@ -30,6 +30,7 @@ __all__ = [
     "default_calls",
     "expert_calls",
     "predict_deployed",
+    "deployed_kernels",
 ]
 
 _QDQ = ("QuantizeLinear", "DequantizeLinear")
@@ -295,22 +296,34 @@ def bundle_kernels(gate: Path, experts: list[Path], views: int = 1) -> list[Kern
     return kernels
 
 
-def predict_deployed(
-    folder: Path, table: LatencyTable, precision: str | None = None, image: np.ndarray | None = None
-) -> float:
-    """Predicted batch-1 milliseconds of the bundle in ``folder`` (its manifest's precision by default), routed
-    as ``image`` routes (:func:`expert_calls`) or, without one, over distinct experts (:func:`default_calls`).
-    Kernels the table lacks are timed first when the table is this machine's, else interpolated."""
+def _bundle_files(folder: Path, precision: str | None = None):
+    """(manifest, gate file, expert files) of the separate-layout bundle in ``folder``."""
     from pipelines.deploy.manifest import file_names, read_manifest
 
-    manifest = read_manifest(Path(folder))
+    manifest = read_manifest(folder)
     if manifest.layout != "separate":
         raise ConfigError(
             f"measure.latency: 'predicted' models the separate layout only, and {folder} is a "
             f"{manifest.layout}-layout bundle (a trunk before the gate). Use measure.latency: measured."
         )
     gate_name, expert_names = file_names(manifest.num_experts, precision or manifest.precision)
-    gate, experts = Path(folder) / gate_name, [Path(folder) / name for name in expert_names]
+    return manifest, folder / gate_name, [folder / name for name in expert_names]
+
+
+def deployed_kernels(folder: Path) -> list[Kernel]:
+    """Every kernel the bundle in ``folder`` runs as :func:`predict_deployed` models it: its gate and experts
+    at each batch its views give (not its one-file ``model.onnx``, whose routing the table does not hold)."""
+    manifest, gate, experts = _bundle_files(Path(folder))
+    return bundle_kernels(gate, experts, manifest.views)
+
+
+def predict_deployed(
+    folder: Path, table: LatencyTable, precision: str | None = None, image: np.ndarray | None = None
+) -> float:
+    """Predicted batch-1 milliseconds of the bundle in ``folder`` (its manifest's precision by default), routed
+    as ``image`` routes (:func:`expert_calls`) or, without one, over distinct experts (:func:`default_calls`).
+    Kernels the table lacks are timed first when the table is this machine's, else interpolated."""
+    manifest, gate, experts = _bundle_files(Path(folder), precision)
     if table.cpu == cpu_description():
         profile_kernels(table, bundle_kernels(gate, experts, manifest.views))
     calls = (

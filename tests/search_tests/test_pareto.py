@@ -203,3 +203,15 @@ def test_the_block_ranking_column_shows_only_where_a_trial_ranked_by_latency() -
     assert (
         "block_ranking" not in display_columns(table).columns
     )  # no block removed: the ranking chose nothing
+
+
+def test_an_empty_front_says_which_constraint_every_trial_broke_and_by_how_much() -> None:
+    """Every trial over a 0.05 ms latency limit: export has nothing to pick, and says which constraint, how
+    many trials broke it, how close the closest came, and what to do."""
+    study = make_study(constraint=0.05)
+    with pytest.raises(ConfigError) as error:
+        pick_trial(study, policy="max-accuracy")
+    message = str(error.value)
+    closest = min(point[2] for point in POINTS) - 0.05
+    assert f"latency_ms: {len(POINTS)} of {len(POINTS)} trials over, the closest {closest:.4g} over" in message
+    assert "new study name" in message

@@ -47,3 +47,24 @@ def test_measure_latency_source_is_checked():
         parse_config({"measure": {"latency": "guessed"}})
     with pytest.raises(ConfigError, match="measure.profile"):
         parse_config({"measure": {"profile_any_cpu": True}})
+
+
+def test_profile_of_a_study_folder_times_what_the_bundles_run(tmp_path, capsys):
+    """A folder of bundles is profiled as the predictor models each bundle: its expert at every batch its
+    test-time views give (here 1 and 2), never the one-file model.onnx (whose view shapes are dynamic)."""
+    import torch
+
+    from pipelines.deploy.bundle import deploy_moe
+    from pipelines.models import build_model
+    from pipelines.moe import MoEConfig, build_moe
+
+    torch.manual_seed(0)
+    moe = build_moe(build_model("resnet8", 3, 4, 0.25), 3, MoEConfig(1, 1, 4, views=2), 0)
+    bundle = tmp_path / "study" / "trials" / "trial_0" / "bundle"
+    deploy_moe(moe, bundle, torch.randn(8, 3, 16, 16), int8=False)
+    assert (bundle / "model.onnx").exists()
+    table = tmp_path / "t.json"
+    assert main(["profile", str(tmp_path / "study"), "--profile", str(table), "--repeats", "3"]) == 0
+    batches = {key.rsplit("|b=", 1)[1] for key in load_table(table).kernels}
+    assert batches == {"1", "2"}
+    assert f"{bundle}\tpredicted" in capsys.readouterr().out
