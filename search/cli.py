@@ -242,7 +242,14 @@ class FrontCommand:
     def take_action(self, args: argparse.Namespace) -> int:
         from pipelines.errors import ConfigError
         from search.latency import stored_reference
-        from search.pareto import failures_table, format_table, front_table, repeat_count, trials_table
+        from search.pareto import (
+            empty_front_reason,
+            failures_table,
+            format_table,
+            front_table,
+            repeat_count,
+            trials_table,
+        )
         from search.plots import plot_front_html, plot_front_png
         from search.remeasure import DEFAULT_ROUNDS, SIDECAR, load_remeasured, remeasure_front
 
@@ -272,6 +279,8 @@ class FrontCommand:
         )
         print(format_table(shown, baseline, reference))
         print(_latency_note(table, reference, bool(remeasured)))
+        if front.empty and len(table) > repeats:
+            print(f"\nThe front is empty: {empty_front_reason(study, remeasured)}")
         failures = failures_table(study)
         if not failures.empty:
             print(f"\n{len(failures)} failed, rejected or stopped trial(s):")

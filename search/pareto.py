@@ -391,9 +391,19 @@ def format_table(
     return shown.to_string(index=False, float_format=lambda value: f"{value:.4g}")
 
 
+def empty_front_reason(study: optuna.Study, latency: Latencies | None = None) -> str:
+    """Why no completed trial is feasible, and what to do: each constraint the trials broke, how many broke
+    it and how close the closest came (``latency``: re-timed figures, as in :func:`trials_table`)."""
+    return (
+        f"no completed trial satisfies the constraints{_violations(completed_with_latency(study, latency))}. "
+        "Relax them (the flags and constraints.* of `hycomp search`) and search into a new study name: a "
+        "trial's constraints are fixed when it runs."
+    )
+
+
 def _violations(trials: list) -> str:
-    """ " (<constraint>: <n> of <m> trials over, the closest <x> over; ...)" for the constraints the trials
-    recorded, each set as value - limit."""
+    """The constraints ``trials`` broke (each recorded as value - limit), as
+    ``(<name>: <n> of <m> trials over, the closest <x> over; ...)``; empty when none."""
     parts = []
     for name in sorted({name for trial in trials for name in trial.constraints}):
         excess = [trial.constraints[name] for trial in trials if name in trial.constraints]
@@ -408,11 +418,7 @@ def _violations(trials: list) -> str:
 def _exportable_front(study: optuna.Study, latency: Latencies | None = None) -> pd.DataFrame:
     front = front_table(study, latency)
     if front.empty:
-        raise ConfigError(
-            "the Pareto front is empty: no completed trial satisfies the constraints"
-            f"{_violations(completed_with_latency(study, latency))}. Relax them (the flags and constraints.* of "
-            "`hycomp search`) and search into a new study name: a trial's constraints are fixed when it runs."
-        )
+        raise ConfigError(f"the Pareto front is empty: {empty_front_reason(study, latency)}")
     # The enqueued uncompressed reference is on the front by construction; it is not a result to export.
     compressed = front[front["reference"] == ""]
     return compressed if not compressed.empty else front

@@ -213,5 +213,28 @@ def test_an_empty_front_says_which_constraint_every_trial_broke_and_by_how_much(
         pick_trial(study, policy="max-accuracy")
     message = str(error.value)
     closest = min(point[2] for point in POINTS) - 0.05
-    assert f"latency_ms: {len(POINTS)} of {len(POINTS)} trials over, the closest {closest:.4g} over" in message
+    assert (
+        f"latency_ms: {len(POINTS)} of {len(POINTS)} trials over, the closest {closest:.4g} over" in message
+    )
     assert "new study name" in message
+
+
+def test_the_reason_for_an_empty_front_counts_each_broken_constraint() -> None:
+    """What `hycomp front` prints and `export` raises when every trial broke a constraint."""
+    import optuna as _optuna
+
+    from search.pareto import empty_front_reason
+    from tests.helpers import recorded
+
+    study = _optuna.create_study(directions=["maximize", "minimize", "minimize"])
+    for excess in (0.4, 0.2):
+        study.add_trial(
+            _optuna.trial.create_trial(
+                values=[0.9, 1.0, 0.1],
+                user_attrs=recorded(),
+                system_attrs={"constraints:latency_per_mac": excess},
+            )
+        )
+    reason = empty_front_reason(study)
+    assert "latency_per_mac: 2 of 2 trials over, the closest 0.2 over" in reason
+    assert reason.endswith("fixed when it runs.")
