@@ -292,8 +292,9 @@ def time_against_teacher(
     warmup: int = 5,
 ):
     """Time ``bundle`` interleaved with ``teacher_bundle`` (both loaded on the reference's engine and threads)
-    on ``image`` (one image, or a batch of them). Returns the interleaved statistics and the median share of the trial model's
-    calls spent outside its experts (gate and routing; None for a model without a ``last_timing``)."""
+    on ``image`` (one image, or a batch of them). Returns the interleaved statistics and the median share of
+    the trial model's calls spent outside its experts (gate and routing; None for a model without a
+    ``last_timing``)."""
     shares: list[float] = []
 
     def candidate() -> object:

@@ -70,7 +70,9 @@ def test_estimate_cost_equals_the_measured_macs_and_size(tiny_data) -> None:
         "split_at": 1,
         "views": 2,
     }
-    context = SimpleNamespace(cfg=SimpleNamespace(model=ModelSettings()), data=tiny_data, teacher=teacher)
+    context = SimpleNamespace(
+        cfg=SimpleNamespace(model=ModelSettings()), data=tiny_data, teacher=teacher, block_time=dict
+    )
     estimate = estimate_cost(context, params)
     budget = StageBudget(0.1, 0.05, 0.1, 0.05, TrainConfig(batch_size=64, augment="none"))
     result = compress_hybrid(teacher, tiny_data, hybrid_config(params, ModelSettings()), budget)
