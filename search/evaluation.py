@@ -324,8 +324,7 @@ def measure(
         timing = predicted_timing(ctx, folder / "bundle", threads, val_images[:1])
     else:
         timed = load_single_file(folder / "bundle", threads=threads, engine=engine) if multi else bundle
-        timing = _time(ctx, timed, val_images[:1], threads, repeats)
-        timing.update(_time_batch(ctx, timed, val_images, threads))
+        timing = _time(ctx, timed, val_images, threads, repeats)
         if multi:
             # 150 calls of each file in 15 rounds (its default): steadier under load than the latency's
             # repeats, for a fraction of a second (results/benchmarks/routing_share_load_*.md)
@@ -385,9 +384,11 @@ def predicted_timing(ctx: TrialContext, bundle: Path, threads: int, image: np.nd
     }
 
 
-def _time(ctx: TrialContext, bundle, image: np.ndarray, threads: int, repeats: int) -> dict:
-    """The batch-1 latency of a deployed ``bundle``: with the study's reference, interleaved with the teacher's
-    bundle on its engine (``latency_ms`` = ratio x the teacher's quiet median); without, alone."""
+def _time(ctx: TrialContext, bundle, images: np.ndarray, threads: int, repeats: int) -> dict:
+    """The batch-1 latency of a deployed ``bundle`` on ``images[:1]``: with the study's reference, interleaved
+    with the teacher's bundle on its engine (``latency_ms`` = ratio x the teacher's quiet median), and so at
+    ``measure.throughput_batch`` too (:func:`_time_batch`); without, alone."""
+    image = images[:1]
     reference = ctx.latency
     if reference is None:
         timing = measure_moe_latency(bundle, image, threads=threads, batch=1, repeats=repeats, warmup=5)
@@ -416,16 +417,16 @@ def _time(ctx: TrialContext, bundle, image: np.ndarray, threads: int, repeats: i
         "latency_ratio": stats.ratio,
         "latency_ratio_min": stats.ratio_min,
         "teacher_latency": stats.reference.as_dict(),
+        **_time_batch(ctx, bundle, teacher, images),
     }
 
 
-def _time_batch(ctx: TrialContext, bundle, images: np.ndarray, threads: int) -> dict:
-    """``bundle`` timed against the teacher's at ``measure.throughput_batch`` (``images`` repeated to fill
-    the batch), in a few short interleaved rounds; empty without a study reference or a throughput batch."""
+def _time_batch(ctx: TrialContext, bundle, teacher, images: np.ndarray) -> dict:
+    """``bundle`` timed against ``teacher`` at ``measure.throughput_batch`` (``images`` repeated to fill the
+    batch), in a few short interleaved rounds; empty without a throughput batch."""
     reference, batch = ctx.latency, ctx.cfg.measure.throughput_batch
-    if reference is None or batch is None:
+    if batch is None:
         return {}
-    teacher = load_bundle(reference_bundle(ctx.study_folder), threads=threads, engine=reference.engine)
     inputs = np.ascontiguousarray(np.resize(images, (batch, *images.shape[1:])))
     stats, _ = time_against_teacher(
         bundle, teacher, inputs, reference, rounds=THROUGHPUT_ROUNDS, calls_per_round=2, warmup=2
