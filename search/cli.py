@@ -247,6 +247,7 @@ class FrontCommand:
             failures_table,
             format_table,
             front_table,
+            per_mac_note,
             repeat_count,
             trials_table,
         )
@@ -279,6 +280,8 @@ class FrontCommand:
         )
         print(format_table(shown, baseline, reference))
         print(_latency_note(table, reference, bool(remeasured)))
+        if per_mac_note(table):
+            print(per_mac_note(table))
         if front.empty and len(table) > repeats:
             print(f"\nThe front is empty: {empty_front_reason(study, remeasured)}")
         failures = failures_table(study)

@@ -169,6 +169,7 @@ def trials_table(study: optuna.Study, latency: Latencies | None = None) -> pd.Da
                 "routing_share": _routing_share(measured, latency.get(trial.number)),
                 # latency ratio at measure.throughput_batch over the MACs ratio (1: time falls as MACs do)
                 "latency_per_mac": _latency_per_mac(measured, latency.get(trial.number)),
+                "throughput_batch": (measured.batch_latency or {}).get("batch"),
                 "feasible": _feasible(trial),
                 "on_front": trial.number in front,
                 "reference": record.reference,
@@ -316,6 +317,17 @@ def _percent(value) -> str:
     if isinstance(value, str):
         return value
     return "-" if value is None or pd.isna(value) else f"{value:.1%}"
+
+
+def per_mac_note(table: pd.DataFrame) -> str:
+    """What the ``latency/MACs`` column means, where the table has one (else empty)."""
+    if "latency_per_mac" not in table or table["latency_per_mac"].isna().all():
+        return ""
+    batches = sorted({int(batch) for batch in table["throughput_batch"].dropna()})
+    return (
+        f"latency/MACs: the latency ratio to the int8 teacher at batch {'/'.join(map(str, batches))} over the MACs "
+        "ratio (1 = time falls as MACs do; constraints.max_latency_per_mac bounds it)."
+    )
 
 
 def _times(value) -> str:

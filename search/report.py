@@ -16,6 +16,7 @@ from search.pareto import (
     failures_table,
     format_table,
     front_table,
+    per_mac_note,
     repeat_count,
     trials_table,
 )
@@ -80,6 +81,8 @@ def write_report(cfg: SearchConfig, study: optuna.Study, folder: Path) -> tuple[
                 f"times the teacher's quiet {reference.teacher_median_ms:.3f} ms at the study's start; "
                 f"{timed}. {reference.summary()}. MACs per input = gate + top_k experts (FLOPs = 2 x MACs)."
             )
+        if per_mac_note(table):
+            lines += ["", per_mac_note(table)]
         lines.append("")
     if baseline:
         lines += [

@@ -165,7 +165,9 @@ def test_a_retimed_latency_per_mac_replaces_the_search_time_one_in_the_constrain
 
     study = make_study(POINTS[:2])
     record = made_up_record(accuracy=0.98, mmacs=5.0)
-    measured = replace(record.measurement, batch_latency_ratio=0.6, macs_ratio=0.3)
+    measured = replace(
+        record.measurement, batch_latency_ratio=0.6, macs_ratio=0.3, batch_latency={"batch": 64}
+    )
     study.add_trial(
         optuna.trial.create_trial(
             params={"sparsity": 0.5, "pruner": "l1", "bits": 8, "num_experts": 1, "top_k": 1, "gate_size": 4},
@@ -181,6 +183,10 @@ def test_a_retimed_latency_per_mac_replaces_the_search_time_one_in_the_constrain
     assert quiet.loc[2, "feasible"] and quiet.loc[2, "on_front"]
     assert display_columns(quiet.reset_index()).set_index("trial").loc[2, "latency_per_mac"] == "1.20x"
     assert not bool(trials_table(study, {2: Retimed(0.5, None, 1.6)}).set_index("trial").loc[2, "feasible"])
+    from search.pareto import per_mac_note
+
+    assert "at batch 64 over the MACs ratio" in per_mac_note(searched)
+    assert per_mac_note(trials_table(make_study(POINTS[:2]))) == ""  # nothing timed at a batch: no note
 
 
 def test_the_block_ranking_column_shows_only_where_a_trial_ranked_by_latency() -> None:
