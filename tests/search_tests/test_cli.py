@@ -629,3 +629,20 @@ def test_experiment_single_from_a_folder_that_is_no_study_exits_2(
     )
     err = capsys.readouterr().err
     assert code == 2 and "study folder" in err and "nothing" in err and "Traceback" not in err
+
+
+def test_a_reader_that_stops_reading_ends_the_command_without_a_traceback(monkeypatch, capsys) -> None:
+    """`hycomp front ... | head`: the pipe closes while the table is printed; the command stops quietly."""
+    import os
+    import sys
+
+    from search import cli
+
+    monkeypatch.setattr(cli.FrontCommand, "take_action", lambda self, args: print("row\n" * 100_000) or 0)
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone: writing raises BrokenPipeError (Python ignores SIGPIPE)
+    pipe = os.fdopen(write_end, "w")
+    monkeypatch.setattr(sys, "stdout", pipe)
+    assert cli.main(["front", "results/anything"]) == 1
+    monkeypatch.undo()
+    assert "Traceback" not in capsys.readouterr().err
