@@ -280,8 +280,9 @@ class FrontCommand:
         )
         print(format_table(shown, baseline, reference))
         print(_latency_note(table, reference, bool(remeasured)))
-        if per_mac_note(table):
-            print(per_mac_note(table))
+        note = per_mac_note(table)
+        if note:
+            print(note)
         if front.empty and len(table) > repeats:
             print(f"\nThe front is empty: {empty_front_reason(study, remeasured)}")
         failures = failures_table(study)

@@ -45,7 +45,13 @@ from pipelines.moe import (
 from pipelines.serialize import save_checkpoint
 from pipelines.train import evaluate
 from search.config import Budget, ModelSettings, SearchConfig, setup_fingerprint
-from search.latency import LatencyReference, read_block_time, reference_bundle, time_against_teacher
+from search.latency import (
+    LatencyReference,
+    read_block_time,
+    reference_bundle,
+    time_against_teacher,
+    time_at_batch,
+)
 from search.model_cache import TrainedModel
 from search.record import PER_EXPERT_FILES, SINGLE_FILE, Measurement, Training, TrialRecord
 from search.targets import compute_targets, distillation_targets
@@ -422,15 +428,11 @@ def _time(ctx: TrialContext, bundle, images: np.ndarray, threads: int, repeats: 
 
 
 def _time_batch(ctx: TrialContext, bundle, teacher, images: np.ndarray) -> dict:
-    """``bundle`` timed against ``teacher`` at ``measure.throughput_batch`` (``images`` repeated to fill the
-    batch), in a few short interleaved rounds; empty without a throughput batch."""
-    reference, batch = ctx.latency, ctx.cfg.measure.throughput_batch
+    """``bundle`` timed against ``teacher`` at ``measure.throughput_batch``; empty without one."""
+    batch = ctx.cfg.measure.throughput_batch
     if batch is None:
         return {}
-    inputs = np.ascontiguousarray(np.resize(images, (batch, *images.shape[1:])))
-    stats, _ = time_against_teacher(
-        bundle, teacher, inputs, reference, rounds=THROUGHPUT_ROUNDS, calls_per_round=2, warmup=2
-    )
+    stats = time_at_batch(bundle, teacher, images, ctx.latency, batch, rounds=THROUGHPUT_ROUNDS)
     return {
         "batch_latency_ratio": stats.ratio,
         "batch_latency": stats.candidate.as_dict(),

@@ -49,6 +49,7 @@ __all__ = [
     "check_resumable",
     "study_reference",
     "time_against_teacher",
+    "time_at_batch",
     "BLOCK_TIME_FILE",
     "study_block_time",
     "read_block_time",
@@ -317,6 +318,18 @@ def time_against_teacher(
     shares = shares[warmup:]  # the warm-up calls are not timed
     share = float(np.median(shares)) if shares else None
     return stats, share
+
+
+def time_at_batch(
+    bundle, teacher_bundle, images: np.ndarray, reference: LatencyReference, batch: int, rounds: int
+):
+    """:func:`time_against_teacher` at ``batch`` (``images`` repeated to fill it), in ``rounds`` short rounds of 2
+    calls: the throughput-batch figure the search records and ``front --remeasure`` re-times."""
+    inputs = np.ascontiguousarray(np.resize(images, (batch, *images.shape[1:])))
+    stats, _ = time_against_teacher(
+        bundle, teacher_bundle, inputs, reference, rounds=rounds, calls_per_round=2, warmup=2
+    )
+    return stats
 
 
 BLOCK_TIME_FILE = "block_time.json"  # in the study folder: {engine, version, threads, batch, shares}

@@ -22,7 +22,7 @@ from pipelines.errors import ConfigError
 from pipelines.hybrid import DEFAULT_EXPERT_INIT
 from pipelines.moe import DEFAULT_ROUTING
 from search.latency import LatencyReference, stored_reference
-from search.record import SINGLE_FILE, TrialRecord
+from search.record import TrialRecord
 from search.space import GATE_ONLY
 
 __all__ = ["trials_table", "front_table", "failures_table", "Pick", "pick_trial", "PICKS", "Retimed"]
@@ -114,18 +114,9 @@ def _ratio(measured, latency_ms: float, remeasured: bool, teacher_ms: float | No
     return latency_ms / teacher_ms
 
 
-def _routing_share(measured, retimed: Retimed | None) -> float | None:
-    """The model.onnx routing share of a multi-expert trial: re-timed where it was, else the search's."""
-    if measured.routing_share_of == SINGLE_FILE and retimed is not None and retimed.routing_share is not None:
-        return retimed.routing_share
-    return measured.file_routing_share
-
-
-def _latency_per_mac(measured, retimed: Retimed | None) -> float | None:
-    """The latency per MAC at the throughput batch: re-timed where it was, else the search's."""
-    if retimed is not None and retimed.latency_per_mac is not None:
-        return retimed.latency_per_mac
-    return measured.latency_per_mac
+def _current(searched: float | None, quiet: float | None) -> float | None:
+    """A figure re-timed by ``front --remeasure`` where it was, else the search's."""
+    return searched if quiet is None else quiet
 
 
 def trials_table(study: optuna.Study, latency: Latencies | None = None) -> pd.DataFrame:
@@ -143,6 +134,7 @@ def trials_table(study: optuna.Study, latency: Latencies | None = None) -> pd.Da
         measured, training = record.measurement, record.training
         config = record.parameters(trial.params)
         gated = config.get("num_experts", 1) > 1  # a single expert runs without a gate (GATE_ONLY)
+        retimed = latency.get(trial.number) or Retimed(trial.values[2])  # not re-timed: no quiet figures
         rows.append(
             {
                 "trial": trial.number,
@@ -166,9 +158,9 @@ def trials_table(study: optuna.Study, latency: Latencies | None = None) -> pd.Da
                 **{key: config.get(key, GATE_DEFAULTS.get(key)) if gated else "-" for key in GATE_ONLY},
                 "views": config.get("views", 1),
                 # gate + routing share of model.onnx at batch 1 (multi-expert trials measured on it)
-                "routing_share": _routing_share(measured, latency.get(trial.number)),
+                "routing_share": _current(measured.file_routing_share, retimed.routing_share),
                 # latency ratio at measure.throughput_batch over the MACs ratio (1: time falls as MACs do)
-                "latency_per_mac": _latency_per_mac(measured, latency.get(trial.number)),
+                "latency_per_mac": _current(measured.latency_per_mac, retimed.latency_per_mac),
                 "throughput_batch": (measured.batch_latency or {}).get("batch"),
                 "feasible": _feasible(trial),
                 "on_front": trial.number in front,
@@ -347,9 +339,8 @@ def display_columns(table: pd.DataFrame) -> pd.DataFrame:
     if "block_ranking" in columns and (
         "blocks_removed" not in columns or (table["block_ranking"] == "output").all()
     ):
-        columns.remove(
-            "block_ranking"
-        )  # nothing removed, or every trial ranked by output change (the default)
+        # nothing removed, or every trial ranked by output change (the default)
+        columns.remove("block_ranking")
     for measured in ("routing_share", "latency_per_mac"):  # none measured: no multi-expert model.onnx, or
         if measured in columns and table[measured].isna().all():  # no throughput batch (older studies)
             columns.remove(measured)

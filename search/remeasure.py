@@ -30,6 +30,7 @@ from search.latency import (
     stored_reference,
     study_reference,
     time_against_teacher,
+    time_at_batch,
     time_quietly,
 )
 from search.pareto import Retimed, front_numbers
@@ -129,10 +130,7 @@ def _time_batch(bundle, teacher, images: np.ndarray, reference: LatencyReference
     if measured.batch_latency is None or not measured.macs_ratio:
         return {}
     batch = int(measured.batch_latency["batch"])
-    inputs = np.ascontiguousarray(np.resize(images, (batch, *images.shape[1:])))
-    stats, _ = time_against_teacher(
-        bundle, teacher, inputs, reference, rounds=BATCH_ROUNDS, calls_per_round=2, warmup=2
-    )
+    stats = time_at_batch(bundle, teacher, images, reference, batch, rounds=BATCH_ROUNDS)
     return {
         "batch_latency_ratio": stats.ratio,
         "latency_per_mac": stats.ratio / measured.macs_ratio,

@@ -81,8 +81,9 @@ def write_report(cfg: SearchConfig, study: optuna.Study, folder: Path) -> tuple[
                 f"times the teacher's quiet {reference.teacher_median_ms:.3f} ms at the study's start; "
                 f"{timed}. {reference.summary()}. MACs per input = gate + top_k experts (FLOPs = 2 x MACs)."
             )
-        if per_mac_note(table):
-            lines += ["", per_mac_note(table)]
+        note = per_mac_note(table)
+        if note:
+            lines += ["", note]
         lines.append("")
     if baseline:
         lines += [
